@@ -1,0 +1,32 @@
+# The two commands that are the contract: `make run` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.feedret-installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast proto clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: the local CPU build. Any other spec pulls GBs of CUDA wheels.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/feedret up
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only: no broker, no server processes.
+test-fast: install
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+proto: install
+	$(PY) protos/generate.py
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,302 @@
+"""The `feedret` command: bring the stack up, publish posts, query, look up, read stats."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from feedret.clients.client import DEFAULT_ROOT_ADDRESS, FeedretClient, RetrieveResult
+from feedret.config import (
+    DEFAULT_BROKER_PORT,
+    DEFAULT_MEMBER_PORT,
+    DEFAULT_ROOT_PORT,
+    DEFAULT_SHARD_BASE_PORT,
+    REPO_ROOT,
+    KafkaConfig,
+)
+from feedret.members import MemberProfile
+
+SAMPLE_POSTS = REPO_ROOT / "data" / "sample" / "posts.jsonl"
+SAMPLE_MEMBERS = REPO_ROOT / "data" / "sample" / "members.jsonl"
+
+T = TypeVar("T")
+
+root_option = click.option(
+    "--root",
+    default=lambda: os.environ.get("FEEDRET_ROOT_ADDRESS", DEFAULT_ROOT_ADDRESS),
+    show_default=DEFAULT_ROOT_ADDRESS,
+    help="Root server address (env FEEDRET_ROOT_ADDRESS).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _grpc_call(fn: Callable[[], T]) -> T:
+    """Run one RPC; turn a gRPC error into a one-line message and exit code 2."""
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        click.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+        sys.exit(2)
+
+
+def _dump(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=None, sort_keys=False))
+
+
+def _proto_dict(msg: Any) -> dict:
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _result_dict(result: RetrieveResult) -> dict:
+    return {
+        "request_id": result.request_id,
+        "model_version": result.model_version,
+        "partial": result.partial,
+        "failed_shards": result.failed_shards,
+        "candidates": [{"post_id": c.post_id, "score": c.score, "shard": c.shard} for c in result.candidates],
+    }
+
+
+def _print_result(result: RetrieveResult, texts: dict[int, str] | None = None, limit: int | None = None) -> None:
+    flag = "  PARTIAL (failed shards: %s)" % result.failed_shards if result.partial else ""
+    click.echo(f"{len(result.candidates)} candidates, model {result.model_version or '?'}{flag}")
+    for rank, c in enumerate(result.candidates[:limit], 1):
+        text = f"  {texts.get(c.post_id, '')[:70]}" if texts else ""
+        click.echo(f"{rank:>5}  {c.post_id:>12}  {c.score:8.4f}  shard {c.shard}{text}")
+
+
+@click.group()
+def cli() -> None:
+    """feedret: candidate retrieval for LLM-embedded feeds."""
+
+
+# ---------------------------------------------------------------- serve
+
+
+@cli.command()
+@click.argument("role", type=click.Choice(["consumer", "shard", "root", "member"]))
+def serve(role: str) -> None:
+    """Run one role in the foreground; configured by FEEDRET_* environment variables."""
+    from feedret.server.roles import run
+
+    run(role)
+
+
+# ---------------------------------------------------------------- publish
+
+
+@cli.command()
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=f"127.0.0.1:{DEFAULT_BROKER_PORT}", show_default=True)
+@json_option
+def publish(file, bootstrap: str, as_json: bool) -> None:
+    """Publish post events from FILE (JSON lines; '-' for stdin) to the posts topic."""
+    from feedret.clients.publish import publish_lines
+
+    report = publish_lines(KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap), file)
+    if as_json:
+        _dump({"sent": report.sent, "skipped_blank": report.skipped_blank})
+    else:
+        click.echo(f"published {report.sent} events to {bootstrap}")
+
+
+# ---------------------------------------------------------------- query
+
+
+def _load_member(spec: str) -> MemberProfile:
+    if spec == "-":
+        text = sys.stdin.read()
+    elif spec.startswith("@"):
+        text = Path(spec[1:]).read_text()
+    else:
+        text = spec
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"member is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise click.BadParameter("member must be a JSON object")
+    return MemberProfile.from_json(obj)
+
+
+@cli.command()
+@click.argument("member", required=False)
+@click.option("--post-id", type=int, help="Query with this indexed post's own vector.")
+@click.option("--k", default=10, show_default=True, type=int)
+@click.option("--exclude", multiple=True, type=int, help="Post id to exclude (repeatable).")
+@click.option("--max-age", default=0, type=int, help="Only posts younger than this many seconds.")
+@click.option("--lang", multiple=True, help="Only posts in this language (repeatable).")
+@click.option("--timeout", default=2.0, show_default=True, type=float, help="Deadline in seconds.")
+@root_option
+@json_option
+def query(member, post_id, k, exclude, max_age, lang, timeout, root, as_json) -> None:
+    """Retrieve top-K posts for MEMBER (JSON, @file or '-') or for --post-id's vector."""
+    if (member is None) == (post_id is None):
+        raise click.UsageError("give either MEMBER (JSON) or --post-id")
+    with FeedretClient(root) as client:
+        kwargs: dict[str, Any] = dict(k=k, exclude_post_ids=exclude, max_age_seconds=max_age, languages=lang, timeout=timeout)
+        if post_id is not None:
+            found = _grpc_call(lambda: client.lookup(post_id, include_vector=True))
+            if not found.found:
+                click.echo(f"error: post {post_id} is not indexed", err=True)
+                sys.exit(1)
+            result = _grpc_call(lambda: client.retrieve(vector=list(found.vector), **kwargs))
+        else:
+            profile = _load_member(member)
+            result = _grpc_call(lambda: client.retrieve(member=profile, **kwargs))
+    if as_json:
+        _dump(_result_dict(result))
+    else:
+        _print_result(result)
+
+
+@cli.command()
+@click.argument("post_id", type=int)
+@click.option("--vector", is_flag=True, help="Include the stored vector.")
+@root_option
+@json_option
+def lookup(post_id: int, vector: bool, root: str, as_json: bool) -> None:
+    """Is POST_ID indexed, on which shard, since when. Exit code 1 when not found."""
+    with FeedretClient(root) as client:
+        reply = _grpc_call(lambda: client.lookup(post_id, include_vector=vector))
+    if as_json:
+        _dump(_proto_dict(reply))
+    elif reply.found:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(reply.indexed_at))
+        click.echo(f"post {post_id}: indexed on shard {reply.shard} at {when} ({reply.model_version}, lang {reply.lang or '-'})")
+        if vector:
+            click.echo(f"vector[{len(reply.vector)}]: {list(reply.vector)[:8]} ...")
+    else:
+        click.echo(f"post {post_id}: not found (its shard would be {reply.shard})")
+    sys.exit(0 if reply.found else 1)
+
+
+@cli.command()
+@root_option
+@json_option
+def stats(root: str, as_json: bool) -> None:
+    """Posts per shard and consumer offsets."""
+    with FeedretClient(root) as client:
+        reply = _grpc_call(client.stats)
+    if as_json:
+        _dump(_proto_dict(reply))
+        return
+    click.echo(f"total indexed: {reply.total_indexed}  model: {reply.model_version or '-'}")
+    for s in reply.shards:
+        state = "up" if s.reachable else f"DOWN ({s.error})"
+        applied = ", ".join(f"{o.topic}[{o.partition}]@{o.offset}" for o in s.applied)
+        click.echo(
+            f"  shard {s.shard} {s.address:<21} {state:<6} indexed {s.indexed:>9}  dim {s.dimension}  "
+            f"{s.index_type}  upserts {s.upserts} deletes {s.deletes} rejected {s.rejected}  applied {applied}"
+        )
+    offsets = ", ".join(f"{o.topic}[{o.partition}]@{o.offset}" for o in reply.consumer_offsets)
+    click.echo(f"  consumer offsets: {offsets or '-'}")
+
+
+# ---------------------------------------------------------------- up
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+@cli.command()
+@click.option("--shards", "num_shards", default=2, show_default=True, type=int)
+@click.option("--root-port", default=DEFAULT_ROOT_PORT, show_default=True, type=int)
+@click.option("--member-port", default=DEFAULT_MEMBER_PORT, show_default=True, type=int)
+@click.option("--shard-base-port", default=DEFAULT_SHARD_BASE_PORT, show_default=True, type=int)
+@click.option("--broker-port", default=DEFAULT_BROKER_PORT, show_default=True, type=int, help="Embedded broker port.")
+@click.option("--posts", "posts_file", type=click.Path(exists=True, path_type=Path), default=SAMPLE_POSTS, show_default=True)
+@click.option("--members", "members_file", type=click.Path(exists=True, path_type=Path), default=SAMPLE_MEMBERS, show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=REPO_ROOT / "var", show_default=True)
+@click.option("--no-publish", is_flag=True, help="Start the stack without publishing the sample posts.")
+def up(num_shards, root_port, member_port, shard_base_port, broker_port, posts_file, members_file, workdir, no_publish) -> None:
+    """Bring up broker, consumer, shards, root and member servers; publish samples; serve until Ctrl-C."""
+    from feedret.clients.publish import publish_lines
+    from feedret.logging import configure_logging
+    from feedret.server.launcher import Stack, StackConfig, wait_until
+
+    configure_logging("up", json=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    config = StackConfig(
+        num_shards=num_shards,
+        root_port=root_port,
+        member_port=member_port,
+        shard_base_port=shard_base_port,
+        broker_port=broker_port,
+        bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+        workdir=workdir,
+    )
+    started = time.monotonic()
+    stack = Stack(config)
+    with stack:
+        client = FeedretClient(config.root_address)
+        if not no_publish:
+            lines = posts_file.read_text(encoding="utf-8").splitlines()
+            live = {}
+            for obj in map(json.loads, filter(str.strip, lines)):
+                live[obj["post_id"]] = obj.get("op", "upsert") == "upsert"
+            expected = sum(live.values())
+            report = publish_lines(stack.kafka, lines)
+            click.echo(f"published {report.sent} post events from {posts_file}; waiting until searchable ...")
+            if not wait_until(lambda: _indexed(client) >= expected, timeout=180, interval=0.5):
+                raise click.ClickException(
+                    f"only {_indexed(client)} of {expected} posts searchable after 180 s; see logs in {stack.log_dir}"
+                )
+        click.echo("")
+        click.echo(f"feedret is up in {time.monotonic() - started:.1f}s: {_indexed(client)} posts searchable")
+        click.echo(f"  root (RetrievalService, IndexAdmin)  {config.root_address}")
+        click.echo(f"  member (MemberEmbeddingService)      {config.member_address}")
+        for i in range(num_shards):
+            click.echo(f"  shard {i} (ShardService, IndexAdmin)   {config.shard_address(i)}")
+        click.echo(f"  kafka                                {stack.kafka.bootstrap_servers}")
+        click.echo(f"  logs                                 {stack.log_dir}")
+        if members_file.exists() and posts_file.exists():
+            _demo(client, members_file, posts_file)
+        click.echo("\nserving; Ctrl-C stops every process")
+        sys.stdout.flush()
+        while not stop.is_set():
+            stop.wait(0.5)
+            dead = [n for n, p in stack.procs.items() if p.poll() is not None]
+            if dead:
+                click.echo(f"process exited: {dead}; stopping. Logs in {stack.log_dir}", err=True)
+                break
+        click.echo("stopping ...")
+    click.echo("stopped")
+
+
+def _indexed(client: FeedretClient) -> int:
+    try:
+        return client.stats(timeout=2).total_indexed
+    except grpc.RpcError:
+        return 0
+
+
+def _demo(client: FeedretClient, members_file: Path, posts_file: Path) -> None:
+    texts = {p["post_id"]: p.get("text", "") for p in _read_jsonl(posts_file)}
+    for obj in _read_jsonl(members_file)[:2]:
+        member = MemberProfile.from_json(obj)
+        recent = "; ".join(a.text.split(".")[0] for a in member.recent_activity[:3])
+        click.echo(f"\nmember {member.member_id} recently engaged with: {recent}")
+        result = client.retrieve(member=member, k=5, exclude_post_ids=[a.post_id for a in member.recent_activity], timeout=5)
+        _print_result(result, texts, limit=5)
+
+
+def main() -> None:
+    cli(prog_name="feedret")
+
+
+if __name__ == "__main__":
+    main()

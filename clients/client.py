@@ -1,0 +1,172 @@
+"""FeedretClient: the feed backend's view of feedret, blocking and asyncio.
+
+    with FeedretClient("127.0.0.1:50051") as client:
+        result = client.retrieve(member=MemberProfile("m1", "s1", ...), k=2000, timeout=0.05)
+        for c in result.candidates: ...
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from feedret.members import MemberProfile
+from feedret.v1 import feedret_pb2 as pb
+from feedret.v1 import feedret_pb2_grpc as pb_grpc
+
+DEFAULT_ROOT_ADDRESS = "127.0.0.1:50051"
+_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    post_id: int
+    score: float
+    shard: int
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    candidates: list[Candidate]
+    partial: bool
+    failed_shards: list[int]
+    model_version: str
+    request_id: str
+
+    @property
+    def post_ids(self) -> list[int]:
+        return [c.post_id for c in self.candidates]
+
+
+def build_request(
+    *,
+    member: MemberProfile | None,
+    vector: Sequence[float] | np.ndarray | None,
+    k: int,
+    exclude_post_ids: Sequence[int] = (),
+    max_age_seconds: int = 0,
+    languages: Sequence[str] = (),
+    request_id: str = "",
+) -> pb.RetrieveRequest:
+    req = pb.RetrieveRequest(k=k, request_id=request_id or uuid.uuid4().hex[:16])
+    if member is not None:
+        member.fill_proto(req.member)
+    if vector is not None:
+        req.vector.values.extend(np.asarray(vector, dtype=np.float32).tolist())
+    req.filters.exclude_post_ids.extend(int(p) for p in exclude_post_ids)
+    req.filters.max_age_seconds = int(max_age_seconds)
+    req.filters.languages.extend(languages)
+    return req
+
+
+def to_result(resp: pb.RetrieveResponse) -> RetrieveResult:
+    c = resp.candidates
+    return RetrieveResult(
+        candidates=[Candidate(p, s, sh) for p, s, sh in zip(c.post_ids, c.scores, c.shards)],
+        partial=resp.partial,
+        failed_shards=list(resp.failed_shards),
+        model_version=resp.model_version,
+        request_id=resp.request_id,
+    )
+
+
+class FeedretClient:
+    """Blocking client for the root server (RetrievalService and IndexAdmin)."""
+
+    def __init__(self, address: str = DEFAULT_ROOT_ADDRESS, *, channel: grpc.Channel | None = None) -> None:
+        self.address = address
+        self._channel = channel or grpc.insecure_channel(address, options=_OPTIONS)
+        self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
+        self._admin = pb_grpc.IndexAdminStub(self._channel)
+
+    def retrieve(
+        self,
+        *,
+        member: MemberProfile | None = None,
+        vector: Sequence[float] | np.ndarray | None = None,
+        k: int = 100,
+        exclude_post_ids: Sequence[int] = (),
+        max_age_seconds: int = 0,
+        languages: Sequence[str] = (),
+        timeout: float | None = 1.0,
+        request_id: str = "",
+    ) -> RetrieveResult:
+        req = build_request(
+            member=member,
+            vector=vector,
+            k=k,
+            exclude_post_ids=exclude_post_ids,
+            max_age_seconds=max_age_seconds,
+            languages=languages,
+            request_id=request_id,
+        )
+        return to_result(self._retrieval.Retrieve(req, timeout=timeout))
+
+    def lookup(self, post_id: int, *, include_vector: bool = False, timeout: float | None = 2.0) -> pb.LookupResponse:
+        return self._admin.Lookup(pb.LookupRequest(post_id=post_id, include_vector=include_vector), timeout=timeout)
+
+    def stats(self, *, timeout: float | None = 5.0) -> pb.StatsResponse:
+        return self._admin.Stats(pb.StatsRequest(), timeout=timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "FeedretClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncFeedretClient:
+    """asyncio client with the same methods, for grpc.aio-based backends."""
+
+    def __init__(self, address: str = DEFAULT_ROOT_ADDRESS) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
+        self._admin = pb_grpc.IndexAdminStub(self._channel)
+
+    async def retrieve(
+        self,
+        *,
+        member: MemberProfile | None = None,
+        vector: Sequence[float] | np.ndarray | None = None,
+        k: int = 100,
+        exclude_post_ids: Sequence[int] = (),
+        max_age_seconds: int = 0,
+        languages: Sequence[str] = (),
+        timeout: float | None = 1.0,
+        request_id: str = "",
+    ) -> RetrieveResult:
+        req = build_request(
+            member=member,
+            vector=vector,
+            k=k,
+            exclude_post_ids=exclude_post_ids,
+            max_age_seconds=max_age_seconds,
+            languages=languages,
+            request_id=request_id,
+        )
+        return to_result(await self._retrieval.Retrieve(req, timeout=timeout))
+
+    async def lookup(self, post_id: int, *, include_vector: bool = False, timeout: float | None = 2.0) -> pb.LookupResponse:
+        return await self._admin.Lookup(
+            pb.LookupRequest(post_id=post_id, include_vector=include_vector), timeout=timeout
+        )
+
+    async def stats(self, *, timeout: float | None = 5.0) -> pb.StatsResponse:
+        return await self._admin.Stats(pb.StatsRequest(), timeout=timeout)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncFeedretClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

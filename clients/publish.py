@@ -1,0 +1,58 @@
+"""Publishing post events (JSON lines) to the `posts` topic."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable
+
+from kafka import KafkaProducer
+
+from feedret.config import KafkaConfig
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    sent: int
+    skipped_blank: int
+
+
+def record_key(line: str) -> bytes | None:
+    """The post id as the record key, so all events of a post share a partition and stay in order.
+
+    Lines that are not JSON objects with a post_id are still sent, unkeyed: the
+    consumer is the one place that judges events, and sends them to the
+    dead-letter topic with the reason.
+    """
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and "post_id" in obj and not isinstance(obj["post_id"], (dict, list)):
+        return str(obj["post_id"]).encode()
+    return None
+
+
+def publish_lines(kafka: KafkaConfig, lines: Iterable[str]) -> PublishReport:
+    producer = KafkaProducer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        acks="all",
+        linger_ms=10,
+        client_id="feedret-publish",
+    )
+    sent = blank = 0
+    try:
+        futures = []
+        for line in lines:
+            line = line.rstrip("\n")
+            if not line.strip():
+                blank += 1
+                continue
+            futures.append(producer.send(kafka.posts_topic, key=record_key(line), value=line.encode("utf-8")))
+            sent += 1
+        producer.flush()
+        for f in futures:
+            f.get(timeout=30)
+    finally:
+        producer.close(timeout=5)
+    return PublishReport(sent=sent, skipped_blank=blank)

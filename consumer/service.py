@@ -1,0 +1,210 @@
+"""The embedding consumer: `posts` -> embed in micro-batches -> post-vector topic, one partition per shard.
+
+Delivery is at-least-once: the `posts` offsets of a batch are committed only
+after every vector and dead letter it produced is acknowledged by the broker.
+A crash in between replays the batch; shards apply upserts idempotently.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import structlog
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from feedret.config import ConsumerConfig, KafkaConfig
+from feedret.consumer.batch import (
+    Good,
+    SourceRecord,
+    dead_letter,
+    next_offsets,
+    route,
+    split_batch,
+    vector_event,
+)
+from feedret.events import PostEvent
+
+log = structlog.get_logger(__name__)
+
+
+class PostEmbedder(Protocol):
+    model_version: str
+
+    def embed_posts(self, posts: Sequence[PostEvent]) -> np.ndarray: ...
+
+
+class EmbeddingConsumer:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        config: ConsumerConfig,
+        encoder: PostEmbedder,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kafka = kafka
+        self.config = config
+        self.encoder = encoder
+        self.clock = clock
+        self.stats = {"batches": 0, "embedded": 0, "deletes": 0, "dead_letters": 0}
+        self._consumer: KafkaConsumer | None = None
+        self._producer: KafkaProducer | None = None
+
+    # ------------------------------------------------------------ set-up
+
+    def _connect(self) -> None:
+        k = self.kafka
+        self._producer = KafkaProducer(
+            bootstrap_servers=k.bootstrap_servers,
+            acks="all",
+            linger_ms=5,
+            # One in flight keeps a post's events in order across retries.
+            max_in_flight_requests_per_connection=1,
+            retries=5,
+            client_id="feedret-consumer",
+        )
+        partitions = self._producer.partitions_for(k.vectors_topic)
+        if partitions is None or len(partitions) != self.config.num_shards:
+            raise RuntimeError(
+                f"topic {k.vectors_topic!r} has {len(partitions or ())} partitions but "
+                f"num_shards={self.config.num_shards}; they must be equal (one partition per shard)"
+            )
+        self._consumer = KafkaConsumer(
+            k.posts_topic,
+            bootstrap_servers=k.bootstrap_servers,
+            group_id=k.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            max_poll_records=self.config.batch_max_size,
+            client_id="feedret-consumer",
+        )
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+        if self._producer is not None:
+            self._producer.close(timeout=5)
+
+    # ------------------------------------------------------------ loop
+
+    def _next_batch(self, stop: threading.Event) -> list[SourceRecord]:
+        """Up to batch_max_size records, waiting at most batch_max_wait_ms after the first."""
+        assert self._consumer is not None
+        batch: list[SourceRecord] = []
+        deadline: float | None = None
+        max_size = self.config.batch_max_size
+        while len(batch) < max_size and not stop.is_set():
+            if deadline is None:
+                timeout_ms = 200
+            else:
+                timeout_ms = int((deadline - time.monotonic()) * 1000)
+                if timeout_ms <= 0:
+                    break
+            polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_size - len(batch))
+            for records in polled.values():
+                batch.extend(SourceRecord.of(r) for r in records)
+            if batch and deadline is None:
+                deadline = time.monotonic() + self.config.batch_max_wait_ms / 1000
+        return batch
+
+    def process(self, batch: Sequence[SourceRecord]) -> None:
+        """Embed, produce, wait for acks, then commit. Raises if any produce fails."""
+        assert self._producer is not None and self._consumer is not None
+        good, bad = split_batch(batch)
+        upserts = [g for g in good if g.event.op == "upsert"]
+        started = time.perf_counter()
+        vectors = self.encoder.embed_posts([g.event for g in upserts]) if upserts else None
+        embed_s = time.perf_counter() - started
+        row = {id(g): i for i, g in enumerate(upserts)}
+        now = self.clock()
+        futures = []
+        # Produce in source order so a post's upsert and delete keep their order.
+        for g in good:
+            vec = vectors[row[id(g)]] if g.event.op == "upsert" else None
+            msg = vector_event(g, vec, self.encoder.model_version, now)
+            futures.append(
+                self._producer.send(
+                    self.kafka.vectors_topic,
+                    key=str(g.event.post_id).encode(),
+                    value=msg.SerializeToString(),
+                    partition=route(g.event.post_id, self.config.num_shards),
+                )
+            )
+        for b in bad:
+            key, value, headers = dead_letter(b)
+            futures.append(
+                self._producer.send(self.kafka.dlq_topic, key=key, value=value, headers=headers)
+            )
+            log.warning(
+                "dead_letter",
+                reason=b.reason,
+                partition=b.source.partition,
+                offset=b.source.offset,
+                key=b.source.key.decode("utf-8", "replace") if b.source.key else None,
+            )
+        self._producer.flush()
+        for f in futures:
+            f.get(timeout=30)  # raises on a failed delivery: the batch is not committed
+        self._consumer.commit(
+            {
+                TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                for (t, p), o in next_offsets(batch).items()
+            }
+        )
+        self.stats["batches"] += 1
+        self.stats["embedded"] += len(upserts)
+        self.stats["deletes"] += len(good) - len(upserts)
+        self.stats["dead_letters"] += len(bad)
+        log.info(
+            "batch_done",
+            records=len(batch),
+            embedded=len(upserts),
+            deletes=len(good) - len(upserts),
+            dead_letters=len(bad),
+            embed_ms=round(embed_s * 1000, 1),
+            post_ids=[g.event.post_id for g in good][:8],
+        )
+
+    def _rewind(self, batch: Sequence[SourceRecord]) -> None:
+        """Seek back to the first offset of the failed batch so it is processed again."""
+        assert self._consumer is not None
+        first: dict[tuple[str, int], int] = {}
+        for r in batch:
+            first[(r.topic, r.partition)] = min(first.get((r.topic, r.partition), r.offset), r.offset)
+        for (t, p), off in first.items():
+            self._consumer.seek(TopicPartition(t, p), off)
+
+    def run(self, stop: threading.Event) -> None:
+        self._connect()
+        log.info(
+            "consumer_started",
+            topic=self.kafka.posts_topic,
+            group=self.kafka.consumer_group,
+            vectors_topic=self.kafka.vectors_topic,
+            num_shards=self.config.num_shards,
+            model_version=self.encoder.model_version,
+        )
+        backoff = 0.5
+        try:
+            while not stop.is_set():
+                batch = self._next_batch(stop)
+                if not batch:
+                    continue
+                try:
+                    self.process(batch)
+                    backoff = 0.5
+                except Exception:
+                    log.exception("batch_failed_retrying", records=len(batch), backoff_s=backoff)
+                    self._rewind(batch)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            self.close()
+            log.info("consumer_stopped", **self.stats)

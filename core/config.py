@@ -1,0 +1,105 @@
+"""Typed configuration, one object per role, read from the environment.
+
+Every setting has an environment variable `FEEDRET_<NAME>` (the broker address
+also answers to the standard `KAFKA_BOOTSTRAP_SERVERS`). Objects are built once
+at process start and passed in; nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "feedret-tiny-llama"
+
+DEFAULT_ROOT_PORT = 50051
+DEFAULT_MEMBER_PORT = 50052
+DEFAULT_SHARD_BASE_PORT = 50061
+DEFAULT_BROKER_PORT = 19092
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEEDRET_", extra="ignore", frozen=True)
+
+
+class KafkaConfig(_Settings):
+    bootstrap_servers: str = Field(
+        default=f"127.0.0.1:{DEFAULT_BROKER_PORT}",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "FEEDRET_KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    posts_topic: str = "posts"
+    vectors_topic: str = "post-vectors"
+    dlq_topic: str = "posts-dlq"
+    # Partitions of `posts` bound how many embedding consumers can work in parallel.
+    posts_partitions: int = Field(default=4, ge=1)
+    consumer_group: str = "feedret-embedder"
+    # kafka-python's defaults make a group join take ~20 s; these keep
+    # rebalances short without being broker-specific.
+    session_timeout_ms: int = Field(default=6000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=1000, ge=100)
+    max_poll_interval_ms: int = Field(default=60000, ge=1000)
+
+
+class EncoderConfig(_Settings):
+    model_dir: Path = DEFAULT_MODEL_DIR
+    backend: str = "torch"
+    device: str = "cpu"
+    pooling: str = ""  # empty: the model's own feedret.json decides
+    max_length: int = Field(default=128, ge=8)
+    batch_size: int = Field(default=64, ge=1)
+    torch_threads: int = Field(default=0, ge=0)  # 0: torch's default
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        if value not in ("torch",):
+            raise ValueError(f"unknown encoder backend {value!r}; available: torch")
+        return value
+
+
+class ConsumerConfig(_Settings):
+    num_shards: int = Field(default=2, ge=1)
+    # A micro-batch closes at whichever comes first.
+    batch_max_size: int = Field(default=64, ge=1)
+    batch_max_wait_ms: int = Field(default=200, ge=1)
+    metrics_port: int = 0
+
+
+class ShardConfig(_Settings):
+    shard_id: int = Field(default=0, ge=0)
+    num_shards: int = Field(default=2, ge=1)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_SHARD_BASE_PORT
+    dimension: int = Field(default=0, ge=0)  # 0: learn it from the first vector
+    index_factory: str = "Flat"
+    max_k: int = Field(default=10_000, ge=1)
+    apply_batch_max: int = Field(default=512, ge=1)
+    grpc_workers: int = Field(default=8, ge=1)
+
+
+class MemberConfig(_Settings):
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_MEMBER_PORT
+    cache_ttl_s: float = Field(default=900.0, ge=0)
+    cache_max_entries: int = Field(default=100_000, ge=1)
+    grpc_workers: int = Field(default=8, ge=1)
+
+
+class RootConfig(_Settings):
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_ROOT_PORT
+    # Comma-separated, one per shard in shard order: "host:port,host:port".
+    shard_addresses: str = f"127.0.0.1:{DEFAULT_SHARD_BASE_PORT},127.0.0.1:{DEFAULT_SHARD_BASE_PORT + 1}"
+    member_address: str = f"127.0.0.1:{DEFAULT_MEMBER_PORT}"
+    max_k: int = Field(default=10_000, ge=1)
+    # Used when the caller sets no deadline.
+    default_timeout_s: float = Field(default=1.0, gt=0)
+    # Kept back from the caller's deadline for merging and the reply.
+    deadline_margin_s: float = Field(default=0.005, ge=0)
+    grpc_workers: int = Field(default=16, ge=1)
+
+    def shard_list(self) -> list[str]:
+        return [a.strip() for a in self.shard_addresses.split(",") if a.strip()]

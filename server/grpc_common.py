@@ -1,0 +1,126 @@
+"""What every feedret gRPC server shares: health, reflection, request validation."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from concurrent import futures
+from typing import Callable, Iterator, NoReturn, Sequence
+
+import grpc
+import numpy as np
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from feedret.indexer.shard_index import SearchFilter
+from feedret.v1 import feedret_pb2 as pb
+
+log = structlog.get_logger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class InvalidRequest(ValueError):
+    """The caller's fault: becomes INVALID_ARGUMENT with this message."""
+
+
+def build_server(
+    host: str,
+    port: int,
+    workers: int,
+    register: Sequence[Callable[[grpc.Server], None]],
+    service_names: Sequence[str],
+) -> tuple[grpc.Server, health.HealthServicer, int]:
+    """A server with our services plus grpc.health.v1 and reflection. Returns the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    for add in register:
+        add(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    for name in service_names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    return server, health_servicer, bound
+
+
+def set_serving(health_servicer: health.HealthServicer, service_names: Sequence[str], serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ["", *service_names]:
+        health_servicer.set(name, status)
+
+
+@contextlib.contextmanager
+def rpc_scope(context: grpc.ServicerContext, method: str, request_id: str = "") -> Iterator[str]:
+    """Binds the request id to every log line; maps failures to gRPC status codes.
+
+    InvalidRequest -> INVALID_ARGUMENT. Anything unexpected -> INTERNAL with the
+    error logged: a bad request never takes the server down.
+    """
+    rid = request_id or uuid.uuid4().hex[:16]
+    started = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(request_id=rid, method=method):
+        try:
+            yield rid
+        except InvalidRequest as exc:
+            log.info("invalid_request", error=str(exc))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except grpc.RpcError:
+            raise  # context.abort() raises this; it is already a status
+        except Exception as exc:  # noqa: BLE001 - the server must outlive any one request
+            log.exception("rpc_failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"{method} failed: {type(exc).__name__}: {exc}")
+        finally:
+            log.debug("rpc_done", ms=round((time.perf_counter() - started) * 1000, 3))
+
+
+def check_k(k: int, max_k: int) -> int:
+    if k < 1 or k > max_k:
+        raise InvalidRequest(f"k must be between 1 and {max_k}, got {k}")
+    return k
+
+
+def query_vector(values: Sequence[float], dimension: int) -> np.ndarray:
+    """Validate a query vector's width and values; returns float32."""
+    vec = np.asarray(values, dtype=np.float32)
+    if vec.size == 0:
+        raise InvalidRequest("query vector is empty")
+    if dimension and vec.size != dimension:
+        raise InvalidRequest(f"query vector has {vec.size} dimensions, the index serves {dimension}")
+    if not np.all(np.isfinite(vec)):
+        raise InvalidRequest("query vector contains NaN or infinite values")
+    return vec
+
+
+def check_filters(filters: pb.Filters) -> None:
+    if filters.max_age_seconds < 0:
+        raise InvalidRequest(f"filters.max_age_seconds must be >= 0, got {filters.max_age_seconds}")
+
+
+def search_filter(filters: pb.Filters, now: float) -> SearchFilter:
+    check_filters(filters)
+    return SearchFilter(
+        exclude_post_ids=tuple(filters.exclude_post_ids),
+        min_created_at=(now - filters.max_age_seconds) if filters.max_age_seconds else None,
+        languages=tuple(l.lower() for l in filters.languages),
+    )
+
+
+def abort_invalid(context: grpc.ServicerContext, message: str) -> NoReturn:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+    raise AssertionError("unreachable")  # abort raises

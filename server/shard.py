@@ -1,0 +1,263 @@
+"""Shard server: applies its partition of the post-vector topic to a faiss index and serves Search.
+
+The partition is read by manual assignment (no consumer group): a shard owns
+exactly one partition, and every replica of it reads the whole of it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+import numpy as np
+import structlog
+from google.protobuf.message import DecodeError
+from kafka import KafkaConsumer, TopicPartition
+
+from feedret.config import KafkaConfig, ShardConfig
+from feedret.indexer.shard_index import ShardIndex
+from feedret.server.grpc_common import (
+    build_server,
+    check_k,
+    query_vector,
+    rpc_scope,
+    search_filter,
+    set_serving,
+)
+from feedret.v1 import feedret_pb2 as pb
+from feedret.v1 import feedret_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["ShardService"].full_name,
+    pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name,
+)
+
+
+@dataclass
+class ShardState:
+    """The index plus what the shard knows about how far it has read."""
+
+    config: ShardConfig
+    topic: str
+    index: ShardIndex | None = None
+    applied_offset: int = 0  # next offset to read
+    upserts: int = 0
+    deletes: int = 0
+    rejected: int = 0
+    model_version: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def dimension(self) -> int:
+        return self.index.dimension if self.index is not None else self.config.dimension
+
+    def _ensure_index(self, dimension: int) -> ShardIndex:
+        if self.index is None:
+            self.index = ShardIndex(dimension, self.config.index_factory)
+            log.info("index_created", dimension=dimension, index_factory=self.config.index_factory)
+        return self.index
+
+    def apply(self, events: list[tuple[int, pb.PostVectorEvent]], now: float) -> None:
+        """Apply decoded events in order. Runs of upserts go to faiss in one call."""
+        run: list[pb.PostVectorEvent] = []
+
+        def flush() -> None:
+            if not run:
+                return
+            index = self._ensure_index(len(run[0].vector))
+            vectors = np.array([e.vector for e in run], dtype=np.float32)
+            index.upsert(
+                [e.post_id for e in run],
+                vectors,
+                [e.created_at for e in run],
+                [e.lang for e in run],
+                indexed_at=now,
+            )
+            self.upserts += len(run)
+            self.model_version = run[-1].model_version
+            run.clear()
+
+        for offset, ev in events:
+            if ev.op == pb.PostVectorEvent.UPSERT:
+                width = len(ev.vector)
+                expected = self.dimension or (len(run[0].vector) if run else width)
+                if width == 0 or width != expected:
+                    self.rejected += 1
+                    log.error(
+                        "vector_rejected",
+                        post_id=ev.post_id,
+                        offset=offset,
+                        width=width,
+                        expected=expected,
+                    )
+                    continue
+                run.append(ev)
+            elif ev.op == pb.PostVectorEvent.DELETE:
+                flush()
+                if self.index is not None:
+                    self.index.delete([ev.post_id])
+                self.deletes += 1
+            else:
+                self.rejected += 1
+                log.error("vector_event_without_op", post_id=ev.post_id, offset=offset)
+        flush()
+        if events:
+            self.applied_offset = events[-1][0] + 1
+
+
+class PartitionApplier(threading.Thread):
+    """Reads the shard's post-vector partition from the beginning and applies it."""
+
+    def __init__(self, kafka: KafkaConfig, state: ShardState, on_caught_up: Callable[[], None]) -> None:
+        super().__init__(name=f"applier-{state.config.shard_id}", daemon=True)
+        self.kafka = kafka
+        self.state = state
+        self.on_caught_up = on_caught_up
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        cfg = self.state.config
+        tp = TopicPartition(self.kafka.vectors_topic, cfg.shard_id)
+        while not self.stop_event.is_set():
+            try:
+                consumer = KafkaConsumer(
+                    bootstrap_servers=self.kafka.bootstrap_servers,
+                    group_id=None,
+                    enable_auto_commit=False,
+                    max_poll_records=cfg.apply_batch_max,
+                    client_id=f"feedret-shard-{cfg.shard_id}",
+                )
+                consumer.assign([tp])
+                consumer.seek(tp, self.state.applied_offset)
+                log.info("applier_started", topic=tp.topic, partition=tp.partition, offset=self.state.applied_offset)
+                self._loop(consumer, tp)
+                consumer.close()
+            except Exception:  # noqa: BLE001 - reconnect rather than stop serving
+                log.exception("applier_failed_reconnecting")
+                self.stop_event.wait(1.0)
+
+    def _loop(self, consumer: KafkaConsumer, tp: TopicPartition) -> None:
+        signalled = False
+        while not self.stop_event.is_set():
+            polled = consumer.poll(timeout_ms=100)
+            records = polled.get(tp, [])
+            events: list[tuple[int, pb.PostVectorEvent]] = []
+            for rec in records:
+                ev = pb.PostVectorEvent()
+                try:
+                    ev.ParseFromString(rec.value or b"")
+                except DecodeError as exc:
+                    self.state.rejected += 1
+                    log.error("vector_record_undecodable", offset=rec.offset, error=str(exc))
+                    continue
+                events.append((rec.offset, ev))
+            if records:
+                self.state.apply(events, time.time())
+                # Undecodable records at the tail still advance the position.
+                self.state.applied_offset = records[-1].offset + 1
+                log.debug("applied", records=len(records), offset=self.state.applied_offset)
+            elif not signalled:
+                # First empty poll: the backlog that existed at start is applied.
+                signalled = True
+                self.on_caught_up()
+
+
+class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
+    def __init__(self, state: ShardState, address: str) -> None:
+        self.state = state
+        self.address = address
+
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+        state = self.state
+        with rpc_scope(context, "Search", request.request_id):
+            check_k(request.k, state.config.max_k)
+            vec = query_vector(request.vector, state.dimension)
+            filt = search_filter(request.filters, time.time())
+            index = state.index
+            resp = pb.SearchResponse(shard=state.config.shard_id, model_version=state.model_version)
+            if index is None:
+                return resp
+            ids, scores = index.search(vec, request.k, filt)
+            resp.candidates.post_ids.extend(ids.tolist())
+            resp.candidates.scores.extend(scores.tolist())
+            resp.indexed = len(index)
+            resp.dimension = index.dimension
+            return resp
+
+    def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
+        state = self.state
+        with rpc_scope(context, "Lookup", f"lookup-{request.post_id}"):
+            resp = pb.LookupResponse(shard=state.config.shard_id)
+            if state.index is None:
+                return resp
+            rec = state.index.lookup(request.post_id, include_vector=request.include_vector)
+            if rec is None:
+                return resp
+            resp.found = True
+            resp.indexed_at = rec.indexed_at
+            resp.created_at = rec.created_at
+            resp.lang = rec.lang
+            resp.model_version = state.model_version
+            if rec.vector is not None:
+                resp.vector.extend(rec.vector.tolist())
+            return resp
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        state = self.state
+        with rpc_scope(context, "Stats"):
+            shard = pb.ShardStats(
+                shard=state.config.shard_id,
+                address=self.address,
+                reachable=True,
+                indexed=len(state.index) if state.index is not None else 0,
+                dimension=state.dimension,
+                index_type=state.config.index_factory,
+                upserts=state.upserts,
+                deletes=state.deletes,
+                rejected=state.rejected,
+                model_version=state.model_version,
+            )
+            shard.applied.add(topic=state.topic, partition=state.config.shard_id, offset=state.applied_offset)
+            return pb.StatsResponse(shards=[shard], total_indexed=shard.indexed, model_version=state.model_version)
+
+
+def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> None:
+    if config.shard_id >= config.num_shards:
+        raise ValueError(f"shard_id {config.shard_id} is outside num_shards={config.num_shards}")
+    structlog.contextvars.bind_contextvars(shard=config.shard_id)
+    state = ShardState(config=config, topic=kafka.vectors_topic)
+    address = f"{config.host}:{config.port}"
+    servicer = ShardServicer(state, address)
+    server, health_servicer, port = build_server(
+        config.host,
+        config.port,
+        config.grpc_workers,
+        [
+            lambda s: pb_grpc.add_ShardServiceServicer_to_server(servicer, s),
+            lambda s: pb_grpc.add_IndexAdminServicer_to_server(servicer, s),
+        ],
+        SERVICE_NAMES,
+    )
+    servicer.address = f"{config.host}:{port}"
+    applier = PartitionApplier(
+        kafka,
+        state,
+        on_caught_up=lambda: (
+            set_serving(health_servicer, SERVICE_NAMES, True),
+            log.info("shard_ready", indexed=len(state.index) if state.index else 0, offset=state.applied_offset),
+        ),
+    )
+    server.start()
+    applier.start()
+    log.info("shard_listening", address=servicer.address, partition=config.shard_id, topic=kafka.vectors_topic)
+    stop.wait()
+    set_serving(health_servicer, SERVICE_NAMES, False)
+    applier.stop_event.set()
+    server.stop(grace=2).wait()
+    applier.join(timeout=5)
+    log.info("shard_stopped", upserts=state.upserts, deletes=state.deletes)

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from feedret.merge import ShardHits, merge_topk
+from feedret.routing import shard_of, shards_of
+
+
+def test_shard_of_is_stable_and_in_range():
+    assert [shard_of(i, 4) for i in range(8)] == [shard_of(i, 4) for i in range(8)]
+    assert all(0 <= shard_of(i, 3) < 3 for i in range(1000))
+
+
+def test_sequential_ids_spread_evenly():
+    counts = np.bincount([shard_of(i, 4) for i in range(40_000)], minlength=4)
+    assert counts.min() > 9_500 and counts.max() < 10_500
+
+
+def test_vectorised_matches_scalar():
+    ids = np.array([0, 1, 2, 2**40 + 7, 2**63 - 1], dtype=np.int64)
+    assert shards_of(ids, 5).tolist() == [shard_of(int(i), 5) for i in ids]
+
+
+def test_shard_of_rejects_zero_shards():
+    with pytest.raises(ValueError):
+        shard_of(1, 0)
+
+
+def hits(shard, ids, scores):
+    return ShardHits(shard, np.array(ids, np.int64), np.array(scores, np.float32))
+
+
+def test_merge_takes_global_top_k_across_shards():
+    merged = merge_topk([hits(0, [1, 2, 3], [0.9, 0.5, 0.1]), hits(1, [10, 11], [0.8, 0.7])], 4)
+    assert merged.post_ids.tolist() == [1, 10, 11, 2]
+    assert merged.shards.tolist() == [0, 1, 1, 0]
+    assert np.all(np.diff(merged.scores) <= 0)
+
+
+def test_merge_breaks_ties_by_post_id_and_dedups():
+    merged = merge_topk([hits(0, [7, 5], [0.5, 0.5]), hits(1, [5, 3], [0.6, 0.5])], 10)
+    assert merged.post_ids.tolist() == [5, 3, 7]
+    assert merged.scores.tolist()[0] == pytest.approx(0.6)
+
+
+def test_merge_handles_no_answers_and_short_lists():
+    assert len(merge_topk([], 5).post_ids) == 0
+    assert merge_topk([hits(0, [1], [0.3])], 5).post_ids.tolist() == [1]
