@@ -1,0 +1,1 @@
+"""Offline data preparation: public datasets turned into sample posts and members."""
