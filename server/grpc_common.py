@@ -6,7 +6,7 @@ import contextlib
 import time
 import uuid
 from concurrent import futures
-from typing import Callable, Iterator, NoReturn, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -24,6 +24,18 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 class InvalidRequest(ValueError):
     """The caller's fault: becomes INVALID_ARGUMENT with this message."""
+
+
+class RpcFailure(Exception):
+    """Ends an RPC with this status code and message (e.g. UNAVAILABLE when no shard answered).
+
+    Handlers raise it instead of calling context.abort(), whose exception is
+    indistinguishable from a bug once it leaves the handler.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def build_server(
@@ -80,8 +92,9 @@ def rpc_scope(context: grpc.ServicerContext, method: str, request_id: str = "") 
         except InvalidRequest as exc:
             log.info("invalid_request", error=str(exc))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except grpc.RpcError:
-            raise  # context.abort() raises this; it is already a status
+        except RpcFailure as exc:
+            log.warning("rpc_failed", code=exc.code.name, error=str(exc))
+            context.abort(exc.code, str(exc))
         except Exception as exc:  # noqa: BLE001 - the server must outlive any one request
             log.exception("rpc_failed")
             context.abort(grpc.StatusCode.INTERNAL, f"{method} failed: {type(exc).__name__}: {exc}")
@@ -119,8 +132,3 @@ def search_filter(filters: pb.Filters, now: float) -> SearchFilter:
         min_created_at=(now - filters.max_age_seconds) if filters.max_age_seconds else None,
         languages=tuple(l.lower() for l in filters.languages),
     )
-
-
-def abort_invalid(context: grpc.ServicerContext, message: str) -> NoReturn:
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-    raise AssertionError("unreachable")  # abort raises

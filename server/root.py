@@ -18,6 +18,7 @@ from feedret.merge import ShardHits, merge_topk
 from feedret.routing import shard_of
 from feedret.server.grpc_common import (
     InvalidRequest,
+    RpcFailure,
     build_server,
     check_filters,
     check_k,
@@ -104,7 +105,9 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             remaining = self.config.default_timeout_s
         return time.monotonic() + max(remaining - self.config.deadline_margin_s, 0.0)
 
-    def _member_vector(self, request: pb.RetrieveRequest, rid: str, deadline: float) -> tuple[np.ndarray, str]:
+    def _member_vector(
+        self, request: pb.RetrieveRequest, rid: str, deadline: float, context: grpc.ServicerContext
+    ) -> tuple[np.ndarray, str]:
         if not request.member.member_id:
             raise InvalidRequest("member.member_id is required")
         try:
@@ -115,7 +118,9 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidRequest(exc.details()) from exc
-            raise
+            # Without a member vector there is nothing to search with: say why, keep the code.
+            code = exc.code() if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else grpc.StatusCode.UNAVAILABLE
+            raise RpcFailure(code, f"member embedding service ({self.config.member_address}) failed: {exc.details()}") from exc
         return np.asarray(reply.vector, dtype=np.float32), reply.model_version
 
     def Retrieve(self, request: pb.RetrieveRequest, context: grpc.ServicerContext) -> pb.RetrieveResponse:
@@ -130,9 +135,15 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 vec = query_vector(request.vector.values, self.dimension)
                 model_version = self.model_version
             else:
-                vec, model_version = self._member_vector(request, rid, deadline)
+                vec, model_version = self._member_vector(request, rid, deadline, context)
                 query_vector(vec, self.dimension)
             hits, failed = self._fan_out(vec, request, rid, deadline)
+            if not hits:
+                # No shard answered: an empty list would read as "nothing to show".
+                raise RpcFailure(
+                    grpc.StatusCode.UNAVAILABLE if time.monotonic() < deadline else grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no shard answered (failed: {failed})",
+                )
             merged = merge_topk(hits, request.k)
             resp = pb.RetrieveResponse(
                 partial=bool(failed),
@@ -196,10 +207,10 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             try:
                 reply = self.admins[shard].Lookup(request, timeout=self.config.default_timeout_s)
             except grpc.RpcError as exc:
-                context.abort(
+                raise RpcFailure(
                     grpc.StatusCode.UNAVAILABLE,
                     f"shard {shard} ({self.addresses[shard]}) did not answer: {exc.details()}",
-                )
+                ) from exc
             reply.shard = shard
             return reply
 
