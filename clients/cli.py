@@ -13,7 +13,6 @@ from typing import Any, Callable, TypeVar
 
 import click
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from feedret.clients.client import DEFAULT_ROOT_ADDRESS, FeedretClient, RetrieveResult
 from feedret.config import (
@@ -53,8 +52,31 @@ def _dump(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=None, sort_keys=False))
 
 
+def _proto_value(field: Any, value: Any) -> Any:
+    if field.message_type is not None:
+        return _proto_dict(value)
+    if field.enum_type is not None:
+        return field.enum_type.values_by_number[value].name
+    return value
+
+
 def _proto_dict(msg: Any) -> dict:
-    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    """Every field by its proto name, 64-bit ints as JSON numbers.
+
+    (MessageToDict follows proto3 JSON and writes int64 as strings, which makes
+    `jq '.total_indexed > 100'` silently wrong.)
+    """
+    out: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {k: _proto_value(value_field, v) for k, v in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_proto_value(field, v) for v in value]
+        else:
+            out[field.name] = _proto_value(field, value)
+    return out
 
 
 def _result_dict(result: RetrieveResult) -> dict:
@@ -101,9 +123,14 @@ def serve(role: str) -> None:
 @json_option
 def publish(file, bootstrap: str, as_json: bool) -> None:
     """Publish post events from FILE (JSON lines; '-' for stdin) to the posts topic."""
+    from kafka.errors import KafkaError
+
     from feedret.clients.publish import publish_lines
 
-    report = publish_lines(KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap), file)
+    try:
+        report = publish_lines(KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap), file)
+    except KafkaError as exc:
+        raise click.ClickException(f"could not publish to Kafka at {bootstrap}: {exc}") from None
     if as_json:
         _dump({"sent": report.sent, "skipped_blank": report.skipped_blank})
     else:
@@ -269,9 +296,13 @@ def up(num_shards, root_port, member_port, shard_base_port, broker_port, posts_f
         sys.stdout.flush()
         while not stop.is_set():
             stop.wait(0.5)
-            dead = [n for n, p in stack.procs.items() if p.poll() is not None]
-            if dead:
-                click.echo(f"process exited: {dead}; stopping. Logs in {stack.log_dir}", err=True)
+            # A crashed server is restarted (the root answers partial=true meanwhile);
+            # only a dead broker or a crash loop ends the stack.
+            try:
+                for name in stack.restart_dead():
+                    click.echo(f"{name} exited; restarted it (log: {stack.log_dir / (name + '.log')})", err=True)
+            except RuntimeError as exc:
+                click.echo(f"{exc}\nstopping. Logs in {stack.log_dir}", err=True)
                 break
         click.echo("stopping ...")
     click.echo("stopped")

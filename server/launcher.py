@@ -105,6 +105,7 @@ class Stack:
         self.config = config
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self._restarts: dict[str, list[float]] = {}
         self.log_dir = config.workdir / "logs"
         self.kafka = KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=config.bootstrap_servers or f"{config.host}:{config.broker_port}")
 
@@ -206,6 +207,30 @@ class Stack:
             self.stop()
             raise
         return self
+
+    def restart_dead(self, max_restarts: int = 5, window_s: float = 60.0) -> list[str]:
+        """Restart every server role that exited; the names restarted.
+
+        A shard restarts empty and replays its partition, so a crash costs
+        freshness for a few seconds, not data. The embedded broker keeps its
+        topics in memory only, so its death (or a role crash-looping more than
+        max_restarts times in window_s) is fatal: RuntimeError.
+        """
+        restarted = []
+        now = time.monotonic()
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            if name == "broker":
+                raise RuntimeError(f"the embedded broker exited with code {proc.returncode}; its topics are gone")
+            recent = [t for t in self._restarts.get(name, []) if now - t < window_s] + [now]
+            if len(recent) > max_restarts:
+                raise RuntimeError(f"{name} exited {len(recent)} times in {window_s:.0f}s:\n{self.log_tail(name)}")
+            self._restarts[name] = recent
+            log.warning("process_exited", process=name, code=proc.returncode, restarts=len(recent))
+            self.start_role(name)
+            restarted.append(name)
+        return restarted
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
