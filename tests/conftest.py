@@ -1,0 +1,127 @@
+"""Shared fixtures: a whole feedret stack (broker, consumer, shards, member, root) on free ports."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from feedret.clients.client import FeedretClient
+from feedret.clients.publish import publish_lines
+from feedret.server.launcher import Stack, StackConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_POSTS = ROOT / "data" / "sample" / "posts.jsonl"
+SAMPLE_MEMBERS = ROOT / "data" / "sample" / "members.jsonl"
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(n: int) -> int:
+    """The first of n consecutive free loopback ports."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - n)
+        if all(_is_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def stack_config(tmp: Path, num_shards: int = 2) -> StackConfig:
+    # One block: broker, root, member, then the shards.
+    base = free_port_block(3 + num_shards)
+    return StackConfig(
+        num_shards=num_shards,
+        broker_port=base,
+        root_port=base + 1,
+        member_port=base + 2,
+        shard_base_port=base + 3,
+        workdir=tmp,
+        # Small micro-batches: tests measure freshness, not throughput.
+        env={"FEEDRET_BATCH_MAX_WAIT_MS": "50", "FEEDRET_TORCH_THREADS": "1"},
+        ready_timeout_s=120,
+    )
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+def sample_lines(n: int) -> list[str]:
+    with SAMPLE_POSTS.open() as f:
+        return [next(f).rstrip("\n") for _ in range(n)]
+
+
+def post_line(post_id: int, text: str, **extra) -> str:
+    obj = {
+        "post_id": post_id, "op": "upsert", "author_id": "author:test", "text": text,
+        "created_at": time.time(), "lang": "en", "features": {"num_ratings": 5},
+    }
+    obj.update(extra)
+    return json.dumps(obj)
+
+
+class RunningStack:
+    """A started Stack plus a client, with the first n sample posts indexed."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.client = FeedretClient(stack.config.root_address)
+
+    def publish(self, lines: list[str]) -> None:
+        publish_lines(self.stack.kafka, lines)
+
+    def indexed(self) -> int:
+        try:
+            return self.client.stats(timeout=2).total_indexed
+        except Exception:
+            return -1
+
+    def found(self, post_id: int) -> bool:
+        return self.client.lookup(post_id).found
+
+
+def start_stack(tmp: Path, n_posts: int, num_shards: int = 2) -> Iterator[RunningStack]:
+    stack = Stack(stack_config(tmp, num_shards))
+    with stack:
+        running = RunningStack(stack)
+        running.publish(sample_lines(n_posts))
+        assert wait_for(lambda: running.indexed() >= n_posts, timeout=120, interval=0.2), (
+            f"only {running.indexed()} of {n_posts} indexed; consumer log:\n{stack.log_tail('consumer')}"
+        )
+        yield running
+        running.client.close()
+
+
+@pytest.fixture(scope="module")
+def running_stack(tmp_path_factory) -> Iterator[RunningStack]:
+    yield from start_stack(tmp_path_factory.mktemp("stack"), n_posts=300)
+
+
+def feedret_cli(*args: str, env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "feedret.clients.cli", *args],
+        capture_output=True, text=True, timeout=60, input=input, env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,150 @@
+"""End to end on a real stack: tansu broker, consumer, 2 shards, member and root, each its own process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from feedret.members import MemberProfile
+from feedret.routing import shard_of
+from feedret.v1 import feedret_pb2 as pb
+from feedret.v1 import feedret_pb2_grpc as pb_grpc
+
+from conftest import SAMPLE_MEMBERS, feedret_cli, post_line, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def test_new_post_is_found_within_5s_and_is_its_own_nearest_neighbour(running_stack):
+    post_id = 9_100_000_001
+    published = time.monotonic()
+    running_stack.publish([post_line(post_id, "Sourdough bread at home: starter, folds and a hot oven")])
+    assert wait_for(lambda: running_stack.found(post_id), timeout=5)
+    assert time.monotonic() - published < 5
+    info = running_stack.client.lookup(post_id, include_vector=True)
+    assert info.shard == shard_of(post_id, 2) and len(info.vector) == 128
+    result = running_stack.client.retrieve(vector=info.vector, k=5)
+    assert result.candidates[0].post_id == post_id
+    assert not result.partial and result.model_version == "feedret-tiny-llama-v0"
+
+
+def test_upsert_replaces_the_vector_and_delete_removes_the_post_within_5s(running_stack):
+    post_id = 9_100_000_002
+    client = running_stack.client
+    running_stack.publish([post_line(post_id, "first version of a post about chess openings")])
+    assert wait_for(lambda: running_stack.found(post_id), timeout=5)
+    before = np.array(client.lookup(post_id, include_vector=True).vector)
+    running_stack.publish([post_line(post_id, "second version, now about growing tomatoes on a balcony")])
+    assert wait_for(
+        lambda: not np.allclose(np.array(client.lookup(post_id, include_vector=True).vector), before), timeout=5
+    )
+    vector = client.lookup(post_id, include_vector=True).vector
+    running_stack.publish([json.dumps({"post_id": post_id, "op": "delete"})])
+    assert wait_for(lambda: not running_stack.found(post_id), timeout=5)
+    assert post_id not in client.retrieve(vector=vector, k=50).post_ids
+
+
+def test_malformed_messages_go_to_the_dead_letter_topic_and_good_ones_around_them_are_indexed(running_stack):
+    good = [9_100_000_010, 9_100_000_011, 9_100_000_012]
+    bad = [
+        "this is not json",
+        json.dumps({"post_id": "nine", "op": "upsert", "author_id": "a", "text": "t", "created_at": 1, "lang": "en"}),
+        json.dumps({"op": "upsert", "author_id": "a", "text": "no post id", "created_at": 1, "lang": "en"}),
+        json.dumps({"post_id": 9_100_000_013, "op": "upsert", "author_id": "a", "text": "t", "created_at": 1,
+                    "lang": "en", "features": {"likes": "many"}}),
+        json.dumps({"post_id": 9_100_000_014, "op": "explode"}),
+    ]
+    lines = [post_line(good[0], "a good post about jazz piano"), *bad[:3],
+             post_line(good[1], "a good post about mountain biking"), *bad[3:],
+             post_line(good[2], "a good post about tax returns")]
+    running_stack.publish(lines)
+    assert wait_for(lambda: all(running_stack.found(p) for p in good), timeout=10)
+    assert not running_stack.found(9_100_000_013)
+
+    consumer = KafkaConsumer(bootstrap_servers=running_stack.stack.kafka.bootstrap_servers,
+                             consumer_timeout_ms=3000, auto_offset_reset="earliest")
+    tp = TopicPartition(running_stack.stack.kafka.dlq_topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    letters = []
+    deadline = time.monotonic() + 10
+    while len(letters) < len(bad) and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            letters.extend(json.loads(r.value) for r in records)
+    consumer.close()
+    assert sorted(l["value"] for l in letters) == sorted(bad)
+    reasons = " | ".join(l["reason"] for l in letters)
+    for expected in ("JSON", "post_id", "features", "op"):
+        assert expected in reasons
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (pb.RetrieveRequest(k=0, vector=pb.QueryVector(values=[0.1] * 128)), "k must be"),
+        (pb.RetrieveRequest(k=10_001, vector=pb.QueryVector(values=[0.1] * 128)), "k must be"),
+        (pb.RetrieveRequest(k=10, vector=pb.QueryVector(values=[0.1] * 7)), "128"),
+        (pb.RetrieveRequest(k=10), "either member or vector"),
+        (pb.RetrieveRequest(k=10, vector=pb.QueryVector(values=[float("nan")] * 128)), "NaN"),
+    ],
+    ids=["k=0", "k>limit", "wrong-width", "no-query", "nan"],
+)
+def test_invalid_requests_get_invalid_argument_with_a_reason(running_stack, request_, message):
+    with grpc.insecure_channel(running_stack.stack.config.root_address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.RetrievalServiceStub(channel).Retrieve(request_, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+def test_a_member_query_returns_k_candidates_honouring_filters(running_stack):
+    member = MemberProfile.from_json(json.loads(SAMPLE_MEMBERS.read_text().splitlines()[0]))
+    client = running_stack.client
+    full = client.retrieve(member=member, k=20)
+    assert len(full.candidates) == 20 and not full.partial
+    scores = [c.score for c in full.candidates]
+    assert scores == sorted(scores, reverse=True)
+    assert {c.shard for c in full.candidates} == {0, 1}
+    excluded = full.post_ids[:5]
+    filtered = client.retrieve(member=member, k=20, exclude_post_ids=excluded)
+    assert len(filtered.candidates) == 20 and not set(excluded) & set(filtered.post_ids)
+    assert client.retrieve(member=member, k=20, languages=["fr"]).candidates == []
+    # The sample posts were created in 1996-2018: none is younger than a day.
+    recent = client.retrieve(member=member, k=20, max_age_seconds=86_400)
+    assert all(c.post_id >= 9_100_000_000 for c in recent.candidates)
+
+
+def test_stats_add_up_over_shards(running_stack):
+    stats = running_stack.client.stats()
+    assert len(stats.shards) == 2 and all(s.reachable for s in stats.shards)
+    assert stats.total_indexed == sum(s.indexed for s in stats.shards) >= 300
+    assert stats.consumer_offsets
+
+
+def test_cli_talks_to_the_stack_with_json_output(running_stack):
+    env = {"FEEDRET_ROOT_ADDRESS": running_stack.stack.config.root_address,
+           "KAFKA_BOOTSTRAP_SERVERS": running_stack.stack.kafka.bootstrap_servers}
+    post_id = 9_100_000_020
+    published = feedret_cli("publish", "-", "--json", env=env, input=post_line(post_id, "CLI post about kites") + "\n")
+    assert published.returncode == 0, published.stderr
+    assert json.loads(published.stdout)["sent"] == 1
+    assert wait_for(lambda: running_stack.found(post_id), timeout=5)
+
+    looked = feedret_cli("lookup", str(post_id), "--json", env=env)
+    assert looked.returncode == 0 and json.loads(looked.stdout)["found"] is True
+    queried = feedret_cli("query", "--post-id", str(post_id), "--k", "3", "--json", env=env)
+    assert json.loads(queried.stdout)["candidates"][0]["post_id"] == post_id
+    member = SAMPLE_MEMBERS.read_text().splitlines()[1]
+    by_member = feedret_cli("query", member, "--k", "7", "--json", env=env)
+    assert len(json.loads(by_member.stdout)["candidates"]) == 7
+    stats = feedret_cli("stats", "--json", env=env)
+    assert json.loads(stats.stdout)["total_indexed"] >= 300
+    missing = feedret_cli("lookup", "8888888888", "--json", env=env)
+    assert missing.returncode == 1 and json.loads(missing.stdout)["found"] is False
+    bad = feedret_cli("query", "--post-id", str(post_id), "--k", "0", env=env)
+    assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr
