@@ -14,7 +14,9 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import structlog
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from feedret.config import ConsumerConfig, KafkaConfig
 from feedret.consumer.batch import (
@@ -37,6 +39,10 @@ class PostEmbedder(Protocol):
     def embed_posts(self, posts: Sequence[PostEvent]) -> np.ndarray: ...
 
 
+class TopicNotReady(Exception):
+    """The post-vector topic does not exist (yet: it may be being created)."""
+
+
 class EmbeddingConsumer:
     def __init__(
         self,
@@ -56,7 +62,17 @@ class EmbeddingConsumer:
 
     # ------------------------------------------------------------ set-up
 
+    # The broker or the topics may come up after us (a pod starting beside Kafka):
+    # retry with backoff for a minute, then fail loudly.
+    @retry(
+        retry=retry_if_exception_type((KafkaError, TopicNotReady)),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        stop=stop_after_delay(60),
+        reraise=True,
+        before_sleep=lambda state: log.warning("kafka_not_ready_retrying", error=str(state.outcome.exception())),
+    )
     def _connect(self) -> None:
+        self.close()
         k = self.kafka
         self._producer = KafkaProducer(
             bootstrap_servers=k.bootstrap_servers,
@@ -68,7 +84,9 @@ class EmbeddingConsumer:
             client_id="feedret-consumer",
         )
         partitions = self._producer.partitions_for(k.vectors_topic)
-        if partitions is None or len(partitions) != self.config.num_shards:
+        if partitions is None:
+            raise TopicNotReady(f"topic {k.vectors_topic!r} does not exist")
+        if len(partitions) != self.config.num_shards:
             raise RuntimeError(
                 f"topic {k.vectors_topic!r} has {len(partitions or ())} partitions but "
                 f"num_shards={self.config.num_shards}; they must be equal (one partition per shard)"
@@ -89,8 +107,10 @@ class EmbeddingConsumer:
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.close()
+            self._consumer = None
         if self._producer is not None:
             self._producer.close(timeout=5)
+            self._producer = None
 
     # ------------------------------------------------------------ loop
 

@@ -65,7 +65,6 @@ class ConsumerConfig(_Settings):
     # A micro-batch closes at whichever comes first.
     batch_max_size: int = Field(default=64, ge=1)
     batch_max_wait_ms: int = Field(default=200, ge=1)
-    metrics_port: int = 0
 
 
 class ShardConfig(_Settings):
