@@ -199,7 +199,12 @@ class EmbeddingConsumer:
         for r in batch:
             first[(r.topic, r.partition)] = min(first.get((r.topic, r.partition), r.offset), r.offset)
         for (t, p), off in first.items():
-            self._consumer.seek(TopicPartition(t, p), off)
+            try:
+                self._consumer.seek(TopicPartition(t, p), off)
+            except Exception as exc:  # noqa: BLE001
+                # Revoked by a rebalance meanwhile: its new owner starts from the last
+                # commit, which predates this batch, so nothing is lost.
+                log.warning("rewind_skipped", topic=t, partition=p, offset=off, error=str(exc))
 
     def run(self, stop: threading.Event) -> None:
         self._connect()

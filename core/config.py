@@ -97,7 +97,7 @@ class RootConfig(_Settings):
     # Used when the caller sets no deadline.
     default_timeout_s: float = Field(default=1.0, gt=0)
     # Kept back from the caller's deadline for merging and the reply.
-    deadline_margin_s: float = Field(default=0.005, ge=0)
+    deadline_margin_s: float = Field(default=0.01, ge=0)
     grpc_workers: int = Field(default=16, ge=1)
 
     def shard_list(self) -> list[str]:

@@ -148,3 +148,36 @@ def test_cli_talks_to_the_stack_with_json_output(running_stack):
     assert missing.returncode == 1 and json.loads(missing.stdout)["found"] is False
     bad = feedret_cli("query", "--post-id", str(post_id), "--k", "0", env=env)
     assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr
+
+
+def test_async_client_retrieves_and_looks_up(running_stack):
+    import asyncio
+
+    from feedret.clients.client import AsyncFeedretClient
+
+    async def go():
+        async with AsyncFeedretClient(running_stack.stack.config.root_address) as client:
+            info = await client.lookup(356, include_vector=True)
+            results = await asyncio.gather(*[client.retrieve(vector=info.vector, k=10) for _ in range(8)])
+            stats = await client.stats()
+        return info, results, stats
+
+    info, results, stats = asyncio.run(go())
+    assert info.found
+    assert all(r.candidates[0].post_id == 356 and len(r.candidates) == 10 for r in results)
+    assert stats.total_indexed >= 300
+
+
+def test_every_server_answers_health_and_reflection(running_stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for name, address in running_stack.stack.addresses().items():
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING, name
+            replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=2
+            )
+            services = {s.name for r in replies for s in r.list_services_response.service}
+            assert "grpc.reflection.v1alpha.ServerReflection" in services, name
