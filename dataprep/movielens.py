@@ -254,15 +254,63 @@ def prepare(
     log.info("sample_written", out=str(out), posts=len(posts), members=len(members))
 
 
+def convert(ml_dir: Path, out: Path) -> None:
+    """All of MovieLens in the generic training format (feedret.dataprep.format).
+
+    Every rated movie is an item, every rating an interaction (weight = stars).
+    Items carry only features known when the movie appeared (release year);
+    engagement counts are computed by training from the training period alone,
+    so no feature leaks the evaluation period.
+    """
+    from feedret.dataprep.format import Interaction, Item, write_dataset
+
+    movies = read_movies(ml_dir / "movies.csv")
+    ratings = read_ratings(ml_dir / "ratings.csv")
+    tag_counts = read_tag_counts(ml_dir / "tags.csv")
+    first_seen: dict[int, int] = {}
+    for r in ratings:
+        first_seen[r.movie_id] = min(first_seen.get(r.movie_id, r.timestamp), r.timestamp)
+    items = []
+    for movie_id in sorted(first_seen):
+        movie = movies[movie_id]
+        year = release_year(movie.title)
+        items.append(
+            Item(
+                item_id=movie_id,
+                text=post_text(movie, top_items(tag_counts.get(movie_id, {}), MAX_TAGS)),
+                created_at=float(first_seen[movie_id]),
+                author_id=f"genre:{movie.genres[0].lower() if movie.genres else 'none'}",
+                lang="en",
+                features={"release_year": float(year)} if year is not None else {},
+            )
+        )
+    interactions = [Interaction(f"ml-{r.user_id}", r.movie_id, float(r.timestamp), r.rating) for r in ratings]
+    meta = {
+        "name": "movielens-latest-small",
+        "source": "GroupLens MovieLens ml-latest-small (research use only; see README.txt)",
+        "weight": "rating, 0.5-5 stars",
+    }
+    write_dataset(out, items, interactions, meta=meta)
+    shutil.copyfile(ml_dir / "README.txt", out / "README.txt")
+    log.info("dataset_written", out=str(out), items=len(items), interactions=len(interactions))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ml-dir", type=Path, required=True, help="ml-latest-small directory")
+    parser.add_argument(
+        "--format", choices=("sample", "dataset"), default="sample",
+        help="sample: posts.jsonl/members.jsonl for `feedret up`; dataset: the training format",
+    )
     parser.add_argument("--out", type=Path, default=Path("data/sample"))
     parser.add_argument("--posts", type=int, default=3000, help="number of most-rated movies")
     parser.add_argument("--members", type=int, default=20, help="number of most active users")
     parser.add_argument("--activity", type=int, default=10, help="recent items per member")
     args = parser.parse_args(argv)
-    prepare(args.ml_dir, args.out, args.posts, args.members, args.activity)
+    if args.format == "dataset":
+        convert(args.ml_dir, args.out)
+    else:
+        prepare(args.ml_dir, args.out, args.posts, args.members, args.activity)
 
 
 if __name__ == "__main__":
