@@ -44,6 +44,7 @@ class EncoderMeta:
     numeric: str = "quantized"
     quantizer: FeatureQuantizer | None = None
     max_activity: int = 10
+    activity_chars: int = 0
 
     @classmethod
     def read(cls, model_dir: Path) -> "EncoderMeta":
@@ -59,6 +60,7 @@ class EncoderMeta:
             numeric=str(obj.get("numeric", "quantized")),
             quantizer=FeatureQuantizer.from_json(quantizer) if quantizer else None,
             max_activity=int(obj.get("max_activity", 10)),
+            activity_chars=int(obj.get("activity_chars", 0)),
         )
 
 
@@ -166,7 +168,9 @@ class Encoder:
         return post_prompt(post, self.meta.quantizer, self.meta.numeric)
 
     def member_prompt(self, member: MemberProfile) -> str:
-        return member_prompt(member, self.meta.quantizer, self.meta.numeric, self.meta.max_activity)
+        return member_prompt(
+            member, self.meta.quantizer, self.meta.numeric, self.meta.max_activity, self.meta.activity_chars
+        )
 
     def embed_posts(self, posts: Sequence[PostEvent]) -> np.ndarray:
         return self.embed_prompts([self.post_prompt(p) for p in posts])

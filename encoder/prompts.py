@@ -88,6 +88,15 @@ def post_prompt(
     return "\n".join(lines)
 
 
+def shorten(text: str, limit: int) -> str:
+    """At most `limit` characters, cut at a word boundary; 0 means no limit."""
+    if limit <= 0 or len(text) <= limit:
+        return text
+    cut = text[:limit]
+    space = cut.rfind(" ")
+    return cut[:space] if space > limit // 2 else cut
+
+
 def recent_first(activity: Iterable[ActivityItem], limit: int) -> list[ActivityItem]:
     """At most `limit` items, newest first.
 
@@ -105,8 +114,14 @@ def member_prompt(
     quantizer: FeatureQuantizer | None,
     numeric: str = "quantized",
     max_activity: int = 10,
+    activity_chars: int = 0,
 ) -> str:
-    """The prompt the encoder embeds for one member."""
+    """The prompt the encoder embeds for one member.
+
+    activity_chars > 0 cuts each engaged post's text to that many characters
+    (at a word boundary): the opening of a post says what it is, and the whole
+    history then fits the model's context instead of the first few posts.
+    """
     _check_mode(numeric)
     lines = ["member"]
     for key in sorted(member.profile):
@@ -117,5 +132,5 @@ def member_prompt(
         lines.append("recent activity:")
         for item in items:
             action = clean_text(item.action) or "engaged"
-            lines.append(f"- {action}: {clean_text(item.text)}")
+            lines.append(f"- {action}: {shorten(clean_text(item.text), activity_chars)}")
     return "\n".join(lines)
