@@ -230,6 +230,40 @@ def stats(root: str, as_json: bool) -> None:
     click.echo(f"  consumer offsets: {offsets or '-'}")
 
 
+# ---------------------------------------------------------------- train
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=REPO_ROOT / "training" / "configs" / "movielens-tiny.json", show_default=True,
+              help="Run configuration (JSON or YAML); the options below override it.")
+@click.option("--dataset", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset directory.")
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory (checkpoint/, model/, config.json).")
+@click.option("--base-model", help="A local Hugging Face model directory, or 'tiny' to build one.")
+@click.option("--epochs", type=int)
+@click.option("--seed", type=int)
+@click.option("--device", help="cpu, cuda or auto.")
+@click.option("--pooling", type=click.Choice(["last", "mean", "cls"]))
+@click.option("--numeric", type=click.Choice(["quantized", "raw", "none"]), help="How numbers enter the prompts.")
+@click.option("--hard-negatives", type=int, help="Mined hard negatives per member (0: in-batch only).")
+@click.option("--model-version", help="Name the model reports to clients.")
+def train(config_file: Path, **overrides) -> None:
+    """Train a dual encoder (InfoNCE + Matryoshka); resumes from <out>/checkpoint if present."""
+    from pydantic import ValidationError
+
+    from feedret.logging import configure_logging
+    from feedret.training.config import TrainConfig
+    from feedret.training.trainer import train as run_training
+
+    configure_logging("train", json=False)
+    try:
+        config = TrainConfig.load(config_file, overrides)
+    except (ValidationError, ValueError) as exc:
+        raise click.ClickException(f"invalid training config {config_file}: {exc}") from None
+    final = run_training(config)
+    click.echo(f"model written to {final}")
+
+
 # ---------------------------------------------------------------- up
 
 

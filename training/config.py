@@ -1,0 +1,109 @@
+"""One training run's configuration: a file (JSON or YAML) plus command-line overrides.
+
+The resolved config is written into the run's output directory, so every
+checkpoint says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TinyModelConfig(BaseModel):
+    """A LLaMA-architecture model built from scratch, with a tokenizer trained on the training prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(default=8192, ge=256)
+    hidden_size: int = Field(default=256, ge=16)
+    intermediate_size: int = Field(default=688, ge=16)
+    num_hidden_layers: int = Field(default=4, ge=1)
+    num_attention_heads: int = Field(default=4, ge=1)
+    num_key_value_heads: int = Field(default=2, ge=1)
+
+
+class LoraConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Data
+    dataset: Path
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    like_threshold: float = 4.0
+    max_recent: int = Field(default=10, ge=1)
+    activity_chars: int = Field(default=60, ge=0)  # per engaged post in the member prompt; 0: whole text
+    max_per_member: int | None = Field(default=60, ge=1)
+
+    # Model: a local Hugging Face directory, or "tiny" to build one from scratch.
+    base_model: str = "tiny"
+    tiny: TinyModelConfig = TinyModelConfig()
+    model_version: str = "feedret-movielens"
+    pooling: Literal["last", "mean", "cls"] = "last"
+    numeric: Literal["quantized", "raw", "none"] = "quantized"
+    max_length: int = Field(default=128, ge=16)
+
+    # Optimisation
+    seed: int = 0
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=64, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+
+    # Loss
+    temperature: float = Field(default=0.05, gt=0)
+    learn_temperature: bool = True
+    logq_correction: bool = True
+    hard_negatives: int = Field(default=2, ge=0)  # per member; mined with the model after each epoch
+    hard_negative_ranks: tuple[int, int] = (10, 100)  # sampled from this rank window, never seen items
+    matryoshka_widths: list[float] = [1.0, 0.5, 0.25, 0.125]  # fractions of the model width
+
+    # Hardware
+    device: str = "auto"
+    bf16: bool = False  # on CUDA
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    torch_threads: int = Field(default=0, ge=0)
+
+    # Output
+    out: Path = Path("var/runs/movielens")
+    checkpoint_every: int = Field(default=200, ge=1)  # steps
+    eval_queries: int | None = 3000
+
+    @field_validator("matryoshka_widths")
+    @classmethod
+    def _widths(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < w <= 1 for w in value):
+            raise ValueError("matryoshka_widths are fractions in (0, 1]")
+        return value
+
+    def widths(self, dim: int) -> list[int]:
+        return sorted({max(1, round(dim * f)) for f in self.matryoshka_widths}, reverse=True)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        text = Path(path).read_text(encoding="utf-8")
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.model_validate(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=1) + "\n", encoding="utf-8")

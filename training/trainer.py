@@ -1,0 +1,438 @@
+"""`feedret train`: fine-tune (or build and train) a causal-LM dual encoder on interactions.
+
+One model embeds both towers. Each step takes a batch of (member state, engaged
+item) examples, embeds the members, their positives and optional hard negatives,
+and minimises InfoNCE over in-batch and hard negatives, wrapped in Matryoshka so
+prefixes of the vector work too. Deterministic for a seed: the example order is
+a seeded permutation per epoch and the model has no dropout.
+
+Checkpoints (model in safetensors, optimizer state flattened into safetensors,
+progress in JSON) go to `<out>/checkpoint` every `checkpoint_every` steps and at
+each epoch's end; rerunning the same command resumes from there. The final
+model, loadable by `Encoder.from_pretrained`, goes to `<out>/model`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import structlog
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from feedret.dataprep.format import read_dataset
+from feedret.encoder.model import Encoder, EncoderMeta, pick_device
+from feedret.encoder.prompts import NUM_CLOSE, NUM_OPEN
+from feedret.encoder.quantize import FeatureQuantizer
+from feedret.training.config import TrainConfig
+from feedret.training.examples import (
+    Example,
+    item_features,
+    post_events,
+    time_split,
+    training_examples,
+)
+from feedret.training.losses import InfoNCELoss, MatryoshkaLoss
+
+log = structlog.get_logger(__name__)
+
+CHECKPOINT = "checkpoint"
+FINAL = "model"
+
+
+# ------------------------------------------------------------------ set-up
+
+
+@dataclass
+class TrainingData:
+    examples: list[Example]
+    item_ids: np.ndarray  # every item, ascending id
+    created_at: np.ndarray
+    quantizer: FeatureQuantizer | None
+    cutoff: float
+
+
+def prepare_data(config: TrainConfig) -> tuple[TrainingData, dict]:
+    """Examples, item arrays and the quantizer from the training period; the posts as events."""
+    dataset = read_dataset(config.dataset)
+    split = time_split(dataset.interactions, config.test_fraction)
+    feats = item_features(dataset.items, split.train)
+    examples = training_examples(
+        split.train,
+        dataset.items,
+        dataset.members,
+        like_threshold=config.like_threshold,
+        max_recent=config.max_recent,
+        max_per_member=config.max_per_member,
+        seed=config.seed,
+    )
+    # Cut points from the training period only: items' and members' numbers alike.
+    values: dict[str, list[float]] = {}
+    for f in feats.values():
+        for name, v in f.items():
+            values.setdefault(name, []).append(v)
+    for ex in examples:
+        for name, v in ex.member.features.items():
+            values.setdefault(name, []).append(v)
+    quantizer = FeatureQuantizer.fit(values) if config.numeric == "quantized" else None
+    ids = np.array(sorted(dataset.items), dtype=np.int64)
+    created = np.array([dataset.items[int(i)].created_at for i in ids], dtype=np.float64)
+    return TrainingData(
+        examples=examples,
+        item_ids=ids,
+        created_at=created,
+        quantizer=quantizer,
+        cutoff=split.cutoff,
+    ), post_events(dataset.items, feats)
+
+
+def build_tiny(config: TrainConfig, texts: Sequence[str]):
+    """A LLaMA-architecture model from scratch with a byte-level BPE trained on `texts`."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from feedret.encoder.build_tiny import train_tokenizer, wrap_tokenizer
+
+    tokenizer = wrap_tokenizer(train_tokenizer(texts, config.tiny.vocab_size))
+    t = config.tiny
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        max_position_embeddings=max(512, config.max_length),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(config.seed)
+    return LlamaModel(model_config), tokenizer
+
+
+def load_base(config: TrainConfig, texts: Sequence[str], device: str):
+    from transformers import AutoModel, AutoTokenizer
+
+    if config.base_model == "tiny":
+        model, tokenizer = build_tiny(config, texts)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+        dtype = torch.bfloat16 if (config.bf16 and device.startswith("cuda")) else torch.float32
+        model = AutoModel.from_pretrained(config.base_model, dtype=dtype)
+        added = tokenizer.add_special_tokens({"additional_special_tokens": [NUM_OPEN, NUM_CLOSE]})
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if added:
+            model.resize_token_embeddings(len(tokenizer))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if config.lora is not None:
+        from peft import LoraConfig as PeftLora, get_peft_model
+
+        l = config.lora
+        model = get_peft_model(
+            model, PeftLora(r=l.r, lora_alpha=l.alpha, lora_dropout=l.dropout, target_modules=l.target_modules)
+        )
+    return model.to(device), tokenizer
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, s in state["state"].items():
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_model(encoder: Encoder, loss: InfoNCELoss, out: Path, extra: dict[str, Any] | None = None) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = encoder.model
+    if hasattr(model, "merge_and_unload"):  # LoRA: ship merged weights, loadable without peft
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(tmp)
+    meta = {
+        "model_version": encoder.meta.model_version,
+        "pooling": encoder.pooling,
+        "numeric": encoder.meta.numeric,
+        "max_activity": encoder.meta.max_activity,
+        "activity_chars": encoder.meta.activity_chars,
+        "temperature": loss.temperature,
+        **(extra or {}),
+    }
+    if encoder.meta.quantizer is not None:
+        meta["quantizer"] = encoder.meta.quantizer.to_json()
+    (tmp / "feedret.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # a reader never sees a half-written model
+
+
+def save_checkpoint(
+    out: Path, encoder: Encoder, loss: InfoNCELoss, opt: torch.optim.Optimizer, progress: dict[str, Any],
+    negatives: np.ndarray | None,
+) -> None:
+    path = out / CHECKPOINT
+    save_model(encoder, loss, path)
+    tensors, meta = _flatten_optimizer(opt)
+    save_file(tensors, str(path / "optimizer.safetensors"))
+    extra = {"log_scale": loss.log_scale.detach().cpu().reshape(1)}
+    if negatives is not None:
+        extra["negatives"] = torch.from_numpy(negatives)
+    save_file(extra, str(path / "trainer.safetensors"))
+    (path / "trainer_state.json").write_text(json.dumps({**progress, "optimizer": meta}, indent=1), encoding="utf-8")
+
+
+# ------------------------------------------------------------------ the loop
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        hf_logging.disable_progress_bar()  # ours is the only progress bar
+        self.config = config
+        self.device = pick_device(config.device)
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        config.out.mkdir(parents=True, exist_ok=True)
+        config.save(config.out / "config.json")
+
+        started = time.perf_counter()
+        self.data, self.posts = prepare_data(config)
+        resume = config.out / CHECKPOINT
+        self.progress: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "step": 0}
+        if (resume / "trainer_state.json").exists():
+            model_dir = resume
+            from transformers import AutoModel, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModel.from_pretrained(model_dir).to(self.device)
+            state = json.loads((resume / "trainer_state.json").read_text())
+            self.progress = {k: state[k] for k in ("epoch", "step_in_epoch", "step")}
+            log.info("resuming", **self.progress)
+        else:
+            state = None
+            from feedret.encoder.prompts import member_prompt, post_prompt
+
+            texts = [post_prompt(p, self.data.quantizer, config.numeric) for p in self.posts.values()]
+            texts += [
+                member_prompt(e.member, self.data.quantizer, config.numeric, config.max_recent, config.activity_chars)
+                for e in self.data.examples[:: max(1, len(self.data.examples) // 5000)]
+            ]
+            model, tokenizer = load_base(config, texts, self.device)
+        meta = EncoderMeta(
+            config.model_version, config.pooling, config.numeric, self.data.quantizer, config.max_recent,
+            config.activity_chars,
+        )
+        self.encoder = Encoder(
+            model, tokenizer, meta, device=self.device, max_length=config.max_length,
+            batch_size=config.batch_size * 4, pooling=config.pooling,
+        )
+        dim = self.encoder.dim
+        self.widths = config.widths(dim)
+        self.base_loss = InfoNCELoss(config.temperature, learnable=config.learn_temperature).to(self.device)
+        self.loss = MatryoshkaLoss(self.base_loss, self.widths)
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": params, "weight_decay": config.weight_decay}]
+        if config.learn_temperature:
+            groups.append({"params": [self.base_loss.log_scale], "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, lr=config.lr)
+        self.item_index = {int(i): n for n, i in enumerate(self.data.item_ids)}
+        self.steps_per_epoch = math.ceil(len(self.data.examples) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.negatives: np.ndarray | None = None
+        if state is not None:
+            self.opt.load_state_dict(_unflatten_optimizer(load_file(str(resume / "optimizer.safetensors")), state["optimizer"]))
+            extra = load_file(str(resume / "trainer.safetensors"))
+            with torch.no_grad():
+                self.base_loss.log_scale.copy_(extra["log_scale"].reshape(()))
+            if "negatives" in extra:
+                self.negatives = extra["negatives"].numpy()
+
+        # log of each item's share of positives: the in-batch sampling probability.
+        counts = np.full(len(self.data.item_ids), 1.0)  # +1 smoothing: hard negatives may be unseen items
+        for ex in self.data.examples:
+            counts[self.item_index[ex.positive]] += 1
+        self.log_q = torch.from_numpy(np.log(counts / counts.sum())).float().to(self.device)
+
+        # Tokenize once: every step reuses these.
+        prompts = [self.encoder.post_prompt(self.posts[int(i)]) for i in self.data.item_ids]
+        self.item_tokens = self.encoder.tokenize(prompts)
+        self.member_tokens = self.encoder.tokenize([self.encoder.member_prompt(e.member) for e in self.data.examples])
+        log.info(
+            "training_ready",
+            examples=len(self.data.examples),
+            items=len(self.item_tokens),
+            dim=dim,
+            widths=self.widths,
+            params=sum(p.numel() for p in model.parameters()),
+            steps=self.total_steps,
+            device=self.device,
+            setup_s=round(time.perf_counter() - started, 1),
+        )
+
+    # -------------------------------------------------------------- pieces
+
+
+    def _lr(self, step: int) -> float:
+        warm = max(1, int(self.total_steps * self.config.warmup_fraction))
+        if step < warm:
+            return self.config.lr * (step + 1) / warm
+        progress = (step - warm) / max(1, self.total_steps - warm)
+        return self.config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _embed(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        ids, mask = self.encoder.pad(token_lists)
+        ids_t = torch.from_numpy(ids).to(self.device)
+        mask_t = torch.from_numpy(mask).to(self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.bf16 and self.device.startswith("cuda")):
+            return self.encoder.forward(ids_t, mask_t)
+
+    def _embed_all(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        from feedret.encoder.model import length_buckets
+
+        out = np.zeros((len(token_lists), self.encoder.dim), dtype=np.float32)
+        self.encoder.model.eval()
+        with torch.inference_mode():
+            for idx in length_buckets([len(t) for t in token_lists], self.config.batch_size * 4):
+                out[idx] = self._embed([token_lists[i] for i in idx]).float().cpu().numpy()
+        self.encoder.model.train()
+        return out
+
+    def mine_negatives(self, epoch: int) -> np.ndarray:
+        """Per example, `hard_negatives` item indices: epoch 0 random, later from the model's own ranking.
+
+        Sampled from ranks [lo, hi) among items that existed then and the member
+        had not seen: close enough to be hard, far enough from the top that few
+        are unlabelled positives.
+        """
+        k = self.config.hard_negatives
+        n_items = len(self.data.item_ids)
+        rng = np.random.default_rng(self.config.seed + 1000 + epoch)
+        out = np.zeros((len(self.data.examples), k), dtype=np.int64)
+        if epoch == 0:
+            for e in range(len(out)):
+                seen = self.data.examples[e].seen
+                picks = []
+                while len(picks) < k:
+                    j = int(rng.integers(n_items))
+                    if int(self.data.item_ids[j]) not in seen:
+                        picks.append(j)
+                out[e] = picks
+            return out
+        lo, hi = self.config.hard_negative_ranks
+        hi = min(hi, n_items)
+        lo = max(0, min(lo, hi - k))  # small catalogues: keep a window of at least k
+        items = torch.from_numpy(self._embed_all(self.item_tokens))
+        members = self._embed_all(self.member_tokens)
+        for start in range(0, len(members), 1024):
+            rows = range(start, min(start + 1024, len(members)))
+            scores = torch.from_numpy(members[start : start + 1024]) @ items.T
+            for r, e in enumerate(rows):
+                seen_idx = [self.item_index[i] for i in self.data.examples[e].seen if i in self.item_index]
+                scores[r, seen_idx] = -float("inf")
+            top_scores, ranked = torch.topk(scores, hi, dim=1)
+            for r, e in enumerate(rows):
+                window = ranked[r, lo:hi][torch.isfinite(top_scores[r, lo:hi])].numpy()
+                if len(window) >= k:
+                    out[e] = rng.choice(window, size=k, replace=False)
+                else:  # the member has seen nearly everything: any unseen item will do
+                    unseen = [j for j in range(n_items) if int(self.data.item_ids[j]) not in self.data.examples[e].seen]
+                    out[e] = rng.choice(unseen or list(range(n_items)), size=k, replace=len(unseen) < k)
+        return out
+
+    def step(self, batch: Sequence[int]) -> float:
+        examples = [self.data.examples[i] for i in batch]
+        doc_index: dict[int, int] = {}  # item index -> position in docs
+        for ex in examples:
+            doc_index.setdefault(self.item_index[ex.positive], len(doc_index))
+        if self.negatives is not None and self.config.hard_negatives:
+            for i in batch:
+                for j in self.negatives[i]:
+                    doc_index.setdefault(int(j), len(doc_index))
+        docs_items = list(doc_index)
+        labels = torch.tensor([doc_index[self.item_index[ex.positive]] for ex in examples], device=self.device)
+        doc_ids = [int(self.data.item_ids[j]) for j in docs_items]
+        exclude = torch.tensor(
+            [[d in ex.seen for d in doc_ids] for ex in examples], dtype=torch.bool, device=self.device
+        )
+        q = self._embed([self.member_tokens[i] for i in batch])
+        d = self._embed([self.item_tokens[j] for j in docs_items])
+        log_q = self.log_q[torch.tensor(docs_items, device=self.device)] if self.config.logq_correction else None
+        loss = self.loss(q.float(), d.float(), labels, exclude, log_q)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.config.grad_clip)
+        self.opt.step()
+        return float(loss.detach())
+
+    # -------------------------------------------------------------- run
+
+    def train(self) -> Path:
+        config = self.config
+        self.encoder.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.progress["step"], desc="train", unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
+        for epoch in range(self.progress["epoch"], config.epochs):
+            if self.negatives is None or self.progress["step_in_epoch"] == 0:
+                if config.hard_negatives:
+                    t0 = time.perf_counter()
+                    self.negatives = self.mine_negatives(epoch)
+                    log.info("negatives_mined", epoch=epoch, s=round(time.perf_counter() - t0, 1))
+            order = np.random.default_rng(config.seed + epoch).permutation(len(self.data.examples))
+            batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+            losses = []
+            for b in range(self.progress["step_in_epoch"], len(batches)):
+                for g in self.opt.param_groups:
+                    g["lr"] = self._lr(self.progress["step"])
+                losses.append(self.step(batches[b].tolist()))
+                self.progress.update(step=self.progress["step"] + 1, step_in_epoch=b + 1, epoch=epoch)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-50:]):.3f}", tau=f"{self.base_loss.temperature:.3f}")
+                if self.progress["step"] % config.checkpoint_every == 0:
+                    save_checkpoint(config.out, self.encoder, self.base_loss, self.opt, self.progress, self.negatives)
+            log.info("epoch_done", epoch=epoch, loss=round(float(np.mean(losses)) if losses else float("nan"), 4),
+                     temperature=round(self.base_loss.temperature, 4), s=round(time.perf_counter() - started, 1))
+            self.progress.update(epoch=epoch + 1, step_in_epoch=0)
+            save_checkpoint(config.out, self.encoder, self.base_loss, self.opt, self.progress, self.negatives)
+        bar.close()
+        self.encoder.model.eval()
+        final = config.out / FINAL
+        save_model(self.encoder, self.base_loss, final, {"trained_on": str(config.dataset), "cutoff": self.data.cutoff,
+                                                           "widths": self.widths})
+        log.info("model_saved", out=str(final), s=round(time.perf_counter() - started, 1))
+        return final
+
+
+def train(config: TrainConfig) -> Path:
+    return Trainer(config).train()
