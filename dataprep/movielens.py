@@ -145,8 +145,10 @@ def build_posts(
     for movie_id in most_rated(ratings, n_posts):
         movie, rs = movies[movie_id], by_movie[movie_id]
         features: dict[str, float] = {
-            "num_ratings": len(rs),
-            "mean_rating": round(sum(r.rating for r in rs) / len(rs), 2),
+            # The names training uses (feedret.training.examples.item_features), so a
+            # trained model's quantizer knows them.
+            "engagements": len(rs),
+            "mean_weight": round(sum(r.rating for r in rs) / len(rs), 2),
         }
         year = release_year(movie.title)
         if year is not None:
@@ -193,9 +195,9 @@ def build_members(
                 "member_id": f"ml-{user_id}",
                 "session_id": "demo",
                 "profile": {"favourite_genres": ", ".join(top_items(genre_counts, 3))},
-                # Named apart from the posts' num_ratings: members and posts share one
-                # quantizer, and a user's rating count is a different distribution.
-                "features": {"ratings_given": len(rs)},
+                # As training names it (member_state): a member's count is its own
+                # distribution in the shared quantizer.
+                "features": {"prior_engagements": len(rs)},
                 "recent_activity": [
                     {
                         "post_id": r.movie_id,

@@ -74,7 +74,7 @@ def sample_lines(n: int) -> list[str]:
 def post_line(post_id: int, text: str, **extra) -> str:
     obj = {
         "post_id": post_id, "op": "upsert", "author_id": "author:test", "text": text,
-        "created_at": time.time(), "lang": "en", "features": {"num_ratings": 5},
+        "created_at": time.time(), "lang": "en", "features": {"engagements": 5},
     }
     obj.update(extra)
     return json.dumps(obj)

@@ -42,7 +42,7 @@ def test_posts_are_the_most_rated_movies_with_text_features_and_first_rating_tim
     toy = posts[0]
     assert toy.text == "Toy Story (1995). Genres: Adventure, Animation. Tags: pixar, toys"
     assert toy.created_at == 50.0 and toy.author_id == "genre:adventure"
-    assert toy.features == {"num_ratings": 3, "mean_rating": 4.17, "release_year": 1995}
+    assert toy.features == {"engagements": 3, "mean_weight": 4.17, "release_year": 1995}
     assert (out / "README.txt").read_text() == "MovieLens licence\n"
     assert "GroupLens" in (out / "NOTICE.md").read_text()
 
@@ -53,7 +53,7 @@ def test_members_are_the_most_active_users_with_liked_posts_newest_first(tmp_pat
     (member,) = [MemberProfile.from_json(m) for m in read(out / "members.jsonl")]
     assert member.member_id == "ml-10"
     assert [a.post_id for a in member.recent_activity] == [2, 1]  # rating >= 4, newest first
-    assert member.features == {"ratings_given": 3.0}
+    assert member.features == {"prior_engagements": 3.0}
 
 
 def test_output_is_deterministic(tmp_path):
