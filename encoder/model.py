@@ -12,6 +12,10 @@ The model directory may hold a `feedret.json` beside the weights:
 `model_version`, `pooling`, `numeric` (prompt mode) and the fitted `quantizer`
 cut points. Serving reads the same file training wrote, so prompts at serving
 time quantize with the training cut points.
+
+`BaseEncoder` holds everything but the network (prompts, tokenization, padding,
+length buckets) and imports no torch, so the ONNX Runtime backend
+(`feedret.encoder.onnx_backend.OnnxEncoder`) shares it with `Encoder`.
 """
 
 from __future__ import annotations
@@ -86,16 +90,31 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-class Encoder:
-    """Text prompts in, L2-normalised float32 vectors out, from one causal LM."""
+def open_model_dir(path: str | Path) -> tuple[Path, EncoderMeta]:
+    """The model directory and its feedret.json, or a clear error when it holds no model."""
+    model_dir = Path(path)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(
+            f"no Hugging Face model at {model_dir} (config.json missing); "
+            "build the default one with `python -m feedret.encoder.build_tiny`"
+        )
+    return model_dir, EncoderMeta.read(model_dir)
+
+
+class BaseEncoder:
+    """Everything about embedding except the network: prompts, tokenization, padding, length buckets.
+
+    Subclasses (the torch `Encoder`, the ONNX Runtime `OnnxEncoder`) say how wide
+    the vectors are (`dim`) and how one right-padded batch becomes vectors
+    (`embed_batch`), so every backend tokenizes and batches identically. Nothing
+    here imports torch.
+    """
 
     def __init__(
         self,
-        model: Any,
         tokenizer: Any,
         meta: EncoderMeta,
         *,
-        device: str = "cpu",
         max_length: int = 128,
         batch_size: int = 64,
         pooling: str | None = None,
@@ -107,52 +126,18 @@ class Encoder:
             raise ValueError(f"feedret.json numeric must be one of {list(NUMERIC_MODES)}")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no end token; last-token pooling needs one")
-        self.model = model
         self.tokenizer = tokenizer
         self.meta = meta
-        self.device = device
         self.max_length = max_length
         self.batch_size = batch_size
         self.pooling = pooling
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        device: str = "cpu",
-        max_length: int = 128,
-        batch_size: int = 64,
-        torch_threads: int | None = None,
-        pooling: str | None = None,
-    ) -> "Encoder":
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # server logs are structlog lines, not progress bars
-
-        model_dir = Path(path)
-        if not (model_dir / "config.json").exists():
-            raise FileNotFoundError(
-                f"no Hugging Face model at {model_dir} (config.json missing); "
-                "build the default one with `python -m feedret.encoder.build_tiny`"
-            )
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        device = pick_device(device)
-        meta = EncoderMeta.read(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        return cls(model, tokenizer, meta, device=device, max_length=max_length, batch_size=batch_size, pooling=pooling)
-
     # ------------------------------------------------------------------ facts
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        raise NotImplementedError
 
     @property
     def model_version(self) -> str:
@@ -198,26 +183,87 @@ class Encoder:
             mask[row, : len(ids)] = 1
         return input_ids, mask
 
+    def embed_batch(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Pooled, L2-normalised float32 vectors [B, dim] for one right-padded int64 batch [B, T]."""
+        raise NotImplementedError
+
+    def embed_prompts(self, prompts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(prompts), self.dim), dtype=np.float32)
+        if not prompts:
+            return out
+        token_ids = self.tokenize(prompts)
+        for idx in length_buckets([len(t) for t in token_ids], self.batch_size):
+            ids, mask = self.pad([token_ids[i] for i in idx])
+            out[idx] = self.embed_batch(ids, mask)
+        return out
+
+
+class Encoder(BaseEncoder):
+    """Text prompts in, L2-normalised float32 vectors out, from one causal LM (torch)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        meta: EncoderMeta,
+        *,
+        device: str = "cpu",
+        max_length: int = 128,
+        batch_size: int = 64,
+        pooling: str | None = None,
+    ) -> None:
+        super().__init__(tokenizer, meta, max_length=max_length, batch_size=batch_size, pooling=pooling)
+        self.model = model
+        self.device = device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        max_length: int = 128,
+        batch_size: int = 64,
+        torch_threads: int | None = None,
+        pooling: str | None = None,
+    ) -> "Encoder":
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # server logs are structlog lines, not progress bars
+
+        model_dir, meta = open_model_dir(path)
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        device = pick_device(device)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        return cls(model, tokenizer, meta, device=device, max_length=max_length, batch_size=batch_size, pooling=pooling)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
     def forward(self, input_ids: Any, attention_mask: Any) -> Any:
         """Pooled, L2-normalised embeddings (torch, float32) for one padded batch."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)
 
+    def embed_batch(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        vecs = self.forward(
+            torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
+        )
+        return vecs.float().cpu().numpy()
+
     def embed_prompts(self, prompts: Sequence[str]) -> np.ndarray:
         import torch
 
-        out = np.zeros((len(prompts), self.dim), dtype=np.float32)
-        if not prompts:
-            return out
-        token_ids = self.tokenize(prompts)
         with torch.inference_mode():
-            for idx in length_buckets([len(t) for t in token_ids], self.batch_size):
-                ids, mask = self.pad([token_ids[i] for i in idx])
-                vecs = self.forward(
-                    torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
-                )
-                out[idx] = vecs.float().cpu().numpy()
-        return out
+            return super().embed_prompts(prompts)
 
 
 def pool(hidden: Any, attention_mask: Any, pooling: str) -> Any:
