@@ -8,6 +8,11 @@ embedding ("last" pooling: in a causal LM it is the only position that has
 attended to the whole prompt); "mean" pooling is an option. Vectors come out
 L2-normalised, so inner product is cosine.
 
+Encoder-only checkpoints (BERT, MiniLM: `is_encoder_only(config)`) load through
+the same class: their tokenizer's own [CLS] ... [SEP] frame the prompt, no end
+token is appended, and pooling is "mean" (their default) or "cls" (the first
+token); "last" is refused, since nothing makes the last token special there.
+
 The model directory may hold a `feedret.json` beside the weights:
 `model_version`, `pooling`, `numeric` (prompt mode) and the fitted `quantizer`
 cut points. Serving reads the same file training wrote, so prompts at serving
@@ -35,7 +40,7 @@ from feedret.members import MemberProfile
 
 log = structlog.get_logger(__name__)
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "cls")
 META_FILE = "feedret.json"
 
 
@@ -44,7 +49,7 @@ class EncoderMeta:
     """What the model directory says about how to use it (feedret.json)."""
 
     model_version: str
-    pooling: str = "last"
+    pooling: str = ""  # empty: the architecture's default ("last" causal, "mean" encoder-only)
     numeric: str = "quantized"
     quantizer: FeatureQuantizer | None = None
     max_activity: int = 10
@@ -60,7 +65,7 @@ class EncoderMeta:
         quantizer = obj.get("quantizer")
         return cls(
             model_version=str(obj.get("model_version") or model_dir.name),
-            pooling=str(obj.get("pooling", "last")),
+            pooling=str(obj.get("pooling") or ""),
             numeric=str(obj.get("numeric", "quantized")),
             quantizer=FeatureQuantizer.from_json(quantizer) if quantizer else None,
             max_activity=int(obj.get("max_activity", 10)),
@@ -88,6 +93,20 @@ def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def is_encoder_only(config: Any) -> bool:
+    """True for a bidirectional encoder (BERT, RoBERTa, MiniLM), False for a causal LM.
+
+    An architecture with a masked-LM head that is not configured as a decoder.
+    Causal LMs' configs (Llama, Qwen, GPT-2) have no `is_decoder` at all in
+    transformers 5, so that flag alone cannot tell them apart.
+    """
+    if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def open_model_dir(path: str | Path) -> tuple[Path, EncoderMeta]:
@@ -118,20 +137,28 @@ class BaseEncoder:
         max_length: int = 128,
         batch_size: int = 64,
         pooling: str | None = None,
+        causal: bool = True,
     ) -> None:
-        pooling = pooling or meta.pooling
+        pooling = pooling or meta.pooling or ("last" if causal else "mean")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        if causal and pooling == "cls":
+            raise ValueError("cls pooling needs an encoder-only model: a causal LM's first token sees only itself")
+        if not causal and pooling == "last":
+            raise ValueError("last pooling needs a causal LM; for an encoder-only model use 'mean' or 'cls'")
         if meta.numeric not in NUMERIC_MODES:
             raise ValueError(f"feedret.json numeric must be one of {list(NUMERIC_MODES)}")
-        if tokenizer.eos_token_id is None:
+        if causal and tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no end token; last-token pooling needs one")
         self.tokenizer = tokenizer
         self.meta = meta
         self.max_length = max_length
         self.batch_size = batch_size
         self.pooling = pooling
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.causal = causal
+        self._pad_id = next(
+            (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
+        )  # padded positions are masked out, so any id does
 
     # ------------------------------------------------------------------ facts
 
@@ -166,7 +193,13 @@ class BaseEncoder:
     # ---------------------------------------------------------------- tensors
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids per prompt, truncated so the appended end token always fits."""
+        """Token ids per prompt, truncated so the appended end token always fits.
+
+        Encoder-only: the tokenizer's own special tokens, nothing appended.
+        """
+        if not self.causal:
+            enc = self.tokenizer(list(prompts), add_special_tokens=True, truncation=True, max_length=self.max_length)
+            return [list(ids) for ids in enc["input_ids"]]
         enc = self.tokenizer(
             list(prompts), add_special_tokens=True, truncation=True, max_length=self.max_length - 1
         )
@@ -199,7 +232,7 @@ class BaseEncoder:
 
 
 class Encoder(BaseEncoder):
-    """Text prompts in, L2-normalised float32 vectors out, from one causal LM (torch)."""
+    """Text prompts in, L2-normalised float32 vectors out, from one causal LM or encoder-only model (torch)."""
 
     def __init__(
         self,
@@ -212,7 +245,10 @@ class Encoder(BaseEncoder):
         batch_size: int = 64,
         pooling: str | None = None,
     ) -> None:
-        super().__init__(tokenizer, meta, max_length=max_length, batch_size=batch_size, pooling=pooling)
+        super().__init__(
+            tokenizer, meta, max_length=max_length, batch_size=batch_size, pooling=pooling,
+            causal=not is_encoder_only(model.config),
+        )
         self.model = model
         self.device = device
 
@@ -269,7 +305,8 @@ class Encoder(BaseEncoder):
 def pool(hidden: Any, attention_mask: Any, pooling: str) -> Any:
     """Pool token states [B, T, H] to [B, H] and L2-normalise, in float32.
 
-    Works for right padding: the last real token sits at position (length - 1).
+    Works for right padding: the last real token sits at position (length - 1),
+    the first ("cls") at 0.
     """
     import torch
 
@@ -280,6 +317,8 @@ def pool(hidden: Any, attention_mask: Any, pooling: str) -> Any:
     elif pooling == "mean":
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    elif pooling == "cls":
+        pooled = hidden[:, 0]
     else:
         raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
     return torch.nn.functional.normalize(pooled, p=2, dim=-1)
