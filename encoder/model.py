@@ -290,9 +290,10 @@ class Encoder(BaseEncoder):
     def embed_batch(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         import torch
 
-        vecs = self.forward(
-            torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
-        )
+        with torch.inference_mode():
+            vecs = self.forward(
+                torch.from_numpy(input_ids).to(self.device), torch.from_numpy(attention_mask).to(self.device)
+            )
         return vecs.float().cpu().numpy()
 
     def embed_prompts(self, prompts: Sequence[str]) -> np.ndarray:
