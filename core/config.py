@@ -43,21 +43,33 @@ class KafkaConfig(_Settings):
     max_poll_interval_ms: int = Field(default=60000, ge=1000)
 
 
+ENCODER_BACKENDS = ("torch", "onnx")
+
+
 class EncoderConfig(_Settings):
     model_dir: Path = DEFAULT_MODEL_DIR
+    # torch: the Hugging Face model itself; onnx: its ONNX export run by onnxruntime
+    # (exported on first use when missing).
     backend: str = "torch"
     device: str = "cpu"
     pooling: str = ""  # empty: the model's own feedret.json decides
     max_length: int = Field(default=128, ge=8)
     batch_size: int = Field(default=64, ge=1)
-    torch_threads: int = Field(default=0, ge=0)  # 0: torch's default
+    torch_threads: int = Field(default=0, ge=0)  # 0: the backend's default; onnx: intra-op threads
+    # onnx backend only; None: <model_dir>/onnx/model.onnx (model-<pooling>.onnx for a pooling override).
+    onnx_path: Path | None = None
 
     @field_validator("backend")
     @classmethod
     def _backend(cls, value: str) -> str:
-        if value not in ("torch",):
-            raise ValueError(f"unknown encoder backend {value!r}; available: torch")
+        if value not in ENCODER_BACKENDS:
+            raise ValueError(f"unknown encoder backend {value!r}; available: {', '.join(ENCODER_BACKENDS)}")
         return value
+
+    @field_validator("onnx_path", mode="before")
+    @classmethod
+    def _onnx_path(cls, value: object) -> object:
+        return None if value == "" else value  # FEEDRET_ONNX_PATH= (empty) means the default
 
 
 class ConsumerConfig(_Settings):

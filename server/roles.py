@@ -38,10 +38,8 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.Encoder
-    # torch is imported only by the roles that embed; shards and the root start fast.
-    from feedret.encoder.model import Encoder
-
+def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.BaseEncoder
+    """The encoder the config asks for: torch (`Encoder`) or onnxruntime (`OnnxEncoder`)."""
     kwargs = dict(
         device=config.device,
         max_length=config.max_length,
@@ -50,8 +48,23 @@ def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.Encoder
     )
     if config.pooling:
         kwargs["pooling"] = config.pooling
-    encoder = Encoder.from_pretrained(config.model_dir, **kwargs)
-    log.info("encoder_loaded", model_dir=str(config.model_dir), dim=encoder.dim, model_version=encoder.model_version)
+    # Imported only by the roles that embed, so shards and the root start fast; the
+    # onnx backend imports no torch once its export exists.
+    if config.backend == "onnx":
+        from feedret.encoder.onnx_backend import OnnxEncoder
+
+        encoder = OnnxEncoder.from_pretrained(config.model_dir, onnx_path=config.onnx_path, **kwargs)
+    else:
+        from feedret.encoder.model import Encoder
+
+        encoder = Encoder.from_pretrained(config.model_dir, **kwargs)
+    log.info(
+        "encoder_loaded",
+        model_dir=str(config.model_dir),
+        backend=config.backend,
+        dim=encoder.dim,
+        model_version=encoder.model_version,
+    )
     return encoder
 
 
