@@ -1,0 +1,171 @@
+"""The ONNX Runtime backend on the committed tiny Llama: parity with torch, stale exports, backend selection.
+
+Everything is exported into tmp_path (a copy of the model directory), never into models/.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from feedret.config import EncoderConfig
+from feedret.encoder.model import Encoder
+from feedret.encoder.onnx_backend import (
+    INPUT_NAMES,
+    OUTPUT_NAME,
+    OnnxEncoder,
+    StaleExportError,
+    export_info_path,
+    export_onnx,
+    pick_providers,
+)
+from feedret.events import parse_post_event
+from feedret.members import MemberProfile
+from feedret.server.roles import load_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "feedret-tiny-llama"
+MIN_COSINE = 0.999
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A private copy of the tiny model, so exports land in tmp, not in models/."""
+    out = tmp_path_factory.mktemp("model") / "feedret-tiny-llama"
+    shutil.copytree(MODEL, out, ignore=shutil.ignore_patterns("onnx"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def posts():
+    with open(ROOT / "data" / "sample" / "posts.jsonl") as f:
+        lines = f.readlines()
+    return [parse_post_event(line) for line in lines[::60]]  # 50 posts from across the file
+
+
+@pytest.fixture(scope="module")
+def members():
+    with open(ROOT / "data" / "sample" / "members.jsonl") as f:
+        return [MemberProfile.from_json(json.loads(line)) for line in f]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_onnx_matches_torch_for_posts_and_members_at_batch_sizes_1_and_7(model_dir, posts, members, pooling):
+    # The missing export is made on first use (model.onnx for the model's own pooling).
+    onnx = OnnxEncoder.from_pretrained(model_dir, pooling=pooling, batch_size=7, torch_threads=2)
+    torch_enc = Encoder.from_pretrained(model_dir, pooling=pooling, batch_size=7)
+    assert onnx.onnx_path.exists() and onnx.onnx_path.parent == model_dir / "onnx"
+    assert onnx.pooling == pooling and onnx.dim == torch_enc.dim == 128
+    assert onnx.model_version == torch_enc.model_version and onnx.quantizer is not None
+
+    post_prompts = [onnx.post_prompt(p) for p in posts]
+    member_prompts = [onnx.member_prompt(m) for m in members]
+    assert post_prompts == [torch_enc.post_prompt(p) for p in posts]
+    assert member_prompts == [torch_enc.member_prompt(m) for m in members]
+    # The torch-free tokenizer gives the same ids, and the lengths really vary (members are truncated).
+    assert onnx.tokenize(post_prompts + member_prompts) == torch_enc.tokenize(post_prompts + member_prompts)
+    lengths = {len(ids) for ids in onnx.tokenize(post_prompts + member_prompts)}
+    assert min(lengths) < 50 and max(lengths) == onnx.max_length and len(lengths) > 10
+
+    want_posts, want_members = torch_enc.embed_posts(posts), torch_enc.embed_members(members)
+    for batch_size in (7, 1):
+        onnx.batch_size = batch_size
+        got_posts, got_members = onnx.embed_posts(posts), onnx.embed_members(members)
+        assert got_posts.dtype == np.float32 and got_posts.shape == want_posts.shape
+        assert got_members.shape == (len(members), 128)
+        np.testing.assert_allclose(np.linalg.norm(got_posts, axis=1), 1.0, atol=1e-5)
+        assert cosines(got_posts, want_posts).min() >= MIN_COSINE, (pooling, batch_size)
+        assert cosines(got_members, want_members).min() >= MIN_COSINE, (pooling, batch_size)
+    assert onnx.embed_prompts([]).shape == (0, 128)
+
+
+def test_graph_runs_at_sequence_lengths_and_batches_other_than_the_tracing_example(model_dir, tmp_path):
+    out = export_onnx(model_dir, tmp_path / "direct.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    encoder = Encoder.from_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    for lengths in ([1], [2, 1], [5, 5, 5], [64, 3, 17, 40, 9, 1, 33], [300, 120]):
+        ids, mask = encoder.pad([list(rng.integers(3, 4096, size=n)) for n in lengths])
+        got = session.run([OUTPUT_NAME], {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask})[0]
+        want = encoder.embed_batch(ids, mask)
+        assert got.shape == (len(lengths), 128)
+        assert cosines(got, want).min() >= MIN_COSINE, lengths
+
+
+def test_stale_or_unrecorded_export_is_refused(model_dir, tmp_path):
+    stale_dir = tmp_path / "model"
+    shutil.copytree(model_dir, stale_dir, ignore=shutil.ignore_patterns("onnx"))
+    export_onnx(stale_dir)
+    assert OnnxEncoder.from_pretrained(stale_dir).model_version == "feedret-tiny-llama-v0"
+
+    # The model directory moves on (retrained: new model_version) but the export stays.
+    meta_path = stale_dir / "feedret.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_version"] = "feedret-tiny-llama-v1"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StaleExportError, match=r"stale ONNX export .*model_version 'feedret-tiny-llama-v0'"):
+        OnnxEncoder.from_pretrained(stale_dir)
+
+    # A graph made with one pooling is not served for another.
+    meta["model_version"] = "feedret-tiny-llama-v0"
+    meta_path.write_text(json.dumps(meta))
+    last_graph = stale_dir / "onnx" / "model.onnx"
+    with pytest.raises(StaleExportError, match=r"pooling 'last' \(serving wants 'mean'\)"):
+        OnnxEncoder.from_pretrained(stale_dir, pooling="mean", onnx_path=last_graph)
+    # ... nor one whose provenance is unknown.
+    export_info_path(last_graph).unlink()
+    with pytest.raises(StaleExportError, match="model.export.json beside it"):
+        OnnxEncoder.from_pretrained(stale_dir)
+
+
+def test_backend_is_chosen_by_encoder_config(model_dir, tmp_path, monkeypatch):
+    onnx_path = tmp_path / "chosen" / "model.onnx"
+    monkeypatch.setenv("FEEDRET_BACKEND", "onnx")
+    monkeypatch.setenv("FEEDRET_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("FEEDRET_ONNX_PATH", str(onnx_path))
+    monkeypatch.setenv("FEEDRET_BATCH_SIZE", "5")
+    config = EncoderConfig()
+    assert config.backend == "onnx" and config.onnx_path == onnx_path
+    encoder = load_encoder(config)
+    assert isinstance(encoder, OnnxEncoder) and encoder.onnx_path == onnx_path and onnx_path.exists()
+    assert encoder.batch_size == 5
+
+    torch_encoder = load_encoder(EncoderConfig(backend="torch", model_dir=model_dir))
+    assert type(torch_encoder) is Encoder
+    assert EncoderConfig(backend="onnx", onnx_path="").onnx_path is None  # empty env var: the default path
+    with pytest.raises(ValueError, match="unknown encoder backend 'tensorrt'; available: torch, onnx"):
+        EncoderConfig(backend="tensorrt")
+
+
+def test_serving_from_an_existing_export_does_not_import_torch(model_dir):
+    OnnxEncoder.from_pretrained(model_dir)  # make sure the default export exists
+    code = (
+        "import sys\n"
+        "from feedret.encoder.onnx_backend import OnnxEncoder\n"
+        f"e = OnnxEncoder.from_pretrained({str(model_dir)!r})\n"
+        "v = e.embed_prompts(['post\\ntext: hello', 'x'])\n"
+        "assert v.shape == (2, 128), v.shape\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_devices():
+    assert pick_providers("cpu") == ("cpu", ["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="device must be"):
+        pick_providers("tpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert pick_providers("auto")[0] == "cpu"
+        with pytest.raises(ValueError, match="install onnxruntime-gpu"):
+            pick_providers("cuda")
+    else:
+        assert pick_providers("auto")[0] == "cuda"
