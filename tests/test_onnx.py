@@ -169,3 +169,15 @@ def test_devices():
             pick_providers("cuda")
     else:
         assert pick_providers("auto")[0] == "cuda"
+
+
+@pytest.mark.parametrize("pooling", [None, "cls"])
+def test_encoder_only_models_export_and_match_too(tmp_path, pooling):
+    from test_encoder_only import SENTENCES, build_bert  # same directory; pytest puts it on sys.path
+
+    bert_dir = build_bert(tmp_path / "bert")
+    prompts = SENTENCES + ["x", "a much longer sentence " * 5]
+    want = Encoder.from_pretrained(bert_dir, pooling=pooling, max_length=16, batch_size=3).embed_prompts(prompts)
+    onnx = OnnxEncoder.from_pretrained(bert_dir, pooling=pooling, max_length=16, batch_size=3)
+    assert onnx.pooling == (pooling or "mean") and not onnx.causal
+    assert cosines(onnx.embed_prompts(prompts), want).min() >= MIN_COSINE
