@@ -259,7 +259,7 @@ def export_onnx(
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         tmp_model = scratch / out.name
-        dynamic = {"batch": 0, "sequence": 1}
+        axes = {0: "batch", 1: "sequence"}
         with warnings.catch_warnings():
             # The tracer's notes on Python-level branches (cache set-up, SDPA's
             # q_length == 1 path) concern paths the mask-and-no-cache call never
@@ -275,8 +275,8 @@ def export_onnx(
                 input_names=list(INPUT_NAMES),
                 output_names=[OUTPUT_NAME],
                 dynamic_axes={
-                    INPUT_NAMES[0]: {v: k for k, v in dynamic.items()},
-                    INPUT_NAMES[1]: {v: k for k, v in dynamic.items()},
+                    INPUT_NAMES[0]: axes,
+                    INPUT_NAMES[1]: axes,
                     OUTPUT_NAME: {0: "batch"},
                 },
                 opset_version=opset,
