@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.feedret-installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast proto clean
+.PHONY: install run test test-fast proto clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,11 @@ test-fast: install
 
 proto: install
 	$(PY) protos/generate.py
+
+# Embedding throughput, torch vs onnxruntime (benchmarks/embed_throughput.py --help for the knobs).
+BENCH_ARGS ?=
+bench: install
+	$(PY) benchmarks/embed_throughput.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
