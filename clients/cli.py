@@ -264,6 +264,107 @@ def train(config_file: Path, **overrides) -> None:
     click.echo(f"model written to {final}")
 
 
+# ---------------------------------------------------------------- eval
+
+
+def _floats(ctx, param, value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"comma-separated numbers, got {value!r}") from None
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as typed (options given on the command line, in declaration order), for the report."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    words = ["feedret", ctx.info_name or "eval"]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        value, flag = ctx.params[param.name], param.opts[-1]
+        if param.is_flag:
+            words.append(flag)
+        elif param.name == "widths":
+            words += [flag, ",".join(f"{w:g}" for w in value)]
+        else:
+            for v in value if param.multiple else [value]:
+                words += [flag, str(v)]
+    return shlex.join(words)
+
+
+@cli.command("eval")
+@click.option("--dataset", type=click.Path(file_okay=False, path_type=Path),
+              default=REPO_ROOT / "var" / "datasets" / "movielens", show_default=True,
+              help="Dataset directory (python -m feedret.dataprep.movielens --format dataset makes one).")
+@click.option("--model", "models", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An encoder directory to evaluate (repeatable); named by its model_version.")
+@click.option("--no-minilm", is_flag=True, help="Skip the zero-shot all-MiniLM-L6-v2 baseline.")
+@click.option("--test-fraction", default=0.2, show_default=True, type=float, help="Last fraction of interactions held out.")
+@click.option("--like-threshold", default=4.0, show_default=True, type=float, help="Weight at which an engagement is a like.")
+@click.option("--max-queries", default=3000, show_default=True, type=click.IntRange(min=0),
+              help="Test moments evaluated (a deterministic sample); 0 for all.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--k", "ks", multiple=True, type=click.IntRange(min=1), default=(10, 100, 1000), show_default=True,
+              help="Recall@K cut-offs (repeatable).")
+@click.option("--ndcg-k", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--widths", default="1,0.5,0.25,0.125", show_default=True, callback=_floats,
+              help="Matryoshka widths as fractions of each model's dimension.")
+@click.option("--max-recent", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Liked items kept in a member's state.")
+@click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2), help="Token limit for --model encoders.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--torch-threads", type=click.IntRange(min=1), help="torch intra-op threads (default: torch's).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder  [default: var/eval/<UTC timestamp>]")
+@json_option
+def eval_(dataset, models, no_minilm, test_fraction, like_threshold, max_queries, seed, ks, ndcg_k, widths,
+          max_recent, max_length, batch_size, device, torch_threads, out, as_json) -> None:
+    """Held-out retrieval quality of encoders vs popularity and MiniLM: results.json, results.md, plots."""
+    from feedret.dataprep.format import DatasetError
+    from feedret.evaluation.evaluate import EvalConfig, run_eval
+    from feedret.evaluation.minilm import MiniLMMissing
+    from feedret.logging import configure_logging
+
+    configure_logging("eval", json=False)
+    if not (dataset / "items.jsonl").exists():
+        raise click.ClickException(
+            f"no dataset at {dataset}; make the MovieLens one with: python -m feedret.dataprep.movielens "
+            "--ml-dir <ml-latest-small> --format dataset --out var/datasets/movielens"
+        )
+    command = _command_line(click.get_current_context())
+    out = out or REPO_ROOT / "var" / "eval" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    try:
+        config = EvalConfig(
+            dataset=dataset, test_fraction=test_fraction, like_threshold=like_threshold,
+            max_queries=max_queries or None, seed=seed, ks=tuple(ks), ndcg_k=ndcg_k, widths=widths,
+            max_recent=max_recent,
+        )
+        results = run_eval(
+            config, models, minilm=not no_minilm, max_length=max_length, batch_size=batch_size, device=device,
+            torch_threads=torch_threads, out=out, command=command,
+        )
+    except (MiniLMMissing, DatasetError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo((Path(out) / "results.json").read_text(encoding="utf-8").rstrip("\n"))
+        return
+    metric = "recall@100" if 100 in config.ks else f"recall@{config.ks[-1]}"
+    segments = results["dataset"]["segments"]
+    click.echo(f"{segments['all']} queries ({segments['cold_start']} cold start); {metric} / ndcg@{config.ndcg_k}:")
+    for s in results["systems"]:
+        for w in s["widths"]:
+            cells = "  ".join(
+                f"{seg} {w['segments'][seg][metric] or 0:.4f} / {w['segments'][seg][f'ndcg@{config.ndcg_k}'] or 0:.4f}"
+                for seg in ("all", "cold_start")
+            )
+            click.echo(f"  {s['name']:<28} {str(w['width'] or '-'):>5}  {cells}")
+    click.echo(f"report written to {out}/results.md")
+
+
 # ---------------------------------------------------------------- up
 
 
