@@ -13,7 +13,8 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "feedret-tiny-llama"
+# Trained on MovieLens by `feedret train --config training/configs/movielens-tiny.json`.
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "feedret-movielens-tiny"
 
 DEFAULT_ROOT_PORT = 50051
 DEFAULT_MEMBER_PORT = 50052

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from feedret.config import DEFAULT_MODEL_DIR
 from feedret.members import MemberProfile
 from feedret.routing import shard_of
 from feedret.v1 import feedret_pb2 as pb
@@ -18,6 +19,8 @@ from feedret.v1 import feedret_pb2_grpc as pb_grpc
 from conftest import SAMPLE_MEMBERS, feedret_cli, post_line, wait_for
 
 pytestmark = pytest.mark.e2e
+
+DEFAULT_MODEL_VERSION = json.loads((DEFAULT_MODEL_DIR / "feedret.json").read_text())["model_version"]
 
 
 def test_new_post_is_found_within_5s_and_is_its_own_nearest_neighbour(running_stack):
@@ -30,7 +33,7 @@ def test_new_post_is_found_within_5s_and_is_its_own_nearest_neighbour(running_st
     assert info.shard == shard_of(post_id, 2) and len(info.vector) == 128
     result = running_stack.client.retrieve(vector=info.vector, k=5)
     assert result.candidates[0].post_id == post_id
-    assert not result.partial and result.model_version == "feedret-tiny-llama-v0"
+    assert not result.partial and result.model_version == DEFAULT_MODEL_VERSION
 
 
 def test_upsert_replaces_the_vector_and_delete_removes_the_post_within_5s(running_stack):
