@@ -772,6 +772,9 @@ def test_dockerfile_copies_what_exists_and_runs_the_console_script(dockerfile: P
     assert any(
         word == "ENV" and re.search(r"(?:^|\s)FEEDRET_MODEL_DIR=", rest) for word, rest in runtime
     ), "the installed package cannot find the repo's models/: the image must set FEEDRET_MODEL_DIR"
+    # The baked-in model is the one feedret serves by default.
+    default_model = feedret_config.DEFAULT_MODEL_DIR.relative_to(feedret_config.REPO_ROOT).as_posix()
+    assert args.get("MODEL_SRC") == default_model, f"{dockerfile.name} bakes in {args.get('MODEL_SRC')}, feedret serves {default_model}"
 
     # torch is installed, pinned and alone, before anything else.
     runs = [rest for word, rest in instructions if word == "RUN"]
