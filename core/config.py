@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -86,10 +86,45 @@ class ShardConfig(_Settings):
     host: str = "127.0.0.1"
     port: int = DEFAULT_SHARD_BASE_PORT
     dimension: int = Field(default=0, ge=0)  # 0: learn it from the first vector
+    # Matryoshka: serve the first N dimensions of every vector and query, re-normalised;
+    # queries must be N or the full width wide. 0: the full width.
+    serve_dimension: int = Field(default=0, ge=0)
+    # Any faiss index-factory string, always inner product: Flat, IVF4096,Flat,
+    # IVF4096,PQ32, HNSW32, SQ8, ... (feedret.indexer.shard_index).
     index_factory: str = "Flat"
+    # faiss, or torch: exact brute force (index_factory Flat) on index_device.
+    index_backend: str = "faiss"
+    index_device: str = "auto"  # torch backend: auto (CUDA when available, else CPU), cpu, cuda, cuda:N
+    # Vectors an index that needs training (IVF, PQ) trains on, searched exactly meanwhile;
+    # 0: 40 per centroid (nlist or PQ codebook size), at least 1000.
+    train_size: int = Field(default=0, ge=0)
+    nprobe: int = Field(default=16, ge=1)  # IVF lists searched per query
+    ef_search: int = Field(default=64, ge=1)  # HNSW search breadth; raised to k per query
+    # HNSW cannot remove ids: deleted posts stay as filtered-out tombstones until more than
+    # this fraction of the index is tombstones, then it is rebuilt in the background.
+    rebuild_fraction: float = Field(default=0.2, gt=0, le=1)
+    # A filter passing fewer than this fraction of the shard's posts is searched exactly.
+    exact_filter_fraction: float = Field(default=0.02, ge=0, le=1)
+    retention_s: float = Field(default=0.0, ge=0)  # evict posts created longer ago; 0: keep forever
+    sweep_interval_s: float = Field(default=1.0, gt=0)  # retention sweep and rebuild check
     max_k: int = Field(default=10_000, ge=1)
     apply_batch_max: int = Field(default=512, ge=1)
     grpc_workers: int = Field(default=8, ge=1)
+
+    @field_validator("index_backend")
+    @classmethod
+    def _index_backend(cls, value: str) -> str:
+        if value not in ("faiss", "torch"):
+            raise ValueError(f"unknown index backend {value!r}; available: faiss, torch")
+        return value
+
+    @model_validator(mode="after")
+    def _index_combination(self) -> "ShardConfig":
+        if self.index_backend == "torch" and self.index_factory.strip().lower() != "flat":
+            raise ValueError(f"index_backend torch searches exactly: index_factory must be Flat, not {self.index_factory!r}")
+        if self.dimension and self.serve_dimension > self.dimension:
+            raise ValueError(f"serve_dimension {self.serve_dimension} exceeds dimension {self.dimension}")
+        return self
 
 
 class MemberConfig(_Settings):

@@ -1,20 +1,57 @@
-"""One shard's vector index: faiss keyed by 64-bit post ids, with upsert, delete and filters.
+"""One shard's vector index: post ids → vectors, with upsert, delete, filters and retention.
 
-faiss never sees post ids. It sees *slots*: small dense integers this class
-hands out and recycles. That keeps per-post attributes (creation time,
-language) in flat numpy arrays indexed by slot, so a filter is a vectorised
-mask turned into a faiss `IDSelectorBitmap` and applied inside the search,
-not after it: when at least k posts pass the filter, k come back.
+Neither faiss nor torch ever sees post ids. They see *slots*: small dense
+integers this class hands out and recycles. Per-post attributes (creation time,
+language) live in flat numpy arrays indexed by slot, so a filter is a
+vectorised mask over slots, applied inside the search (an `IDSelectorBitmap`
+for faiss, a masked top-k for torch), not after it: when at least k posts pass
+the filter, k come back.
+
+Layout:
+
+- a *store* (`stores.py`) holds every live vector by slot and searches it
+  exactly. For `Flat` (faiss) and the torch backend it is the whole index.
+- any other faiss factory string (`IVF…,Flat`, `IVF…,PQ…`, `HNSW…`, `SQ8`, …)
+  adds an approximate index keyed by slot (`faiss_ann.py`). One that needs
+  training trains in a background thread once `train_size` vectors have
+  arrived; until it is swapped in, every post is searched exactly in the store,
+  so new posts are searchable at once and searches never wait on training.
+- HNSW cannot remove ids: a deleted or replaced post leaves a *tombstone* in
+  the graph, which every search excludes through its selector, and whose slot
+  is not reused until a background rebuild (once tombstones exceed
+  `rebuild_fraction` of the index) drops it. Deleted posts never come back.
+- a background build snapshots the live slots, builds without any lock held
+  (searches keep using the old index and the store), catches up with the writes
+  made meanwhile, then swaps in under a short write lock.
+
+Thread-safe: searches run concurrently (readers-writer lock); writes are serialised.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
-import faiss
 import numpy as np
+import structlog
+
+from feedret.indexer import faiss_ann
+from feedret.indexer.faiss_ann import Ann, IndexConfigError
+from feedret.indexer.rwlock import RWLock
+from feedret.indexer.stores import FaissFlatStore, TorchStore
+
+log = structlog.get_logger(__name__)
+
+BACKENDS = ("faiss", "torch")
+_EMPTY = (np.empty(0, np.int64), np.empty(0, np.float32))
+# The build thread adds writes made during a build outside the write lock until
+# fewer than this many are left; the rest it adds while holding it, then swaps.
+_CATCH_UP_UNDER_LOCK = 1024
+_BUILD_CHUNK = 65536
+
+__all__ = ["IndexConfigError", "IndexOptions", "PostRecord", "SearchFilter", "ShardIndex"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +74,43 @@ class PostRecord:
     vector: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class IndexOptions:
+    """How a shard indexes; `from_config` maps `ShardConfig` (FEEDRET_* variables) onto it."""
+
+    index_factory: str = "Flat"
+    backend: str = "faiss"  # "torch": exact brute force in torch (index_factory must be Flat)
+    device: str = "auto"  # torch backend: auto (CUDA when available), cpu, cuda, cuda:N
+    serve_dimension: int = 0  # Matryoshka: serve the first N dimensions, re-normalised; 0 = full width
+    train_size: int = 0  # vectors to train on; 0 = ~40 per centroid
+    nprobe: int = 16  # IVF lists probed per search
+    ef_search: int = 64  # HNSW candidate list (raised to k per search)
+    rebuild_fraction: float = 0.2  # tombstones / index size that triggers a background rebuild
+    exact_filter_fraction: float = 0.02  # a filter passing fewer posts than this fraction is searched exactly
+    retention_s: float = 0.0  # posts created longer ago are evicted; 0 = keep forever
+    background: bool = True  # build in a thread (tests may build inline)
+    torch_chunk_rows: int = 1 << 20
+
+    @classmethod
+    def from_config(cls, config) -> "IndexOptions":
+        return cls(
+            index_factory=config.index_factory,
+            backend=config.index_backend,
+            device=config.index_device,
+            serve_dimension=config.serve_dimension,
+            train_size=config.train_size,
+            nprobe=config.nprobe,
+            ef_search=config.ef_search,
+            rebuild_fraction=config.rebuild_fraction,
+            exact_filter_fraction=config.exact_filter_fraction,
+            retention_s=config.retention_s,
+        )
+
+
+def is_flat(factory: str) -> bool:
+    return factory.strip().replace(" ", "").lower() in ("flat", "flatip")
+
+
 @dataclass
 class _Slots:
     """Per-slot attributes; grown by doubling."""
@@ -46,43 +120,121 @@ class _Slots:
     indexed_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     lang: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     alive: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    # The approximate index holds an entry labelled with this slot (a tombstone when not alive).
+    in_ann: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+    NAMES = ("post_id", "created_at", "indexed_at", "lang", "alive", "in_ann")
 
     def grow(self, capacity: int) -> None:
-        for name in ("post_id", "created_at", "indexed_at", "lang", "alive"):
+        for name in self.NAMES:
             old = getattr(self, name)
             new = np.zeros(capacity, old.dtype)
             new[: len(old)] = old
             setattr(self, name, new)
 
 
-class ShardIndex:
-    """Thread-safe: one writer or one searcher at a time."""
+@dataclass
+class _Build:
+    """A background (re)build of the approximate index."""
 
-    def __init__(self, dimension: int, index_factory: str = "Flat") -> None:
+    snapshot: np.ndarray  # slots alive when it started
+    train: bool
+    reason: str
+    delta: list = field(default_factory=list)  # slots written since, to add before swapping
+    delta_lock: threading.Lock = field(default_factory=threading.Lock)
+    done: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.monotonic)
+
+
+class ShardIndex:
+    def __init__(
+        self, dimension: int, index_factory: str | None = None, options: IndexOptions | None = None
+    ) -> None:
         if dimension < 1:
             raise ValueError("dimension must be >= 1")
-        self.dimension = dimension
-        self.index_factory = index_factory
-        inner = faiss.index_factory(dimension, index_factory, faiss.METRIC_INNER_PRODUCT)
-        if not inner.is_trained:
-            raise ValueError(
-                f"index {index_factory!r} needs training; the spine serves untrained factories only"
+        opts = options or IndexOptions()
+        if index_factory is not None:
+            opts = replace(opts, index_factory=index_factory)
+        self.options = opts
+        if opts.serve_dimension < 0 or opts.serve_dimension > dimension:
+            raise IndexConfigError(
+                f"serve_dimension {opts.serve_dimension} must be between 1 and the vectors' width {dimension} (0: full)"
             )
-        # IDMap2 (not IDMap) so a post's vector can be reconstructed for Lookup.
-        self._index = faiss.IndexIDMap2(inner)
+        if opts.backend not in BACKENDS:
+            raise IndexConfigError(f"unknown index backend {opts.backend!r}; one of {', '.join(BACKENDS)}")
+        self.input_dimension = dimension
+        self.dimension = opts.serve_dimension or dimension
+        self.index_factory = opts.index_factory
+
+        self._template = None  # trained, empty faiss index the approximate index is cloned from
+        self._ann: Ann | None = None
+        self._build: _Build | None = None
+        self._failed = ""
+        self._train_size = 0
+        if opts.backend == "torch":
+            if not is_flat(opts.index_factory):
+                raise IndexConfigError(
+                    f"the torch backend is exact brute force: index factory must be Flat, not {opts.index_factory!r}"
+                )
+            self._store = TorchStore(self.dimension, opts.device, opts.torch_chunk_rows)
+            self.index_type = self._store.kind
+        else:
+            self._store = FaissFlatStore(self.dimension)
+            self.index_type = opts.index_factory if not is_flat(opts.index_factory) else "Flat"
+            if not is_flat(opts.index_factory):
+                probe = faiss_ann.new_index(opts.index_factory, self.dimension)
+                if probe.is_trained:
+                    self._template = probe
+                    self._ann = faiss_ann.build_ann(probe)
+                else:
+                    nlist = faiss_ann.nlist_of(probe)
+                    self._train_size = opts.train_size or faiss_ann.default_train_size(probe)
+                    if self._train_size < max(nlist, 1):
+                        raise IndexConfigError(
+                            f"train_size {self._train_size} is below the {nlist} lists of {opts.index_factory!r}"
+                        )
+        self.exact_only = opts.backend == "torch" or is_flat(opts.index_factory)
+
         self._slots = _Slots()
         self._next_slot = 0
         self._free: list[int] = []
         self._slot_of: dict[int, int] = {}
         self._lang_code: dict[str, int] = {"": 0}
         self._lang_name: list[str] = [""]
-        self._lock = threading.Lock()
+        self._lock = RWLock()
+        self._version = 0
+        self._buffered_cache: tuple[int, np.ndarray | None] = (-1, None)
+        self.tombstones = 0
+        self.evicted = 0
+        self.rebuilds = 0
 
     def __len__(self) -> int:
         return len(self._slot_of)
 
     def __contains__(self, post_id: int) -> bool:
         return post_id in self._slot_of
+
+    # ------------------------------------------------------------ widths
+
+    def prepare(self, vectors: np.ndarray) -> np.ndarray:
+        """Rows of the served width: full-width rows are truncated (Matryoshka) and re-normalised.
+
+        Rows already of the served width are re-normalised too when serving a
+        prefix, so a query scores the same whichever width it came in.
+        ValueError for any other width.
+        """
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim == 1:
+            vectors = vectors.reshape(1, -1)
+        width = vectors.shape[1]
+        if width not in (self.input_dimension, self.dimension):
+            raise ValueError(f"vector has {width} dimensions, the index takes {self.input_dimension}"
+                             + (f" or {self.dimension}" if self.dimension != self.input_dimension else ""))
+        if self.dimension == self.input_dimension:
+            return np.ascontiguousarray(vectors)
+        vectors = vectors[:, : self.dimension]
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return np.ascontiguousarray(vectors / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
     # ------------------------------------------------------------ writes
 
@@ -99,15 +251,30 @@ class ShardIndex:
         self._next_slot += len(fresh)
         if self._next_slot > len(self._slots.alive):
             self._slots.grow(max(1024, 2 * self._next_slot))
+        self._store.reserve(self._next_slot)
         return np.array(reuse + fresh, dtype=np.int64)
 
-    def _release(self, slots: Iterable[int]) -> None:
-        slots = np.fromiter(slots, dtype=np.int64)
+    def _release(self, slots: np.ndarray) -> None:
+        """Slots whose post was deleted, replaced or evicted. Under the write lock."""
         if not len(slots):
             return
-        self._index.remove_ids(faiss.IDSelectorBatch(slots))
-        self._slots.alive[slots] = False
-        self._free.extend(int(s) for s in slots)
+        s = self._slots
+        s.alive[slots] = False
+        if self._ann is not None:
+            covered = slots[s.in_ann[slots]]
+            if self._ann.removable:
+                self._ann.remove(covered)
+                s.in_ann[covered] = False
+            else:
+                self.tombstones += len(covered)  # filtered out of every search until a rebuild
+        if self._build is not None:
+            return  # the build may hold them: freed (or tombstoned) when it swaps in
+        self._free.extend(slots[~s.in_ann[slots]].tolist())
+
+    def _pop_slots(self, post_ids: Iterable[int]) -> np.ndarray:
+        return np.fromiter(
+            (self._slot_of.pop(pid) for pid in post_ids if pid in self._slot_of), dtype=np.int64
+        )
 
     def upsert(
         self,
@@ -117,33 +284,211 @@ class ShardIndex:
         langs: Sequence[str],
         indexed_at: float,
     ) -> None:
-        """Insert or replace. Within one call the last occurrence of an id wins."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dimension)
+        """Insert or replace. Within one call the last occurrence of an id wins.
+
+        With retention, a post already older than the retention window replaces
+        (removes) any earlier version and is not inserted.
+        """
+        vectors = self.prepare(vectors)
         if len(vectors) != len(post_ids):
             raise ValueError("post_ids and vectors differ in length")
         last: dict[int, int] = {}
         for row, pid in enumerate(post_ids):
             last[int(pid)] = row
-        rows = np.fromiter(last.values(), dtype=np.int64)
-        ids = list(last.keys())
-        with self._lock:
-            self._release(self._slot_of.pop(pid) for pid in ids if pid in self._slot_of)
-            slots = self._take_slots(len(ids))
-            self._index.add_with_ids(vectors[rows], slots)
-            s = self._slots
-            s.post_id[slots] = ids
-            s.created_at[slots] = np.asarray(created_at, np.float64)[rows]
-            s.indexed_at[slots] = indexed_at
-            s.lang[slots] = [self._lang(langs[r]) for r in rows]
-            s.alive[slots] = True
-            self._slot_of.update(zip(ids, slots.tolist()))
+        rows = np.fromiter(last.values(), dtype=np.int64, count=len(last))
+        ids = np.fromiter(last.keys(), dtype=np.int64, count=len(last))
+        created = np.asarray(created_at, np.float64)[rows]
+        if self.options.retention_s > 0:
+            fresh = created >= indexed_at - self.options.retention_s
+            expired = ids[~fresh]
+            rows, ids, created = rows[fresh], ids[fresh], created[fresh]
+        else:
+            expired = ids[:0]
+        build = None
+        with self._lock.write():
+            self._release(self._pop_slots(ids.tolist() + expired.tolist()))
+            self._version += 1
+            if len(ids):
+                slots = self._take_slots(len(ids))
+                batch = vectors[rows]
+                self._store.write(slots, batch)
+                s = self._slots
+                s.post_id[slots] = ids
+                s.created_at[slots] = created
+                s.indexed_at[slots] = indexed_at
+                s.lang[slots] = [self._lang(langs[r]) for r in rows]
+                s.alive[slots] = True
+                if self._ann is not None:
+                    self._ann.add(batch, slots)
+                    s.in_ann[slots] = True
+                if self._build is not None:
+                    with self._build.delta_lock:
+                        self._build.delta.append(slots)
+                self._slot_of.update(zip(ids.tolist(), slots.tolist()))
+            build = self._maybe_train()
+        if build is not None:
+            self._launch(build)
 
     def delete(self, post_ids: Iterable[int]) -> int:
         """Remove posts; unknown ids are ignored. Returns how many were removed."""
-        with self._lock:
-            slots = [self._slot_of.pop(int(pid)) for pid in post_ids if int(pid) in self._slot_of]
+        with self._lock.write():
+            slots = self._pop_slots(int(p) for p in post_ids)
             self._release(slots)
+            self._version += 1
             return len(slots)
+
+    def evict_older_than(self, cutoff: float) -> int:
+        """Remove every post created before `cutoff` (Unix seconds). Returns how many."""
+        with self._lock.write():
+            n = self._next_slot
+            s = self._slots
+            slots = np.flatnonzero(s.alive[:n] & (s.created_at[:n] < cutoff))
+            if not len(slots):
+                return 0
+            for pid in s.post_id[slots].tolist():
+                del self._slot_of[pid]
+            self._release(slots)
+            self._version += 1
+            self.evicted += len(slots)
+            return len(slots)
+
+    def maintain(self, now: float | None = None) -> int:
+        """The periodic sweep: evict posts past retention, start a rebuild when tombstones pile up.
+
+        Returns how many posts were evicted.
+        """
+        now = time.time() if now is None else now
+        evicted = self.evict_older_than(now - self.options.retention_s) if self.options.retention_s > 0 else 0
+        with self._lock.write():
+            build = self._maybe_rebuild()
+        if build is not None:
+            self._launch(build)
+        return evicted
+
+    # ------------------------------------------------------------ background builds
+
+    def _snapshot(self) -> np.ndarray:
+        return np.flatnonzero(self._slots.alive[: self._next_slot])
+
+    def _maybe_train(self) -> _Build | None:
+        """Under the write lock: a training build once enough vectors have arrived."""
+        if (
+            self.exact_only
+            or self._template is not None
+            or self._build is not None
+            or self._failed
+            or len(self._slot_of) < self._train_size
+        ):
+            return None
+        self._build = _Build(self._snapshot(), train=True, reason="train")
+        return self._build
+
+    def _maybe_rebuild(self) -> _Build | None:
+        """Under the write lock: a rebuild once tombstones exceed rebuild_fraction of the index."""
+        ann = self._ann
+        if ann is None or self._build is not None or not self.tombstones:
+            return None
+        if self.tombstones < self.options.rebuild_fraction * max(ann.ntotal, 1):
+            return None
+        self._build = _Build(self._snapshot(), train=False, reason="tombstones")
+        return self._build
+
+    def _launch(self, build: _Build) -> None:
+        log.info("index_build_started", reason=build.reason, vectors=len(build.snapshot),
+                 index_factory=self.index_factory)
+        if self.options.background:
+            threading.Thread(target=self._run_build, args=(build,), name="index-build", daemon=True).start()
+        else:
+            self._run_build(build)
+
+    def _train(self, index, vectors: np.ndarray) -> None:
+        """Train a fresh faiss index (a seam for tests)."""
+        index.train(vectors)
+
+    def _read_rows(self, slots: np.ndarray) -> np.ndarray:
+        with self._lock.read():
+            return self._store.read(slots)
+
+    def _drain(self, build: _Build) -> np.ndarray:
+        with build.delta_lock:
+            parts, build.delta = build.delta, []
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+    def _run_build(self, build: _Build) -> None:
+        try:
+            if build.train:
+                index = faiss_ann.new_index(self.index_factory, self.dimension)
+                self._train(index, self._read_rows(build.snapshot[: self._train_size]))
+                template = index
+            else:
+                template = self._template
+            ann = faiss_ann.build_ann(template)
+            in_new = np.zeros(len(self._slots.alive), bool)
+
+            def add(slots: np.ndarray, rows: np.ndarray) -> None:
+                nonlocal in_new
+                ann.add(rows, slots)
+                top = int(slots.max()) + 1 if len(slots) else 0
+                if top > len(in_new):
+                    in_new = np.concatenate([in_new, np.zeros(max(top, 2 * len(in_new)) - len(in_new), bool)])
+                in_new[slots] = True
+
+            for start in range(0, len(build.snapshot), _BUILD_CHUNK):
+                chunk = build.snapshot[start : start + _BUILD_CHUNK]
+                add(chunk, self._read_rows(chunk))
+            while True:  # catch up with writes made meanwhile, outside the lock while there are many
+                delta = self._drain(build)
+                if len(delta) < _CATCH_UP_UNDER_LOCK:
+                    break
+                add(delta, self._read_rows(delta))
+            with self._lock.write():
+                delta = np.concatenate([delta, self._drain(build)])
+                add(delta, self._store.read(delta))
+                self._swap(build, ann, template, in_new)
+            log.info("index_build_done", reason=build.reason, indexed=ann.ntotal,
+                     seconds=round(time.monotonic() - build.started, 3), tombstones=self.tombstones)
+        except Exception as exc:  # noqa: BLE001 - keep serving exactly from the store
+            log.exception("index_build_failed", reason=build.reason, index_factory=self.index_factory)
+            with self._lock.write():
+                self._failed = f"{type(exc).__name__}: {exc}"
+                self._build = None
+                self._recompute_free()
+        finally:
+            build.done.set()
+
+    def _swap(self, build: _Build, ann: Ann, template, in_new: np.ndarray) -> None:
+        """Under the write lock: the new index replaces the old one."""
+        s = self._slots
+        cap = len(s.alive)
+        if len(in_new) < cap:
+            in_new = np.concatenate([in_new, np.zeros(cap - len(in_new), bool)])
+        in_new = in_new[:cap]
+        dead = np.flatnonzero(in_new & ~s.alive)  # deleted or replaced while it was building
+        if ann.removable and len(dead):
+            ann.remove(dead)
+            in_new[dead] = False
+        self._ann, self._template = ann, template
+        s.in_ann[:] = in_new
+        self.tombstones = int(np.count_nonzero(in_new & ~s.alive))
+        self._build = None
+        self.rebuilds += 1
+        self._version += 1
+        self._recompute_free()
+
+    def _recompute_free(self) -> None:
+        n = self._next_slot
+        s = self._slots
+        self._free = np.flatnonzero(~s.alive[:n] & ~s.in_ann[:n]).tolist()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait for a running build (tests, shutdown). True when none is left running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            build = self._build
+            if build is None:
+                return True
+            if not build.done.wait(max(deadline - time.monotonic(), 0)):
+                return False
 
     # ------------------------------------------------------------ reads
 
@@ -161,37 +506,70 @@ class ShardIndex:
             mask[excluded] = False
         return mask
 
+    def _buffered(self) -> np.ndarray | None:
+        """Live slots the approximate index does not hold yet (searched exactly); None if none."""
+        version, mask = self._buffered_cache
+        if version != self._version:
+            n = self._next_slot
+            mask = self._slots.alive[:n] & ~self._slots.in_ann[:n]
+            mask = mask if mask.any() else None
+            self._buffered_cache = (self._version, mask)
+        return mask
+
     def search(
         self, query: np.ndarray, k: int, filt: SearchFilter | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k post ids and inner-product scores, best first."""
-        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dimension)
-        with self._lock:
-            if not self._slot_of:
-                return np.empty(0, np.int64), np.empty(0, np.float32)
-            params = None
-            available = len(self._slot_of)
-            if filt is not None and not filt.is_empty:
-                mask = self._allowed(filt)
-                available = int(mask.sum())
-                if available == 0:
-                    return np.empty(0, np.int64), np.empty(0, np.float32)
-                bitmap = np.packbits(mask, bitorder="little")
-                params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap)))
+        """Top-k post ids and inner-product scores, best first.
+
+        When at least k posts pass the filter, k come back, whatever the index:
+        an approximate search that falls short is retried wider, then exactly.
+        """
+        query = self.prepare(query)[0]
+        with self._lock.read():
+            live = len(self._slot_of)
+            if not live:
+                return _EMPTY
+            filtered = filt is not None and not filt.is_empty
+            mask = self._allowed(filt) if filtered else self._slots.alive[: self._next_slot]
+            available = int(np.count_nonzero(mask)) if filtered else live
+            if not available:
+                return _EMPTY
             k_eff = min(k, available)
-            scores, slots = self._index.search(query, k_eff, params=params)
-            slots, scores = slots[0], scores[0]
-            valid = slots >= 0
-            slots, scores = slots[valid], scores[valid]
-            return self._slots.post_id[slots].copy(), scores.astype(np.float32)
+            ann = self._ann
+            if ann is None or available <= 4 * k_eff or available < self.options.exact_filter_fraction * live:
+                scores, slots = self._store.search(query, k_eff, mask)
+            else:
+                scores, slots = self._ann_search(ann, query, k_eff, mask, filtered)
+            return self._slots.post_id[slots].copy(), scores
+
+    def _ann_search(
+        self, ann: Ann, query: np.ndarray, k: int, mask: np.ndarray, filtered: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        opts = self.options
+        n = self._next_slot
+        in_ann = self._slots.in_ann[:n]
+        buffered = (mask & ~in_ann) if filtered else self._buffered()
+        # Without a filter or tombstones every entry of the index is allowed: no selector needed.
+        ann_mask = (mask & in_ann) if (filtered or self.tombstones) else None
+        extra = self._store.search(query, k, buffered) if buffered is not None and buffered.any() else None
+        for widen in (1, 8):
+            scores, slots = ann.search(query, k, ann_mask, opts.nprobe * widen, max(opts.ef_search, k) * widen)
+            if extra is not None:
+                scores = np.concatenate([scores, extra[0]])
+                slots = np.concatenate([slots, extra[1]])
+                order = np.argsort(-scores, kind="stable")[:k]
+                scores, slots = scores[order], slots[order]
+            if len(slots) >= k:
+                return scores, slots
+        return self._store.search(query, k, mask)  # the approximate index could not fill k: exact
 
     def lookup(self, post_id: int, include_vector: bool = False) -> PostRecord | None:
-        with self._lock:
+        with self._lock.read():
             slot = self._slot_of.get(int(post_id))
             if slot is None:
                 return None
             s = self._slots
-            vector = self._index.reconstruct(slot) if include_vector else None
+            vector = self._store.read(np.array([slot]))[0] if include_vector else None
             return PostRecord(
                 post_id=int(post_id),
                 created_at=float(s.created_at[slot]),
@@ -199,3 +577,38 @@ class ShardIndex:
                 indexed_at=float(s.indexed_at[slot]),
                 vector=vector,
             )
+
+    # ------------------------------------------------------------ introspection
+
+    @property
+    def state(self) -> str:
+        """exact | buffering | training | ready | rebuilding | failed."""
+        if self.exact_only:
+            return "exact"
+        if self._failed and self._ann is None:
+            return "failed"
+        if self._ann is None:
+            return "training" if self._build is not None else "buffering"
+        return "rebuilding" if self._build is not None else "ready"
+
+    def info(self) -> dict:
+        with self._lock.read():
+            n = self._next_slot
+            s = self._slots
+            buffered = 0 if self.exact_only else int(np.count_nonzero(s.alive[:n] & ~s.in_ann[:n]))
+            return {
+                "index_type": self.index_type,
+                "state": self.state,
+                "error": self._failed,
+                "indexed": len(self._slot_of),
+                "dimension": self.dimension,
+                "input_dimension": self.input_dimension,
+                "buffered": buffered,
+                "train_size": self._train_size,
+                "tombstones": self.tombstones,
+                "ann_entries": self._ann.ntotal if self._ann is not None else 0,
+                "slots": n,
+                "store_rows": self._store.capacity,
+                "evicted": self.evicted,
+                "rebuilds": self.rebuilds,
+            }

@@ -108,13 +108,19 @@ def check_k(k: int, max_k: int) -> int:
     return k
 
 
-def query_vector(values: Sequence[float], dimension: int) -> np.ndarray:
-    """Validate a query vector's width and values; returns float32."""
+def query_vector(values: Sequence[float], dimension: int, full_dimension: int = 0) -> np.ndarray:
+    """Validate a query vector's width and values; returns float32.
+
+    `dimension` is the width served (0: not known yet); `full_dimension`, when
+    larger, is the model's width, also accepted (the index truncates it to its
+    Matryoshka prefix).
+    """
     vec = np.asarray(values, dtype=np.float32)
     if vec.size == 0:
         raise InvalidRequest("query vector is empty")
-    if dimension and vec.size != dimension:
-        raise InvalidRequest(f"query vector has {vec.size} dimensions, the index serves {dimension}")
+    if dimension and vec.size != dimension and vec.size != full_dimension:
+        also = f" (or the model's full {full_dimension}, truncated)" if full_dimension > dimension else ""
+        raise InvalidRequest(f"query vector has {vec.size} dimensions, the index serves {dimension}{also}")
     if not np.all(np.isfinite(vec)):
         raise InvalidRequest("query vector contains NaN or infinite values")
     return vec

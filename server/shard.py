@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer, TopicPartition
 
 from feedret.config import KafkaConfig, ShardConfig
-from feedret.indexer.shard_index import ShardIndex
+from feedret.indexer.shard_index import IndexConfigError, IndexOptions, ShardIndex
 from feedret.server.grpc_common import (
     build_server,
     check_k,
@@ -54,12 +54,28 @@ class ShardState:
 
     @property
     def dimension(self) -> int:
-        return self.index.dimension if self.index is not None else self.config.dimension
+        """The width served (a Matryoshka prefix when serve_dimension is set)."""
+        if self.index is not None:
+            return self.index.dimension
+        return (self.config.serve_dimension or self.config.dimension) if self.config.dimension else 0
+
+    @property
+    def vector_dimension(self) -> int:
+        """The width of incoming vectors (the model's)."""
+        return self.index.input_dimension if self.index is not None else self.config.dimension
 
     def _ensure_index(self, dimension: int) -> ShardIndex:
+        """The index, created at the first vector's width. IndexConfigError when the config cannot work."""
         if self.index is None:
-            self.index = ShardIndex(dimension, self.config.index_factory)
-            log.info("index_created", dimension=dimension, index_factory=self.config.index_factory)
+            self.index = ShardIndex(dimension, options=IndexOptions.from_config(self.config))
+            log.info(
+                "index_created",
+                dimension=dimension,
+                serve_dimension=self.index.dimension,
+                index_factory=self.config.index_factory,
+                index_type=self.index.index_type,
+                state=self.index.state,
+            )
         return self.index
 
     def apply(self, events: list[tuple[int, pb.PostVectorEvent]], now: float) -> None:
@@ -85,7 +101,7 @@ class ShardState:
         for offset, ev in events:
             if ev.op == pb.PostVectorEvent.UPSERT:
                 width = len(ev.vector)
-                expected = self.dimension or (len(run[0].vector) if run else width)
+                expected = self.vector_dimension or (len(run[0].vector) if run else width)
                 if width == 0 or width != expected:
                     self.rejected += 1
                     log.error(
@@ -113,11 +129,18 @@ class ShardState:
 class PartitionApplier(threading.Thread):
     """Reads the shard's post-vector partition from the beginning and applies it."""
 
-    def __init__(self, kafka: KafkaConfig, state: ShardState, on_caught_up: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        state: ShardState,
+        on_caught_up: Callable[[], None],
+        on_fatal: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         super().__init__(name=f"applier-{state.config.shard_id}", daemon=True)
         self.kafka = kafka
         self.state = state
         self.on_caught_up = on_caught_up
+        self.on_fatal = on_fatal
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -135,8 +158,15 @@ class PartitionApplier(threading.Thread):
                 consumer.assign([tp])
                 consumer.seek(tp, self.state.applied_offset)
                 log.info("applier_started", topic=tp.topic, partition=tp.partition, offset=self.state.applied_offset)
-                self._loop(consumer, tp)
-                consumer.close()
+                try:
+                    self._loop(consumer, tp)
+                finally:
+                    consumer.close()
+            except IndexConfigError as exc:
+                # The configured index cannot serve these vectors: retrying cannot help.
+                log.error("index_config_invalid", error=str(exc))
+                self.on_fatal(str(exc))
+                return
             except Exception:  # noqa: BLE001 - reconnect rather than stop serving
                 log.exception("applier_failed_reconnecting")
                 self.stop_event.wait(1.0)
@@ -167,6 +197,28 @@ class PartitionApplier(threading.Thread):
                 self.on_caught_up()
 
 
+class Sweeper(threading.Thread):
+    """Every sweep_interval_s: evict posts past retention, start index rebuilds that are due."""
+
+    def __init__(self, state: ShardState) -> None:
+        super().__init__(name=f"sweeper-{state.config.shard_id}", daemon=True)
+        self.state = state
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.state.config.sweep_interval_s):
+            index = self.state.index
+            if index is None:
+                continue
+            try:
+                evicted = index.maintain(time.time())
+            except Exception:  # noqa: BLE001 - the next sweep tries again
+                log.exception("sweep_failed")
+                continue
+            if evicted:
+                log.info("retention_evicted", evicted=evicted, indexed=len(index))
+
+
 class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
     def __init__(self, state: ShardState, address: str) -> None:
         self.state = state
@@ -176,9 +228,9 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
         state = self.state
         with rpc_scope(context, "Search", request.request_id):
             check_k(request.k, state.config.max_k)
-            vec = query_vector(request.vector, state.dimension)
-            filt = search_filter(request.filters, time.time())
             index = state.index
+            vec = query_vector(request.vector, state.dimension, state.vector_dimension)
+            filt = search_filter(request.filters, time.time())
             resp = pb.SearchResponse(shard=state.config.shard_id, model_version=state.model_version)
             if index is None:
                 return resp
@@ -187,6 +239,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
             resp.candidates.scores.extend(scores.tolist())
             resp.indexed = len(index)
             resp.dimension = index.dimension
+            resp.vector_dimension = index.input_dimension
             return resp
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
@@ -210,17 +263,28 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         state = self.state
         with rpc_scope(context, "Stats"):
+            cfg = state.config
+            info = state.index.info() if state.index is not None else {}
             shard = pb.ShardStats(
-                shard=state.config.shard_id,
+                shard=cfg.shard_id,
                 address=self.address,
                 reachable=True,
-                indexed=len(state.index) if state.index is not None else 0,
+                indexed=info.get("indexed", 0),
                 dimension=state.dimension,
-                index_type=state.config.index_factory,
+                vector_dimension=state.vector_dimension,
+                index_type=info.get("index_type")
+                or (cfg.index_factory if cfg.index_backend == "faiss" else f"{cfg.index_backend}-exact"),
+                index_state=info.get("state", ""),
+                buffered=info.get("buffered", 0),
+                tombstones=info.get("tombstones", 0),
+                evicted=info.get("evicted", 0),
+                rebuilds=info.get("rebuilds", 0),
+                retention_s=cfg.retention_s,
                 upserts=state.upserts,
                 deletes=state.deletes,
                 rejected=state.rejected,
                 model_version=state.model_version,
+                error=info.get("error", ""),
             )
             shard.applied.add(topic=state.topic, partition=state.config.shard_id, offset=state.applied_offset)
             return pb.StatsResponse(shards=[shard], total_indexed=shard.indexed, model_version=state.model_version)
@@ -231,6 +295,8 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> Non
         raise ValueError(f"shard_id {config.shard_id} is outside num_shards={config.num_shards}")
     structlog.contextvars.bind_contextvars(shard=config.shard_id)
     state = ShardState(config=config, topic=kafka.vectors_topic)
+    if config.dimension:
+        state._ensure_index(config.dimension)  # a bad index configuration fails here, before serving
     address = f"{config.host}:{config.port}"
     servicer = ShardServicer(state, address)
     server, health_servicer, port = build_server(
@@ -244,6 +310,12 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> Non
         SERVICE_NAMES,
     )
     servicer.address = f"{config.host}:{port}"
+    fatal: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        stop.set()
+
     applier = PartitionApplier(
         kafka,
         state,
@@ -251,13 +323,28 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> Non
             set_serving(health_servicer, SERVICE_NAMES, True),
             log.info("shard_ready", indexed=len(state.index) if state.index else 0, offset=state.applied_offset),
         ),
+        on_fatal=on_fatal,
     )
+    sweeper = Sweeper(state)
     server.start()
     applier.start()
-    log.info("shard_listening", address=servicer.address, partition=config.shard_id, topic=kafka.vectors_topic)
+    sweeper.start()
+    log.info(
+        "shard_listening",
+        address=servicer.address,
+        partition=config.shard_id,
+        topic=kafka.vectors_topic,
+        index_factory=config.index_factory,
+        index_backend=config.index_backend,
+        serve_dimension=config.serve_dimension,
+        retention_s=config.retention_s,
+    )
     stop.wait()
     set_serving(health_servicer, SERVICE_NAMES, False)
     applier.stop_event.set()
+    sweeper.stop_event.set()
     server.stop(grace=2).wait()
     applier.join(timeout=5)
     log.info("shard_stopped", upserts=state.upserts, deletes=state.deletes)
+    if fatal:
+        raise SystemExit(f"shard {config.shard_id} cannot serve: {fatal[0]}")

@@ -132,18 +132,20 @@ class SearchRequest(_message.Message):
     def __init__(self, vector: _Optional[_Iterable[float]] = ..., k: _Optional[int] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("candidates", "shard", "indexed", "dimension", "model_version")
+    __slots__ = ("candidates", "shard", "indexed", "dimension", "model_version", "vector_dimension")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_DIMENSION_FIELD_NUMBER: _ClassVar[int]
     candidates: Candidates
     shard: int
     indexed: int
     dimension: int
     model_version: str
-    def __init__(self, candidates: _Optional[_Union[Candidates, _Mapping]] = ..., shard: _Optional[int] = ..., indexed: _Optional[int] = ..., dimension: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    vector_dimension: int
+    def __init__(self, candidates: _Optional[_Union[Candidates, _Mapping]] = ..., shard: _Optional[int] = ..., indexed: _Optional[int] = ..., dimension: _Optional[int] = ..., model_version: _Optional[str] = ..., vector_dimension: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("post_id", "include_vector")
@@ -182,7 +184,7 @@ class PartitionOffset(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("shard", "address", "reachable", "indexed", "dimension", "index_type", "applied", "upserts", "deletes", "error", "model_version", "rejected")
+    __slots__ = ("shard", "address", "reachable", "indexed", "dimension", "index_type", "applied", "upserts", "deletes", "error", "model_version", "rejected", "vector_dimension", "index_state", "buffered", "tombstones", "evicted", "rebuilds", "retention_s")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +197,13 @@ class ShardStats(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_STATE_FIELD_NUMBER: _ClassVar[int]
+    BUFFERED_FIELD_NUMBER: _ClassVar[int]
+    TOMBSTONES_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    REBUILDS_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_S_FIELD_NUMBER: _ClassVar[int]
     shard: int
     address: str
     reachable: bool
@@ -207,7 +216,14 @@ class ShardStats(_message.Message):
     error: str
     model_version: str
     rejected: int
-    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., indexed: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., applied: _Optional[_Iterable[_Union[PartitionOffset, _Mapping]]] = ..., upserts: _Optional[int] = ..., deletes: _Optional[int] = ..., error: _Optional[str] = ..., model_version: _Optional[str] = ..., rejected: _Optional[int] = ...) -> None: ...
+    vector_dimension: int
+    index_state: str
+    buffered: int
+    tombstones: int
+    evicted: int
+    rebuilds: int
+    retention_s: float
+    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., indexed: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., applied: _Optional[_Iterable[_Union[PartitionOffset, _Mapping]]] = ..., upserts: _Optional[int] = ..., deletes: _Optional[int] = ..., error: _Optional[str] = ..., model_version: _Optional[str] = ..., rejected: _Optional[int] = ..., vector_dimension: _Optional[int] = ..., index_state: _Optional[str] = ..., buffered: _Optional[int] = ..., tombstones: _Optional[int] = ..., evicted: _Optional[int] = ..., rebuilds: _Optional[int] = ..., retention_s: _Optional[float] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,215 @@
+"""faiss approximate indexes behind `ShardIndex`: build from a factory string, id handling, search parameters.
+
+Every index is inner product and keyed by slot (see `ShardIndex`). IVF indexes
+take slot ids natively, with a hash-table direct map so a delete removes in
+O(1); everything else is wrapped in `IndexIDMap`. Whether an index can remove
+ids (HNSW cannot) is probed, not assumed: the caller tombstones where it cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import faiss
+
+
+class IndexConfigError(ValueError):
+    """The index configuration cannot work (bad factory string, unsupported type, widths)."""
+
+
+# Index types whose search ignores or refuses an IDSelector, so a filter could not
+# run inside the search, or that cannot add vectors after they are built.
+_UNSUPPORTED = tuple(
+    t
+    for t in (
+        getattr(faiss, name, None)
+        for name in ("IndexPQ", "IndexPQFastScan", "IndexAdditiveQuantizer", "IndexNSG", "IndexLSH", "IndexNNDescent")
+    )
+    if t is not None
+)
+
+
+def _chain(index: faiss.Index) -> list[faiss.Index]:
+    """The index and every index it wraps, outermost first."""
+    out = []
+    ix = faiss.downcast_index(index)
+    while ix is not None:
+        out.append(ix)
+        if isinstance(ix, (faiss.IndexPreTransform, faiss.IndexIDMap, faiss.IndexIDMap2)):
+            ix = faiss.downcast_index(ix.index)
+        elif isinstance(ix, faiss.IndexRefine):
+            ix = faiss.downcast_index(ix.base_index)
+        else:
+            ix = None
+    return out
+
+
+def new_index(factory: str, dimension: int) -> faiss.Index:
+    """A fresh, empty inner-product index from a factory string; IndexConfigError when unusable."""
+    spec = factory.strip()
+    if spec.lower().startswith("idmap"):
+        raise IndexConfigError(f"index factory {factory!r}: leave out IDMap, the shard maps post ids itself")
+    try:
+        index = faiss.index_factory(dimension, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise IndexConfigError(f"faiss cannot build index {factory!r} at dimension {dimension}: {reason}") from exc
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise IndexConfigError(f"index {factory!r} does not support inner product")
+    for part in _chain(index):
+        if isinstance(part, _UNSUPPORTED):
+            raise IndexConfigError(
+                f"index {factory!r} ({type(part).__name__}) cannot filter inside its search or add after "
+                "building; use IVF…, HNSW…, SQ… or Flat"
+            )
+    return index
+
+
+def is_ivf_rooted(index: faiss.Index) -> bool:
+    """True when add_with_ids reaches an IVF directly (IVF, or transforms in front of one)."""
+    chain = _chain(index)
+    return isinstance(chain[-1], faiss.IndexIVF) and all(
+        isinstance(p, faiss.IndexPreTransform) for p in chain[:-1]
+    )
+
+
+def default_train_size(index: faiss.Index) -> int:
+    """How many vectors to train on when not configured: ~40 per centroid, the faiss guideline."""
+    centroids = 1
+    for part in _chain(index):
+        if isinstance(part, faiss.IndexIVF):
+            centroids = max(centroids, part.nlist)
+        pq = getattr(part, "pq", None)
+        if pq is not None and hasattr(pq, "ksub"):
+            centroids = max(centroids, pq.ksub)
+    return max(1000, 40 * centroids)
+
+
+def nlist_of(index: faiss.Index) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    return int(ivf.nlist) if ivf is not None else 0
+
+
+@dataclass
+class Ann:
+    """A built (trained) approximate index keyed by slot."""
+
+    index: faiss.Index
+    removable: bool
+    hashtable: bool  # IVF direct map: removal wants an IDSelectorArray
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, vectors: np.ndarray, slots: np.ndarray) -> None:
+        if len(slots):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(slots, np.int64))
+
+    def remove(self, slots: np.ndarray) -> int:
+        slots = np.ascontiguousarray(slots, np.int64)
+        if not len(slots):
+            return 0
+        if self.hashtable:
+            return int(self.index.remove_ids(faiss.IDSelectorArray(len(slots), faiss.swig_ptr(slots))))
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(slots)))
+
+    def search(
+        self, query: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int, ef_search: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        keep: list = []
+        sel = None
+        if mask is not None:
+            bitmap = np.packbits(mask, bitorder="little")
+            sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n counts bytes
+            keep.append(bitmap)
+        params = search_params(self.index, sel, nprobe, max(ef_search, k), keep)
+        scores, slots = self.index.search(query.reshape(1, -1), k, params=params)
+        valid = slots[0] >= 0
+        return scores[0][valid].astype(np.float32, copy=False), slots[0][valid]
+
+
+def search_params(index: faiss.Index, sel, nprobe: int, ef_search: int, keep: list):
+    """Typed SearchParameters for this index, carrying the selector down to the part that searches.
+
+    `keep` collects the Python objects the C++ parameters point to, so they live
+    until the search returns.
+    """
+    ix = faiss.downcast_index(index)
+    if isinstance(ix, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        # The wrapped index sees positions, the selector speaks slots: translate here, where
+        # it reaches nested parameters too (IndexIDMap itself only translates the outer `sel`).
+        if sel is not None:
+            sel = faiss.IDSelectorTranslated(ix.id_map, sel)
+            keep.append(sel)
+        return search_params(ix.index, sel, nprobe, ef_search, keep)
+    if isinstance(ix, faiss.IndexPreTransform):
+        inner = search_params(ix.index, sel, nprobe, ef_search, keep)
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = inner
+    elif isinstance(ix, faiss.IndexRefine):
+        inner = search_params(ix.base_index, sel, nprobe, ef_search, keep)
+        params = faiss.IndexRefineSearchParameters()
+        params.base_index_params = inner
+        params.k_factor = ix.k_factor
+    elif isinstance(ix, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = max(1, min(nprobe, ix.nlist))
+        if sel is not None:
+            params.sel = sel
+        if isinstance(ix.quantizer, faiss.Index):
+            quantizer = faiss.downcast_index(ix.quantizer)
+            if isinstance(quantizer, faiss.IndexHNSW):
+                qp = faiss.SearchParametersHNSW()
+                qp.efSearch = max(ef_search, params.nprobe)
+                params.quantizer_params = qp
+                keep.append(qp)
+    elif isinstance(ix, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = ef_search
+        if sel is not None:
+            params.sel = sel
+    else:
+        params = faiss.SearchParameters()
+        if sel is not None:
+            params.sel = sel
+    keep.append(params)
+    if sel is not None:
+        keep.append(sel)
+    return params
+
+
+def build_ann(trained: faiss.Index) -> Ann:
+    """Wrap a trained, empty index so it is keyed by slot; probe whether it can remove ids."""
+    index = faiss.clone_index(trained)
+    hashtable = False
+    if is_ivf_rooted(index):
+        ivf = faiss.extract_index_ivf(index)
+        try:
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+            hashtable = True
+        except RuntimeError:
+            hashtable = False
+    else:
+        index = faiss.IndexIDMap(index)
+    ann = Ann(index=index, removable=True, hashtable=hashtable)
+    probe = np.array([np.iinfo(np.int64).max], np.int64)
+    try:
+        ann.remove(probe)
+    except RuntimeError:
+        if hashtable:  # e.g. fast-scan IVF: no removal through a hash table, try without one
+            faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.NoMap)
+            ann.hashtable = False
+            try:
+                ann.remove(probe)
+            except RuntimeError:
+                ann.removable = False
+        else:
+            ann.removable = False
+    return ann
+
+
+def describe(ann: Ann) -> str:
+    return type(faiss.downcast_index(_chain(ann.index)[-1])).__name__

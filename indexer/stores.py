@@ -1,0 +1,148 @@
+"""Slot-addressed vector stores with exact, masked inner-product search.
+
+A store holds one float32 row per slot (see `ShardIndex`): rows are written in
+place, never moved, and a boolean mask over slots says which rows a search may
+return (live posts that pass the filter). The store is the shard's source of
+truth for vectors: the exact index itself for `Flat` and `torch`, and for
+approximate indexes the buffer searched exactly until they are trained, the
+fallback when a filter starves them, and what they are rebuilt from.
+
+- `FaissFlatStore`: a faiss `IndexFlatIP` whose storage is the slot matrix
+  (written through a numpy view), searched with an `IDSelectorBitmap`. No
+  `remove_ids`: a delete clears a mask bit instead of compacting the matrix.
+- `TorchStore`: a torch tensor on CUDA when available (else CPU); a search is
+  chunked matmul + top-k per chunk, merged, so any k up to the store size works
+  (unlike faiss-GPU, whose k is limited to 2048).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import faiss
+
+_EMPTY = (np.empty(0, np.float32), np.empty(0, np.int64))
+
+
+def _grown(capacity: int, needed: int) -> int:
+    return max(1024, 2 * capacity, needed)
+
+
+class FaissFlatStore:
+    """Exact store and index in one: `IndexFlatIP` with one row per slot."""
+
+    def __init__(self, dimension: int) -> None:
+        self.dimension = dimension
+        self.index = faiss.IndexFlatIP(dimension)
+        self.capacity = 0
+        self._rows = np.zeros((0, dimension), np.float32)
+
+    @property
+    def kind(self) -> str:
+        return "faiss-flat"
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.dimension * 4
+
+    def reserve(self, n: int) -> None:
+        """Room for slots [0, n). Reallocates: call under the index's write lock."""
+        if n <= self.capacity:
+            return
+        new = _grown(self.capacity, n)
+        self.index.add(np.zeros((new - self.capacity, self.dimension), np.float32))
+        self.capacity = new
+        # A view into faiss's own storage: writes land in the index, no copy.
+        self._rows = faiss.rev_swig_ptr(self.index.get_xb(), new * self.dimension).reshape(new, self.dimension)
+
+    def write(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+        self._rows[slots] = vectors
+
+    def read(self, slots: np.ndarray) -> np.ndarray:
+        return self._rows[slots].copy()
+
+    def search(self, query: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, slots) among rows where mask is True, best first."""
+        if k < 1 or not len(mask):
+            return _EMPTY
+        bitmap = np.packbits(mask, bitorder="little")
+        sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n counts bytes
+        scores, slots = self.index.search(query.reshape(1, -1), k, params=faiss.SearchParameters(sel=sel))
+        valid = slots[0] >= 0
+        return scores[0][valid].astype(np.float32, copy=False), slots[0][valid]
+
+
+def torch_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"index device {name!r} asked for, but torch sees no CUDA device")
+    return name
+
+
+class TorchStore:
+    """Exact brute force in torch: chunked matmul, top-k per chunk, then a top-k of the survivors."""
+
+    def __init__(self, dimension: int, device: str = "auto", chunk_rows: int = 1 << 20) -> None:
+        import torch
+
+        self._torch = torch
+        self.dimension = dimension
+        self.device = torch_device(device)
+        self.chunk_rows = max(1, chunk_rows)
+        self.capacity = 0
+        self._rows = torch.zeros((0, dimension), dtype=torch.float32, device=self.device)
+
+    @property
+    def kind(self) -> str:
+        return f"torch-exact({self.device})"
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.dimension * 4
+
+    def reserve(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        torch = self._torch
+        new = _grown(self.capacity, n)
+        rows = torch.zeros((new, self.dimension), dtype=torch.float32, device=self.device)
+        rows[: self.capacity] = self._rows
+        self._rows, self.capacity = rows, new
+
+    def write(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+        torch = self._torch
+        self._rows[torch.from_numpy(np.asarray(slots, np.int64)).to(self.device)] = torch.from_numpy(
+            np.ascontiguousarray(vectors, np.float32)
+        ).to(self.device)
+
+    def read(self, slots: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        idx = torch.from_numpy(np.asarray(slots, np.int64)).to(self.device)
+        return self._rows[idx].cpu().numpy()
+
+    def search(self, query: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        n = len(mask)
+        if k < 1 or not n:
+            return _EMPTY
+        with torch.inference_mode():
+            q = torch.from_numpy(np.ascontiguousarray(query, np.float32).reshape(-1)).to(self.device)
+            allowed = torch.from_numpy(np.ascontiguousarray(mask)).to(self.device)
+            part_scores, part_slots = [], []
+            for start in range(0, n, self.chunk_rows):
+                stop = min(start + self.chunk_rows, n)
+                scores = self._rows[start:stop] @ q
+                scores = scores.masked_fill(~allowed[start:stop], float("-inf"))
+                top = torch.topk(scores, min(k, stop - start))
+                part_scores.append(top.values)
+                part_slots.append(top.indices + start)
+            scores = torch.cat(part_scores)
+            slots = torch.cat(part_slots)
+            if len(part_scores) > 1:
+                top = torch.topk(scores, min(k, len(scores)))
+                scores, slots = top.values, slots[top.indices]
+            keep = torch.isfinite(scores)
+            return scores[keep].cpu().numpy().astype(np.float32), slots[keep].cpu().numpy().astype(np.int64)
