@@ -93,8 +93,11 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             grpc.insecure_channel(config.member_address, options=opts)
         )
         self.consumer_offsets = ConsumerOffsets(kafka)
-        # Learned from shard answers so wrong-width vectors are refused before fan-out.
+        # Learned from shard answers so wrong-width vectors are refused before fan-out:
+        # the width the shards serve, and the model's full width when they serve a
+        # Matryoshka prefix of it (such queries are truncated here, before fan-out).
         self.dimension = 0
+        self.vector_dimension = 0
         self.model_version = ""
 
     # ------------------------------------------------------------ Retrieve
@@ -132,11 +135,13 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             if which is None:
                 raise InvalidRequest("a query needs either member or vector")
             if which == "vector":
-                vec = query_vector(request.vector.values, self.dimension)
+                vec = query_vector(request.vector.values, self.dimension, self.vector_dimension)
                 model_version = self.model_version
             else:
                 vec, model_version = self._member_vector(request, rid, deadline, context)
-                query_vector(vec, self.dimension)
+                vec = query_vector(vec, self.dimension, self.vector_dimension)
+            if self.dimension and len(vec) > self.dimension:
+                vec = vec[: self.dimension]  # full width, the shards serve a prefix (they re-normalise)
             hits, failed = self._fan_out(vec, request, rid, deadline)
             if not hits:
                 # No shard answered: an empty list would read as "nothing to show".
@@ -186,6 +191,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 continue
             if reply.dimension:
                 self.dimension = reply.dimension
+                self.vector_dimension = reply.vector_dimension
             if reply.model_version:
                 self.model_version = reply.model_version
             hits.append(
