@@ -104,7 +104,7 @@ class ShardConfig(_Settings):
     # this fraction of the index is tombstones, then it is rebuilt in the background.
     rebuild_fraction: float = Field(default=0.2, gt=0, le=1)
     # A filter passing fewer than this fraction of the shard's posts is searched exactly.
-    exact_filter_fraction: float = Field(default=0.02, ge=0, le=1)
+    exact_filter_fraction: float = Field(default=0.05, ge=0, le=1)
     retention_s: float = Field(default=0.0, ge=0)  # evict posts created longer ago; 0: keep forever
     sweep_interval_s: float = Field(default=1.0, gt=0)  # retention sweep and rebuild check
     max_k: int = Field(default=10_000, ge=1)

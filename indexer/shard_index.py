@@ -86,7 +86,7 @@ class IndexOptions:
     nprobe: int = 16  # IVF lists probed per search
     ef_search: int = 64  # HNSW candidate list (raised to k per search)
     rebuild_fraction: float = 0.2  # tombstones / index size that triggers a background rebuild
-    exact_filter_fraction: float = 0.02  # a filter passing fewer posts than this fraction is searched exactly
+    exact_filter_fraction: float = 0.05  # a filter passing fewer posts than this fraction is searched exactly
     retention_s: float = 0.0  # posts created longer ago are evicted; 0 = keep forever
     background: bool = True  # build in a thread (tests may build inline)
     torch_chunk_rows: int = 1 << 20
