@@ -50,7 +50,9 @@ class FaissFlatStore:
         if n <= self.capacity:
             return
         new = _grown(self.capacity, n)
-        self.index.add(np.zeros((new - self.capacity, self.dimension), np.float32))
+        zeros = np.zeros((min(new - self.capacity, 65536), self.dimension), np.float32)
+        for start in range(self.capacity, new, len(zeros)):  # bounded scratch, not a second matrix
+            self.index.add(zeros[: min(len(zeros), new - start)])
         self.capacity = new
         # A view into faiss's own storage: writes land in the index, no copy.
         self._rows = faiss.rev_swig_ptr(self.index.get_xb(), new * self.dimension).reshape(new, self.dimension)
