@@ -107,6 +107,11 @@ class ShardConfig(_Settings):
     exact_filter_fraction: float = Field(default=0.05, ge=0, le=1)
     retention_s: float = Field(default=0.0, ge=0)  # evict posts created longer ago; 0: keep forever
     sweep_interval_s: float = Field(default=1.0, gt=0)  # retention sweep and rebuild check
+    # Snapshots of the index, its ids and attributes and the applied offset, so a restart
+    # loads the newest intact one and replays only the partition's tail. Empty: off.
+    snapshot_dir: str = ""
+    snapshot_interval_s: float = Field(default=300.0, gt=0)  # also one at shutdown
+    snapshot_keep: int = Field(default=2, ge=1)  # newest snapshots kept per shard
     max_k: int = Field(default=10_000, ge=1)
     apply_batch_max: int = Field(default=512, ge=1)
     grpc_workers: int = Field(default=8, ge=1)

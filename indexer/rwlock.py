@@ -1,7 +1,8 @@
 """A readers-writer lock: searches run side by side, a write runs alone.
 
 Writer-preferring: once a writer waits, new readers queue behind it, so a
-steady stream of searches cannot starve the applier.
+steady stream of searches cannot starve the applier; except while a long
+reader (a snapshot copy) holds it, when the writer could not run anyway.
 """
 
 from __future__ import annotations
@@ -15,22 +16,26 @@ class RWLock:
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._readers = 0
+        self._long_readers = 0
         self._writer = False
         self._writers_waiting = 0
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
+    def read(self, long: bool = False) -> Iterator[None]:
+        """Shared access. `long` (a snapshot copy): while it is held, a waiting writer
+        cannot run anyway, so it does not hold up other readers either."""
         with self._cond:
-            while self._writer or self._writers_waiting:
+            while self._writer or (self._writers_waiting and not self._long_readers):
                 self._cond.wait()
             self._readers += 1
+            self._long_readers += long
         try:
             yield
         finally:
             with self._cond:
                 self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+                self._long_readers -= long
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:

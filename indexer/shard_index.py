@@ -360,7 +360,7 @@ class ShardIndex:
         now = time.time() if now is None else now
         evicted = self.evict_older_than(now - self.options.retention_s) if self.options.retention_s > 0 else 0
         with self._lock.write():
-            build = self._maybe_rebuild()
+            build = self._maybe_rebuild() or self._maybe_train()
         if build is not None:
             self._launch(build)
         return evicted
@@ -577,6 +577,76 @@ class ShardIndex:
                 indexed_at=float(s.indexed_at[slot]),
                 vector=vector,
             )
+
+    # ------------------------------------------------------------ snapshots
+
+    def export_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """A consistent copy of everything needed to restore this index: (meta, arrays).
+
+        Taken under the read lock, so searches go on; writes wait for the copy.
+        A build in progress is not captured (it restarts after a restore if still due).
+        """
+        import faiss
+
+        with self._lock.read(long=True):
+            n = self._next_slot
+            s = self._slots
+            sections = {name: getattr(s, name)[:n].copy() for name in _Slots.NAMES}
+            sections["rows"] = self._store.read(np.arange(n, dtype=np.int64))
+            if self._ann is not None:
+                sections["ann"] = faiss.serialize_index(self._ann.index)
+            if self._template is not None:
+                sections["template"] = faiss.serialize_index(self._template)
+            meta = {
+                "input_dimension": self.input_dimension,
+                "dimension": self.dimension,
+                "index_factory": self.index_factory,
+                "backend": self.options.backend,
+                "langs": list(self._lang_name),
+                "ann_removable": self._ann.removable if self._ann is not None else False,
+                "ann_hashtable": self._ann.hashtable if self._ann is not None else False,
+                "indexed": len(self._slot_of),
+                "evicted": self.evicted,
+                "rebuilds": self.rebuilds,
+            }
+        return meta, sections
+
+    @classmethod
+    def from_state(cls, meta: dict, sections: dict[str, np.ndarray], options: IndexOptions) -> "ShardIndex":
+        """Rebuild an index from `export_state`; IndexConfigError when it was made under another configuration."""
+        import faiss
+
+        ix = cls(int(meta["input_dimension"]), options=options)
+        made = (meta["dimension"], meta["index_factory"], meta["backend"])
+        now = (ix.dimension, ix.index_factory, options.backend)
+        if made != now:
+            raise IndexConfigError(f"snapshot made for (dimension, factory, backend) {made}, configured {now}")
+        n = len(sections["post_id"])
+        with ix._lock.write():
+            s = ix._slots
+            s.grow(max(1024, 2 * n))
+            for name in _Slots.NAMES:
+                getattr(s, name)[:n] = sections[name]
+            ix._next_slot = n
+            ix._store.reserve(n)
+            ix._store.write(np.arange(n, dtype=np.int64), sections["rows"])
+            ix._lang_name = list(meta["langs"])
+            ix._lang_code = {name: code for code, name in enumerate(ix._lang_name)}
+            live = np.flatnonzero(s.alive[:n])
+            ix._slot_of = dict(zip(s.post_id[live].tolist(), live.tolist()))
+            if "template" in sections:
+                ix._template = faiss.deserialize_index(sections["template"])
+            if "ann" in sections:
+                ix._ann = Ann(faiss.deserialize_index(sections["ann"]), bool(meta["ann_removable"]),
+                              bool(meta["ann_hashtable"]))
+            elif ix._ann is None:
+                s.in_ann[:] = False
+            ix.tombstones = int(np.count_nonzero(s.in_ann[:n] & ~s.alive[:n]))
+            ix.evicted = int(meta.get("evicted", 0))
+            ix.rebuilds = int(meta.get("rebuilds", 0))
+            ix._recompute_free()
+            ix._version += 1
+        return ix
 
     # ------------------------------------------------------------ introspection
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -18,6 +19,7 @@ from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer, TopicPartition
 
 from feedret.config import KafkaConfig, ShardConfig
+from feedret.indexer import snapshot as snapshots
 from feedret.indexer.shard_index import IndexConfigError, IndexOptions, ShardIndex
 from feedret.server.grpc_common import (
     build_server,
@@ -125,6 +127,51 @@ class ShardState:
         if events:
             self.applied_offset = events[-1][0] + 1
 
+    # ------------------------------------------------------------ snapshots
+
+    def capture(self) -> tuple[int, dict, dict] | None:
+        """(applied offset, header, sections) for a snapshot; None while there is no index.
+
+        The offset is read before the index is copied, so the copy holds at least
+        every event before it (maybe some after: replaying those again is harmless,
+        upserts and deletes are idempotent and applied in order).
+        """
+        index = self.index
+        if index is None:
+            return None
+        offset = self.applied_offset
+        counters = {"upserts": self.upserts, "deletes": self.deletes, "rejected": self.rejected}
+        model_version = self.model_version
+        meta, sections = index.export_state()
+        cfg = self.config
+        header = {
+            "num_shards": cfg.num_shards,
+            "topic": self.topic,
+            "partition": cfg.shard_id,
+            "model_version": model_version,
+            "counters": counters,
+            "index": meta,
+            "written_at": time.time(),
+        }
+        return offset, header, sections
+
+    def restore(self, header: dict, sections: dict) -> None:
+        """Take over a snapshot's index and position. IndexConfigError when it does not fit this shard."""
+        cfg = self.config
+        made_for = (header["num_shards"], header["topic"], header["partition"])
+        if made_for != (cfg.num_shards, self.topic, cfg.shard_id):
+            raise IndexConfigError(f"snapshot of (num_shards, topic, partition) {made_for}")
+        meta = header["index"]
+        if cfg.dimension and cfg.dimension != meta["input_dimension"]:
+            raise IndexConfigError(f"snapshot of {meta['input_dimension']}-d vectors, configured {cfg.dimension}")
+        self.index = ShardIndex.from_state(meta, sections, IndexOptions.from_config(cfg))
+        self.applied_offset = int(header["applied_offset"])
+        self.model_version = header.get("model_version", "")
+        counters = header.get("counters", {})
+        self.upserts = counters.get("upserts", 0)
+        self.deletes = counters.get("deletes", 0)
+        self.rejected = counters.get("rejected", 0)
+
 
 class PartitionApplier(threading.Thread):
     """Reads the shard's post-vector partition from the beginning and applies it."""
@@ -152,6 +199,9 @@ class PartitionApplier(threading.Thread):
                     bootstrap_servers=self.kafka.bootstrap_servers,
                     group_id=None,
                     enable_auto_commit=False,
+                    # An offset the topic's retention already dropped (an old snapshot's, or 0):
+                    # replay what is left rather than jump to the end and miss it.
+                    auto_offset_reset="earliest",
                     max_poll_records=cfg.apply_batch_max,
                     client_id=f"feedret-shard-{cfg.shard_id}",
                 )
@@ -217,6 +267,76 @@ class Sweeper(threading.Thread):
                 continue
             if evicted:
                 log.info("retention_evicted", evicted=evicted, indexed=len(index))
+
+
+class Snapshotter(threading.Thread):
+    """Writes a snapshot every snapshot_interval_s when the shard applied anything since the last."""
+
+    def __init__(self, state: ShardState) -> None:
+        super().__init__(name=f"snapshotter-{state.config.shard_id}", daemon=True)
+        self.state = state
+        self.directory = Path(state.config.snapshot_dir)
+        self.stop_event = threading.Event()
+        self.last_offset = -1
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.state.config.snapshot_interval_s):
+            try:
+                self.take("scheduled")
+            except Exception:  # noqa: BLE001 - the next one tries again; the shard keeps serving
+                log.exception("snapshot_failed")
+
+    def take(self, reason: str) -> Path | None:
+        """Write one now unless nothing changed since the last. The path written, or None."""
+        with self._lock:
+            if self.state.applied_offset == self.last_offset:
+                return None
+            started = time.monotonic()
+            captured = self.state.capture()
+            if captured is None:
+                return None
+            offset, header, sections = captured
+            cfg = self.state.config
+            path = snapshots.write_snapshot(self.directory, cfg.shard_id, offset, header, sections)
+            snapshots.prune(self.directory, cfg.shard_id, cfg.snapshot_keep)
+            self.last_offset = offset
+            log.info(
+                "snapshot_written",
+                reason=reason,
+                path=str(path),
+                offset=offset,
+                posts=header["index"]["indexed"],
+                bytes=path.stat().st_size,
+                seconds=round(time.monotonic() - started, 3),
+            )
+            return path
+
+    def load_newest(self) -> bool:
+        """Restore the newest intact snapshot that fits this shard; False when there is none."""
+        cfg = self.state.config
+        for path in snapshots.remove_temporaries(self.directory, cfg.shard_id):
+            log.warning("snapshot_temporary_removed", path=str(path))
+        for path in snapshots.list_snapshots(self.directory, cfg.shard_id):
+            started = time.monotonic()
+            try:
+                header, sections = snapshots.read_snapshot(path)
+                self.state.restore(header, sections)
+            except (snapshots.CorruptSnapshot, IndexConfigError, KeyError, ValueError, OSError) as exc:
+                log.warning("snapshot_skipped", path=str(path), reason=str(exc))
+                self.state.index = None
+                continue
+            self.last_offset = self.state.applied_offset
+            log.info(
+                "snapshot_loaded",
+                path=str(path),
+                offset=self.state.applied_offset,
+                posts=len(self.state.index),
+                seconds=round(time.monotonic() - started, 3),
+            )
+            return True
+        log.info("snapshot_none", directory=str(self.directory))
+        return False
 
 
 class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
@@ -295,7 +415,10 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> Non
         raise ValueError(f"shard_id {config.shard_id} is outside num_shards={config.num_shards}")
     structlog.contextvars.bind_contextvars(shard=config.shard_id)
     state = ShardState(config=config, topic=kafka.vectors_topic)
-    if config.dimension:
+    snapshotter = Snapshotter(state) if config.snapshot_dir else None
+    if snapshotter is not None:
+        snapshotter.load_newest()  # then the applier replays the partition from its offset
+    if config.dimension and state.index is None:
         state._ensure_index(config.dimension)  # a bad index configuration fails here, before serving
     address = f"{config.host}:{config.port}"
     servicer = ShardServicer(state, address)
@@ -329,6 +452,8 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> Non
     server.start()
     applier.start()
     sweeper.start()
+    if snapshotter is not None:
+        snapshotter.start()
     log.info(
         "shard_listening",
         address=servicer.address,
@@ -345,6 +470,12 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> Non
     sweeper.stop_event.set()
     server.stop(grace=2).wait()
     applier.join(timeout=5)
+    if snapshotter is not None and not fatal:
+        snapshotter.stop_event.set()
+        try:
+            snapshotter.take("shutdown")
+        except Exception:  # noqa: BLE001 - the last scheduled snapshot still stands
+            log.exception("snapshot_failed")
     log.info("shard_stopped", upserts=state.upserts, deletes=state.deletes)
     if fatal:
         raise SystemExit(f"shard {config.shard_id} cannot serve: {fatal[0]}")

@@ -1,0 +1,178 @@
+"""Snapshots: an index restored from disk answers as the original did; torn or corrupt files are skipped."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from feedret.config import ShardConfig
+from feedret.indexer import snapshot as snapshots
+from feedret.indexer.rwlock import RWLock
+from feedret.indexer.shard_index import IndexConfigError, IndexOptions, SearchFilter, ShardIndex
+from feedret.server.shard import ShardState, Snapshotter
+from feedret.v1 import feedret_pb2 as pb
+
+from test_index_types import D, KINDS, Reference, check, unit
+
+
+def round_trip(ix: ShardIndex, tmp_path, options=None) -> ShardIndex:
+    meta, sections = ix.export_state()
+    path = snapshots.write_snapshot(tmp_path, 0, 123, {"index": meta}, sections)
+    header, read = snapshots.read_snapshot(path)
+    assert header["applied_offset"] == 123 and header["shard_id"] == 0
+    return ShardIndex.from_state(header["index"], read, options or ix.options)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "ivf-buffering", "hnsw", "torch"])
+def test_a_restored_index_answers_like_the_original_and_keeps_working(kind, tmp_path):
+    rng = np.random.default_rng(4)
+    opts = replace(KINDS["ivf-flat" if kind == "ivf-buffering" else kind], background=False)
+    if kind == "ivf-buffering":
+        opts = replace(opts, train_size=5000)
+    ix = ShardIndex(D, options=opts)
+    ref = Reference()
+    vecs = unit(rng, 2000)
+    ids = np.arange(2000, dtype=np.int64) * 11
+    langs = ["de" if i % 4 == 0 else "en" for i in range(2000)]
+    ref.upsert(ix, ids, vecs, np.arange(2000.0), langs)
+    ref.delete(ix, ids[::5])
+    ref.upsert(ix, ids[1:200:5], unit(rng, 40), [7.0] * 40, ["fr"] * 40)
+
+    restored = round_trip(ix, tmp_path)
+    for key in ("index_type", "state", "indexed", "dimension", "buffered", "tombstones", "ann_entries", "slots"):
+        assert restored.info()[key] == ix.info()[key], key
+    filt = SearchFilter(languages=["de", "fr"], exclude_post_ids=ids[1:50].tolist())
+    for q in unit(rng, 4):
+        for f in (None, filt):
+            a, sa = ix.search(q, 30, f)
+            b, sb = restored.search(q, 30, f)
+            assert a.tolist() == b.tolist()
+            np.testing.assert_allclose(sa, sb, atol=1e-6)
+    rec = restored.lookup(int(ids[6]), include_vector=True)
+    assert rec.lang == "fr" and rec.created_at == 7.0
+    np.testing.assert_allclose(rec.vector, ix.lookup(int(ids[6]), include_vector=True).vector)
+
+    # It goes on taking writes: deletes stay deleted, freed slots are reused, builds still run.
+    slots = restored.info()["slots"]
+    ref.upsert(restored, ids[::5][:100], unit(rng, 100), [8.0] * 100, ["en"] * 100)
+    ref.delete(restored, ids[2:400:5])
+    restored.maintain()
+    assert restored.wait_idle(60)
+    for q in unit(rng, 4):
+        check(restored, ref, q, 40, min_recall=0.5)
+    if kind in ("flat", "torch", "ivf-flat", "ivf-buffering"):
+        assert restored.info()["slots"] == slots
+
+
+def test_a_snapshot_of_another_configuration_is_refused(tmp_path):
+    ix = ShardIndex(D, options=IndexOptions(serve_dimension=16))
+    ix.upsert([1], unit(np.random.default_rng(0), 1), [0.0], ["en"], 0)
+    for other in (IndexOptions(), IndexOptions(serve_dimension=16, index_factory="HNSW8"),
+                  IndexOptions(serve_dimension=16, backend="torch", device="cpu")):
+        with pytest.raises(IndexConfigError, match="snapshot made for"):
+            round_trip(ix, tmp_path, other)
+
+
+def test_torn_truncated_and_foreign_files_are_refused(tmp_path):
+    path = snapshots.write_snapshot(tmp_path, 0, 5, {"x": 1}, {"a": np.arange(1000)})
+    data = bytearray(path.read_bytes())
+    for name, broken in [
+        ("flipped", data[:500] + bytes([data[500] ^ 0x01]) + data[501:]),
+        ("truncated", data[:-100]),
+        ("empty", b""),
+        ("foreign", b"PK\x03\x04" + data[4:]),
+    ]:
+        bad = tmp_path / f"{name}.snap"
+        bad.write_bytes(bytes(broken))
+        with pytest.raises(snapshots.CorruptSnapshot):
+            snapshots.read_snapshot(bad)
+    header, sections = snapshots.read_snapshot(path)
+    assert header["x"] == 1 and sections["a"].tolist() == list(range(1000))
+
+
+def shard_state(tmp_path, n=300, **config) -> ShardState:
+    state = ShardState(config=ShardConfig(snapshot_dir=str(tmp_path), **config), topic="post-vectors")
+    vecs = unit(np.random.default_rng(9), n)
+    state.apply([(i, pb.PostVectorEvent(post_id=10 + i, op=pb.PostVectorEvent.UPSERT, vector=v.tolist(),
+                                        created_at=1.0, lang="en", model_version="m7"))
+                 for i, v in enumerate(vecs)], now=0.0)
+    return state
+
+
+def test_the_newest_intact_snapshot_is_loaded_and_older_ones_are_pruned(tmp_path):
+    state = shard_state(tmp_path, snapshot_keep=2)
+    taker = Snapshotter(state)
+    first = taker.take("test")
+    assert taker.take("test") is None  # nothing applied since
+    state.apply([(300, pb.PostVectorEvent(post_id=10, op=pb.PostVectorEvent.DELETE))], now=0.0)
+    second = taker.take("test")
+    state.apply([(301, pb.PostVectorEvent(post_id=11, op=pb.PostVectorEvent.DELETE))], now=0.0)
+    third = taker.take("test")
+    assert snapshots.list_snapshots(tmp_path, 0) == [third, second]  # the first was pruned
+    assert not first.exists()
+
+    # A crash mid-write leaves a temporary file; a disk fault corrupts the newest snapshot.
+    (tmp_path / f".{third.name}.tmp999").write_bytes(b"half a snapshot")
+    data = bytearray(third.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    third.write_bytes(bytes(data))
+
+    fresh = ShardState(config=ShardConfig(snapshot_dir=str(tmp_path)), topic="post-vectors")
+    loader = Snapshotter(fresh)
+    assert loader.load_newest()
+    assert fresh.applied_offset == 301 and len(fresh.index) == 299  # the second: post 10 deleted, 11 not yet
+    assert 10 not in fresh.index and 11 in fresh.index
+    assert (fresh.upserts, fresh.deletes, fresh.model_version) == (300, 1, "m7")
+    assert not list(tmp_path.glob(".*.tmp*"))
+    assert loader.last_offset == 301
+
+
+def test_snapshots_of_another_shard_or_width_are_skipped(tmp_path):
+    Snapshotter(shard_state(tmp_path)).take("test")
+    for config in ({"shard_id": 1}, {"num_shards": 3}, {"serve_dimension": 8}, {"dimension": 64}):
+        fresh = ShardState(config=ShardConfig(snapshot_dir=str(tmp_path), **config), topic="post-vectors")
+        assert not Snapshotter(fresh).load_newest(), config
+        assert fresh.index is None and fresh.applied_offset == 0
+
+
+def _rwlock_race(long: bool) -> list[str]:
+    """A reader holds the lock, a writer queues, then another reader arrives: who gets in first?"""
+    lock = RWLock()
+    events: list[str] = []
+    held, release = threading.Event(), threading.Event()
+
+    def first_reader():
+        with lock.read(long=long):
+            held.set()
+            release.wait(5)
+
+    def writer():
+        with lock.write():
+            events.append("write")
+
+    def reader():
+        with lock.read():
+            events.append("read")
+
+    threads = [threading.Thread(target=first_reader)]
+    threads[0].start()
+    held.wait(5)
+    threads.append(threading.Thread(target=writer))
+    threads[1].start()
+    time.sleep(0.05)  # the writer now waits
+    threads.append(threading.Thread(target=reader))
+    threads[2].start()
+    time.sleep(0.05)
+    release.set()
+    for t in threads:
+        t.join(5)
+    return events
+
+
+def test_a_snapshot_copy_does_not_make_searches_queue_behind_a_waiting_writer():
+    assert _rwlock_race(long=True) == ["read", "write"]  # a search gets in while the copy runs
+    assert _rwlock_race(long=False) == ["write", "read"]  # otherwise the writer goes first
