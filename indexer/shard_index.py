@@ -339,6 +339,11 @@ class ShardIndex:
 
     def evict_older_than(self, cutoff: float) -> int:
         """Remove every post created before `cutoff` (Unix seconds). Returns how many."""
+        with self._lock.read():  # the common case, nothing to evict, never blocks searches
+            n = self._next_slot
+            s = self._slots
+            if not np.any(s.alive[:n] & (s.created_at[:n] < cutoff)):
+                return 0
         with self._lock.write():
             n = self._next_slot
             s = self._slots
@@ -359,6 +364,8 @@ class ShardIndex:
         """
         now = time.time() if now is None else now
         evicted = self.evict_older_than(now - self.options.retention_s) if self.options.retention_s > 0 else 0
+        if not self._build_due():
+            return evicted
         with self._lock.write():
             build = self._maybe_rebuild() or self._maybe_train()
         if build is not None:
@@ -369,6 +376,14 @@ class ShardIndex:
 
     def _snapshot(self) -> np.ndarray:
         return np.flatnonzero(self._slots.alive[: self._next_slot])
+
+    def _build_due(self) -> bool:
+        """A cheap look, without the write lock, at whether a build may be due."""
+        if self.exact_only or self._build is not None or self._failed:
+            return False
+        if self._ann is None:
+            return self._template is None and len(self._slot_of) >= self._train_size
+        return self.tombstones >= max(self.options.rebuild_fraction * self._ann.ntotal, 1)
 
     def _maybe_train(self) -> _Build | None:
         """Under the write lock: a training build once enough vectors have arrived."""
@@ -386,7 +401,7 @@ class ShardIndex:
     def _maybe_rebuild(self) -> _Build | None:
         """Under the write lock: a rebuild once tombstones exceed rebuild_fraction of the index."""
         ann = self._ann
-        if ann is None or self._build is not None or not self.tombstones:
+        if ann is None or self._build is not None or not self.tombstones or self._failed:
             return None
         if self.tombstones < self.options.rebuild_fraction * max(ann.ntotal, 1):
             return None
