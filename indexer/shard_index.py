@@ -554,21 +554,38 @@ class ShardIndex:
             if ann is None or available <= 4 * k_eff or available < self.options.exact_filter_fraction * live:
                 scores, slots = self._store.search(query, k_eff, mask)
             else:
-                scores, slots = self._ann_search(ann, query, k_eff, mask, filtered)
+                scores, slots = self._ann_search(ann, query, k_eff, mask, filtered, available / live)
             return self._slots.post_id[slots].copy(), scores
 
-    def _ann_search(
-        self, ann: Ann, query: np.ndarray, k: int, mask: np.ndarray, filtered: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def search_breadth(self, ann: Ann, k: int, passing: float) -> tuple[int, int]:
+        """(nprobe, efSearch) for a top-k search where a fraction `passing` of posts pass the filter.
+
+        The configured values are floors. IVF probes enough lists to see about 4k
+        candidates (k=2,000 of 1M posts in 4,096 lists needs 33 lists, not 16); HNSW
+        looks at least k deep. Both widen by 1/passing (at most 20x): a filter letting
+        10% through needs 10x the candidates for the same recall, which a selector
+        alone does not give (measured: IVF recall@100 0.53 -> 0.96, HNSW 0.22 -> 0.80).
+        """
         opts = self.options
+        scale = min(1.0 / max(passing, 1e-9), 20.0)
+        nprobe = opts.nprobe
+        nlist = faiss_ann.nlist_of(ann.index)
+        if nlist:
+            nprobe = max(nprobe, int(np.ceil(4 * k * nlist / max(ann.ntotal, 1))))
+        return int(np.ceil(nprobe * scale)), int(np.ceil(max(opts.ef_search, k) * scale))
+
+    def _ann_search(
+        self, ann: Ann, query: np.ndarray, k: int, mask: np.ndarray, filtered: bool, passing: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         n = self._next_slot
         in_ann = self._slots.in_ann[:n]
         buffered = (mask & ~in_ann) if filtered else self._buffered()
         # Without a filter or tombstones every entry of the index is allowed: no selector needed.
         ann_mask = (mask & in_ann) if (filtered or self.tombstones) else None
         extra = self._store.search(query, k, buffered) if buffered is not None and buffered.any() else None
+        nprobe, ef = self.search_breadth(ann, k, passing)
         for widen in (1, 8):
-            scores, slots = ann.search(query, k, ann_mask, opts.nprobe * widen, max(opts.ef_search, k) * widen)
+            scores, slots = ann.search(query, k, ann_mask, nprobe * widen, ef * widen)
             if extra is not None:
                 scores = np.concatenate([scores, extra[0]])
                 slots = np.concatenate([slots, extra[1]])

@@ -83,3 +83,13 @@ def test_the_approximate_index_alone_falls_short_and_the_index_still_fills_k(kin
     assert len(alone) < 20  # what a selector-only search returns
     got = check(ix, ref, probe, 20, filt)
     assert len(got) == 20
+
+
+def test_search_breadth_grows_with_k_and_with_the_filters_selectivity():
+    ix, ref, vecs, probe, rng = filled("ivf-flat", nprobe=2, ef_search=32)
+    ann = ix._ann
+    entries = ann.ntotal  # 16 lists over ~2,600 posts
+    assert ix.search_breadth(ann, 10, 1.0) == (2, 32)  # the configured floors
+    assert ix.search_breadth(ann, 1000, 1.0)[0] == int(np.ceil(4 * 1000 * 16 / entries))  # ~4k candidates
+    assert ix.search_breadth(ann, 10, 0.1) == (20, 320)  # a 10% filter: 10x wider
+    assert ix.search_breadth(ann, 10, 0.001) == (40, 640)  # at most 20x
