@@ -329,3 +329,53 @@ def test_default_train_size_is_40_per_centroid():
     assert faiss_ann.default_train_size(faiss_ann.new_index("IVF1024,Flat", 64)) == 40 * 1024
     assert faiss_ann.default_train_size(faiss_ann.new_index("IVF16,PQ8", 64)) == 40 * 256
     assert faiss_ann.default_train_size(faiss_ann.new_index("SQ8", 64)) == 1000
+
+
+@pytest.mark.parametrize("kind", ["ivf-flat", "hnsw", "flat"])
+def test_concurrent_searches_writes_and_background_builds(kind):
+    """Searches run while the applier writes and builds swap in: no errors, no deleted post comes back."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(8)
+    ix = ShardIndex(D, options=replace(KINDS[kind], background=True, rebuild_fraction=0.05))
+    vecs = unit(rng, 6000)
+    gone: set[int] = set()  # deleted for good before the search that checks them started
+    gone_lock = threading.Lock()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer():
+        try:
+            for start in range(0, 6000, 200):
+                ix.upsert(np.arange(start, start + 200), vecs[start : start + 200], [0.0] * 200, ["en"] * 200, 0.0)
+                doomed = list(range(start, start + 200, 7))
+                ix.delete(doomed)
+                with gone_lock:
+                    gone.update(doomed)
+                ix.maintain()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    def searcher(seed):
+        local = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                with gone_lock:
+                    dead = set(gone)
+                got, _ = ix.search(unit(local, 1)[0], 50, SearchFilter(exclude_post_ids=[1, 2, 3]))
+                assert not dead & set(got.tolist())
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=searcher, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[0]
+    assert ix.wait_idle(60)
+    assert len(ix) == 6000 - len(gone)
+    if kind != "flat":
+        assert ix.rebuilds >= 1
