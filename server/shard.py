@@ -48,6 +48,11 @@ class ShardState:
     topic: str
     index: ShardIndex | None = None
     applied_offset: int = 0  # next offset to read
+    # (applied_offset, post id of the record just before it), assigned as one tuple so a
+    # snapshot reads a matching pair: on restore, that record must still be on the partition.
+    position: tuple[int, int | None] = (0, None)
+    # Set by restore: the applier checks the snapshot's last record before replaying.
+    verify_position: bool = False
     upserts: int = 0
     deletes: int = 0
     rejected: int = 0
@@ -126,6 +131,7 @@ class ShardState:
         flush()
         if events:
             self.applied_offset = events[-1][0] + 1
+            self.position = (self.applied_offset, events[-1][1].post_id)
 
     # ------------------------------------------------------------ snapshots
 
@@ -139,7 +145,7 @@ class ShardState:
         index = self.index
         if index is None:
             return None
-        offset = self.applied_offset
+        offset, last_post_id = self.position
         counters = {"upserts": self.upserts, "deletes": self.deletes, "rejected": self.rejected}
         model_version = self.model_version
         meta, sections = index.export_state()
@@ -149,11 +155,20 @@ class ShardState:
             "topic": self.topic,
             "partition": cfg.shard_id,
             "model_version": model_version,
+            "last_post_id": last_post_id,
             "counters": counters,
             "index": meta,
             "written_at": time.time(),
         }
         return offset, header, sections
+
+    def reset(self) -> None:
+        """Forget everything: the partition is replayed from its start."""
+        self.index = None
+        self.applied_offset = 0
+        self.position = (0, None)
+        self.upserts = self.deletes = self.rejected = 0
+        self.model_version = ""
 
     def restore(self, header: dict, sections: dict) -> None:
         """Take over a snapshot's index and position. IndexConfigError when it does not fit this shard."""
@@ -166,6 +181,8 @@ class ShardState:
             raise IndexConfigError(f"snapshot of {meta['input_dimension']}-d vectors, configured {cfg.dimension}")
         self.index = ShardIndex.from_state(meta, sections, IndexOptions.from_config(cfg))
         self.applied_offset = int(header["applied_offset"])
+        self.position = (self.applied_offset, header.get("last_post_id"))
+        self.verify_position = True
         self.model_version = header.get("model_version", "")
         counters = header.get("counters", {})
         self.upserts = counters.get("upserts", 0)
@@ -206,6 +223,8 @@ class PartitionApplier(threading.Thread):
                     client_id=f"feedret-shard-{cfg.shard_id}",
                 )
                 consumer.assign([tp])
+                if self.state.verify_position:
+                    self.verify_snapshot_position(consumer, tp)
                 consumer.seek(tp, self.state.applied_offset)
                 log.info("applier_started", topic=tp.topic, partition=tp.partition, offset=self.state.applied_offset)
                 try:
@@ -220,6 +239,38 @@ class PartitionApplier(threading.Thread):
             except Exception:  # noqa: BLE001 - reconnect rather than stop serving
                 log.exception("applier_failed_reconnecting")
                 self.stop_event.wait(1.0)
+
+    def verify_snapshot_position(self, consumer, tp: TopicPartition, timeout_s: float = 10.0) -> bool:
+        """Check that the record a restored snapshot ended on is still on the partition.
+
+        If the topic was deleted and recreated, the snapshot holds posts that are gone
+        and its offset means nothing (seeking there could skip new posts): then the
+        shard resets and replays from the start. End offsets cannot decide this (the
+        embedded broker reports batch starts); the record itself can. False on reset.
+        """
+        state = self.state
+        state.verify_position = False
+        offset, post_id = state.position
+        if offset == 0 or post_id is None:
+            return True  # nothing to compare with (the snapshot ended on an undecodable record)
+        consumer.seek(tp, offset - 1)
+        found: tuple[int, int | None] | None = None
+        deadline = time.monotonic() + timeout_s
+        while found is None and time.monotonic() < deadline and not self.stop_event.is_set():
+            records = consumer.poll(timeout_ms=200).get(tp, [])
+            if records:
+                ev = pb.PostVectorEvent()
+                try:
+                    ev.ParseFromString(records[0].value or b"")
+                    found = (records[0].offset, ev.post_id)
+                except DecodeError:
+                    found = (records[0].offset, None)
+        if found == (offset - 1, post_id):
+            log.info("snapshot_position_verified", offset=offset, post_id=post_id)
+            return True
+        log.error("snapshot_not_on_partition", offset=offset, post_id=post_id, found=found)
+        state.reset()
+        return False
 
     def _loop(self, consumer: KafkaConsumer, tp: TopicPartition) -> None:
         signalled = False
@@ -239,7 +290,9 @@ class PartitionApplier(threading.Thread):
             if records:
                 self.state.apply(events, time.time())
                 # Undecodable records at the tail still advance the position.
-                self.state.applied_offset = records[-1].offset + 1
+                if records[-1].offset + 1 != self.state.applied_offset:  # the tail was undecodable
+                    self.state.applied_offset = records[-1].offset + 1
+                    self.state.position = (self.state.applied_offset, None)
                 log.debug("applied", records=len(records), offset=self.state.applied_offset)
             elif not signalled:
                 # First empty poll: the backlog that existed at start is applied.

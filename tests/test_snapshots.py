@@ -176,3 +176,49 @@ def _rwlock_race(long: bool) -> list[str]:
 def test_a_snapshot_copy_does_not_make_searches_queue_behind_a_waiting_writer():
     assert _rwlock_race(long=True) == ["read", "write"]  # a search gets in while the copy runs
     assert _rwlock_race(long=False) == ["write", "read"]  # otherwise the writer goes first
+
+
+class FakeConsumer:
+    """Serves a partition (a list of post ids, one record each) to PartitionApplier's position check."""
+
+    def __init__(self, post_ids):
+        from types import SimpleNamespace
+
+        self.records = [SimpleNamespace(offset=i, value=pb.PostVectorEvent(post_id=p).SerializeToString())
+                        for i, p in enumerate(post_ids)]
+        self.at = 0
+
+    def seek(self, tp, offset):
+        self.at = offset if offset < len(self.records) else 0  # out of range: auto_offset_reset earliest
+
+    def poll(self, timeout_ms):
+        batch = self.records[self.at : self.at + 5]
+        self.at += len(batch)
+        return {"tp": batch} if batch else {}
+
+
+@pytest.mark.parametrize(
+    "partition, kept",
+    [
+        (list(range(10, 310)) + [5, 6], True),  # the same partition, grown since
+        (list(range(10, 310)), True),  # exactly where the snapshot ended
+        ([99] * 400, False),  # recreated and refilled past the snapshot's offset
+        ([99] * 20, False),  # recreated, shorter than the snapshot's offset
+        ([], False),  # recreated, empty
+    ],
+    ids=["grown", "same", "recreated-longer", "recreated-shorter", "recreated-empty"],
+)
+def test_a_snapshot_whose_last_record_is_not_on_the_partition_is_dropped(tmp_path, partition, kept):
+    from feedret.config import KafkaConfig
+    from feedret.server.shard import PartitionApplier
+
+    Snapshotter(shard_state(tmp_path)).take("test")  # ends on offset 299, post 309
+    fresh = ShardState(config=ShardConfig(snapshot_dir=str(tmp_path)), topic="post-vectors")
+    assert Snapshotter(fresh).load_newest() and fresh.position == (300, 309) and fresh.verify_position
+    applier = PartitionApplier(KafkaConfig(), fresh, on_caught_up=lambda: None)
+    assert applier.verify_snapshot_position(FakeConsumer(partition), "tp", timeout_s=0.5) is kept
+    assert not fresh.verify_position
+    if kept:
+        assert fresh.applied_offset == 300 and len(fresh.index) == 300
+    else:
+        assert fresh.index is None and fresh.applied_offset == 0 and fresh.upserts == 0
