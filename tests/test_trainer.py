@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +117,64 @@ def test_quantized_runs_save_the_training_cut_points(dataset, tmp_path):
 def test_bad_config_is_refused(dataset, tmp_path):
     with pytest.raises(ValueError, match="matryoshka_widths"):
         config(dataset, tmp_path, matryoshka_widths=[2.0])
+
+
+BASE = Path(__file__).resolve().parents[1] / "models" / "feedret-tiny-llama"
+
+
+def lora_config(dataset, out, **kw) -> TrainConfig:
+    return config(
+        dataset, out, base_model=str(BASE), lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        gradient_checkpointing=True, numeric="none", **kw,
+    )
+
+
+def test_lora_with_gradient_checkpointing_changes_only_the_adapted_weights(dataset, tmp_path):
+    model_dir = train(lora_config(dataset, tmp_path))
+    assert not (model_dir / "adapter_config.json").exists()  # merged: serving needs no peft
+    # The base is a causal-LM checkpoint ("model." prefix, LM head); the encoder ships the bare model.
+    base = {n.removeprefix("model."): w for n, w in weights(BASE).items() if not n.startswith("lm_head")}
+    tuned = weights(model_dir)
+    assert set(tuned) == set(base), "the shipped model must have exactly the base model's weights"
+    changed = {n for n in base if not np.array_equal(base[n], tuned[n])}
+    # LoRA targets the attention projections; everything else stays frozen.
+    assert changed and all(n.rsplit(".", 2)[-2] in {"q_proj", "k_proj", "v_proj", "o_proj"} for n in changed), changed
+    assert any("q_proj" in n for n in changed) and any("v_proj" in n for n in changed)
+    ds = read_dataset(dataset)
+    posts = list(post_events(ds.items, item_features(ds.items, ds.interactions)).values())[:8]
+    before, after = Encoder.from_pretrained(BASE).embed_posts(posts), Encoder.from_pretrained(model_dir).embed_posts(posts)
+    np.testing.assert_allclose(np.linalg.norm(after, axis=1), 1.0, atol=1e-5)
+    assert np.abs(before - after).max() > 1e-3, "the adapters must change what the model embeds"
+
+
+def test_lora_runs_resume_to_the_same_adapters(dataset, tmp_path, monkeypatch):
+    from feedret.training.trainer import Trainer
+
+    straight = train(lora_config(dataset, tmp_path / "a"))
+    real_step, calls = Trainer.step, {"n": 0}
+
+    def flaky_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", flaky_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(lora_config(dataset, tmp_path / "b"))
+    monkeypatch.setattr(Trainer, "step", real_step)
+    checkpoint = tmp_path / "b" / "checkpoint"
+    assert (checkpoint / "adapter.safetensors").exists() and not (checkpoint / "model.safetensors").exists()
+    resumed = train(lora_config(dataset, tmp_path / "b"))
+    w_straight, w_resumed = weights(straight), weights(resumed)
+    for name in w_straight:
+        np.testing.assert_allclose(w_straight[name], w_resumed[name], atol=1e-6)
+    with pytest.raises(ValueError, match="LoRA"):
+        train(config(dataset, tmp_path / "b", base_model=str(BASE), numeric="none"))
+
+
+def test_bf16_autocast_trains_on_cpu(dataset, tmp_path):
+    model_dir = train(config(dataset, tmp_path, epochs=1, bf16=True, numeric="none"))
+    tuned = weights(model_dir)
+    assert all(w.dtype == np.float32 for w in tuned.values())  # float32 master weights
+    assert Encoder.from_pretrained(model_dir).dim == 32

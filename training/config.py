@@ -46,7 +46,8 @@ class TrainConfig(BaseModel):
     activity_chars: int = Field(default=60, ge=0)  # per engaged post in the member prompt; 0: whole text
     max_per_member: int | None = Field(default=60, ge=1)
 
-    # Model: a local Hugging Face directory, or "tiny" to build one from scratch.
+    # Model: a local Hugging Face directory, "tiny" to build one from scratch, or "minilm"
+    # for the all-MiniLM-L6-v2 checkpoint that the `eval` extra installs.
     base_model: str = "tiny"
     tiny: TinyModelConfig = TinyModelConfig()
     model_version: str = "feedret-movielens"
@@ -73,7 +74,7 @@ class TrainConfig(BaseModel):
 
     # Hardware
     device: str = "auto"
-    bf16: bool = False  # on CUDA
+    bf16: bool = False  # bfloat16 autocast in the forward pass; a LoRA run also keeps its frozen base in bf16
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
     torch_threads: int = Field(default=0, ge=0)

@@ -121,30 +121,62 @@ def build_tiny(config: TrainConfig, texts: Sequence[str]):
     return LlamaModel(model_config), tokenizer
 
 
+def base_model_dir(name: str) -> str:
+    """A local model directory; "minilm" names the all-MiniLM-L6-v2 that the `eval` extra installs."""
+    if name == "minilm":
+        from feedret.evaluation.minilm import minilm_dir
+
+        return str(minilm_dir())
+    return name
+
+
 def load_base(config: TrainConfig, texts: Sequence[str], device: str):
     from transformers import AutoModel, AutoTokenizer
 
     if config.base_model == "tiny":
         model, tokenizer = build_tiny(config, texts)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(config.base_model)
-        dtype = torch.bfloat16 if (config.bf16 and device.startswith("cuda")) else torch.float32
-        model = AutoModel.from_pretrained(config.base_model, dtype=dtype)
+        path = base_model_dir(config.base_model)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, dtype=torch.float32)
         added = tokenizer.add_special_tokens({"additional_special_tokens": [NUM_OPEN, NUM_CLOSE]})
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if added:
             model.resize_token_embeddings(len(tokenizer))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant: it propagates gradients to LoRA weights inside a checkpointed
+        # block even though the block's inputs (frozen embeddings) need none.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if config.lora is not None:
-        from peft import LoraConfig as PeftLora, get_peft_model
+        try:
+            from peft import LoraConfig as PeftLora, get_peft_model
+        except ImportError as exc:
+            raise RuntimeError("a run with `lora` needs peft: pip install -e '.[train]'") from exc
 
+        if config.bf16:
+            # The frozen base in bf16 halves its memory; peft keeps the adapters in
+            # float32 so their optimizer updates are not rounded away.
+            model = model.to(torch.bfloat16)
         l = config.lora
         model = get_peft_model(
             model, PeftLora(r=l.r, lora_alpha=l.alpha, lora_dropout=l.dropout, target_modules=l.target_modules)
         )
+    # A full fine-tune keeps float32 master weights; bf16 then means autocast in the forward pass.
     return model.to(device), tokenizer
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "merge_and_unload")
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a LoRA run changes: its checkpoint holds these, not the frozen base."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -176,8 +208,11 @@ def save_model(encoder: Encoder, loss: InfoNCELoss, out: Path, extra: dict[str, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model = encoder.model
-    if hasattr(model, "merge_and_unload"):  # LoRA: ship merged weights, loadable without peft
+    if is_lora(model):
+        # Ship merged weights, loadable without peft. This unloads the adapters from the
+        # live model, so it is for the final model only; checkpoints keep them.
         model = model.merge_and_unload()
+        encoder.model = model
     model.save_pretrained(tmp, safe_serialization=True)
     encoder.tokenizer.save_pretrained(tmp)
     meta = {
@@ -201,14 +236,20 @@ def save_checkpoint(
     negatives: np.ndarray | None,
 ) -> None:
     path = out / CHECKPOINT
-    save_model(encoder, loss, path)
+    lora = is_lora(encoder.model)
+    if lora:
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(trainable_state(encoder.model), str(path / "adapter.safetensors"))
+    else:
+        save_model(encoder, loss, path)
     tensors, meta = _flatten_optimizer(opt)
     save_file(tensors, str(path / "optimizer.safetensors"))
     extra = {"log_scale": loss.log_scale.detach().cpu().reshape(1)}
     if negatives is not None:
         extra["negatives"] = torch.from_numpy(negatives)
     save_file(extra, str(path / "trainer.safetensors"))
-    (path / "trainer_state.json").write_text(json.dumps({**progress, "optimizer": meta}, indent=1), encoding="utf-8")
+    state = {**progress, "lora": lora, "optimizer": meta}
+    (path / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
 # ------------------------------------------------------------------ the loop
@@ -231,17 +272,24 @@ class Trainer:
         self.data, self.posts = prepare_data(config)
         resume = config.out / CHECKPOINT
         self.progress: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "step": 0}
+        state = None
         if (resume / "trainer_state.json").exists():
-            model_dir = resume
-            from transformers import AutoModel, AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            model = AutoModel.from_pretrained(model_dir).to(self.device)
             state = json.loads((resume / "trainer_state.json").read_text())
             self.progress = {k: state[k] for k in ("epoch", "step_in_epoch", "step")}
             log.info("resuming", **self.progress)
+        if state is not None and bool(state.get("lora")) != (config.lora is not None):
+            raise ValueError(
+                f"{resume} is a checkpoint of a run {'with' if state.get('lora') else 'without'} LoRA; "
+                "resume it with the same config, or use a new --out"
+            )
+        if state is not None and not state.get("lora"):
+            from transformers import AutoModel, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(resume)
+            model = AutoModel.from_pretrained(resume).to(self.device)
         else:
-            state = None
+            # Fresh, or LoRA resuming: rebuild the same frozen base (a seeded tiny
+            # model is rebuilt bit for bit), then load the adapters below.
             from feedret.encoder.prompts import member_prompt, post_prompt
 
             texts = [post_prompt(p, self.data.quantizer, config.numeric) for p in self.posts.values()]
@@ -250,6 +298,12 @@ class Trainer:
                 for e in self.data.examples[:: max(1, len(self.data.examples) // 5000)]
             ]
             model, tokenizer = load_base(config, texts, self.device)
+            if state is not None:
+                adapter = load_file(str(resume / "adapter.safetensors"))
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for name, value in adapter.items():
+                        params[name].copy_(value)
         meta = EncoderMeta(
             config.model_version, config.pooling, config.numeric, self.data.quantizer, config.max_recent,
             config.activity_chars,
@@ -296,6 +350,7 @@ class Trainer:
             dim=dim,
             widths=self.widths,
             params=sum(p.numel() for p in model.parameters()),
+            trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
             steps=self.total_steps,
             device=self.device,
             setup_s=round(time.perf_counter() - started, 1),
@@ -315,7 +370,7 @@ class Trainer:
         ids, mask = self.encoder.pad(token_lists)
         ids_t = torch.from_numpy(ids).to(self.device)
         mask_t = torch.from_numpy(mask).to(self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.bf16 and self.device.startswith("cuda")):
+        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.config.bf16):
             return self.encoder.forward(ids_t, mask_t)
 
     def _embed_all(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
