@@ -126,25 +126,37 @@ class TorchStore:
         return self._rows[idx].cpu().numpy()
 
     def search(self, query: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, slots = self.search_batch(np.asarray(query, np.float32).reshape(1, -1), k, mask)
+        keep = slots[0] >= 0
+        return scores[0][keep], slots[0][keep]
+
+    def search_batch(self, queries: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of each of B queries over the same mask: (B, k) scores and slots, slot -1 past the last hit.
+
+        One (chunk × d) @ (d × B) matmul per chunk reads the rows once for all B
+        queries, so on a GPU a batch costs little more than one query (searching
+        is bound by memory bandwidth until B is in the hundreds).
+        """
         torch = self._torch
-        n = len(mask)
-        if k < 1 or not n:
-            return _EMPTY
+        queries = np.ascontiguousarray(queries, np.float32).reshape(-1, self.dimension)
+        n, b = len(mask), len(queries)
+        if k < 1 or not n or not b:
+            return np.empty((b, 0), np.float32), np.empty((b, 0), np.int64)
         with torch.inference_mode():
-            q = torch.from_numpy(np.ascontiguousarray(query, np.float32).reshape(-1)).to(self.device)
+            q = torch.from_numpy(queries).to(self.device)
             allowed = torch.from_numpy(np.ascontiguousarray(mask)).to(self.device)
             part_scores, part_slots = [], []
             for start in range(0, n, self.chunk_rows):
                 stop = min(start + self.chunk_rows, n)
-                scores = self._rows[start:stop] @ q
+                scores = (self._rows[start:stop] @ q.T).T  # (B, chunk)
                 scores = scores.masked_fill(~allowed[start:stop], float("-inf"))
-                top = torch.topk(scores, min(k, stop - start))
+                top = torch.topk(scores, min(k, stop - start), dim=1)
                 part_scores.append(top.values)
                 part_slots.append(top.indices + start)
-            scores = torch.cat(part_scores)
-            slots = torch.cat(part_slots)
+            scores = torch.cat(part_scores, dim=1)
+            slots = torch.cat(part_slots, dim=1)
             if len(part_scores) > 1:
-                top = torch.topk(scores, min(k, len(scores)))
-                scores, slots = top.values, slots[top.indices]
-            keep = torch.isfinite(scores)
-            return scores[keep].cpu().numpy().astype(np.float32), slots[keep].cpu().numpy().astype(np.int64)
+                top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+                scores, slots = top.values, torch.gather(slots, 1, top.indices)
+            slots = slots.masked_fill(~torch.isfinite(scores), -1)  # fewer than k rows allowed
+            return scores.cpu().numpy().astype(np.float32), slots.cpu().numpy().astype(np.int64)

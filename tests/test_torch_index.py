@@ -69,3 +69,29 @@ def test_on_cuda_results_match_cpu():
         results.append(ix.search(q, 5000))
     np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-4)
     assert len(set(results[0][0][:4000].tolist()) ^ set(results[1][0][:4000].tolist())) <= 10  # ties at the edge
+
+
+@pytest.mark.parametrize("chunk_rows", [700, 1 << 20], ids=["chunked", "one-chunk"])
+def test_a_batch_of_queries_gets_each_query_its_own_exact_top_k(chunk_rows):
+    rng = np.random.default_rng(3)
+    n, d, b, k = 3_000, 16, 7, 250
+    vecs = unit(rng, n, d)
+    store = TorchStore(d, device="cpu", chunk_rows=chunk_rows)
+    store.reserve(n)
+    store.write(np.arange(n), vecs)
+    mask = rng.random(n) < 0.5
+    queries = unit(rng, b, d)
+    scores, slots = store.search_batch(queries, k, mask)
+    assert scores.shape == slots.shape == (b, k)
+    for row in range(b):
+        masked = np.where(mask, vecs @ queries[row], -np.inf)
+        np.testing.assert_allclose(scores[row], np.sort(masked)[::-1][:k], atol=1e-5)
+        assert mask[slots[row]].all()
+        one_scores, one_slots = store.search(queries[row], k, mask)  # the single-query path agrees
+        np.testing.assert_allclose(one_scores, scores[row], atol=1e-6)
+
+    # Fewer allowed rows than k: the tail is marked with slot -1, never a masked row.
+    few = np.zeros(n, bool)
+    few[[5, 50, 500]] = True
+    scores, slots = store.search_batch(queries, 10, few)
+    assert (np.sort(slots[:, :3], axis=1) == [5, 50, 500]).all() and (slots[:, 3:] == -1).all()
