@@ -52,17 +52,18 @@ def weights(model_dir) -> dict[str, np.ndarray]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def trained(dataset, tmp_path_factory):
+@pytest.fixture(scope="module", params=["quantized", "raw", "none"])
+def trained(dataset, tmp_path_factory, request):
     out = tmp_path_factory.mktemp("run")
-    return train(config(dataset, out, epochs=20, lr=1e-2, numeric="none")), out
+    # 96 tokens hold every prompt of this character-level vocabulary (48 would cut the post text).
+    return train(config(dataset, out, epochs=20, lr=1e-2, numeric=request.param, max_length=96)), request.param
 
 
 def test_the_trained_model_learns_tastes_and_serves_through_encoder(trained, dataset):
-    model_dir, _ = trained
+    model_dir, numeric = trained
     encoder = Encoder.from_pretrained(model_dir)
     meta = json.loads((model_dir / "feedret.json").read_text())
-    assert meta["model_version"] == "synthetic-v1" and meta["numeric"] == "none"
+    assert meta["model_version"] == "synthetic-v1" and meta["numeric"] == numeric
     assert encoder.dim == 32 and meta["widths"] == [32, 16, 8, 4]
     # Prompts built the way training and evaluation build them.
     ds = read_dataset(dataset)
@@ -178,3 +179,12 @@ def test_bf16_autocast_trains_on_cpu(dataset, tmp_path):
     tuned = weights(model_dir)
     assert all(w.dtype == np.float32 for w in tuned.values())  # float32 master weights
     assert Encoder.from_pretrained(model_dir).dim == 32
+
+
+def test_a_max_length_that_cuts_post_text_is_reported(dataset, tmp_path):
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        train(config(dataset, tmp_path, epochs=1, numeric="quantized", max_length=48))
+    warning = [e for e in logs if e["event"] == "post_prompts_truncated"]
+    assert warning and warning[0]["share"] == 1.0 and warning[0]["log_level"] == "warning"

@@ -255,6 +255,11 @@ def save_checkpoint(
 # ------------------------------------------------------------------ the loop
 
 
+def truncated_share(token_lists: Sequence[Sequence[int]], max_length: int) -> float:
+    """Share of prompts that reached the token limit, so lost their tail to truncation."""
+    return sum(len(t) >= max_length for t in token_lists) / max(1, len(token_lists))
+
+
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         hf_logging.disable_progress_bar()  # ours is the only progress bar
@@ -343,6 +348,12 @@ class Trainer:
         prompts = [self.encoder.post_prompt(self.posts[int(i)]) for i in self.data.item_ids]
         self.item_tokens = self.encoder.tokenize(prompts)
         self.member_tokens = self.encoder.tokenize([self.encoder.member_prompt(e.member) for e in self.data.examples])
+        post_cut = truncated_share(self.item_tokens, config.max_length)
+        if post_cut > 0.01:
+            # A post prompt ends with its text, so a cut post loses its text first; when the
+            # header alone fills max_length, posts differ only by their numbers and collapse.
+            log.warning("post_prompts_truncated", share=round(post_cut, 3), max_length=config.max_length,
+                        fix="raise max_length")
         log.info(
             "training_ready",
             examples=len(self.data.examples),
@@ -353,6 +364,8 @@ class Trainer:
             trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
             steps=self.total_steps,
             device=self.device,
+            post_prompts_truncated=round(post_cut, 3),
+            member_prompts_truncated=round(truncated_share(self.member_tokens, config.max_length), 3),
             setup_s=round(time.perf_counter() - started, 1),
         )
 
