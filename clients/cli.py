@@ -18,6 +18,7 @@ from feedret.clients.client import DEFAULT_ROOT_ADDRESS, FeedretClient, Retrieve
 from feedret.config import (
     DEFAULT_BROKER_PORT,
     DEFAULT_MEMBER_PORT,
+    DEFAULT_ROOT_METRICS_PORT,
     DEFAULT_ROOT_PORT,
     DEFAULT_SHARD_BASE_PORT,
     REPO_ROOT,
@@ -378,11 +379,18 @@ def _read_jsonl(path: Path) -> list[dict]:
 @click.option("--member-port", default=DEFAULT_MEMBER_PORT, show_default=True, type=int)
 @click.option("--shard-base-port", default=DEFAULT_SHARD_BASE_PORT, show_default=True, type=int)
 @click.option("--broker-port", default=DEFAULT_BROKER_PORT, show_default=True, type=int, help="Embedded broker port.")
+@click.option(
+    "--metrics-base-port", default=DEFAULT_ROOT_METRICS_PORT, show_default=True, type=int,
+    help="Prometheus /metrics: root here, member +1, consumer +2, shard i +10+i; 0: off.",
+)
 @click.option("--posts", "posts_file", type=click.Path(exists=True, path_type=Path), default=SAMPLE_POSTS, show_default=True)
 @click.option("--members", "members_file", type=click.Path(exists=True, path_type=Path), default=SAMPLE_MEMBERS, show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=REPO_ROOT / "var", show_default=True)
 @click.option("--no-publish", is_flag=True, help="Start the stack without publishing the sample posts.")
-def up(num_shards, root_port, member_port, shard_base_port, broker_port, posts_file, members_file, workdir, no_publish) -> None:
+def up(
+    num_shards, root_port, member_port, shard_base_port, broker_port, metrics_base_port, posts_file, members_file, workdir,
+    no_publish,
+) -> None:
     """Bring up broker, consumer, shards, root and member servers; publish samples; serve until Ctrl-C."""
     from feedret.clients.publish import publish_lines
     from feedret.logging import configure_logging
@@ -398,6 +406,7 @@ def up(num_shards, root_port, member_port, shard_base_port, broker_port, posts_f
         member_port=member_port,
         shard_base_port=shard_base_port,
         broker_port=broker_port,
+        metrics_base_port=metrics_base_port,
         bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
         workdir=workdir,
     )
@@ -424,6 +433,10 @@ def up(num_shards, root_port, member_port, shard_base_port, broker_port, posts_f
         for i in range(num_shards):
             click.echo(f"  shard {i} (ShardService, IndexAdmin)   {config.shard_address(i)}")
         click.echo(f"  kafka                                {stack.kafka.bootstrap_servers}")
+        metrics_urls = stack.metrics_urls()
+        if metrics_urls:
+            ports = ", ".join(f"{name} {url.rsplit(':', 1)[1].split('/')[0]}" for name, url in metrics_urls.items())
+            click.echo(f"  metrics (http://{config.host}:<port>/metrics)  {ports}")
         click.echo(f"  logs                                 {stack.log_dir}")
         if members_file.exists() and posts_file.exists():
             _demo(client, members_file, posts_file)

@@ -43,6 +43,8 @@ class Good:
 class Bad:
     source: SourceRecord
     reason: str
+    # The reason in a word from a fixed set (InvalidEvent.kind, tombstone, key_mismatch): a metric label.
+    kind: str
 
 
 def split_batch(records: Sequence[SourceRecord]) -> tuple[list[Good], list[Bad]]:
@@ -51,17 +53,17 @@ def split_batch(records: Sequence[SourceRecord]) -> tuple[list[Good], list[Bad]]
     bad: list[Bad] = []
     for rec in records:
         if rec.value is None:
-            bad.append(Bad(rec, "empty record value (tombstone); send an event with op=delete instead"))
+            bad.append(Bad(rec, "empty record value (tombstone); send an event with op=delete instead", "tombstone"))
             continue
         try:
             event = parse_post_event(rec.value)
         except InvalidEvent as exc:
-            bad.append(Bad(rec, str(exc)))
+            bad.append(Bad(rec, str(exc), exc.kind))
             continue
         if rec.key is not None and rec.key != str(event.post_id).encode():
             # Keys decide the `posts` partition and so the order of a post's events;
             # a mismatched key could reorder an upsert and its delete.
-            bad.append(Bad(rec, f"record key {rec.key!r} does not match post_id {event.post_id}"))
+            bad.append(Bad(rec, f"record key {rec.key!r} does not match post_id {event.post_id}", "key_mismatch"))
             continue
         good.append(Good(rec, event))
     return good, bad

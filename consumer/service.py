@@ -18,6 +18,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from feedret import metrics
 from feedret.config import ConsumerConfig, KafkaConfig
 from feedret.consumer.batch import (
     Good,
@@ -145,8 +146,9 @@ class EmbeddingConsumer:
         row = {id(g): i for i, g in enumerate(upserts)}
         now = self.clock()
         futures = []
+        partitions = [route(g.event.post_id, self.config.num_shards) for g in good]
         # Produce in source order so a post's upsert and delete keep their order.
-        for g in good:
+        for g, partition in zip(good, partitions):
             vec = vectors[row[id(g)]] if g.event.op == "upsert" else None
             msg = vector_event(g, vec, self.encoder.model_version, now)
             futures.append(
@@ -154,7 +156,7 @@ class EmbeddingConsumer:
                     self.kafka.vectors_topic,
                     key=str(g.event.post_id).encode(),
                     value=msg.SerializeToString(),
-                    partition=route(g.event.post_id, self.config.num_shards),
+                    partition=partition,
                 )
             )
         for b in bad:
@@ -172,12 +174,19 @@ class EmbeddingConsumer:
         self._producer.flush()
         for f in futures:
             f.get(timeout=30)  # raises on a failed delivery: the batch is not committed
+        committed = next_offsets(batch)
         self._consumer.commit(
-            {
-                TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                for (t, p), o in next_offsets(batch).items()
-            }
+            {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in committed.items()}
         )
+        metrics.observe_consumer_batch(
+            records=len(batch),
+            upserts=len(upserts),
+            deletes=len(good) - len(upserts),
+            embed_seconds=embed_s if upserts else None,
+            partitions=partitions,
+            dead_letter_reasons=[b.kind for b in bad],
+        )
+        metrics.observe_consumer_lag(self._consumer, committed)
         self.stats["batches"] += 1
         self.stats["embedded"] += len(upserts)
         self.stats["deletes"] += len(good) - len(upserts)
@@ -226,6 +235,7 @@ class EmbeddingConsumer:
                     self.process(batch)
                     backoff = 0.5
                 except Exception:
+                    metrics.CONSUMER_BATCH_FAILURES.inc()
                     log.exception("batch_failed_retrying", records=len(batch), backoff_s=backoff)
                     self._rewind(batch)
                     stop.wait(backoff)

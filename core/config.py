@@ -20,6 +20,12 @@ DEFAULT_ROOT_PORT = 50051
 DEFAULT_MEMBER_PORT = 50052
 DEFAULT_SHARD_BASE_PORT = 50061
 DEFAULT_BROKER_PORT = 19092
+# Prometheus /metrics of each role (FEEDRET_METRICS_PORT; 0: off). In a pod every
+# shard uses the same port; `feedret up` gives shard i base + i on one host.
+DEFAULT_ROOT_METRICS_PORT = 9451
+DEFAULT_MEMBER_METRICS_PORT = 9452
+DEFAULT_CONSUMER_METRICS_PORT = 9453
+DEFAULT_SHARD_METRICS_BASE_PORT = 9461
 
 
 class _Settings(BaseSettings):
@@ -75,6 +81,9 @@ class EncoderConfig(_Settings):
 
 class ConsumerConfig(_Settings):
     num_shards: int = Field(default=2, ge=1)
+    # The consumer serves no gRPC, only its metrics endpoint on host:metrics_port.
+    host: str = "127.0.0.1"
+    metrics_port: int = Field(default=DEFAULT_CONSUMER_METRICS_PORT, ge=0, le=65535)
     # A micro-batch closes at whichever comes first.
     batch_max_size: int = Field(default=64, ge=1)
     batch_max_wait_ms: int = Field(default=200, ge=1)
@@ -85,6 +94,7 @@ class ShardConfig(_Settings):
     num_shards: int = Field(default=2, ge=1)
     host: str = "127.0.0.1"
     port: int = DEFAULT_SHARD_BASE_PORT
+    metrics_port: int = Field(default=DEFAULT_SHARD_METRICS_BASE_PORT, ge=0, le=65535)  # 0: no /metrics
     dimension: int = Field(default=0, ge=0)  # 0: learn it from the first vector
     # Matryoshka: serve the first N dimensions of every vector and query, re-normalised;
     # queries must be N or the full width wide. 0: the full width.
@@ -135,6 +145,7 @@ class ShardConfig(_Settings):
 class MemberConfig(_Settings):
     host: str = "127.0.0.1"
     port: int = DEFAULT_MEMBER_PORT
+    metrics_port: int = Field(default=DEFAULT_MEMBER_METRICS_PORT, ge=0, le=65535)  # 0: no /metrics
     cache_ttl_s: float = Field(default=900.0, ge=0)
     cache_max_entries: int = Field(default=100_000, ge=1)
     grpc_workers: int = Field(default=8, ge=1)
@@ -143,6 +154,7 @@ class MemberConfig(_Settings):
 class RootConfig(_Settings):
     host: str = "127.0.0.1"
     port: int = DEFAULT_ROOT_PORT
+    metrics_port: int = Field(default=DEFAULT_ROOT_METRICS_PORT, ge=0, le=65535)  # 0: no /metrics
     # Comma-separated, one per shard in shard order: "host:port,host:port".
     shard_addresses: str = f"127.0.0.1:{DEFAULT_SHARD_BASE_PORT},127.0.0.1:{DEFAULT_SHARD_BASE_PORT + 1}"
     member_address: str = f"127.0.0.1:{DEFAULT_MEMBER_PORT}"

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from feedret.indexer.shard_index import SearchFilter
+from feedret.metrics import GrpcMetricsInterceptor
 from feedret.v1 import feedret_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -45,9 +46,13 @@ def build_server(
     register: Sequence[Callable[[grpc.Server], None]],
     service_names: Sequence[str],
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """A server with our services plus grpc.health.v1 and reflection. Returns the bound port."""
+    """A server with our services plus grpc.health.v1 and reflection. Returns the bound port.
+
+    Every RPC is counted and timed for Prometheus (feedret.metrics).
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=[GrpcMetricsInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -26,9 +26,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feedret.config import (
     DEFAULT_BROKER_PORT,
+    DEFAULT_CONSUMER_METRICS_PORT,
+    DEFAULT_MEMBER_METRICS_PORT,
     DEFAULT_MEMBER_PORT,
+    DEFAULT_ROOT_METRICS_PORT,
     DEFAULT_ROOT_PORT,
     DEFAULT_SHARD_BASE_PORT,
+    DEFAULT_SHARD_METRICS_BASE_PORT,
     REPO_ROOT,
     KafkaConfig,
 )
@@ -45,6 +49,9 @@ class StackConfig:
     member_port: int = DEFAULT_MEMBER_PORT
     shard_base_port: int = DEFAULT_SHARD_BASE_PORT
     broker_port: int = DEFAULT_BROKER_PORT
+    # Prometheus /metrics: root at this port, then member, consumer, and shard i at
+    # +10+i (the defaults: 9451, 9452, 9453, 9461+i). 0: no process serves metrics.
+    metrics_base_port: int = DEFAULT_ROOT_METRICS_PORT
     # None: start the embedded broker on broker_port.
     bootstrap_servers: str | None = None
     workdir: Path = REPO_ROOT / "var"
@@ -62,6 +69,20 @@ class StackConfig:
 
     def shard_address(self, shard: int) -> str:
         return f"{self.host}:{self.shard_base_port + shard}"
+
+    def metrics_port(self, role: str, grpc_port: int = 0) -> int:
+        """FEEDRET_METRICS_PORT of a process: distinct per process, 0 when metrics are off.
+
+        A shard's follows its gRPC port, so shards sharing a host never collide.
+        """
+        if not self.metrics_base_port:
+            return 0
+        if role == "shard":
+            offset = DEFAULT_SHARD_METRICS_BASE_PORT + grpc_port - self.shard_base_port
+        else:
+            offset = {"root": DEFAULT_ROOT_METRICS_PORT, "member": DEFAULT_MEMBER_METRICS_PORT,
+                      "consumer": DEFAULT_CONSUMER_METRICS_PORT}[role]
+        return self.metrics_base_port + offset - DEFAULT_ROOT_METRICS_PORT
 
 
 def tansu_binary() -> str:
@@ -139,12 +160,13 @@ class Stack:
         if name.startswith("shard-"):
             shard = int(name.split("-")[1])
             env.update(FEEDRET_SHARD_ID=str(shard), FEEDRET_HOST=c.host, FEEDRET_PORT=str(c.shard_base_port + shard))
+            env["FEEDRET_METRICS_PORT"] = str(c.metrics_port("shard", int(env["FEEDRET_PORT"])))
             return "shard", env
+        env.update(FEEDRET_HOST=c.host, FEEDRET_METRICS_PORT=str(c.metrics_port(name)))
         if name == "member":
-            env.update(FEEDRET_HOST=c.host, FEEDRET_PORT=str(c.member_port))
+            env.update(FEEDRET_PORT=str(c.member_port))
         elif name == "root":
             env.update(
-                FEEDRET_HOST=c.host,
                 FEEDRET_PORT=str(c.root_port),
                 FEEDRET_SHARD_ADDRESSES=",".join(c.shard_address(i) for i in range(c.num_shards)),
                 FEEDRET_MEMBER_ADDRESS=c.member_address,
@@ -159,6 +181,15 @@ class Stack:
         c = self.config
         out = {"root": c.root_address, "member": c.member_address}
         out.update({f"shard-{i}": c.shard_address(i) for i in range(c.num_shards)})
+        return out
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Each process's Prometheus endpoint (none when metrics_base_port is 0)."""
+        out = {}
+        for name in [*self.addresses(), "consumer"]:
+            port = int(self.role_env(name)[1]["FEEDRET_METRICS_PORT"])
+            if port:
+                out[name] = f"http://{self.config.host}:{port}/metrics"
         return out
 
     def log_tail(self, name: str, lines: int = 30) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import structlog
 from cachetools import TTLCache
 
+from feedret import metrics
 from feedret.config import MemberConfig
 from feedret.members import MemberProfile
 from feedret.server.grpc_common import InvalidRequest, build_server, rpc_scope, set_serving
@@ -40,6 +41,7 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
         self._cache_lock = threading.Lock()
         # On a CPU, one forward pass at a time is faster than several fighting for the cores.
         self._model_lock = threading.Lock()
+        metrics.MEMBER_CACHE_ENTRIES.set_function(lambda: len(self._cache))
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         with rpc_scope(context, "Embed", request.request_id):
@@ -49,11 +51,12 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
             key = (member.member_id, member.session_id)
             with self._cache_lock:
                 hit = self._cache.get(key) if member.session_id else None
+            metrics.observe_member_cache(hit=hit is not None, cacheable=bool(member.session_id))
             if hit is not None:
                 log.debug("member_cache_hit", member_id=member.member_id)
                 return pb.EmbedResponse(vector=hit, model_version=self.encoder.model_version, cached=True)
             started = time.perf_counter()
-            with self._model_lock:
+            with self._model_lock, metrics.MEMBER_EMBED_SECONDS.time():
                 vector = self.encoder.embed_members([member])[0].astype(np.float32).tolist()
             if member.session_id:
                 with self._cache_lock:

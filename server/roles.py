@@ -20,6 +20,7 @@ from feedret.config import (
     ShardConfig,
 )
 from feedret.logging import configure_logging
+from feedret.metrics import MODEL_INFO, start_metrics_server
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +59,7 @@ def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.BaseEncoder
         from feedret.encoder.model import Encoder
 
         encoder = Encoder.from_pretrained(config.model_dir, **kwargs)
+    MODEL_INFO.labels(model_version=encoder.model_version, backend=config.backend, device=config.device).set(1)
     log.info(
         "encoder_loaded",
         model_dir=str(config.model_dir),
@@ -74,19 +76,22 @@ def run(role: str) -> None:
     configure_logging(role)
     stop = _stop_on_signals()
     kafka = KafkaConfig()
+    config = {"shard": ShardConfig, "root": RootConfig, "member": MemberConfig, "consumer": ConsumerConfig}[role]()
+    # First, so a process still loading its model or replaying its partition is already visible.
+    start_metrics_server(config.host, config.metrics_port, role)
     if role == "shard":
         from feedret.server.shard import serve as serve_shard
 
-        serve_shard(kafka, ShardConfig(), stop)
+        serve_shard(kafka, config, stop)
     elif role == "root":
         from feedret.server.root import serve as serve_root
 
-        serve_root(kafka, RootConfig(), stop)
+        serve_root(kafka, config, stop)
     elif role == "member":
         from feedret.server.member import serve as serve_member
 
-        serve_member(MemberConfig(), load_encoder(EncoderConfig()), stop)
+        serve_member(config, load_encoder(EncoderConfig()), stop)
     else:
         from feedret.consumer.service import EmbeddingConsumer
 
-        EmbeddingConsumer(kafka, ConsumerConfig(), load_encoder(EncoderConfig())).run(stop)
+        EmbeddingConsumer(kafka, config, load_encoder(EncoderConfig())).run(stop)

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import structlog
 
+from feedret import metrics
 from feedret.config import KafkaConfig, RootConfig
 from feedret.merge import ShardHits, merge_topk
 from feedret.routing import shard_of
@@ -159,6 +160,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             resp.candidates.post_ids.extend(merged.post_ids.tolist())
             resp.candidates.scores.extend(merged.scores.tolist())
             resp.candidates.shards.extend(merged.shards.tolist())
+            metrics.observe_retrieve(len(merged.post_ids), failed)
             log.info(
                 "retrieved",
                 query=which,
@@ -187,6 +189,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                         other.cancel()
                     raise InvalidRequest(exc.details()) from exc
                 failed.append(shard)
+                metrics.ROOT_SHARD_FAILURES.labels(shard=str(shard), code=exc.code().name).inc()
                 log.warning("shard_failed", shard=shard, code=exc.code().name, details=exc.details())
                 continue
             if reply.dimension:

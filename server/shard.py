@@ -18,6 +18,7 @@ import structlog
 from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer, TopicPartition
 
+from feedret import metrics
 from feedret.config import KafkaConfig, ShardConfig
 from feedret.indexer import snapshot as snapshots
 from feedret.indexer.shard_index import IndexConfigError, IndexOptions, ShardIndex
@@ -48,6 +49,7 @@ class ShardState:
     topic: str
     index: ShardIndex | None = None
     applied_offset: int = 0  # next offset to read
+    end_offset: int | None = None  # the partition's high watermark as of the last fetch (for lag)
     # (applied_offset, post id of the record just before it), assigned as one tuple so a
     # snapshot reads a matching pair: on restore, that record must still be on the partition.
     position: tuple[int, int | None] = (0, None)
@@ -287,8 +289,10 @@ class PartitionApplier(threading.Thread):
                     log.error("vector_record_undecodable", offset=rec.offset, error=str(exc))
                     continue
                 events.append((rec.offset, ev))
+            self.state.end_offset = consumer.highwater(tp)
             if records:
-                self.state.apply(events, time.time())
+                with metrics.timed_apply(self.state.config.shard_id, len(records)):
+                    self.state.apply(events, time.time())
                 # Undecodable records at the tail still advance the position.
                 if records[-1].offset + 1 != self.state.applied_offset:  # the tail was undecodable
                     self.state.applied_offset = records[-1].offset + 1
@@ -338,6 +342,7 @@ class Snapshotter(threading.Thread):
             try:
                 self.take("scheduled")
             except Exception:  # noqa: BLE001 - the next one tries again; the shard keeps serving
+                metrics.SHARD_SNAPSHOT_FAILURES.labels(shard=str(self.state.config.shard_id)).inc()
                 log.exception("snapshot_failed")
 
     def take(self, reason: str) -> Path | None:
@@ -354,6 +359,7 @@ class Snapshotter(threading.Thread):
             path = snapshots.write_snapshot(self.directory, cfg.shard_id, offset, header, sections)
             snapshots.prune(self.directory, cfg.shard_id, cfg.snapshot_keep)
             self.last_offset = offset
+            metrics.observe_snapshot(cfg.shard_id, time.monotonic() - started, path.stat().st_size)
             log.info(
                 "snapshot_written",
                 reason=reason,
@@ -396,6 +402,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
     def __init__(self, state: ShardState, address: str) -> None:
         self.state = state
         self.address = address
+        metrics.watch_shard(state)  # index size, offsets and counters, read when scraped
 
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
         state = self.state

@@ -49,6 +49,8 @@ def stack_config(tmp: Path, num_shards: int = 2) -> StackConfig:
         root_port=base + 1,
         member_port=base + 2,
         shard_base_port=base + 3,
+        # root, member, consumer at +0..2, shard i at +10+i (StackConfig.metrics_port).
+        metrics_base_port=free_port_block(10 + num_shards),
         workdir=tmp,
         # Small micro-batches: tests measure freshness, not throughput.
         env={"FEEDRET_BATCH_MAX_WAIT_MS": "50", "FEEDRET_TORCH_THREADS": "1"},
@@ -115,6 +117,27 @@ def start_stack(tmp: Path, n_posts: int, num_shards: int = 2) -> Iterator[Runnin
 @pytest.fixture(scope="module")
 def running_stack(tmp_path_factory) -> Iterator[RunningStack]:
     yield from start_stack(tmp_path_factory.mktemp("stack"), n_posts=300)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """A Prometheus endpoint's samples over HTTP: (name, sorted label pairs) -> value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
+    """The value of one sample; 0 when the endpoint does not have it (a counter never incremented)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def feedret_cli(*args: str, env: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:

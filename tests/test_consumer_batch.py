@@ -33,6 +33,24 @@ def test_bad_records_are_split_out_with_reasons_and_good_ones_kept():
     assert "post_id must be an integer" in reasons[2]
     assert "tombstone" in reasons[3]
     assert "does not match post_id" in reasons[4]
+    # The dead-letter metric's label: one word per fault, from a fixed set.
+    assert {b.source.offset: b.kind for b in bad} == {1: "invalid_json", 2: "post_id", 3: "tombstone", 4: "key_mismatch"}
+
+
+def test_every_validation_failure_has_a_bounded_kind():
+    cases = {
+        b"[1]": "not_object",
+        json.dumps({"author_id": "a"}).encode(): "post_id",
+        json.dumps({"post_id": 1, "op": "explode"}).encode(): "op",
+        json.dumps({**POST, "text": " "}).encode(): "text",
+        json.dumps({**POST, "author_id": 3}).encode(): "author_id",
+        json.dumps({**POST, "lang": 3}).encode(): "lang",
+        json.dumps({k: v for k, v in POST.items() if k != "created_at"}).encode(): "created_at",
+        json.dumps({**POST, "created_at": "yesterday"}).encode(): "created_at",
+        json.dumps({**POST, "features": {"likes": "many"}}).encode(): "features",
+    }
+    _, bad = split_batch([rec(i, value) for i, value in enumerate(cases)])
+    assert [b.kind for b in bad] == list(cases.values())
 
 
 def test_dead_letter_keeps_original_bytes_and_reason():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -16,7 +17,7 @@ from feedret.routing import shard_of
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
-from conftest import SAMPLE_MEMBERS, feedret_cli, post_line, wait_for
+from conftest import SAMPLE_MEMBERS, feedret_cli, post_line, sample, scrape, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -184,3 +185,61 @@ def test_every_server_answers_health_and_reflection(running_stack):
             )
             services = {s.name for r in replies for s in r.list_services_response.service}
             assert "grpc.reflection.v1alpha.ServerReflection" in services, name
+
+
+def test_every_process_serves_prometheus_metrics_that_match_the_stack(running_stack):
+    urls = running_stack.stack.metrics_urls()
+    assert set(urls) == {"root", "member", "consumer", "shard-0", "shard-1"}
+    client = running_stack.client
+    before = {name: scrape(url) for name, url in urls.items()}
+    for name, samples in before.items():
+        role = name.split("-")[0]
+        assert any(n == "feedret_build_info" and dict(l)["role"] == role for n, l in samples), name
+        assert sample(samples, "process_resident_memory_bytes") > 0, name
+
+    posts = [9_100_000_030, 9_100_000_031, 9_100_000_032]
+    running_stack.publish([post_line(p, f"metrics post {p} about birdwatching") for p in posts] + ["{not json"])
+    assert wait_for(lambda: all(running_stack.found(p) for p in posts), timeout=10)
+    member = dataclasses.replace(
+        MemberProfile.from_json(json.loads(SAMPLE_MEMBERS.read_text().splitlines()[2])), session_id="metrics-session"
+    )
+    for _ in range(2):
+        assert len(client.retrieve(member=member, k=30).candidates) == 30
+    with pytest.raises(grpc.RpcError):
+        client.retrieve(member=member, k=0)
+
+    # Each shard's index-size gauge is what it serves: Stats agrees, and the shards add up to the total.
+    def shards_agree() -> bool:
+        stats = client.stats(timeout=2)
+        gauges = [sample(scrape(urls[f"shard-{s.shard}"]), "feedret_shard_indexed_posts", shard=str(s.shard))
+                  for s in stats.shards]
+        return gauges == [s.indexed for s in stats.shards] and sum(gauges) == stats.total_indexed
+    assert wait_for(shards_agree, timeout=10)
+    stats = client.stats()
+    after = {name: scrape(url) for name, url in urls.items()}
+    assert sum(sample(after[f"shard-{i}"], "feedret_shard_indexed_posts", shard=str(i)) for i in (0, 1)) >= 300 + len(posts)
+    for shard in stats.shards:
+        shard_samples = after[f"shard-{shard.shard}"]
+        assert sample(shard_samples, "feedret_shard_applied_offset", shard=str(shard.shard)) == shard.applied[0].offset
+        assert sample(shard_samples, "feedret_shard_vector_dimension", shard=str(shard.shard)) == 128
+        assert sample(shard_samples, "feedret_shard_partition_lag_records", shard=str(shard.shard)) == 0
+
+    def delta(name: str, metric: str, **labels: str) -> float:
+        return sample(after[name], metric, **labels) - sample(before[name], metric, **labels)
+
+    # The consumer embedded the new posts and dead-lettered the bad line, by reason.
+    assert delta("consumer", "feedret_consumer_posts_embedded_total") >= len(posts)
+    assert delta("consumer", "feedret_consumer_dead_letters_total", reason="invalid_json") == 1
+    produced = sum(delta("consumer", "feedret_consumer_vectors_produced_total", partition=str(p)) for p in (0, 1))
+    assert produced >= len(posts)
+    assert delta("consumer", "feedret_consumer_embed_seconds_count") >= 1
+    assert delta("consumer", "feedret_consumer_batch_records_sum") >= len(posts) + 1
+    # The root answered two member queries and refused one, and the member service cached the session.
+    retrieve = dict(grpc_type="unary", grpc_service="feedret.v1.RetrievalService", grpc_method="Retrieve")
+    assert delta("root", "grpc_server_handled_total", **retrieve, grpc_code="OK") == 2
+    assert delta("root", "grpc_server_handled_total", **retrieve, grpc_code="INVALID_ARGUMENT") == 1
+    assert delta("root", "feedret_root_candidates_returned_sum") == 60
+    assert delta("member", "feedret_member_cache_lookups_total", result="miss") == 1
+    assert delta("member", "feedret_member_cache_lookups_total", result="hit") == 1
+    assert delta("member", "feedret_member_embed_seconds_count") == 1
+    assert sample(after["member"], "feedret_model_info", model_version=DEFAULT_MODEL_VERSION, backend="torch", device="cpu") == 1

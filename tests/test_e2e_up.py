@@ -48,7 +48,7 @@ def test_up_serves_real_retrievals_and_ctrl_c_stops_every_process(tmp_path: Path
     proc = subprocess.Popen(
         [sys.executable, "-m", "feedret.clients.cli", "up", "--posts", str(posts), "--workdir", str(tmp_path / "var"),
          "--broker-port", str(base), "--root-port", str(base + 1), "--member-port", str(base + 2),
-         "--shard-base-port", str(base + 3)],
+         "--shard-base-port", str(base + 3), "--metrics-base-port", str(free_port_block(12))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "FEEDRET_TORCH_THREADS": "1"},
     )
