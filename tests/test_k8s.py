@@ -37,6 +37,8 @@ from pydantic_settings import BaseSettings
 
 import feedret.config as feedret_config
 from feedret.config import ConsumerConfig, EncoderConfig, KafkaConfig, MemberConfig, RootConfig, ShardConfig
+from feedret.encoder.onnx_backend import ONNX_DIR
+from feedret.metrics import METRICS_PATH
 from feedret.server.roles import ROLES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +62,9 @@ ROLE_CONFIGS: dict[str, tuple[type[BaseSettings], ...]] = {
 }
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 STRIMZI_GROUP = "kafka.strimzi.io"
+MONITORING_GROUP = "monitoring.coreos.com"
+# Custom resources: no Kubernetes schema; checked by test_strimzi_objects and test_podmonitors.
+CUSTOM_GROUPS = {STRIMZI_GROUP, MONITORING_GROUP}
 SHARD_LABEL = "feedret.io/shard"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 ANY_HOST = {"0.0.0.0", "::", "[::]", ""}
@@ -282,8 +287,8 @@ def test_objects_validate_against_the_kubernetes_schema(docs, version):
     version = kubernetes_validate.latest_version() if version == "latest" else version
     failures = []
     for d in docs:
-        if d["apiVersion"].split("/")[0] == STRIMZI_GROUP:
-            continue  # custom resources: test_strimzi_objects
+        if d["apiVersion"].split("/")[0] in CUSTOM_GROUPS:
+            continue  # custom resources: test_strimzi_objects, test_podmonitors
         try:
             kubernetes_validate.validate(d, version, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
@@ -390,15 +395,23 @@ def test_ports_and_probes_match_the_config(docs):
         env, _ = _resolve_env(docs, tpl, c)
         configs = _build_configs(env, role)
         served = [cfg for cfg in configs.values() if "port" in type(cfg).model_fields]
-        ports = [p["containerPort"] for p in c.get("ports", [])]
+        (role_cfg,) = [cfg for cfg in configs.values() if "metrics_port" in type(cfg).model_fields]
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        # Every role serves Prometheus metrics on the port its config reads (FEEDRET_METRICS_PORT).
+        assert role_cfg.metrics_port, f"{_name(obj)} ({role}) turns its metrics endpoint off"
+        assert ports.get("metrics") == role_cfg.metrics_port, (
+            f"{_name(obj)} ({role}) declares ports {ports}; the role serves metrics on {role_cfg.metrics_port}"
+        )
+        assert role_cfg.host in ANY_HOST, f"{_name(obj)} ({role}) binds {role_cfg.host}: unreachable from outside the pod"
         if not served:
-            assert not ports, f"{_name(obj)} ({role}) declares ports {ports}, but the role listens on none"
+            assert set(ports) == {"metrics"}, f"{_name(obj)} ({role}) declares ports {ports}, but the role serves no gRPC"
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 assert probe not in c, f"{_name(obj)} ({role}) has a {probe}, but nothing to probe"
             continue
         (cfg,) = served
-        assert ports == [cfg.port], f"{_name(obj)} ({role}) declares ports {ports}; the role listens on {cfg.port}"
-        assert cfg.host in ANY_HOST, f"{_name(obj)} ({role}) binds {cfg.host}: unreachable from outside the pod"
+        assert ports == {"grpc": cfg.port, "metrics": cfg.metrics_port}, (
+            f"{_name(obj)} ({role}) declares ports {ports}; the role listens on {cfg.port} (gRPC) and {cfg.metrics_port} (metrics)"
+        )
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
             if probe in c:
                 assert "grpc" in c[probe], f"{_name(obj)} {probe} is not a native gRPC probe"
@@ -512,7 +525,9 @@ def test_shards_topic_and_root_agree(docs):
                 f"root address {shard_id} is {address}; shard {shard_id}'s Service is {svc['metadata']['name']}"
             )
             (shard_c,) = _pod_template(sts)["spec"]["containers"]
-            assert [int(port)] == [p["containerPort"] for p in shard_c["ports"]], f"root address {address}: wrong port"
+            assert [int(port)] == [p["containerPort"] for p in shard_c["ports"] if p["name"] == "grpc"], (
+                f"root address {address}: wrong port"
+            )
             assert int(port) in [p["port"] for p in svc["spec"]["ports"]], f"{_name(svc)} does not expose {port}"
         # ... and the member service.
         host, _, port = root.member_address.rpartition(":")
@@ -595,16 +610,120 @@ def test_workloads_are_production_shaped(docs, overlay):
             )
 
 
-def test_prometheus_annotations_point_at_served_ports(docs):
-    # Nothing in feedret exposes metrics yet (docs/kubernetes.md): any scrape
-    # annotation must name a port a container really declares.
+def _metrics_port(docs, obj: dict) -> int:
+    """The port the workload's feedret container serves /metrics on, from its config."""
+    (c,) = [c for o, _t, c, _r in _feedret_containers(docs) if o is obj]
+    env, _ = _resolve_env(docs, _pod_template(obj), c)
+    configs = _build_configs(env, _role(c)).values()
+    (port,) = [cfg.metrics_port for cfg in configs if "metrics_port" in type(cfg).model_fields]
+    return port
+
+
+def test_prometheus_annotations_point_at_the_metrics_port(docs):
+    # For a Prometheus that discovers pods by the prometheus.io/* annotations.
     for obj in _workloads(docs):
         tpl = _pod_template(obj)
         notes = tpl["metadata"].get("annotations", {})
-        if "prometheus.io/port" in notes:
-            ports = {p["containerPort"] for c in tpl["spec"]["containers"] for p in c.get("ports", [])}
-            assert int(notes["prometheus.io/port"]) in ports, _name(obj)
-    assert not [d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")], "no metrics endpoint exists to monitor"
+        assert notes.get("prometheus.io/scrape") == "true", f"{_name(obj)} is not scraped"
+        declared = {p["name"]: p["containerPort"] for c in tpl["spec"]["containers"] for p in c.get("ports", [])}
+        port = _metrics_port(docs, obj)
+        assert int(notes["prometheus.io/port"]) == declared.get("metrics") == port, (
+            f"{_name(obj)}: annotation port {notes['prometheus.io/port']}, `metrics` port {declared.get('metrics')}, "
+            f"the code serves metrics on {port}"
+        )
+        assert notes.get("prometheus.io/path") == METRICS_PATH, _name(obj)
+
+
+# The PodMonitor fields of monitoring.coreos.com/v1 (prometheus-operator's API reference);
+# kubernetes-validate has no schema for custom resources, so unknown keys are caught here.
+PODMONITOR_SPEC_FIELDS = {
+    "attachMetadata", "bodySizeLimit", "fallbackScrapeProtocol", "jobLabel", "keepDroppedTargets", "labelLimit",
+    "labelNameLengthLimit", "labelValueLengthLimit", "namespaceSelector", "nativeHistogramBucketLimit",
+    "nativeHistogramMinBucketFactor", "podMetricsEndpoints", "podTargetLabels", "sampleLimit", "scrapeClass",
+    "scrapeClassicHistograms", "scrapeProtocols", "selector", "selectorMechanism", "targetLimit",
+}
+PODMETRICSENDPOINT_FIELDS = {
+    "authorization", "basicAuth", "bearerTokenSecret", "enableHttp2", "filterRunning", "followRedirects",
+    "honorLabels", "honorTimestamps", "interval", "metricRelabelings", "oauth2", "params", "path", "port",
+    "portNumber", "proxyUrl", "relabelings", "scheme", "scrapeTimeout", "targetPort", "tlsConfig",
+    "trackTimestampsStaleness",
+}
+DURATION = re.compile(r"(0|(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?)")
+
+
+def _duration_s(text: str) -> float:
+    units = {"y": 31536000, "w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)(ms|[ywdhms])", text))
+
+
+def test_podmonitors(docs, overlay):
+    monitors = [d for d in docs if d["apiVersion"].split("/")[0] == MONITORING_GROUP]
+    if overlay == "prod":
+        assert _of_kind(monitors, "PodMonitor"), "prod has no PodMonitor: the Prometheus Operator would scrape nothing"
+    assert {d["kind"] for d in monitors} <= {"PodMonitor"}, "only PodMonitors are checked here"
+    workloads = [o for o in _workloads(docs) if _role(_pod_template(o)["spec"]["containers"][0])]
+    namespaces = {o["metadata"].get("namespace") for o in workloads}
+    covered: set[str] = set()
+    for pm in monitors:
+        assert pm["apiVersion"] == f"{MONITORING_GROUP}/v1", _name(pm)
+        spec = pm["spec"]
+        assert set(spec) <= PODMONITOR_SPEC_FIELDS, f"{_name(pm)}: unknown fields {set(spec) - PODMONITOR_SPEC_FIELDS}"
+        # Without a namespaceSelector a PodMonitor sees only its own namespace.
+        if "namespaceSelector" not in spec:
+            assert namespaces == {pm["metadata"].get("namespace")}, (
+                f"{_name(pm)} is in namespace {pm['metadata'].get('namespace')}, the pods in {namespaces}"
+            )
+        selected = [o for o in workloads if _labels_match(spec["selector"], _pod_template(o)["metadata"]["labels"])]
+        assert selected, f"{_name(pm)} selects no pods"
+        assert spec["podMetricsEndpoints"], _name(pm)
+        for ep in spec["podMetricsEndpoints"]:
+            assert set(ep) <= PODMETRICSENDPOINT_FIELDS, f"{_name(pm)}: unknown endpoint fields {set(ep) - PODMETRICSENDPOINT_FIELDS}"
+            assert ep.get("path", "/metrics") == METRICS_PATH, _name(pm)
+            assert isinstance(ep.get("port"), str), f"{_name(pm)}: name the port, the pods' port numbers differ by role"
+            for field in ("interval", "scrapeTimeout"):
+                assert DURATION.fullmatch(ep.get(field, "0")), f"{_name(pm)}: {field} {ep.get(field)!r} is not a duration"
+            if "interval" in ep and "scrapeTimeout" in ep:
+                assert _duration_s(ep["scrapeTimeout"]) <= _duration_s(ep["interval"]), f"{_name(pm)}: timeout above interval"
+            for obj in selected:
+                containers = _pod_template(obj)["spec"]["containers"]
+                named = {p["name"]: p["containerPort"] for c in containers for p in c.get("ports", [])}
+                assert ep["port"] in named, f"{_name(pm)} scrapes port {ep['port']!r}, which {_name(obj)} does not name"
+                assert named[ep["port"]] == _metrics_port(docs, obj), (
+                    f"{_name(pm)}: {_name(obj)}'s {ep['port']!r} port is not where the code serves metrics"
+                )
+        labels = [_pod_template(o)["metadata"]["labels"] for o in selected]
+        for name in spec.get("podTargetLabels", []):
+            assert any(name in l for l in labels), f"{_name(pm)}: no selected pod carries label {name}"
+        if "jobLabel" in spec:
+            assert all(spec["jobLabel"] in l for l in labels), f"{_name(pm)}: jobLabel {spec['jobLabel']} missing on some pods"
+        covered.update(_name(o) for o in selected)
+    if monitors:
+        missing = {_name(o) for o in workloads} - covered
+        assert not missing, f"no PodMonitor scrapes {sorted(missing)}"
+
+
+def test_onnx_export_goes_to_a_writable_volume(docs):
+    # FEEDRET_BACKEND=onnx exports the model on first use; the root filesystem, and so the
+    # baked-in model directory, is read-only in the pods.
+    for obj, tpl, c, role in _feedret_containers(docs):
+        if EncoderConfig not in ROLE_CONFIGS[role]:
+            continue
+        env, _ = _resolve_env(docs, tpl, c)
+        cfg = _build_configs(env, role)[EncoderConfig]
+        target = cfg.onnx_path or Path(env.get("FEEDRET_MODEL_DIR", "/opt/feedret/model")) / ONNX_DIR / "model.onnx"
+        volumes = {v["name"]: v for v in tpl["spec"].get("volumes", [])}
+        claims = {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
+        writable = [
+            m["mountPath"]
+            for m in c.get("volumeMounts", [])
+            if not m.get("readOnly")
+            and (m["name"] in claims or any(k in volumes.get(m["name"], {}) for k in ("emptyDir", "persistentVolumeClaim")))
+        ]
+        if c.get("securityContext", {}).get("readOnlyRootFilesystem"):
+            assert any(Path(target).is_relative_to(mount) for mount in writable), (
+                f"{_name(obj)} ({role}): the ONNX export would be written to {target}, on no writable volume "
+                f"(writable: {writable}); set FEEDRET_ONNX_PATH"
+            )
 
 
 def _resources(c: dict, kind: str) -> dict:
