@@ -27,6 +27,10 @@ def merge_topk(results: Sequence[ShardHits], k: int) -> Merged:
 
     A post id can appear in two shards' answers only during a re-shard; the
     higher score wins and the id appears once.
+
+    The root runs this on every request (k=2,000 from each shard), so the common
+    case is kept cheap: one stable sort by score, with the two-key sort only when
+    some scores tie, and the duplicate removal only when a duplicate exists.
     """
     if not results:
         empty = np.empty(0)
@@ -34,11 +38,16 @@ def merge_topk(results: Sequence[ShardHits], k: int) -> Merged:
     ids = np.concatenate([r.post_ids.astype(np.int64, copy=False) for r in results])
     scores = np.concatenate([r.scores.astype(np.float32, copy=False) for r in results])
     shards = np.concatenate([np.full(len(r.post_ids), r.shard, np.int32) for r in results])
-    # lexsort: last key is primary -> score descending, then post id ascending.
-    order = np.lexsort((ids, -scores))
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    if len(ranked) > 1 and np.any(ranked[1:] == ranked[:-1]):
+        # lexsort: last key is primary -> score descending, then post id ascending.
+        order = np.lexsort((ids, -scores))
     ids, scores, shards = ids[order], scores[order], shards[order]
-    _, first = np.unique(ids, return_index=True)
-    if len(first) != len(ids):
-        keep = np.sort(first)
-        ids, scores, shards = ids[keep], scores[keep], shards[keep]
+    if len(results) > 1:
+        by_id = np.sort(ids)
+        if np.any(by_id[1:] == by_id[:-1]):
+            _, first = np.unique(ids, return_index=True)
+            keep = np.sort(first)
+            ids, scores, shards = ids[keep], scores[keep], shards[keep]
     return Merged(ids[:k], scores[:k], shards[:k])

@@ -45,3 +45,38 @@ def test_merge_breaks_ties_by_post_id_and_dedups():
 def test_merge_handles_no_answers_and_short_lists():
     assert len(merge_topk([], 5).post_ids) == 0
     assert merge_topk([hits(0, [1], [0.3])], 5).post_ids.tolist() == [1]
+
+
+def _reference_merge(results, k):
+    """The plain definition: sort by (score desc, post id asc), keep each id's first (best) row."""
+    ids = np.concatenate([r.post_ids for r in results]).astype(np.int64)
+    scores = np.concatenate([r.scores for r in results]).astype(np.float32)
+    shards = np.concatenate([np.full(len(r.post_ids), r.shard, np.int32) for r in results])
+    order = np.lexsort((ids, -scores))
+    seen, rows = set(), []
+    for i in order:
+        if ids[i] not in seen:
+            seen.add(ids[i])
+            rows.append(i)
+    rows = np.asarray(rows[:k], np.int64)
+    return ids[rows], scores[rows], shards[rows]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_merge_matches_the_plain_definition_with_ties_and_duplicates(seed):
+    rng = np.random.default_rng(seed)
+    results = []
+    for shard in range(rng.integers(1, 4)):
+        n = int(rng.integers(0, 300))
+        # Few distinct scores and a small id space: ties and cross-shard duplicates on most seeds;
+        # every fourth seed has distinct scores (the fast path).
+        scores = rng.random(n).astype(np.float32) if seed % 4 == 0 else rng.integers(0, 20, n).astype(np.float32) / 20
+        ids = rng.choice(1000 if seed % 4 else 10**9, n, replace=False)
+        order = np.argsort(-scores, kind="stable")
+        results.append(ShardHits(shard=shard, post_ids=ids[order].astype(np.int64), scores=scores[order]))
+    k = int(rng.integers(1, 400))
+    merged = merge_topk(results, k)
+    ids, scores, shards = _reference_merge(results, k)
+    assert merged.post_ids.tolist() == ids.tolist()
+    assert merged.scores.tolist() == scores.tolist()
+    assert merged.shards.tolist() == shards.tolist()
