@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import grpc
@@ -29,17 +30,27 @@ class Candidate:
     shard: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RetrieveResult:
-    candidates: list[Candidate]
+    """One retrieval. The candidates arrive as packed arrays and stay numpy arrays
+    (`ids`, `scores`, `shards`): building 2,000 `Candidate` objects per request costs
+    milliseconds, so `candidates` is only built when first read."""
+
+    ids: np.ndarray  # int64, best first
+    scores: np.ndarray  # float32
+    shards: np.ndarray  # int32: the shard each candidate came from
     partial: bool
     failed_shards: list[int]
     model_version: str
     request_id: str
 
+    @cached_property
+    def candidates(self) -> list[Candidate]:
+        return [Candidate(p, s, sh) for p, s, sh in zip(self.ids.tolist(), self.scores.tolist(), self.shards.tolist())]
+
     @property
     def post_ids(self) -> list[int]:
-        return [c.post_id for c in self.candidates]
+        return self.ids.tolist()
 
 
 def build_request(
@@ -66,7 +77,9 @@ def build_request(
 def to_result(resp: pb.RetrieveResponse) -> RetrieveResult:
     c = resp.candidates
     return RetrieveResult(
-        candidates=[Candidate(p, s, sh) for p, s, sh in zip(c.post_ids, c.scores, c.shards)],
+        ids=np.asarray(c.post_ids, dtype=np.int64),
+        scores=np.asarray(c.scores, dtype=np.float32),
+        shards=np.asarray(c.shards, dtype=np.int32),
         partial=resp.partial,
         failed_shards=list(resp.failed_shards),
         model_version=resp.model_version,
