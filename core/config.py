@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from feedret.shard_targets import parse_shard_targets
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Trained on MovieLens by `feedret train --config training/configs/movielens-tiny.json`.
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "feedret-movielens-tiny"
@@ -155,8 +157,17 @@ class RootConfig(_Settings):
     host: str = "127.0.0.1"
     port: int = DEFAULT_ROOT_PORT
     metrics_port: int = Field(default=DEFAULT_ROOT_METRICS_PORT, ge=0, le=65535)  # 0: no /metrics
-    # Comma-separated, one per shard in shard order: "host:port,host:port".
+    # One entry per shard in shard order, separated by commas; a shard's replicas
+    # separated by `|`; a dns:///name:port entry is a pool whose resolved addresses
+    # are the replicas (feedret.shard_targets): "a:1|a:2,b:1|b:2", "dns:///svc-0:50061,...".
     shard_addresses: str = f"127.0.0.1:{DEFAULT_SHARD_BASE_PORT},127.0.0.1:{DEFAULT_SHARD_BASE_PORT + 1}"
+    # A shard's replica that has not answered after this long gets the same request
+    # sent to a second replica; the first answer wins. About the shards' p95; 0: never hedge.
+    hedge_after_ms: float = Field(default=50.0, ge=0)
+    # A replica that failed, missed the deadline or was overtaken by a hedge is tried
+    # after the others for this long, so a hung replica stops costing every other query
+    # a hedge delay. 0: plain rotation.
+    replica_cooldown_s: float = Field(default=1.0, ge=0)
     member_address: str = f"127.0.0.1:{DEFAULT_MEMBER_PORT}"
     max_k: int = Field(default=10_000, ge=1)
     # Used when the caller sets no deadline.
@@ -165,5 +176,16 @@ class RootConfig(_Settings):
     deadline_margin_s: float = Field(default=0.01, ge=0)
     grpc_workers: int = Field(default=16, ge=1)
 
+    @field_validator("shard_addresses")
+    @classmethod
+    def _shard_addresses(cls, value: str) -> str:
+        parse_shard_targets(value)  # a malformed list fails at start, naming the bad entry
+        return value
+
+    def shard_replicas(self) -> list[list[str]]:
+        """Per shard, in shard order, its replicas' gRPC targets."""
+        return parse_shard_targets(self.shard_addresses)
+
     def shard_list(self) -> list[str]:
-        return [a.strip() for a in self.shard_addresses.split(",") if a.strip()]
+        """Per shard, its entry as written (replicas joined by `|`): for Stats and logs."""
+        return ["|".join(replicas) for replicas in self.shard_replicas()]
