@@ -23,6 +23,7 @@ from feedret.config import KafkaConfig, ShardConfig
 from feedret.indexer import snapshot as snapshots
 from feedret.indexer.shard_index import IndexConfigError, IndexOptions, ShardIndex
 from feedret.server.grpc_common import (
+    RpcFailure,
     build_server,
     check_k,
     query_vector,
@@ -192,8 +193,35 @@ class ShardState:
         self.rejected = counters.get("rejected", 0)
 
 
+class CatchUp:
+    """When a replica has caught up with its partition: read up to the end it saw at start.
+
+    The end is the larger of the broker's end offset asked at start (ListOffsets)
+    and the high watermark of the first fetch answer. Either alone misleads: the
+    embedded broker's ListOffsets reports where the last batch starts, not where
+    it ends, and a first poll often returns nothing before any fetch has answered
+    (no high watermark yet) however long the backlog is.
+    """
+
+    def __init__(self, listed_end: int) -> None:
+        self.listed_end = listed_end
+        self.target: int | None = None
+
+    def observe(self, position: int, highwater: int | None) -> bool:
+        """True once `position` (the next offset to read) has reached the end seen at start."""
+        if self.target is None:
+            if highwater is None:
+                return False  # no fetch has answered yet: the end is not known
+            self.target = max(highwater, self.listed_end)
+        return position >= self.target
+
+
 class PartitionApplier(threading.Thread):
-    """Reads the shard's post-vector partition from the beginning and applies it."""
+    """Reads the shard's post-vector partition from the beginning and applies it.
+
+    on_caught_up runs once, when everything on the partition at start is applied
+    (CatchUp): the replica reports SERVING from then on.
+    """
 
     def __init__(
         self,
@@ -208,6 +236,7 @@ class PartitionApplier(threading.Thread):
         self.on_caught_up = on_caught_up
         self.on_fatal = on_fatal
         self.stop_event = threading.Event()
+        self.caught_up = False
 
     def run(self) -> None:
         cfg = self.state.config
@@ -275,7 +304,10 @@ class PartitionApplier(threading.Thread):
         return False
 
     def _loop(self, consumer: KafkaConsumer, tp: TopicPartition) -> None:
-        signalled = False
+        catch_up = None
+        if not self.caught_up:
+            catch_up = CatchUp(consumer.end_offsets([tp]).get(tp) or 0)
+            log.info("shard_catching_up", offset=self.state.applied_offset, listed_end=catch_up.listed_end)
         while not self.stop_event.is_set():
             polled = consumer.poll(timeout_ms=100)
             records = polled.get(tp, [])
@@ -298,9 +330,9 @@ class PartitionApplier(threading.Thread):
                     self.state.applied_offset = records[-1].offset + 1
                     self.state.position = (self.state.applied_offset, None)
                 log.debug("applied", records=len(records), offset=self.state.applied_offset)
-            elif not signalled:
-                # First empty poll: the backlog that existed at start is applied.
-                signalled = True
+            if catch_up is not None and catch_up.observe(consumer.position(tp), self.state.end_offset):
+                catch_up = None
+                self.caught_up = True
                 self.on_caught_up()
 
 
@@ -399,19 +431,46 @@ class Snapshotter(threading.Thread):
 
 
 class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
-    def __init__(self, state: ShardState, address: str) -> None:
+    """Search, Lookup and Stats over one replica's index.
+
+    Until `ready` is set (serve() sets it when the applier has caught up) Search and
+    Lookup fail with UNAVAILABLE, so a root asks another replica instead of taking
+    a half-replayed index's answer as complete. None: ready at once (in-process use,
+    where the caller applies the events itself).
+    """
+
+    def __init__(self, state: ShardState, address: str, ready: threading.Event | None = None) -> None:
         self.state = state
         self.address = address
+        if ready is None:
+            ready = threading.Event()
+            ready.set()
+        self.ready = ready
+        self.searches = 0  # answered Search calls, for Stats
+        self._searches_lock = threading.Lock()
         metrics.watch_shard(state)  # index size, offsets and counters, read when scraped
+
+    def _check_ready(self) -> None:
+        if not self.ready.is_set():
+            state = self.state
+            end = "?" if state.end_offset is None else state.end_offset
+            raise RpcFailure(
+                grpc.StatusCode.UNAVAILABLE,
+                f"shard {state.config.shard_id} replica {self.address} is not ready: catching up with its "
+                f"partition (applied offset {state.applied_offset} of {end})",
+            )
 
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
         state = self.state
         with rpc_scope(context, "Search", request.request_id):
+            self._check_ready()
             check_k(request.k, state.config.max_k)
             index = state.index
             vec = query_vector(request.vector, state.dimension, state.vector_dimension)
             filt = search_filter(request.filters, time.time())
             resp = pb.SearchResponse(shard=state.config.shard_id, model_version=state.model_version)
+            with self._searches_lock:
+                self.searches += 1
             if index is None:
                 return resp
             ids, scores = index.search(vec, request.k, filt)
@@ -425,6 +484,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
         state = self.state
         with rpc_scope(context, "Lookup", f"lookup-{request.post_id}"):
+            self._check_ready()  # "not found" from a half-replayed index would be a wrong answer
             resp = pb.LookupResponse(shard=state.config.shard_id)
             if state.index is None:
                 return resp
@@ -465,6 +525,9 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
                 rejected=state.rejected,
                 model_version=state.model_version,
                 error=info.get("error", ""),
+                searches=self.searches,
+                ready=self.ready.is_set(),
+                end_offset=state.end_offset or 0,
             )
             shard.applied.add(topic=state.topic, partition=state.config.shard_id, offset=state.applied_offset)
             return pb.StatsResponse(shards=[shard], total_indexed=shard.indexed, model_version=state.model_version)
@@ -480,8 +543,10 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> Non
         snapshotter.load_newest()  # then the applier replays the partition from its offset
     if config.dimension and state.index is None:
         state._ensure_index(config.dimension)  # a bad index configuration fails here, before serving
+    started = time.monotonic()
     address = f"{config.host}:{config.port}"
-    servicer = ShardServicer(state, address)
+    ready = threading.Event()
+    servicer = ShardServicer(state, address, ready)
     server, health_servicer, port = build_server(
         config.host,
         config.port,
@@ -503,8 +568,14 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> Non
         kafka,
         state,
         on_caught_up=lambda: (
+            ready.set(),
             set_serving(health_servicer, SERVICE_NAMES, True),
-            log.info("shard_ready", indexed=len(state.index) if state.index else 0, offset=state.applied_offset),
+            log.info(
+                "shard_ready",
+                indexed=len(state.index) if state.index else 0,
+                offset=state.applied_offset,
+                seconds=round(time.monotonic() - started, 3),
+            ),
         ),
         on_fatal=on_fatal,
     )
