@@ -98,6 +98,19 @@ class ExportInfo:
         path.write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
 
 
+def _onnxruntime():
+    """onnxruntime (or onnxruntime-gpu), imported on use: the torch backend never needs it."""
+    try:
+        import onnxruntime
+    except ModuleNotFoundError as exc:  # the base dependencies leave the build to the `cpu`/`gpu` extra
+        raise ModuleNotFoundError(
+            "onnxruntime is not installed: install feedret with the `cpu` extra (pip install 'feedret[cpu]'), "
+            "or the `gpu` extra (onnxruntime-gpu) on CUDA machines",
+            name="onnxruntime",
+        ) from exc
+    return onnxruntime
+
+
 def default_onnx_path(model_dir: str | Path, pooling: str | None = None, meta: EncoderMeta | None = None) -> Path:
     """`<model_dir>/onnx/model.onnx` for the model's own pooling, `model-<pooling>.onnx` for another.
 
@@ -320,7 +333,7 @@ def export_onnx(
 
 
 def _verify(onnx_path: Path, encoder: Any, module: Any) -> None:
-    import onnxruntime as ort
+    ort = _onnxruntime()
     import torch
 
     session = ort.InferenceSession(str(onnx_path), providers=[CPU_PROVIDER])
@@ -345,7 +358,7 @@ def pick_providers(device: str) -> tuple[str, list[Any]]:
     "auto" takes CUDA when this onnxruntime has it (the onnxruntime-gpu build),
     else the CPU; an explicit "cuda" without it is an error, as for the torch Encoder.
     """
-    import onnxruntime as ort
+    ort = _onnxruntime()
 
     available = ort.get_available_providers()
     if device == "auto":
@@ -406,7 +419,7 @@ class OnnxEncoder(BaseEncoder):
         torch_threads sets onnxruntime's intra-op threads (None: onnxruntime's default),
         so the same setting means the same thing for both backends.
         """
-        import onnxruntime as ort
+        ort = _onnxruntime()
 
         model_dir, meta = open_model_dir(path)
         if pooling is not None and pooling not in POOLINGS:

@@ -911,5 +911,9 @@ def test_dockerfile_copies_what_exists_and_runs_the_console_script(dockerfile: P
         assert "cuda" in base, f"{dockerfile.name} is not on a CUDA base: {base}"
         assert "cu1" in args.get("TORCH_INDEX_URL", ""), "the GPU image needs a CUDA build of torch"
         assert any("optional-dependencies']['gpu']" in r for r in runs), "the GPU image installs the gpu extra"
+        assert not any("optional-dependencies']['cpu']" in r for r in runs), "the GPU image installs the cpu extra too"
     else:
         assert args.get("TORCH_INDEX_URL", "").rstrip("/").endswith("/cpu"), "the CPU image needs torch's CPU build"
+        # faiss and onnxruntime are not base dependencies (tests/test_packaging.py): the extra brings them.
+        assert any("optional-dependencies']['cpu']" in r for r in runs), "the CPU image installs the cpu extra"
+        assert not any("optional-dependencies']['gpu']" in r for r in runs), "the CPU image installs the gpu extra"

@@ -1,0 +1,45 @@
+"""pyproject.toml: faiss and onnxruntime come from exactly one of the `cpu` and `gpu` extras."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+PROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+EXTRAS = PROJECT["optional-dependencies"]
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.match(r"[A-Za-z0-9._-]+(\[[^\]]*\])?", r).group(0).lower() for r in requirements}
+
+
+def test_cpu_and_gpu_builds_are_alternative_extras():
+    # faiss-cpu and faiss-gpu-cu12 (onnxruntime and onnxruntime-gpu) install the same
+    # import package; the base dependencies may hold neither, or the gpu extra would
+    # install both and one would overwrite the other's files.
+    base = _names(PROJECT["dependencies"])
+    assert not {n for n in base if n.startswith(("faiss", "onnxruntime"))}, base
+    assert {"faiss-cpu", "onnxruntime"} <= _names(EXTRAS["cpu"])
+    gpu = _names(EXTRAS["gpu"])
+    assert "onnxruntime-gpu" in gpu and any(n.startswith("faiss-gpu") for n in gpu)
+    assert not gpu & _names(EXTRAS["cpu"])
+    # `pip install -e '.[test]'` (make install, CI) still brings everything the tests need.
+    assert "feedret[cpu]" in _names(EXTRAS["test"])
+
+
+def test_a_missing_build_says_which_extra_to_install():
+    for module, importer in [
+        ("faiss", "import feedret.indexer.shard_index"),
+        ("onnxruntime", "from feedret.encoder.onnx_backend import pick_providers; pick_providers('cpu')"),
+    ]:
+        code = f"import sys; sys.modules[{module!r}] = None\n{importer}"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0
+        assert f"{module} is not installed" in proc.stderr and "feedret[cpu]" in proc.stderr, proc.stderr[-2000:]
