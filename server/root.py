@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -94,6 +95,13 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             grpc.insecure_channel(config.member_address, options=opts)
         )
         self.consumer_offsets = ConsumerOffsets(kafka)
+        # Shard calls are blocking calls made on these long-lived threads. A grpc future
+        # (`stub.Search.future`) on a channel with no call in flight starts a new polling
+        # thread and waits for it to run, i.e. a thread per shard per request: on a busy
+        # 2-core machine that cost ~2 ms of a request (benchmarks/results/search_latency_1m.md).
+        self._shard_calls = ThreadPoolExecutor(
+            max_workers=max(4, config.grpc_workers * len(self.addresses)), thread_name_prefix="shard-call"
+        )
         # Learned from shard answers so wrong-width vectors are refused before fan-out:
         # the width the shards serve, and the model's full width when they serve a
         # Matryoshka prefix of it (such queries are truncated here, before fan-out).
@@ -171,13 +179,20 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             )
             return resp
 
+    def _start_search(self, shard: int, search: pb.SearchRequest, deadline: float) -> Future:
+        """One shard's Search, started; the future's result() raises grpc.RpcError as the call would.
+
+        The timeout is taken from the deadline when the call starts, not when it was queued.
+        """
+        stub = self.shards[shard]
+        return self._shard_calls.submit(lambda: stub.Search(search, timeout=max(deadline - time.monotonic(), 0.001)))
+
     def _fan_out(
         self, vec: np.ndarray, request: pb.RetrieveRequest, rid: str, deadline: float
     ) -> tuple[list[ShardHits], list[int]]:
         search = pb.SearchRequest(k=request.k, filters=request.filters, request_id=rid)
         search.vector.extend(vec.tolist())
-        timeout = max(deadline - time.monotonic(), 0.001)
-        calls = [stub.Search.future(search, timeout=timeout) for stub in self.shards]
+        calls = [self._start_search(shard, search, deadline) for shard in range(len(self.shards))]
         hits: list[ShardHits] = []
         failed: list[int] = []
         for shard, call in enumerate(calls):
