@@ -143,3 +143,39 @@ def search_filter(filters: pb.Filters, now: float) -> SearchFilter:
         min_created_at=(now - filters.max_age_seconds) if filters.max_age_seconds else None,
         languages=tuple(l.lower() for l in filters.languages),
     )
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def fill_candidates(
+    candidates: pb.Candidates, post_ids: np.ndarray, scores: np.ndarray, shards: np.ndarray | None = None
+) -> None:
+    """Append candidates to the packed arrays of a reply, as `extend` would, cheaper.
+
+    At k=2,000, `extend(array.tolist())` of three fields took ~1 ms per reply on the
+    benchmark machine. Scores go in as their little-endian float32 bytes and shard
+    numbers under 128 as one byte each (both exactly protobuf's packed encoding),
+    merged in one parse; post ids, varints of any size, still go through `extend`.
+    """
+    candidates.post_ids.extend(np.asarray(post_ids, np.int64).tolist())
+    parts = []
+    raw = np.ascontiguousarray(scores, dtype="<f4").tobytes()
+    if raw:
+        parts += [b"\x12", _varint(len(raw)), raw]  # field 2 (scores), length-delimited
+    if shards is not None and len(shards):
+        shards = np.asarray(shards)
+        if shards.min() >= 0 and shards.max() < 128:
+            raw = shards.astype(np.uint8).tobytes()
+            parts += [b"\x1a", _varint(len(raw)), raw]  # field 3 (shards)
+        else:
+            candidates.shards.extend(shards.astype(np.int64).tolist())
+    if parts:
+        candidates.MergeFromString(b"".join(parts))

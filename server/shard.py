@@ -26,6 +26,7 @@ from feedret.server.grpc_common import (
     RpcFailure,
     build_server,
     check_k,
+    fill_candidates,
     query_vector,
     rpc_scope,
     search_filter,
@@ -474,8 +475,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
             if index is None:
                 return resp
             ids, scores = index.search(vec, request.k, filt)
-            resp.candidates.post_ids.extend(ids.tolist())
-            resp.candidates.scores.extend(scores.tolist())
+            fill_candidates(resp.candidates, ids, scores)
             resp.indexed = len(index)
             resp.dimension = index.dimension
             resp.vector_dimension = index.input_dimension
