@@ -227,6 +227,11 @@ def stats(root: str, as_json: bool) -> None:
             f"  shard {s.shard} {s.address:<21} {state:<6} indexed {s.indexed:>9}  dim {s.dimension}  "
             f"{s.index_type}  upserts {s.upserts} deletes {s.deletes} rejected {s.rejected}  applied {applied}"
         )
+        if len(s.replicas) > 1:
+            for r in s.replicas:
+                status = ("ready" if r.ready else "catching up") if r.reachable else f"DOWN ({r.error})"
+                at = ", ".join(str(o.offset) for o in r.applied) or "-"
+                click.echo(f"    replica {r.address:<21} {status:<11} indexed {r.indexed:>9}  searches {r.searches}  applied {at}")
     offsets = ", ".join(f"{o.topic}[{o.partition}]@{o.offset}" for o in reply.consumer_offsets)
     click.echo(f"  consumer offsets: {offsets or '-'}")
 
@@ -374,21 +379,23 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 @cli.command()
-@click.option("--shards", "num_shards", default=2, show_default=True, type=int)
+@click.option("--shards", "num_shards", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Replicas per shard, each its own process; the root spreads queries over them and hedges.")
 @click.option("--root-port", default=DEFAULT_ROOT_PORT, show_default=True, type=int)
 @click.option("--member-port", default=DEFAULT_MEMBER_PORT, show_default=True, type=int)
 @click.option("--shard-base-port", default=DEFAULT_SHARD_BASE_PORT, show_default=True, type=int)
 @click.option("--broker-port", default=DEFAULT_BROKER_PORT, show_default=True, type=int, help="Embedded broker port.")
 @click.option(
     "--metrics-base-port", default=DEFAULT_ROOT_METRICS_PORT, show_default=True, type=int,
-    help="Prometheus /metrics: root here, member +1, consumer +2, shard i +10+i; 0: off.",
+    help="Prometheus /metrics: root here, member +1, consumer +2, shard i (replica r) +10+r*shards+i; 0: off.",
 )
 @click.option("--posts", "posts_file", type=click.Path(exists=True, path_type=Path), default=SAMPLE_POSTS, show_default=True)
 @click.option("--members", "members_file", type=click.Path(exists=True, path_type=Path), default=SAMPLE_MEMBERS, show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=REPO_ROOT / "var", show_default=True)
 @click.option("--no-publish", is_flag=True, help="Start the stack without publishing the sample posts.")
 def up(
-    num_shards, root_port, member_port, shard_base_port, broker_port, metrics_base_port, posts_file, members_file, workdir,
+    num_shards, replicas, root_port, member_port, shard_base_port, broker_port, metrics_base_port, posts_file, members_file, workdir,
     no_publish,
 ) -> None:
     """Bring up broker, consumer, shards, root and member servers; publish samples; serve until Ctrl-C."""
@@ -402,6 +409,7 @@ def up(
         signal.signal(sig, lambda *_: stop.set())
     config = StackConfig(
         num_shards=num_shards,
+        replicas=replicas,
         root_port=root_port,
         member_port=member_port,
         shard_base_port=shard_base_port,
@@ -430,8 +438,10 @@ def up(
         click.echo(f"feedret is up in {time.monotonic() - started:.1f}s: {_indexed(client)} posts searchable")
         click.echo(f"  root (RetrievalService, IndexAdmin)  {config.root_address}")
         click.echo(f"  member (MemberEmbeddingService)      {config.member_address}")
-        for i in range(num_shards):
-            click.echo(f"  shard {i} (ShardService, IndexAdmin)   {config.shard_address(i)}")
+        for r in range(replicas):
+            for i in range(num_shards):
+                label = f"shard {i}" + (f" replica {r}" if replicas > 1 else "")
+                click.echo(f"  {label + ' (ShardService, IndexAdmin)':<36} {config.shard_address(i, r)}")
         click.echo(f"  kafka                                {stack.kafka.bootstrap_servers}")
         metrics_urls = stack.metrics_urls()
         if metrics_urls:

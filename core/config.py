@@ -127,6 +127,10 @@ class ShardConfig(_Settings):
     max_k: int = Field(default=10_000, ge=1)
     apply_batch_max: int = Field(default=512, ge=1)
     grpc_workers: int = Field(default=8, ge=1)
+    # Connections are closed (gracefully) after this long, so a root whose channel
+    # round-robins over a dns: pool re-resolves it and finds replicas added since; gRPC
+    # re-resolves only when a connection ends. 0: never.
+    max_connection_age_s: float = Field(default=60.0, ge=0)
 
     @field_validator("index_backend")
     @classmethod

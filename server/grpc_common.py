@@ -45,8 +45,11 @@ def build_server(
     workers: int,
     register: Sequence[Callable[[grpc.Server], None]],
     service_names: Sequence[str],
+    options: Sequence[tuple[str, object]] = (),
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
     """A server with our services plus grpc.health.v1 and reflection. Returns the bound port.
+
+    `options`: further grpc server channel arguments.
 
     Every RPC is counted and timed for Prometheus (feedret.metrics).
     """
@@ -57,6 +60,7 @@ def build_server(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            *options,
         ],
     )
     for add in register:

@@ -45,6 +45,9 @@ log = structlog.get_logger(__name__)
 class StackConfig:
     host: str = "127.0.0.1"
     num_shards: int = 2
+    # Replicas per shard, each its own process reading the shard's partition; the
+    # root spreads queries over them, fails over and hedges (feedret.server.replicas).
+    replicas: int = 1
     root_port: int = DEFAULT_ROOT_PORT
     member_port: int = DEFAULT_MEMBER_PORT
     shard_base_port: int = DEFAULT_SHARD_BASE_PORT
@@ -67,8 +70,19 @@ class StackConfig:
     def member_address(self) -> str:
         return f"{self.host}:{self.member_port}"
 
-    def shard_address(self, shard: int) -> str:
-        return f"{self.host}:{self.shard_base_port + shard}"
+    def shard_address(self, shard: int, replica: int = 0) -> str:
+        # Replica 0 of every shard first, so one replica per shard keeps the old ports.
+        return f"{self.host}:{self.shard_base_port + replica * self.num_shards + shard}"
+
+    @property
+    def shard_addresses(self) -> str:
+        """The root's FEEDRET_SHARD_ADDRESSES: shards by commas, each shard's replicas by `|`."""
+        return ",".join(
+            "|".join(self.shard_address(i, r) for r in range(self.replicas)) for i in range(self.num_shards)
+        )
+
+    def shard_names(self) -> list[str]:
+        return [shard_name(i, r) for r in range(self.replicas) for i in range(self.num_shards)]
 
     def metrics_port(self, role: str, grpc_port: int = 0) -> int:
         """FEEDRET_METRICS_PORT of a process: distinct per process, 0 when metrics are off.
@@ -83,6 +97,17 @@ class StackConfig:
             offset = {"root": DEFAULT_ROOT_METRICS_PORT, "member": DEFAULT_MEMBER_METRICS_PORT,
                       "consumer": DEFAULT_CONSUMER_METRICS_PORT}[role]
         return self.metrics_base_port + offset - DEFAULT_ROOT_METRICS_PORT
+
+
+def shard_name(shard: int, replica: int = 0) -> str:
+    """A shard process's name (and log file): shard-<i> for its first replica, shard-<i>-<r> for others."""
+    return f"shard-{shard}" if replica == 0 else f"shard-{shard}-{replica}"
+
+
+def parse_shard_name(name: str) -> tuple[int, int]:
+    """(shard, replica) of a name made by shard_name."""
+    parts = name.split("-")
+    return int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
 
 
 def tansu_binary() -> str:
@@ -158,8 +183,9 @@ class Stack:
             **c.env,
         }
         if name.startswith("shard-"):
-            shard = int(name.split("-")[1])
-            env.update(FEEDRET_SHARD_ID=str(shard), FEEDRET_HOST=c.host, FEEDRET_PORT=str(c.shard_base_port + shard))
+            shard, replica = parse_shard_name(name)
+            port = c.shard_address(shard, replica).rsplit(":", 1)[1]
+            env.update(FEEDRET_SHARD_ID=str(shard), FEEDRET_HOST=c.host, FEEDRET_PORT=port)
             env["FEEDRET_METRICS_PORT"] = str(c.metrics_port("shard", int(env["FEEDRET_PORT"])))
             return "shard", env
         env.update(FEEDRET_HOST=c.host, FEEDRET_METRICS_PORT=str(c.metrics_port(name)))
@@ -168,7 +194,7 @@ class Stack:
         elif name == "root":
             env.update(
                 FEEDRET_PORT=str(c.root_port),
-                FEEDRET_SHARD_ADDRESSES=",".join(c.shard_address(i) for i in range(c.num_shards)),
+                FEEDRET_SHARD_ADDRESSES=c.shard_addresses,
                 FEEDRET_MEMBER_ADDRESS=c.member_address,
             )
         return name, env
@@ -180,7 +206,7 @@ class Stack:
     def addresses(self) -> dict[str, str]:
         c = self.config
         out = {"root": c.root_address, "member": c.member_address}
-        out.update({f"shard-{i}": c.shard_address(i) for i in range(c.num_shards)})
+        out.update({name: c.shard_address(*parse_shard_name(name)) for name in c.shard_names()})
         return out
 
     def metrics_urls(self) -> dict[str, str]:
@@ -227,7 +253,7 @@ class Stack:
                 )
                 wait_for_port(c.host, c.broker_port, 30)
             ensure_topics(self.kafka, c.num_shards)
-            shards = [f"shard-{i}" for i in range(c.num_shards)]
+            shards = c.shard_names()
             # Embedding roles load torch and the model: start them first, they take longest.
             for name in ["member", "consumer", *shards, "root"]:
                 self.start_role(name)

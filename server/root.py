@@ -6,6 +6,7 @@ the reply carries the other shards' merged top-K with partial=true.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +19,7 @@ from feedret import metrics
 from feedret.config import KafkaConfig, RootConfig
 from feedret.merge import ShardHits, merge_topk
 from feedret.routing import shard_of
+from feedret.server.replicas import MAX_IN_FLIGHT, Fatal, Outcome, ReplicaSet, call_replicas
 from feedret.server.grpc_common import (
     InvalidRequest,
     RpcFailure,
@@ -37,17 +39,6 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name,
     pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name,
 )
-
-# Errors that mean "this shard could not answer", as opposed to "the request is wrong".
-_SHARD_DOWN = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
 
 class ConsumerOffsets:
     """Committed offsets of the embedding consumer group, read through the Kafka admin API."""
@@ -83,14 +74,20 @@ class ConsumerOffsets:
 class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer):
     def __init__(self, config: RootConfig, kafka: KafkaConfig) -> None:
         self.config = config
-        self.addresses = config.shard_list()
-        if not self.addresses:
-            raise ValueError("FEEDRET_SHARD_ADDRESSES names no shard")
+        self.addresses = config.shard_list()  # per shard, its replicas joined by "|"
+        targets = config.shard_replicas()
         opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        self.shards = [
-            pb_grpc.ShardServiceStub(grpc.insecure_channel(a, options=opts)) for a in self.addresses
+        # round_robin: a target that resolves to several addresses (a dns: pool over a
+        # headless Service) spreads calls over all of them; pick_first, the default,
+        # would send everything to one replica. One address: the same as pick_first.
+        shard_opts = [*opts, ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))]
+        channels = [[grpc.insecure_channel(t, options=shard_opts) for t in replicas] for replicas in targets]
+        self.search_stubs = [[pb_grpc.ShardServiceStub(c) for c in chans] for chans in channels]
+        self.admin_stubs = [[pb_grpc.IndexAdminStub(c) for c in chans] for chans in channels]
+        self.replica_sets = [
+            ReplicaSet(shard, replicas, cooldown_s=config.replica_cooldown_s) for shard, replicas in enumerate(targets)
         ]
-        self.admins = [pb_grpc.IndexAdminStub(grpc.insecure_channel(a, options=opts)) for a in self.addresses]
+        self.hedge_after_s = config.hedge_after_ms / 1000
         self.member = pb_grpc.MemberEmbeddingServiceStub(
             grpc.insecure_channel(config.member_address, options=opts)
         )
@@ -99,8 +96,12 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         # (`stub.Search.future`) on a channel with no call in flight starts a new polling
         # thread and waits for it to run, i.e. a thread per shard per request: on a busy
         # 2-core machine that cost ~2 ms of a request (benchmarks/results/search_latency_1m.md).
+        # Up to MAX_IN_FLIGHT calls per shard per request (the attempt and a hedge). A call
+        # overtaken by a hedge cannot be interrupted (blocking calls cannot); its answer is
+        # dropped and it ends by its own deadline.
         self._shard_calls = ThreadPoolExecutor(
-            max_workers=max(4, config.grpc_workers * len(self.addresses)), thread_name_prefix="shard-call"
+            max_workers=max(4, config.grpc_workers * len(self.addresses) * MAX_IN_FLIGHT),
+            thread_name_prefix="shard-call",
         )
         # Learned from shard answers so wrong-width vectors are refused before fan-out:
         # the width the shards serve, and the model's full width when they serve a
@@ -179,34 +180,42 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             )
             return resp
 
-    def _start_search(self, shard: int, search: pb.SearchRequest, deadline: float) -> Future:
-        """One shard's Search, started; the future's result() raises grpc.RpcError as the call would.
+    def _submit(self, call, request, timeout: float) -> Future:
+        """A blocking shard call started on the pool; the future's result() raises grpc.RpcError as the call would.
 
-        The timeout is taken from the deadline when the call starts, not when it was queued.
+        The timeout runs from submission: time spent queued for a thread counts against it.
         """
-        stub = self.shards[shard]
-        return self._shard_calls.submit(lambda: stub.Search(search, timeout=max(deadline - time.monotonic(), 0.001)))
+        deadline = time.monotonic() + timeout
+        return self._shard_calls.submit(lambda: call(request, timeout=max(deadline - time.monotonic(), 0.001)))
 
     def _fan_out(
         self, vec: np.ndarray, request: pb.RetrieveRequest, rid: str, deadline: float
     ) -> tuple[list[ShardHits], list[int]]:
         search = pb.SearchRequest(k=request.k, filters=request.filters, request_id=rid)
         search.vector.extend(vec.tolist())
-        calls = [self._start_search(shard, search, deadline) for shard in range(len(self.shards))]
+        try:
+            outcomes = call_replicas(
+                self.replica_sets,
+                lambda shard, replica, timeout: self._submit(self.search_stubs[shard][replica].Search, search, timeout),
+                deadline,
+                self.hedge_after_s,
+                fatal=_is_invalid_argument,
+            )
+        except Fatal as exc:
+            raise InvalidRequest(exc.error.details()) from exc
         hits: list[ShardHits] = []
         failed: list[int] = []
-        for shard, call in enumerate(calls):
-            try:
-                reply: pb.SearchResponse = call.result()
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    for other in calls:
-                        other.cancel()
-                    raise InvalidRequest(exc.details()) from exc
+        for shard, outcome in enumerate(outcomes):
+            if outcome.hedged or outcome.failed_over:
+                log.info("shard_replicas_tried", shard=shard, attempts=self._attempts(shard, outcome))
+            if not outcome.ok:
+                code = _failure_code(outcome)
                 failed.append(shard)
-                metrics.ROOT_SHARD_FAILURES.labels(shard=str(shard), code=exc.code().name).inc()
-                log.warning("shard_failed", shard=shard, code=exc.code().name, details=exc.details())
+                metrics.ROOT_SHARD_FAILURES.labels(shard=str(shard), code=code).inc()
+                log.warning("shard_failed", shard=shard, code=code, attempts=self._attempts(shard, outcome),
+                            details=_failure_details(outcome))
                 continue
+            reply: pb.SearchResponse = outcome.reply
             if reply.dimension:
                 self.dimension = reply.dimension
                 self.vector_dimension = reply.vector_dimension
@@ -221,39 +230,105 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             )
         return hits, failed
 
+    def _attempts(self, shard: int, outcome: Outcome) -> list[str]:
+        """The attempts for a log line: "target kind result"."""
+        targets = self.replica_sets[shard].targets
+        return [f"{targets[r]} {kind} {how}" for r, kind, how in outcome.attempts]
+
     # ------------------------------------------------------------ IndexAdmin
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
         with rpc_scope(context, "Lookup", f"lookup-{request.post_id}"):
             if request.post_id < 0:
                 raise InvalidRequest(f"post_id must be >= 0, got {request.post_id}")
-            shard = shard_of(request.post_id, len(self.admins))
+            shard = shard_of(request.post_id, len(self.replica_sets))
+            # The shard's replicas as for a search: a replica that is down or still
+            # catching up (UNAVAILABLE) is skipped for the next.
             try:
-                reply = self.admins[shard].Lookup(request, timeout=self.config.default_timeout_s)
-            except grpc.RpcError as exc:
+                (outcome,) = call_replicas(
+                    [self.replica_sets[shard]],
+                    lambda _shard, replica, timeout: self._submit(self.admin_stubs[shard][replica].Lookup, request, timeout),
+                    time.monotonic() + self.config.default_timeout_s,
+                    self.hedge_after_s,
+                    fatal=_is_invalid_argument,
+                )
+            except Fatal as exc:
+                raise InvalidRequest(exc.error.details()) from exc
+            if not outcome.ok:
                 raise RpcFailure(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"shard {shard} ({self.addresses[shard]}) did not answer: {exc.details()}",
-                ) from exc
+                    f"shard {shard} ({self.addresses[shard]}) did not answer: {_failure_details(outcome)}",
+                )
+            reply: pb.LookupResponse = outcome.reply
             reply.shard = shard
             return reply
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        """Every replica's Stats; per shard, its most caught-up ready replica's, with all of them under `replicas`."""
         with rpc_scope(context, "Stats"):
-            calls = [a.Stats.future(pb.StatsRequest(), timeout=self.config.default_timeout_s) for a in self.admins]
+            timeout = self.config.default_timeout_s
+            calls = [
+                [self._submit(stub.Stats, pb.StatsRequest(), timeout) for stub in stubs] for stubs in self.admin_stubs
+            ]
             resp = pb.StatsResponse()
-            for shard, call in enumerate(calls):
-                try:
-                    part = call.result().shards[0]
+            for shard, futures in enumerate(calls):
+                replicas = []
+                for target, future in zip(self.replica_sets[shard].targets, futures):
+                    try:
+                        part = future.result().shards[0]
+                    except grpc.RpcError as exc:
+                        part = pb.ShardStats(reachable=False, error=exc.details() or exc.code().name)
                     part.shard = shard
-                except grpc.RpcError as exc:
-                    part = pb.ShardStats(shard=shard, reachable=False, error=exc.details() or exc.code().name)
-                part.address = self.addresses[shard]
-                resp.shards.append(part)
-                resp.total_indexed += part.indexed
-                resp.model_version = resp.model_version or part.model_version
+                    part.address = target  # the target the root calls, not the address the replica binds
+                    replicas.append(part)
+                entry = shard_summary(shard, self.addresses[shard], replicas)
+                resp.shards.append(entry)
+                resp.total_indexed += entry.indexed
+                resp.model_version = resp.model_version or entry.model_version
             resp.consumer_offsets.extend(self.consumer_offsets.read())
             return resp
+
+
+def shard_summary(shard: int, address: str, replicas: list[pb.ShardStats]) -> pb.ShardStats:
+    """One shard's Stats entry from its replicas': the most caught-up ready replica's
+    (else the most caught-up reachable one's), searches summed, every replica listed."""
+
+    def rank(r: pb.ShardStats) -> tuple:
+        return (r.reachable, r.ready, sum(o.offset for o in r.applied))
+
+    entry = pb.ShardStats()
+    best = max(replicas, key=rank)
+    if best.reachable:
+        entry.CopyFrom(best)
+    else:
+        entry.error = "; ".join(f"{r.address}: {r.error}" for r in replicas)
+    entry.shard = shard
+    entry.address = address
+    entry.reachable = any(r.reachable for r in replicas)
+    entry.ready = any(r.ready for r in replicas)
+    entry.searches = sum(r.searches for r in replicas)
+    del entry.replicas[:]
+    entry.replicas.extend(replicas)
+    return entry
+
+
+def _is_invalid_argument(exc: BaseException) -> bool:
+    # The request is wrong: every replica would say so; the caller gets it, not a partial answer.
+    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _failure_code(outcome: Outcome) -> str:
+    if outcome.timed_out or outcome.error is None:
+        return grpc.StatusCode.DEADLINE_EXCEEDED.name
+    code = getattr(outcome.error, "code", None)
+    return code().name if callable(code) else grpc.StatusCode.UNKNOWN.name
+
+
+def _failure_details(outcome: Outcome) -> str:
+    if outcome.timed_out or outcome.error is None:
+        return "no replica answered before the deadline"
+    details = getattr(outcome.error, "details", None)
+    return (details() if callable(details) else None) or str(outcome.error)
 
 
 def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event) -> None:

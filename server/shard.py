@@ -533,6 +533,13 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
             return pb.StatsResponse(shards=[shard], total_indexed=shard.indexed, model_version=state.model_version)
 
 
+def connection_age_options(max_age_s: float) -> list[tuple[str, int]]:
+    """Server options that end each connection after max_age_s (0: none), letting calls in flight finish."""
+    if not max_age_s:
+        return []
+    return [("grpc.max_connection_age_ms", int(max_age_s * 1000)), ("grpc.max_connection_age_grace_ms", 5000)]
+
+
 def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> None:
     if config.shard_id >= config.num_shards:
         raise ValueError(f"shard_id {config.shard_id} is outside num_shards={config.num_shards}")
@@ -556,6 +563,7 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> Non
             lambda s: pb_grpc.add_IndexAdminServicer_to_server(servicer, s),
         ],
         SERVICE_NAMES,
+        connection_age_options(config.max_connection_age_s),
     )
     servicer.address = f"{config.host}:{port}"
     fatal: list[str] = []

@@ -40,17 +40,18 @@ def free_port_block(n: int) -> int:
     raise RuntimeError("no free port block")
 
 
-def stack_config(tmp: Path, num_shards: int = 2) -> StackConfig:
-    # One block: broker, root, member, then the shards.
-    base = free_port_block(3 + num_shards)
+def stack_config(tmp: Path, num_shards: int = 2, replicas: int = 1) -> StackConfig:
+    # One block: broker, root, member, then the shards (replica 0 of each, then replica 1, ...).
+    base = free_port_block(3 + num_shards * replicas)
     return StackConfig(
         num_shards=num_shards,
+        replicas=replicas,
         broker_port=base,
         root_port=base + 1,
         member_port=base + 2,
         shard_base_port=base + 3,
-        # root, member, consumer at +0..2, shard i at +10+i (StackConfig.metrics_port).
-        metrics_base_port=free_port_block(10 + num_shards),
+        # root, member, consumer at +0..2, shard i replica r at +10+r*shards+i (StackConfig.metrics_port).
+        metrics_base_port=free_port_block(10 + num_shards * replicas),
         workdir=tmp,
         # Small micro-batches: tests measure freshness, not throughput.
         env={"FEEDRET_BATCH_MAX_WAIT_MS": "50", "FEEDRET_TORCH_THREADS": "1"},
@@ -102,8 +103,11 @@ class RunningStack:
         return self.client.lookup(post_id).found
 
 
-def start_stack(tmp: Path, n_posts: int, num_shards: int = 2) -> Iterator[RunningStack]:
-    stack = Stack(stack_config(tmp, num_shards))
+def start_stack(tmp: Path, n_posts: int, num_shards: int = 2, replicas: int = 1,
+                env: dict[str, str] | None = None) -> Iterator[RunningStack]:
+    config = stack_config(tmp, num_shards, replicas)
+    config.env.update(env or {})
+    stack = Stack(config)
     with stack:
         running = RunningStack(stack)
         running.publish(sample_lines(n_posts))

@@ -66,3 +66,25 @@ def test_the_environment_variable_is_validated_too(monkeypatch):
     monkeypatch.setenv("FEEDRET_HEDGE_AFTER_MS", "-1")
     with pytest.raises(ValidationError, match="hedge_after_ms"):
         RootConfig()
+
+
+def test_feedret_up_gives_every_replica_its_own_port_and_the_root_all_of_them():
+    from feedret.server.launcher import Stack, StackConfig
+
+    config = StackConfig(num_shards=2, replicas=3, shard_base_port=50061, metrics_base_port=9451)
+    root = RootConfig(shard_addresses=config.shard_addresses)
+    assert root.shard_replicas() == [
+        ["127.0.0.1:50061", "127.0.0.1:50063", "127.0.0.1:50065"],
+        ["127.0.0.1:50062", "127.0.0.1:50064", "127.0.0.1:50066"],
+    ]
+    stack = Stack(config)
+    shards = {n: a for n, a in stack.addresses().items() if n.startswith("shard-")}
+    assert shards == {"shard-0": "127.0.0.1:50061", "shard-1": "127.0.0.1:50062", "shard-0-1": "127.0.0.1:50063",
+                      "shard-1-1": "127.0.0.1:50064", "shard-0-2": "127.0.0.1:50065", "shard-1-2": "127.0.0.1:50066"}
+    envs = {name: stack.role_env(name)[1] for name in shards}
+    assert {(e["FEEDRET_SHARD_ID"], e["FEEDRET_PORT"]) for e in envs.values()} == {
+        (n.split("-")[1], a.rsplit(":", 1)[1]) for n, a in shards.items()}
+    assert len({e["FEEDRET_METRICS_PORT"] for e in envs.values()}) == 6  # no two processes share a port
+    assert stack.role_env("root")[1]["FEEDRET_SHARD_ADDRESSES"] == config.shard_addresses
+    # One replica, the default: the addresses `make run` always used.
+    assert StackConfig().shard_addresses == "127.0.0.1:50061,127.0.0.1:50062"
