@@ -40,6 +40,7 @@ from feedret.config import ConsumerConfig, EncoderConfig, KafkaConfig, MemberCon
 from feedret.encoder.onnx_backend import ONNX_DIR
 from feedret.metrics import METRICS_PATH
 from feedret.server.roles import ROLES
+from feedret.shard_targets import host_port, is_pool
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -502,17 +503,23 @@ def test_shards_topic_and_root_agree(docs):
     assert topics[kafka.vectors_topic]["spec"]["partitions"] == num_shards
     assert topics[kafka.posts_topic]["spec"]["partitions"] == kafka.posts_partitions
 
-    # The root lists exactly the shards' headless Services, in shard order.
+    # The root lists exactly the shards' headless Services, in shard order, each as a
+    # dns: pool, so it spreads queries over (and hedges between) every ready replica.
     roots = [(o, t, c) for o, t, c, role in _feedret_containers(docs) if role == "root"]
     assert roots
     for obj, tpl, c in roots:
         env, _ = _resolve_env(docs, tpl, c)
         root = _build_configs(env, "root")[RootConfig]
-        addresses = root.shard_list()
-        assert len(addresses) == num_shards, f"{_name(obj)} lists {len(addresses)} shards, there are {num_shards}"
-        for shard_id, address in enumerate(addresses):
+        targets = root.shard_replicas()
+        assert len(targets) == num_shards, f"{_name(obj)} lists {len(targets)} shards, there are {num_shards}"
+        for shard_id, replicas in enumerate(targets):
             sts = by_id[shard_id]
-            host, _, port = address.rpartition(":")
+            assert len(replicas) == 1 and is_pool(replicas[0]), (
+                f"root target for shard {shard_id} is {replicas}: one dns:///<headless Service>:<port> pool, "
+                f"or the root would not spread over the StatefulSet's {_replicas(sts)} replicas"
+            )
+            (address,) = replicas
+            host, port = host_port(address)
             svc = services.get(sts["spec"]["serviceName"])
             assert svc is not None, f"{_name(sts)} names a missing governing Service"
             assert svc["spec"].get("clusterIP") == "None", f"{_name(svc)} must be headless to list the shard's replicas"
