@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.feedret-installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast proto clean bench
+.PHONY: install run test test-fast proto clean bench bench-search
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,16 @@ proto: install
 BENCH_ARGS ?=
 bench: install
 	$(PY) benchmarks/embed_throughput.py $(BENCH_ARGS)
+
+# Search through root + shards vs raw faiss, then vs milvus-lite (installs the bench extra).
+# Defaults are a smoke run; the committed results' commands are in benchmarks/results/*.md, e.g.
+#   make bench-search SEARCH_ARGS="--n 1000000 --queries 200 --index Flat --index IVF4096,Flat --index HNSW32"
+SEARCH_ARGS ?=
+MILVUS_ARGS ?=
+bench-search: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/search_latency.py $(SEARCH_ARGS)
+	$(PY) benchmarks/milvus_compare.py $(MILVUS_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

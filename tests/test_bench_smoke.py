@@ -1,0 +1,53 @@
+"""The search benchmarks run end to end at a tiny size, so they do not rot (they start real stacks: e2e)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n", "3000", "--queries", "8", "--warmup", "1", "--rounds", "1", "--concurrency", "2", "--k", "10", "--k", "200"]
+
+
+def run(script: str, args: list[str], tmp_path: Path) -> tuple[str, float]:
+    out = tmp_path / "report.md"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--cache-dir", str(tmp_path / "cache"),
+         "--out", str(out), "--plot", str(tmp_path / "plot.png"), "--json", str(tmp_path / "raw.json")],
+        capture_output=True, text=True, timeout=170, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "plot.png").stat().st_size > 0 and (tmp_path / "raw.json").exists()
+    return out.read_text(), time.monotonic() - started
+
+
+def test_search_latency_smoke(tmp_path):
+    report, seconds = run("search_latency.py", [*TINY, "--index", "Flat", "--index", "IVF16,Flat", "--index", "HNSW16"],
+                          tmp_path)
+    assert "feedret / raw" in report and "| IVF16,Flat | 200 |" in report and "| HNSW16 | 10 |" in report
+    assert "| Flat | 200 | exact |" in report and "1.000 / 1.000" in report  # exact search finds the exact top-k
+    assert seconds < 120, f"took {seconds:.0f}s"
+
+
+def test_milvus_compare_smoke(tmp_path):
+    pytest.importorskip("pymilvus", reason="the bench extra (pip install -e '.[bench]') is not installed")
+    pytest.importorskip("milvus_lite")
+    report, seconds = run("milvus_compare.py", [*TINY, "--index", "flat", "--index", "hnsw", "--nlist", "16",
+                                                "--freshness-trials", "2"], tmp_path)
+    assert "at matched recall" in report and "| flat | 200 |" in report and "| hnsw | 10 |" in report
+    assert "Insert to searchable" in report
+    assert seconds < 120, f"took {seconds:.0f}s"
+
+
+@pytest.mark.parametrize("script", ["search_latency.py", "milvus_compare.py"])
+def test_help(script):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "--n" in proc.stdout
