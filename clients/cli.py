@@ -438,8 +438,8 @@ def up(
         click.echo(f"feedret is up in {time.monotonic() - started:.1f}s: {_indexed(client)} posts searchable")
         click.echo(f"  root (RetrievalService, IndexAdmin)  {config.root_address}")
         click.echo(f"  member (MemberEmbeddingService)      {config.member_address}")
-        for r in range(replicas):
-            for i in range(num_shards):
+        for i in range(num_shards):
+            for r in range(replicas):
                 label = f"shard {i}" + (f" replica {r}" if replicas > 1 else "")
                 click.echo(f"  {label + ' (ShardService, IndexAdmin)':<36} {config.shard_address(i, r)}")
         click.echo(f"  kafka                                {stack.kafka.bootstrap_servers}")
