@@ -20,6 +20,7 @@ from feedret.config import KafkaConfig, RootConfig
 from feedret.merge import ShardHits, merge_topk
 from feedret.routing import shard_of
 from feedret.server.replicas import MAX_IN_FLIGHT, Fatal, Outcome, ReplicaSet, call_replicas
+from feedret.shard_targets import is_pool
 from feedret.server.grpc_common import (
     InvalidRequest,
     RpcFailure,
@@ -77,11 +78,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         self.addresses = config.shard_list()  # per shard, its replicas joined by "|"
         targets = config.shard_replicas()
         opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        # round_robin: a target that resolves to several addresses (a dns: pool over a
-        # headless Service) spreads calls over all of them; pick_first, the default,
-        # would send everything to one replica. One address: the same as pick_first.
-        shard_opts = [*opts, ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))]
-        channels = [[grpc.insecure_channel(t, options=shard_opts) for t in replicas] for replicas in targets]
+        channels = [[grpc.insecure_channel(t, options=shard_channel_options(t)) for t in replicas] for replicas in targets]
         self.search_stubs = [[pb_grpc.ShardServiceStub(c) for c in chans] for chans in channels]
         self.admin_stubs = [[pb_grpc.IndexAdminStub(c) for c in chans] for chans in channels]
         self.replica_sets = [
@@ -287,6 +284,26 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 resp.model_version = resp.model_version or entry.model_version
             resp.consumer_offsets.extend(self.consumer_offsets.read())
             return resp
+
+
+def shard_channel_options(target: str) -> list[tuple[str, object]]:
+    """Channel options for one shard replica target.
+
+    A dns: pool gets round_robin: calls spread over every address it resolves to
+    (pick_first, the default, would send them all to one replica). A plain
+    host:port keeps pick_first: round_robin would also reconnect eagerly while the
+    replica is down, backing off so that it stays unreachable for seconds after it
+    is back. Either way reconnection backs off to at most 2 s (default 120 s), so a
+    restarted replica is asked again soon after it listens.
+    """
+    options: list[tuple[str, object]] = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+    if is_pool(target):
+        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})))
+    return options
 
 
 def shard_summary(shard: int, address: str, replicas: list[pb.ShardStats]) -> pb.ShardStats:
