@@ -55,10 +55,14 @@ class ConsumerOffsets:
         with self._lock:
             try:
                 if self._admin is None:
+                    # kafka-python (>= 2.1) waits 30 s for an unreachable broker by default,
+                    # and Stats would hang that long; offsets are optional, so give up fast.
+                    fast = {"bootstrap_timeout_ms": 3000} if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG else {}
                     self._admin = KafkaAdminClient(
                         bootstrap_servers=self.kafka.bootstrap_servers,
                         client_id="feedret-root-admin",
                         request_timeout_ms=3000,
+                        **fast,
                     )
                 offsets = self._admin.list_group_offsets(self.kafka.consumer_group)
             except Exception as exc:  # noqa: BLE001 - Stats degrades, it does not fail
