@@ -390,13 +390,15 @@ def _read_jsonl(path: Path) -> list[dict]:
     "--metrics-base-port", default=DEFAULT_ROOT_METRICS_PORT, show_default=True, type=int,
     help="Prometheus /metrics: root here, member +1, consumer +2, shard i (replica r) +10+r*shards+i; 0: off.",
 )
+@click.option("--snapshot-interval", "snapshot_interval_s", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between shard snapshots (workdir/snapshots); a restarted shard resumes from its newest. 0: off.")
 @click.option("--posts", "posts_file", type=click.Path(exists=True, path_type=Path), default=SAMPLE_POSTS, show_default=True)
 @click.option("--members", "members_file", type=click.Path(exists=True, path_type=Path), default=SAMPLE_MEMBERS, show_default=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=REPO_ROOT / "var", show_default=True)
 @click.option("--no-publish", is_flag=True, help="Start the stack without publishing the sample posts.")
 def up(
-    num_shards, replicas, root_port, member_port, shard_base_port, broker_port, metrics_base_port, posts_file, members_file, workdir,
-    no_publish,
+    num_shards, replicas, root_port, member_port, shard_base_port, broker_port, metrics_base_port, snapshot_interval_s,
+    posts_file, members_file, workdir, no_publish,
 ) -> None:
     """Bring up broker, consumer, shards, root and member servers; publish samples; serve until Ctrl-C."""
     from feedret.clients.publish import publish_lines
@@ -415,6 +417,7 @@ def up(
         shard_base_port=shard_base_port,
         broker_port=broker_port,
         metrics_base_port=metrics_base_port,
+        snapshot_interval_s=snapshot_interval_s,
         bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
         workdir=workdir,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,6 +61,10 @@ class StackConfig:
     workdir: Path = REPO_ROOT / "var"
     # Extra FEEDRET_* settings for every child (e.g. a model dir, batch sizes).
     env: dict[str, str] = field(default_factory=dict)
+    # Shard snapshots under workdir/snapshots/<process>, one directory per replica (a
+    # replica clears its own shard's stray temporaries at start, so they must not share).
+    # 0: off. A restarted shard then loads its newest snapshot and replays only the tail.
+    snapshot_interval_s: float = 30.0
     ready_timeout_s: float = 120.0
 
     @property
@@ -153,6 +158,7 @@ class Stack:
         self.logs: dict[str, Path] = {}
         self._restarts: dict[str, list[float]] = {}
         self.log_dir = config.workdir / "logs"
+        self.snapshot_root = config.workdir / "snapshots"
         self.kafka = KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=config.bootstrap_servers or f"{config.host}:{config.broker_port}")
 
     # ------------------------------------------------------------ processes
@@ -186,6 +192,9 @@ class Stack:
             shard, replica = parse_shard_name(name)
             port = c.shard_address(shard, replica).rsplit(":", 1)[1]
             env.update(FEEDRET_SHARD_ID=str(shard), FEEDRET_HOST=c.host, FEEDRET_PORT=port)
+            if c.snapshot_interval_s > 0 and "FEEDRET_SNAPSHOT_DIR" not in c.env:
+                env.update(FEEDRET_SNAPSHOT_DIR=str(self.snapshot_root / name),
+                           FEEDRET_SNAPSHOT_INTERVAL_S=str(c.snapshot_interval_s))
             env["FEEDRET_METRICS_PORT"] = str(c.metrics_port("shard", int(env["FEEDRET_PORT"])))
             return "shard", env
         env.update(FEEDRET_HOST=c.host, FEEDRET_METRICS_PORT=str(c.metrics_port(name)))
@@ -245,6 +254,9 @@ class Stack:
         c = self.config
         try:
             if c.bootstrap_servers is None:
+                # The embedded broker keeps its topics in memory: last run's snapshots
+                # describe offsets that no longer exist, so start without them.
+                shutil.rmtree(self.snapshot_root, ignore_errors=True)
                 url = f"tcp://{c.host}:{c.broker_port}"
                 self._spawn(
                     "broker",
@@ -268,8 +280,9 @@ class Stack:
     def restart_dead(self, max_restarts: int = 5, window_s: float = 60.0) -> list[str]:
         """Restart every server role that exited; the names restarted.
 
-        A shard restarts empty and replays its partition, so a crash costs
-        freshness for a few seconds, not data. The embedded broker keeps its
+        A shard restarts from its newest snapshot (or empty, with snapshots off)
+        and replays the rest of its partition, so a crash costs freshness for a
+        few seconds, not data. The embedded broker keeps its
         topics in memory only, so its death (or a role crash-looping more than
         max_restarts times in window_s) is fatal: RuntimeError.
         """

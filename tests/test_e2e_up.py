@@ -48,7 +48,8 @@ def test_up_serves_real_retrievals_and_ctrl_c_stops_every_process(tmp_path: Path
     proc = subprocess.Popen(
         [sys.executable, "-m", "feedret.clients.cli", "up", "--posts", str(posts), "--workdir", str(tmp_path / "var"),
          "--broker-port", str(base), "--root-port", str(base + 1), "--member-port", str(base + 2),
-         "--shard-base-port", str(base + 3), "--metrics-base-port", str(free_port_block(12))],
+         "--shard-base-port", str(base + 3), "--metrics-base-port", str(free_port_block(12)),
+         "--snapshot-interval", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "FEEDRET_TORCH_THREADS": "1"},
     )
@@ -61,13 +62,17 @@ def test_up_serves_real_retrievals_and_ctrl_c_stops_every_process(tmp_path: Path
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 6  # broker, consumer, member, root, 2 shards
 
-        # A crashed shard is restarted and replays its partition: everything is searchable again.
+        # A crashed shard is restarted from its newest snapshot and replays the rest of its
+        # partition: everything is searchable again.
+        snapshots = tmp_path / "var" / "snapshots" / "shard-1"
+        assert wait_for(lambda: any(snapshots.glob("*.snap")), timeout=30), "feedret up wrote no shard snapshot"
         shard_1 = next(p for p in children if p.environ().get("FEEDRET_SHARD_ID") == "1")
         shard_1.kill()
         read_until(proc, r"shard-1 exited; restarted it", timeout=10)
         with FeedretClient(f"127.0.0.1:{base + 1}") as client:
             assert wait_for(lambda: _total(client) == 400, timeout=30)
             assert not client.retrieve(vector=[0.1] * 128, k=10).partial
+        assert "snapshot_loaded" in (tmp_path / "var" / "logs" / "shard-1.log").read_text()
         children = psutil.Process(proc.pid).children(recursive=True)
 
         proc.send_signal(signal.SIGINT)
