@@ -52,6 +52,17 @@ def uptime_load() -> str:
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, MiB (0 when unknown)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def mem_total_gib() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

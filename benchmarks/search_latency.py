@@ -101,6 +101,7 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
         opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         shard_stubs = [pb_grpc.ShardServiceStub(grpc.insecure_channel(stack.config.shard_address(i), options=opts))
                        for i in range(args.shards)]
+        result["shard_rss_mib"] = [benchlib.rss_mib(stack.procs[f"shard-{i}"].pid) for i in range(args.shards)]
         stats = client.stats(timeout=10)
         result["indexed"] = stats.total_indexed
         result["index_state"] = [s.index_state for s in stats.shards]
@@ -229,7 +230,10 @@ def report(args, spec: DataSpec, results: list[dict], command: str, machine: lis
     lines += ["", "## Index builds (not timed against anything)", ""]
     for r in results:
         lines.append(f"- {r['index']}: shards hold {', '.join(f'{c:,}' for c in r['shard_posts'])} posts "
-                     f"(state {', '.join(r['index_state'])}); shard index builds {r['build']['build_seconds']} s; "
+                     f"(state {', '.join(r['index_state'])}); shard process RSS after loading "
+                     f"{', '.join(f'{m:,.0f}' for m in r['shard_rss_mib'])} MiB "
+                     f"(~{sum(r['shard_rss_mib']) * 2**20 / sum(r['shard_posts']):,.0f} bytes per post, Python and "
+                     f"gRPC included); shard index builds {r['build']['build_seconds']} s; "
                      f"stack start with snapshot load {r['stack_start_s']} s; partial replies: {r['partial']}")
     lines.append("")
     return "\n".join(lines)
