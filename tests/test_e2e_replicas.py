@@ -58,6 +58,13 @@ def timed_retrieve(client, k: int, timeout: float):
 
 def test_every_post_is_retrievable_and_queries_spread_over_both_replicas_of_each_shard(replicated):
     running, stack = replicated, replicated.stack
+
+    def replicas_agree() -> bool:
+        # The stack is up once each shard's most caught-up replica holds its posts; the
+        # other replica reads the same partition on its own and may be a batch behind.
+        return all(r.indexed == s.indexed for s in running.client.stats(timeout=5).shards for r in s.replicas)
+
+    assert wait_for(replicas_agree, timeout=30)
     stats = running.client.stats(timeout=5)
     assert stats.total_indexed == N_POSTS
     for shard in stats.shards:
