@@ -79,6 +79,20 @@ ROOT_CANDIDATES = Histogram(
 )
 
 
+ROOT_REPLICA_ATTEMPTS = Counter(
+    "feedret_root_replica_attempts_total",
+    "Shard replica calls made for Retrieve, by shard, kind (first, failover: after a failure, hedge: beside a "
+    "slow call) and how each ended (ok, a status code, overtaken by the other call, late, cancelled). "
+    "hedge/first is the hedging overhead.",
+    ["shard", "kind", "result"],
+)
+
+
+def observe_replica_attempts(shard: int, attempts: Iterable[tuple[int, str, str]]) -> None:
+    for _replica, kind, result in attempts:
+        ROOT_REPLICA_ATTEMPTS.labels(shard=str(shard), kind=kind, result=result).inc()
+
+
 def observe_retrieve(candidates: int, failed_shards: Iterable[int]) -> None:
     """One Retrieve answered (shard failures are counted where they happen)."""
     ROOT_CANDIDATES.observe(candidates)

@@ -207,6 +207,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         hits: list[ShardHits] = []
         failed: list[int] = []
         for shard, outcome in enumerate(outcomes):
+            metrics.observe_replica_attempts(shard, outcome.attempts)
             if outcome.hedged or outcome.failed_over:
                 log.info("shard_replicas_tried", shard=shard, attempts=self._attempts(shard, outcome))
             if not outcome.ok:

@@ -17,7 +17,7 @@ from feedret.server.launcher import is_serving, wait_for_port
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
-from conftest import sample_lines, start_stack, wait_for
+from conftest import sample_lines, scrape, start_stack, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +48,13 @@ def admin(address: str) -> pb_grpc.IndexAdminStub:
 def health(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+
+
+def hedges(stack) -> float:
+    """Successful hedged calls to shard 0, from the root's /metrics."""
+    samples = scrape(stack.metrics_urls()["root"])
+    key = ("feedret_root_replica_attempts_total", (("kind", "hedge"), ("result", "ok"), ("shard", "0")))
+    return samples.get(key, 0.0)
 
 
 def timed_retrieve(client, k: int, timeout: float):
@@ -111,6 +118,7 @@ def test_a_hung_replica_is_hedged_around_within_the_deadline(replicated):
     running, stack = replicated, replicated.stack
     expected = running.client.retrieve(vector=query_vector(), k=30, timeout=2).post_ids
     hung = stack.procs["shard-0-1"]
+    hedges_before = hedges(stack)
     hung.send_signal(signal.SIGSTOP)  # port open, never answers
     try:
         took = []
@@ -123,6 +131,8 @@ def test_a_hung_replica_is_hedged_around_within_the_deadline(replicated):
             took.append(seconds)
         # Half of them were hedged after 50 ms: none came near the deadline.
         assert sorted(took)[len(took) // 2] < 0.5, took
+        # ... and the root's metrics say so: hedges to shard 0 that answered.
+        assert hedges(stack) - hedges_before >= 4
     finally:
         hung.send_signal(signal.SIGCONT)
     assert wait_for(lambda: replica_stats(running, 0)[stack.config.shard_address(0, 1)].reachable, timeout=10)
