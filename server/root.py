@@ -27,6 +27,7 @@ from feedret.server.grpc_common import (
     build_server,
     check_filters,
     check_k,
+    fill_candidates,
     query_vector,
     rpc_scope,
     set_serving,
@@ -167,9 +168,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 failed_shards=failed,
                 request_id=rid,
             )
-            resp.candidates.post_ids.extend(merged.post_ids.tolist())
-            resp.candidates.scores.extend(merged.scores.tolist())
-            resp.candidates.shards.extend(merged.shards.tolist())
+            fill_candidates(resp.candidates, merged.post_ids, merged.scores, merged.shards)
             metrics.observe_retrieve(len(merged.post_ids), failed)
             log.info(
                 "retrieved",
