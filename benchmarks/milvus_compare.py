@@ -363,7 +363,7 @@ def plot(args, results: list[dict], path: Path) -> None:
             qf.append(row["feedret"]["qps_c"])
             qm.append(row["milvus"]["qps_c"])
     x = np.arange(len(labels))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(max(9, 2.2 * len(labels) * 2), 4.5))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(min(16, max(9, 1.3 * len(labels) + 4)), 4.5))
     a.bar(x - 0.2, qf, 0.4, label="feedret")
     a.bar(x + 0.2, qm, 0.4, label="milvus-lite")
     a.set_yscale("log")

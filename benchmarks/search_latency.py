@@ -255,7 +255,7 @@ def plot(args, results: list[dict], path: Path) -> None:
             qf.append(row["feedret"]["qps_c"])
             qr.append(row["raw"]["qps_c"])
     x = np.arange(len(labels))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(labels) * 2), 4.5))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(min(16, max(9, 1.4 * len(labels) + 4)), 4.5))
     w = 0.27
     a.bar(x - w, feed, w, label="feedret end to end")
     a.bar(x, shards, w, label="shards direct (no root)")
