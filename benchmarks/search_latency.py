@@ -116,6 +116,14 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
 
         callers = ThreadPoolExecutor(4 * args.shards)  # blocking calls on long-lived threads, as the root makes them
 
+        # The floor of one hop: a Lookup of an absent post on shard 0 (no search, a tiny reply)
+        # through the same gRPC server, interceptors and channel options. End to end is two hops
+        # (client → root → shards), so 2× this is what the serving path costs before any work.
+        admin = pb_grpc.IndexAdminStub(grpc.insecure_channel(stack.config.shard_address(0), options=opts))
+
+        def noop_rpc(q, k):
+            return admin.Lookup(pb.LookupRequest(post_id=-1), timeout=args.timeout)
+
         def shards_direct(q, k):
             req = pb.SearchRequest(k=k)
             req.vector.extend(q.tolist())
@@ -138,19 +146,22 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
                 for q in queries[: args.warmup]:
                     fn(q, k)
             load_before = benchlib.uptime_load()
-            timed = benchlib.time_interleaved({**systems, "shards": shards_direct}, queries, k)
+            for q in queries[: args.warmup]:
+                shards_direct(q, k)
+                noop_rpc(q, k)
+            timed = benchlib.time_interleaved({**systems, "shards": shards_direct, "noop_rpc": noop_rpc}, queries, k)
             qps = benchlib.qps_interleaved(systems, queries, k, args.concurrency, args.rounds)
             load_after = benchlib.uptime_load()
             row = {"nprobe": nprobe if faiss.try_extract_index_ivf(raw) is not None else None,
                    "ef_search": ef if "HNSW" in factory.upper() else None,
                    "load_before": load_before, "load_after": load_after}
-            for name in ("feedret", "raw", "shards"):
+            for name in ("feedret", "raw", "shards", "noop_rpc"):
                 lat = timed[name]["latency"]
                 row[name] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
                              "mean_ms": statistics.fmean(lat) * 1e3, "qps_1": 1 / statistics.fmean(lat)}
                 if name in qps:
                     row[name]["qps_c"] = qps[name]
-                if name != "shards":
+                if name in systems:
                     row[name]["recall"] = statistics.fmean(
                         benchlib.recall_at(ids, truth[i], k) for i, ids in enumerate(timed[name]["ids"]))
             row["ratio_p50"] = row["feedret"]["p50_ms"] / row["raw"]["p50_ms"]
@@ -203,6 +214,8 @@ def report(args, spec: DataSpec, results: list[dict], command: str, machine: lis
         "scan the same number of vectors)",
         "- shards direct: the same query sent straight to every shard's Search RPC in parallel (no root, "
         "no merge): the shard part of the end-to-end time",
+        "- no-op RPC: a Lookup of an absent post on shard 0 (no search, a few-byte reply), interleaved with the "
+        "others: what one gRPC hop costs on this machine before any work; end to end makes two hops in sequence",
         f"- latency: one query at a time, feedret / raw / shards-direct alternating per query; "
         f"QPS@{args.concurrency}: {args.concurrency} client threads, feedret and raw alternating over "
         f"{args.rounds} rounds of all queries; recall@k: |found ∩ exact top-k| / k, averaged",
@@ -213,17 +226,20 @@ def report(args, spec: DataSpec, results: list[dict], command: str, machine: lis
         "## Results",
         "",
         "| index | k | nprobe / efSearch | feedret p50 / p99 ms | raw p50 / p99 ms | shards-direct p50 ms "
+        "| no-op RPC p50 ms "
         f"| feedret / raw (p50) | QPS 1 client: feedret / raw | QPS {args.concurrency} clients: feedret / raw "
         "| recall@k feedret / raw | load before → after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         for k, row in r["k"].items():
             f, w, s = row["feedret"], row["raw"], row["shards"]
+            noop = row.get("noop_rpc", {}).get("p50_ms")
             breadth = f"nprobe {row['nprobe']}" if row["nprobe"] else (f"ef {row['ef_search']}" if row["ef_search"] else "exact")
             lines.append(
                 f"| {r['index']} | {k:,} | {breadth} | {fmt(f['p50_ms'])} / {fmt(f['p99_ms'])} "
-                f"| {fmt(w['p50_ms'])} / {fmt(w['p99_ms'])} | {fmt(s['p50_ms'])} | **{row['ratio_p50']:.2f}** "
+                f"| {fmt(w['p50_ms'])} / {fmt(w['p99_ms'])} | {fmt(s['p50_ms'])} | {fmt(noop, 2)} "
+                f"| **{row['ratio_p50']:.2f}** "
                 f"| {fmt(f['qps_1'])} / {fmt(w['qps_1'])} | {fmt(f['qps_c'])} / {fmt(w['qps_c'])} "
                 f"| {f['recall']:.3f} / {w['recall']:.3f} | {row['load_before']} → {row['load_after']} |"
             )

@@ -33,6 +33,7 @@ def test_search_latency_smoke(tmp_path):
                           tmp_path)
     assert "feedret / raw" in report and "| IVF16,Flat | 200 |" in report and "| HNSW16 | 10 |" in report
     assert "| Flat | 200 | exact |" in report and "1.000 / 1.000" in report  # exact search finds the exact top-k
+    assert "| no-op RPC p50 ms |" in report  # the floor of one hop, beside the end-to-end figure
     assert seconds < 120, f"took {seconds:.0f}s"
 
 
