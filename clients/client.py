@@ -1,12 +1,13 @@
 """FeedretClient: the feed backend's view of feedret, blocking and asyncio.
 
-    with FeedretClient("127.0.0.1:50051") as client:
+    with FeedretClient("127.0.0.1:50051") as client:   # or "dns:///feedret-root-pods:50051" in Kubernetes
         result = client.retrieve(member=MemberProfile("m1", "s1", ...), k=2000, timeout=0.05)
         for c in result.candidates: ...
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +22,21 @@ from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
 DEFAULT_ROOT_ADDRESS = "127.0.0.1:50051"
 _OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
+def channel_options(address: str) -> list[tuple[str, object]]:
+    """Options for a channel to the root at `address`.
+
+    Roots are stateless, so a `dns:///name:port` address (a headless Service listing
+    the root pods) or a static `ipv4:host:port,host:port` list gets round_robin:
+    every call goes to the next pod. Any other
+    address keeps gRPC's pick_first: one connection, which the root ends after
+    FEEDRET_MAX_CONNECTION_AGE_S so that callers behind a virtual IP move over time.
+    """
+    options = list(_OPTIONS)
+    if address.split(":", 1)[0] in ("dns", "ipv4", "ipv6"):  # name resolving to pods, or a static list
+        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})))
+    return options
 
 
 @dataclass(frozen=True)
@@ -92,7 +108,7 @@ class FeedretClient:
 
     def __init__(self, address: str = DEFAULT_ROOT_ADDRESS, *, channel: grpc.Channel | None = None) -> None:
         self.address = address
-        self._channel = channel or grpc.insecure_channel(address, options=_OPTIONS)
+        self._channel = channel or grpc.insecure_channel(address, options=channel_options(address))
         self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
         self._admin = pb_grpc.IndexAdminStub(self._channel)
 
@@ -140,7 +156,7 @@ class AsyncFeedretClient:
 
     def __init__(self, address: str = DEFAULT_ROOT_ADDRESS) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options(address))
         self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
         self._admin = pb_grpc.IndexAdminStub(self._channel)
 

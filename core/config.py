@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from feedret.shard_targets import parse_shard_targets
+from feedret.shard_targets import parse_member_targets, parse_shard_targets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Trained on MovieLens by `feedret train --config training/configs/movielens-tiny.json`.
@@ -172,7 +172,14 @@ class RootConfig(_Settings):
     # after the others for this long, so a hung replica stops costing every other query
     # a hedge delay. 0: plain rotation.
     replica_cooldown_s: float = Field(default=1.0, ge=0)
+    # host:port, pods as host:port|host:port, or dns:///name:port (a headless Service:
+    # the root re-resolves it and sends each member to the same pod, for its session cache).
     member_address: str = f"127.0.0.1:{DEFAULT_MEMBER_PORT}"
+    member_resolve_interval_s: float = Field(default=5.0, gt=0)
+    # Callers' connections are closed (gracefully) after this long, so a caller behind a
+    # Service's virtual IP reconnects, possibly to a newer root pod, and one balancing
+    # over a dns: pool re-resolves it. 0: never.
+    max_connection_age_s: float = Field(default=60.0, ge=0)
     max_k: int = Field(default=10_000, ge=1)
     # Used when the caller sets no deadline.
     default_timeout_s: float = Field(default=1.0, gt=0)
@@ -184,6 +191,12 @@ class RootConfig(_Settings):
     @classmethod
     def _shard_addresses(cls, value: str) -> str:
         parse_shard_targets(value)  # a malformed list fails at start, naming the bad entry
+        return value
+
+    @field_validator("member_address")
+    @classmethod
+    def _member_address(cls, value: str) -> str:
+        parse_member_targets(value)  # a malformed address fails at start, naming the bad entry
         return value
 
     def shard_replicas(self) -> list[list[str]]:

@@ -1,4 +1,4 @@
-"""The root's shard address list: shards separated by `,`, a shard's replicas by `|`.
+"""The root's shard address list (shards separated by `,`, a shard's replicas by `|`) and member address.
 
     FEEDRET_SHARD_ADDRESSES=10.0.0.1:50061|10.0.0.2:50061,10.0.0.3:50061|10.0.0.4:50061
     FEEDRET_SHARD_ADDRESSES=dns:///feedret-shard-0:50061,dns:///feedret-shard-1:50061
@@ -77,3 +77,22 @@ def parse_shard_targets(text: str) -> list[list[str]]:
             replicas.append(target)
         shards.append(replicas)
     return shards
+
+
+def parse_member_targets(text: str) -> list[str]:
+    """The `|`-separated targets of FEEDRET_MEMBER_ADDRESS. ValueError naming the bad entry.
+
+    Empty: no member service (the root answers member queries with FAILED_PRECONDITION).
+    """
+    if not text.strip():
+        return []
+    targets = [t.strip() for t in text.strip().split("|")]
+    if not targets or any(not t for t in targets):
+        raise ValueError(f"{text!r}: expected host:port, host:port|host:port... or dns:///name:port")
+    for target in targets:
+        host_port(target)  # raises, naming the target
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"{text!r} lists a target twice")
+    if len(targets) > 1 and any(is_pool(t) for t in targets):
+        raise ValueError(f"{text!r}: a dns: pool is the whole list; do not mix it with other targets")
+    return targets

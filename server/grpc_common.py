@@ -183,3 +183,10 @@ def fill_candidates(
             candidates.shards.extend(shards.astype(np.int64).tolist())
     if parts:
         candidates.MergeFromString(b"".join(parts))
+
+
+def connection_age_options(max_age_s: float) -> list[tuple[str, int]]:
+    """Server options that end each connection after max_age_s (0: none), letting calls in flight finish."""
+    if not max_age_s:
+        return []
+    return [("grpc.max_connection_age_ms", int(max_age_s * 1000)), ("grpc.max_connection_age_grace_ms", 5000)]

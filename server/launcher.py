@@ -73,7 +73,8 @@ class StackConfig:
 
     @property
     def member_address(self) -> str:
-        return f"{self.host}:{self.member_port}"
+        # Port 0: a stack without the member service (vector queries only); "" tells the root so.
+        return f"{self.host}:{self.member_port}" if self.member_port else ""
 
     def shard_address(self, shard: int, replica: int = 0) -> str:
         # Replica 0 of every shard first, so one replica per shard keeps the old ports.

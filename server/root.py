@@ -19,6 +19,7 @@ from feedret import metrics
 from feedret.config import KafkaConfig, RootConfig
 from feedret.merge import ShardHits, merge_topk
 from feedret.routing import shard_of
+from feedret.server.member_pool import DeadlineBeforeCall, MemberPool, NoMemberPods, NoMemberService
 from feedret.server.replicas import MAX_IN_FLIGHT, Fatal, Outcome, ReplicaSet, call_replicas
 from feedret.shard_targets import is_pool
 from feedret.server.grpc_common import (
@@ -27,6 +28,7 @@ from feedret.server.grpc_common import (
     build_server,
     check_filters,
     check_k,
+    connection_age_options,
     fill_candidates,
     query_vector,
     rpc_scope,
@@ -90,9 +92,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             ReplicaSet(shard, replicas, cooldown_s=config.replica_cooldown_s) for shard, replicas in enumerate(targets)
         ]
         self.hedge_after_s = config.hedge_after_ms / 1000
-        self.member = pb_grpc.MemberEmbeddingServiceStub(
-            grpc.insecure_channel(config.member_address, options=opts)
-        )
+        self.member = MemberPool(config.member_address, opts, resolve_interval_s=config.member_resolve_interval_s)
         self.consumer_offsets = ConsumerOffsets(kafka)
         # Shard calls are blocking calls made on these long-lived threads. A grpc future
         # (`stub.Search.future`) on a channel with no call in flight starts a new polling
@@ -126,10 +126,13 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         if not request.member.member_id:
             raise InvalidRequest("member.member_id is required")
         try:
-            reply = self.member.Embed(
-                pb.EmbedRequest(member=request.member, request_id=rid),
-                timeout=max(deadline - time.monotonic(), 0.001),
-            )
+            reply = self.member.embed(pb.EmbedRequest(member=request.member, request_id=rid), deadline)
+        except NoMemberService as exc:
+            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
+        except NoMemberPods as exc:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        except DeadlineBeforeCall as exc:
+            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidRequest(exc.details()) from exc
@@ -363,6 +366,7 @@ def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event) -> None
             lambda s: pb_grpc.add_IndexAdminServicer_to_server(servicer, s),
         ],
         SERVICE_NAMES,
+        connection_age_options(config.max_connection_age_s),
     )
     server.start()
     # The root holds no state: it can serve as soon as it listens.

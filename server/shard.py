@@ -26,6 +26,7 @@ from feedret.server.grpc_common import (
     RpcFailure,
     build_server,
     check_k,
+    connection_age_options,
     fill_candidates,
     query_vector,
     rpc_scope,
@@ -531,13 +532,6 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
             )
             shard.applied.add(topic=state.topic, partition=state.config.shard_id, offset=state.applied_offset)
             return pb.StatsResponse(shards=[shard], total_indexed=shard.indexed, model_version=state.model_version)
-
-
-def connection_age_options(max_age_s: float) -> list[tuple[str, int]]:
-    """Server options that end each connection after max_age_s (0: none), letting calls in flight finish."""
-    if not max_age_s:
-        return []
-    return [("grpc.max_connection_age_ms", int(max_age_s * 1000)), ("grpc.max_connection_age_grace_ms", 5000)]
 
 
 def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> None:

@@ -40,7 +40,7 @@ from feedret.config import ConsumerConfig, EncoderConfig, KafkaConfig, MemberCon
 from feedret.encoder.onnx_backend import ONNX_DIR
 from feedret.metrics import METRICS_PATH
 from feedret.server.roles import ROLES
-from feedret.shard_targets import host_port, is_pool
+from feedret.shard_targets import host_port, is_pool, parse_member_targets
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -536,13 +536,20 @@ def test_shards_topic_and_root_agree(docs):
                 f"root address {address}: wrong port"
             )
             assert int(port) in [p["port"] for p in svc["spec"]["ports"]], f"{_name(svc)} does not expose {port}"
-        # ... and the member service.
-        host, _, port = root.member_address.rpartition(":")
+        # ... and the member pods: a dns: pool over a headless Service, so the root sees every
+        # pod (one connection per pod, each member kept on its pod) rather than one virtual IP.
+        (member_target,) = parse_member_targets(root.member_address)
+        assert is_pool(member_target), f"FEEDRET_MEMBER_ADDRESS {member_target} must be dns:///<headless Service>:<port>"
+        host, port = host_port(member_target)
         svc = services.get(host.split(".")[0])
         assert svc is not None, f"FEEDRET_MEMBER_ADDRESS {root.member_address} names no Service"
+        assert svc["spec"].get("clusterIP") == "None", f"{_name(svc)} must be headless to list the member pods"
         members = [o for o, t, c, role in _feedret_containers(docs) if role == "member"]
         assert all(_labels_match(svc["spec"]["selector"], _pod_template(o)["metadata"]["labels"]) for o in members)
         assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+        member_ports = [p["containerPort"] for o in members for p in _pod_template(o)["spec"]["containers"][0]["ports"]
+                        if p["name"] == "grpc"]
+        assert member_ports and all(p == port for p in member_ports), f"member pods listen on {member_ports}, not {port}"
 
 
 def _max_surge(obj: dict) -> int:

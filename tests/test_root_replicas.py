@@ -18,7 +18,7 @@ from feedret.config import KafkaConfig, RootConfig, ShardConfig
 from feedret.routing import shard_of
 from feedret.server import root as root_server
 from feedret.server import shard as shard_server
-from feedret.server.grpc_common import build_server
+from feedret.server.grpc_common import build_server, connection_age_options
 from feedret.server.shard import ShardServicer, ShardState
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
@@ -186,7 +186,7 @@ def test_shards_end_connections_after_their_max_age_so_a_dns_pool_is_re_resolved
     # connection ends; shards end theirs after FEEDRET_MAX_CONNECTION_AGE_S.
     servicer = ShardServicer(ShardState(config=ShardConfig(), topic="post-vectors"), "in-process")
     server, _, port = build_server("127.0.0.1", 0, 2, [lambda s: pb_grpc.add_IndexAdminServicer_to_server(servicer, s)],
-                                   shard_server.SERVICE_NAMES, shard_server.connection_age_options(max_age_s))
+                                   shard_server.SERVICE_NAMES, connection_age_options(max_age_s))
     server.start()
     seen: list[grpc.ChannelConnectivity] = []
     try:
