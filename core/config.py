@@ -168,6 +168,11 @@ class RootConfig(_Settings):
     # A shard's replica that has not answered after this long gets the same request
     # sent to a second replica; the first answer wins. About the shards' p95; 0: never hedge.
     hedge_after_ms: float = Field(default=50.0, ge=0)
+    # Hedges may add at most this many extra shard calls per first call, over time (a token
+    # bucket of hedge_burst tokens): when every replica is slow, hedging stops instead of
+    # doubling the load. 0: never hedge.
+    hedge_budget: float = Field(default=0.1, ge=0)
+    hedge_burst: float = Field(default=10.0, ge=1)
     # A replica that failed, missed the deadline or was overtaken by a hedge is tried
     # after the others for this long, so a hung replica stops costing every other query
     # a hedge delay. 0: plain rotation.

@@ -88,6 +88,14 @@ ROOT_REPLICA_ATTEMPTS = Counter(
 )
 
 
+ROOT_HEDGES_DENIED = Counter(
+    "feedret_root_hedges_denied_total",
+    "Hedges that were due (a replica slower than FEEDRET_HEDGE_AFTER_MS) but not sent because the hedge "
+    "budget (FEEDRET_HEDGE_BUDGET extra calls per first call) was spent: replicas are slow across the board.",
+    ["shard"],
+)
+
+
 def observe_replica_attempts(shard: int, attempts: Iterable[tuple[int, str, str]]) -> None:
     for _replica, kind, result in attempts:
         ROOT_REPLICA_ATTEMPTS.labels(shard=str(shard), kind=kind, result=result).inc()

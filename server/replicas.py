@@ -13,6 +13,9 @@ Per request and shard:
 - when the attempt in flight has not answered after `hedge_after_s`, the same
   request goes to the next replica too (at most two in flight); the first answer
   wins and the other is cancelled;
+- hedges draw on a shared budget (`HedgeBudget`): at most a set fraction of extra
+  calls over first attempts, so when every replica slows down at once, hedging
+  cannot double the load on a fleet that is already struggling;
 - the shard counts as failed only when no replica answered before the deadline.
 """
 
@@ -85,6 +88,39 @@ class ReplicaSet:
             return [i for i, until in enumerate(self._suspect_until) if until > now]
 
 
+class HedgeBudget:
+    """Token bucket for hedges, as gRPC throttles retries. Thread-safe; shared by all requests.
+
+    Every first call earns `ratio` of a token, up to `burst` tokens; a hedge spends one.
+    Over time hedges add at most `ratio` extra calls per first call (0.1: 10%), while a
+    burst of slow replies can still be hedged at once. ratio 0: never hedge.
+    """
+
+    def __init__(self, ratio: float = 0.1, burst: float = 10.0) -> None:
+        if ratio < 0 or burst < 1:
+            raise ValueError(f"hedge budget needs ratio >= 0 and burst >= 1, got {ratio}, {burst}")
+        self.ratio = ratio
+        self.burst = burst
+        self._tokens = burst if ratio > 0 else 0.0
+        self._lock = threading.Lock()
+
+    def earn(self) -> None:
+        with self._lock:
+            self._tokens = min(self.burst, self._tokens + self.ratio)
+
+    def spend(self) -> bool:
+        with self._lock:
+            if self._tokens >= 1.0 - 1e-9:  # ten earnings of 0.1 make a token despite rounding
+                self._tokens = max(self._tokens - 1.0, 0.0)
+                return True
+            return False
+
+    @property
+    def tokens(self) -> float:
+        with self._lock:
+            return self._tokens
+
+
 @dataclass
 class Attempt:
     replica: int
@@ -104,6 +140,7 @@ class Outcome:
     timed_out: bool = False  # the deadline passed with attempts still in flight
     # (replica, kind, how it ended: "ok", a status code name, "overtaken", "late", "cancelled"), for logs.
     attempts: list[tuple[int, str, str]] = field(default_factory=list)
+    hedge_denied: bool = False  # a hedge was due but the budget was spent
 
     @property
     def ok(self) -> bool:
@@ -148,12 +185,14 @@ def call_replicas(
     hedge_after_s: float,
     fatal: Callable[[BaseException], bool] = lambda exc: False,
     clock: Callable[[], float] = time.monotonic,
+    budget: HedgeBudget | None = None,
 ) -> list[Outcome]:
     """Ask every shard, each through its replicas, until each answered or the deadline passed.
 
     `start(shard, replica, timeout_s)` begins one call and returns its future.
     Returns one Outcome per shard, in order. Raises Fatal (after cancelling every
-    call in flight) when a replica's error is fatal(error).
+    call in flight) when a replica's error is fatal(error). `budget`: hedges are
+    made only while it has tokens (None: always).
     """
     events: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
     now = clock()
@@ -176,6 +215,8 @@ def call_replicas(
 
     for s in range(len(states)):
         launch(s, "first")
+        if budget is not None:
+            budget.earn()
 
     try:
         while not all(st.done for st in states):
@@ -199,7 +240,11 @@ def call_replicas(
             now = clock()
             for s, st in enumerate(states):
                 if not st.done and st.in_flight and now >= st.hedge_at and st.can_start() and now < deadline:
-                    launch(s, "hedge")
+                    if budget is None or budget.spend():
+                        launch(s, "hedge")
+                    else:
+                        st.hedge_at = float("inf")  # wait for this attempt (or fail over if it fails)
+                        st.outcome.hedge_denied = True
     except Fatal:
         for st in states:
             _cancel_all(st, "cancelled")

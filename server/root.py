@@ -20,7 +20,7 @@ from feedret.config import KafkaConfig, RootConfig
 from feedret.merge import ShardHits, merge_topk
 from feedret.routing import shard_of
 from feedret.server.member_pool import DeadlineBeforeCall, MemberPool, NoMemberPods, NoMemberService
-from feedret.server.replicas import MAX_IN_FLIGHT, Fatal, Outcome, ReplicaSet, call_replicas
+from feedret.server.replicas import MAX_IN_FLIGHT, Fatal, HedgeBudget, Outcome, ReplicaSet, call_replicas
 from feedret.shard_targets import is_pool
 from feedret.server.grpc_common import (
     InvalidRequest,
@@ -92,6 +92,8 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             ReplicaSet(shard, replicas, cooldown_s=config.replica_cooldown_s) for shard, replicas in enumerate(targets)
         ]
         self.hedge_after_s = config.hedge_after_ms / 1000
+        # One budget for all Searches: hedges add at most hedge_budget extra calls per first call.
+        self.hedge_budget = HedgeBudget(config.hedge_budget, config.hedge_burst)
         self.member = MemberPool(config.member_address, opts, resolve_interval_s=config.member_resolve_interval_s)
         self.consumer_offsets = ConsumerOffsets(kafka)
         # Shard calls are blocking calls made on these long-lived threads. A grpc future
@@ -203,6 +205,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 deadline,
                 self.hedge_after_s,
                 fatal=_is_invalid_argument,
+                budget=self.hedge_budget,
             )
         except Fatal as exc:
             raise InvalidRequest(exc.error.details()) from exc
@@ -210,6 +213,8 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         failed: list[int] = []
         for shard, outcome in enumerate(outcomes):
             metrics.observe_replica_attempts(shard, outcome.attempts)
+            if outcome.hedge_denied:
+                metrics.ROOT_HEDGES_DENIED.labels(shard=str(shard)).inc()
             if outcome.hedged or outcome.failed_over:
                 log.info("shard_replicas_tried", shard=shard, attempts=self._attempts(shard, outcome))
             if not outcome.ok:

@@ -13,7 +13,7 @@ from concurrent.futures import Future, InvalidStateError
 import grpc
 import pytest
 
-from feedret.server.replicas import Fatal, ReplicaSet, call_replicas
+from feedret.server.replicas import Fatal, HedgeBudget, ReplicaSet, call_replicas
 
 HUNG = float("inf")
 
@@ -222,3 +222,50 @@ def test_a_call_that_cannot_start_counts_as_a_failed_attempt():
 
     outcome = call_replicas(cluster.sets, start, time.monotonic() + 1, 0.05)[0]
     assert outcome.reply == "live" and outcome.attempts[0] == (0, "first", "RuntimeError")
+
+
+# ------------------------------------------------------------ hedge budget
+
+
+def test_the_hedge_budget_allows_a_burst_then_one_hedge_per_ratio_of_first_calls():
+    budget = HedgeBudget(ratio=0.1, burst=3)
+    assert [budget.spend() for _ in range(4)] == [True, True, True, False]  # the burst
+    for _ in range(9):
+        budget.earn()
+    assert not budget.spend()  # 0.9 of a token
+    budget.earn()
+    assert budget.spend() and not budget.spend()  # 10 first calls bought one hedge
+    for _ in range(1000):
+        budget.earn()
+    assert budget.tokens == 3  # capped at the burst
+    assert not HedgeBudget(ratio=0).spend()
+    with pytest.raises(ValueError):
+        HedgeBudget(ratio=-1)
+
+
+def test_when_every_replica_is_slow_hedging_stops_at_the_budget_instead_of_doubling_the_load():
+    # A fleet-wide slowdown: every replica answers after 40 ms, past the 10 ms hedge delay.
+    # Without a budget each request would make two calls; with ratio 0.1 and a burst of 2,
+    # 40 requests make at most 2 + 40 * 0.1 = 6 hedges, and every request is still answered.
+    slow = [FakeReplica("a", latency=0.04), FakeReplica("b", latency=0.04)]
+    cluster = Cluster([slow], cooldown_s=0)
+    budget = HedgeBudget(ratio=0.1, burst=2)
+    outcomes = [cluster.query(timeout=1.0, hedge_after_s=0.01, budget=budget)[0][0] for _ in range(40)]
+    assert all(o.ok for o in outcomes)
+    hedged = sum(o.hedged for o in outcomes)
+    assert 2 <= hedged <= 6, hedged
+    assert sum(o.hedge_denied for o in outcomes) == 40 - hedged
+    assert sum(len(r.calls) for r in slow) == 40 + hedged
+
+    unlimited = Cluster([[FakeReplica("a", latency=0.04), FakeReplica("b", latency=0.04)]], cooldown_s=0)
+    assert sum(unlimited.query(timeout=1.0, hedge_after_s=0.01)[0][0].hedged for _ in range(10)) == 10
+
+
+def test_a_hung_replica_is_still_hedged_within_the_budget():
+    # The case hedging is for (one bad replica) costs ~1 hedge per 2 requests; a 50% budget covers it.
+    hung, live = FakeReplica("hung", latency=HUNG), FakeReplica("live")
+    cluster = Cluster([[hung, live]], cooldown_s=0)
+    budget = HedgeBudget(ratio=0.5, burst=2)
+    outcomes = [cluster.query(timeout=1.0, hedge_after_s=0.02, budget=budget)[0][0] for _ in range(10)]
+    assert all(o.reply == "live" for o in outcomes) and not any(o.hedge_denied for o in outcomes)
+
