@@ -50,12 +50,32 @@ class FaissFlatStore:
         if n <= self.capacity:
             return
         new = _grown(self.capacity, n)
+        # Zeros added in bounded chunks: on the benchmark machine this grew a 0.5 GB store
+        # in place faster, and with a lower peak, than one resize of faiss's code vector.
         zeros = np.zeros((min(new - self.capacity, 65536), self.dimension), np.float32)
-        for start in range(self.capacity, new, len(zeros)):  # bounded scratch, not a second matrix
+        for start in range(self.capacity, new, len(zeros)):
             self.index.add(zeros[: min(len(zeros), new - start)])
         self.capacity = new
         # A view into faiss's own storage: writes land in the index, no copy.
         self._rows = faiss.rev_swig_ptr(self.index.get_xb(), new * self.dimension).reshape(new, self.dimension)
+
+    def _resize(self, rows: int) -> None:
+        """An empty store to exactly `rows` zero rows, in one allocation (for `grown`)."""
+        self.index.codes.resize(rows * self.dimension * 4)
+        self.index.ntotal = rows
+        self.capacity = rows
+        # A view into faiss's own storage: writes land in the index, no copy.
+        self._rows = faiss.rev_swig_ptr(self.index.get_xb(), rows * self.dimension).reshape(rows, self.dimension)
+
+    def grown(self, capacity: int) -> "FaissFlatStore":
+        """A new store of `capacity` rows holding a copy of these. Reads only: safe beside searches.
+
+        Both stores are alive until the caller swaps: the peak is old + new rows.
+        """
+        bigger = FaissFlatStore(self.dimension)
+        bigger._resize(max(capacity, self.capacity))
+        bigger._rows[: self.capacity] = self._rows
+        return bigger
 
     def write(self, slots: np.ndarray, vectors: np.ndarray) -> None:
         self._rows[slots] = vectors
@@ -113,6 +133,13 @@ class TorchStore:
         rows = torch.zeros((new, self.dimension), dtype=torch.float32, device=self.device)
         rows[: self.capacity] = self._rows
         self._rows, self.capacity = rows, new
+
+    def grown(self, capacity: int) -> "TorchStore":
+        """A new store of `capacity` rows holding a copy of these. Reads only: safe beside searches."""
+        bigger = TorchStore(self.dimension, self.device, self.chunk_rows)
+        bigger.reserve(max(capacity, self.capacity))
+        bigger._rows[: self.capacity] = self._rows
+        return bigger
 
     def write(self, slots: np.ndarray, vectors: np.ndarray) -> None:
         torch = self._torch

@@ -52,3 +52,13 @@ def test_help(script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "--n" in proc.stdout
+
+
+def test_growth_stall_smoke(tmp_path):
+    out = tmp_path / "growth.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "growth_stall.py"), "--n", "8192", "--dim", "16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    assert "| baseline (growth under the write lock) |" in report and "| feedret (growth beside searches) |" in report
+    assert "8,192 → 16,384 rows" in report
