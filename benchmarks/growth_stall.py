@@ -1,18 +1,21 @@
-"""How long searches wait while a shard's vector store grows.
+"""How long searches wait while a shard grows, on the first new post after a restart.
 
-A shard's store doubles when it runs out of rows (and, after a restart, on the
-first new post, since a restored store is sized exactly). Growing copies every
-row. This script fills a `ShardIndex` to exactly its capacity, runs searches
-back to back on one thread, and inserts one post on another, which makes the
-store grow. It reports the searches' latency during the growth and how long
-the insert took, twice in the same run:
+A restored shard's arrays are sized exactly: the vector store (which doubles when
+full, at any time, not only after a restart) and, for HNSW, faiss's own graph and
+vector arrays. The first new post makes them grow, which copies every row. This
+script builds a `ShardIndex` of N posts once, snapshots it (`export_state`), and
+for each system restores it (`from_state`, as a restarting shard does), runs
+searches back to back on one thread and inserts one post on another. It reports
+the searches' latency during that insert and how long the insert took:
 
 - feedret: the store grows beside the searches (`ShardIndex._make_room`: the copy
-  under a long read lock, a pointer swap under the write lock);
-- baseline: `_make_room` switched off, so the growth happens under the write
-  lock, as before it existed; every search waits for the copy.
+  under a long read lock, a pointer swap under the write lock), and a restored
+  faiss index gets headroom at load (`faiss_ann.reserve_headroom`);
+- baseline: both switched off, as before they existed: the growth happens under
+  the write lock and every search waits for the copy.
 
     python benchmarks/growth_stall.py --n 524288 --dim 256 --out benchmarks/results/growth_stall.md
+    python benchmarks/growth_stall.py --n 200000 --dim 256 --factory HNSW32
 """
 
 from __future__ import annotations
@@ -30,22 +33,30 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
+from feedret.indexer import faiss_ann  # noqa: E402
 from feedret.indexer.shard_index import IndexOptions, ShardIndex  # noqa: E402
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=65536, help="posts before the growth (the store's exact capacity)")
+    p.add_argument("--n", type=int, default=65536, help="posts in the snapshot")
     p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--factory", default="Flat", help="faiss index factory (FEEDRET_INDEX_FACTORY)")
     p.add_argument("--backend", choices=["faiss", "torch"], default="faiss")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
 
-def filled(args) -> tuple[ShardIndex, np.ndarray]:
-    opts = IndexOptions(backend="torch", device="cpu") if args.backend == "torch" else IndexOptions()
-    ix = ShardIndex(args.dim, options=opts)
+def options(args) -> IndexOptions:
+    if args.backend == "torch":
+        return IndexOptions(backend="torch", device="cpu")
+    return IndexOptions(index_factory=args.factory)
+
+
+def snapshot(args) -> tuple[dict, dict, np.ndarray]:
+    """A shard of N posts, as the snapshot a restart loads, and some queries."""
+    ix = ShardIndex(args.dim, options=options(args))
     rng = np.random.default_rng(0)
     queries = None
     for start in range(0, args.n, 65536):
@@ -55,17 +66,23 @@ def filled(args) -> tuple[ShardIndex, np.ndarray]:
         ix.upsert(list(range(start, start + m)), v, created_at=[1.0] * m, langs=["en"] * m, indexed_at=1.0)
         if queries is None:
             queries = v[:64].copy()
-    # The store is exactly full, as right after a snapshot restore: the next post grows it.
-    ix._store = ix._store.grown(args.n) if ix._store.capacity != args.n else ix._store
-    if ix._store.capacity != args.n:
-        raise SystemExit(f"could not size the store to {args.n} rows (it has {ix._store.capacity})")
-    return ix, queries
+    meta, sections = ix.export_state()
+    return meta, sections, queries
 
 
-def measure(args, off_lock: bool) -> dict:
-    ix, queries = filled(args)
-    if not off_lock:
-        ix._make_room = lambda n: None  # the baseline: grow under the write lock
+def measure(args, state, feedret: bool) -> dict:
+    meta, sections, queries = state
+    if feedret:
+        ix = ShardIndex.from_state(meta, sections, options(args))
+    else:
+        real = faiss_ann.reserve_headroom
+        faiss_ann.reserve_headroom = lambda index, fraction=0.5: None
+        try:
+            ix = ShardIndex.from_state(meta, sections, options(args))
+        finally:
+            faiss_ann.reserve_headroom = real
+        ix._make_room = lambda n: None  # grow under the write lock
+    assert ix._store.capacity == args.n, "a restored store is sized exactly"
     latencies: list[tuple[float, float]] = []  # (start, seconds)
     stop = threading.Event()
 
@@ -104,8 +121,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     command = "python benchmarks/growth_stall.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     results = {}
-    for name, off in (("baseline (growth under the write lock)", False), ("feedret (growth beside searches)", True)):
-        results[name] = measure(args, off)
+    started = time.perf_counter()
+    state = snapshot(args)
+    print(f"snapshot of {args.n:,} posts built in {time.perf_counter() - started:.1f} s", flush=True)
+    for name, feedret in (("baseline (growth under the write lock)", False), ("feedret (growth beside searches)", True)):
+        results[name] = measure(args, state, feedret)
         r = results[name]
         print(f"{name}: insert {r['insert_s']:.3f} s, steady search p50 {r['steady_p50_ms']:.2f} ms, "
               f"longest search during growth {r['during_max_ms']:.1f} ms ({r['during_n']} searches)", flush=True)
@@ -119,8 +139,9 @@ def main(argv=None) -> None:
         "```",
         "",
         *benchlib.machine_lines(),
-        f"- {args.n:,} posts × {args.dim} dims, {args.backend} backend, exact search at k={args.k}, one "
-        "search thread back to back; one insert makes the store grow "
+        f"- {args.n:,} posts × {args.dim} dims, "
+        f"{'torch backend, exact search' if args.backend == 'torch' else args.factory + ' (faiss)'} at k={args.k}, "
+        "restored from a snapshot; one search thread back to back; one insert makes the store grow "
         f"({base['rows'][0]:,} → {base['rows'][1]:,} rows)",
         "",
         "| | insert that grows the store, s | search p50 before, ms | longest search during the growth, ms | "

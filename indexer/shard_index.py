@@ -701,6 +701,7 @@ class ShardIndex:
             if "ann" in sections:
                 ix._ann = Ann(faiss.deserialize_index(sections["ann"]), bool(meta["ann_removable"]),
                               bool(meta["ann_hashtable"]))
+                faiss_ann.reserve_headroom(ix._ann.index)  # or the first new post stalls searches
             elif ix._ann is None:
                 s.in_ann[:] = False
             ix.tombstones = int(np.count_nonzero(s.in_ann[:n] & ~s.alive[:n]))

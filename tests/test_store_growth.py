@@ -81,3 +81,32 @@ def test_no_growth_when_deleted_slots_can_be_reused(index, monkeypatch):
     ix.delete([1, 2, 3])
     ix.upsert([7001, 7002], unit(np.random.default_rng(2), 2), created_at=[2.0] * 2, langs=["en"] * 2, indexed_at=2.0)
     assert ix._store is store and len(ix) == 1023
+
+
+@pytest.mark.parametrize("factory", ["HNSW16", "Flat", "IVF16,Flat"])
+def test_a_restored_faiss_index_gets_headroom_and_answers_the_same(factory):
+    # The first add after a restore must not reallocate faiss's arrays under the write lock.
+    import faiss
+
+    from feedret.indexer import faiss_ann
+
+    rng = np.random.default_rng(3)
+    ix = ShardIndex(D, index_factory=factory, options=IndexOptions(train_size=256))
+    vecs = unit(rng, 2000)
+    ix.upsert(list(range(2000)), vecs, created_at=[1.0] * 2000, langs=["en"] * 2000, indexed_at=1.0)
+    assert ix.wait_idle(60)  # IVF trains in the background
+    meta, sections = ix.export_state()
+    restored = ShardIndex.from_state(meta, sections, ix.options)
+    queries = unit(rng, 20)
+    for q in queries:
+        assert list(restored.search(q, 10)[0]) == list(ix.search(q, 10)[0])
+    if restored._ann is not None:
+        for vec in faiss_ann._growable_vectors(restored._ann.index):
+            # Growing by 40% must not move the data: the room is already there.
+            n, before = int(vec.size()), int(vec.data())
+            vec.resize(int(n * 1.4))
+            assert int(vec.data()) == before, f"{type(vec).__name__} reallocated: no headroom"
+            vec.resize(n)
+    new = unit(rng, 5)
+    restored.upsert([9001, 9002, 9003, 9004, 9005], new, created_at=[2.0] * 5, langs=["en"] * 5, indexed_at=2.0)
+    assert restored.search(new[2], 1)[0][0] == 9003
