@@ -587,6 +587,60 @@ class ShardIndex:
                 scores, slots = self._ann_search(ann, query, k_eff, mask, filtered, available / live)
             return self._slots.post_id[slots].copy(), scores
 
+    @property
+    def batches_searches(self) -> bool:
+        """True when search_batch reads the rows once for the whole batch (the torch store)."""
+        return isinstance(self._store, TorchStore)
+
+    def search_batch(
+        self, queries: np.ndarray, ks: Sequence[int], filts: Sequence[SearchFilter | None]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`search` for several queries at once, each with its own k and filter; results in order.
+
+        With the torch store, one pass over the rows answers them all (each query
+        masked by its own filter); otherwise the queries are searched one by one.
+        """
+        if not (len(queries) == len(ks) == len(filts)):
+            raise ValueError(f"{len(queries)} queries, {len(ks)} ks and {len(filts)} filters")
+        if not self.batches_searches:
+            return [self.search(q, k, f) for q, k, f in zip(queries, ks, filts)]
+        queries = self.prepare(queries)
+        with self._lock.read():
+            live = len(self._slot_of)
+            if not live:
+                return [_EMPTY] * len(queries)
+            alive = self._slots.alive[: self._next_slot]
+            # A feed's "seen" list excludes a few hundred posts: rather than one mask per query,
+            # search k + that many over the shared mask and drop them after. Only age and
+            # language filters, which can exclude most posts, get a mask row of their own.
+            excluded = [
+                np.array([self._slot_of[p] for p in f.exclude_post_ids if p in self._slot_of], np.int64)
+                if f is not None else np.empty(0, np.int64)
+                for f in filts
+            ]
+            masked = [f is not None and (f.min_created_at is not None or bool(f.languages)) for f in filts]
+            if any(masked):
+                rows = [self._allowed(replace(f, exclude_post_ids=())) if m else alive for f, m in zip(filts, masked)]
+                mask = np.stack(rows)
+                available = [int(np.count_nonzero(r)) for r in rows]
+                excluded = [x[r[x]] for x, r in zip(excluded, rows)]  # only those the mask lets through count
+            else:
+                mask = alive
+                available = [live] * len(queries)
+            wanted = [min(int(k), a - len(x)) for k, a, x in zip(ks, available, excluded)]
+            depth = max(w + len(x) for w, x in zip(wanted, excluded))
+            if max(wanted) < 1 or depth < 1:
+                return [_EMPTY] * len(queries)
+            scores, slots = self._store.search_batch(queries, depth, mask)
+            out = []
+            for row, (want, x) in enumerate(zip(wanted, excluded)):
+                keep = slots[row] >= 0
+                if len(x):
+                    keep &= ~np.isin(slots[row], x)
+                s, sl = scores[row][keep][: max(want, 0)], slots[row][keep][: max(want, 0)]
+                out.append((self._slots.post_id[sl].copy(), s))
+            return out
+
     def search_breadth(self, ann: Ann, k: int, passing: float) -> tuple[int, int]:
         """(nprobe, efSearch) for a top-k search where a fraction `passing` of posts pass the filter.
 

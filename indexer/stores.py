@@ -158,15 +158,18 @@ class TorchStore:
         return scores[0][keep], slots[0][keep]
 
     def search_batch(self, queries: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of each of B queries over the same mask: (B, k) scores and slots, slot -1 past the last hit.
+        """Top-k of each of B queries: (B, k) scores and slots, slot -1 past the last hit.
 
-        One (chunk × d) @ (d × B) matmul per chunk reads the rows once for all B
-        queries, so on a GPU a batch costs little more than one query (searching
-        is bound by memory bandwidth until B is in the hundreds).
+        `mask` is (n,), shared by every query, or (B, n), one row per query (each
+        request's own filters). One (chunk × d) @ (d × B) matmul per chunk reads the
+        rows once for all B queries, so on a GPU a batch costs little more than one
+        query (searching is bound by memory bandwidth until B is in the hundreds).
         """
         torch = self._torch
         queries = np.ascontiguousarray(queries, np.float32).reshape(-1, self.dimension)
-        n, b = len(mask), len(queries)
+        n, b = mask.shape[-1], len(queries)
+        if mask.ndim == 2 and len(mask) != b:
+            raise ValueError(f"{len(mask)} masks for {b} queries")
         if k < 1 or not n or not b:
             return np.empty((b, 0), np.float32), np.empty((b, 0), np.int64)
         with torch.inference_mode():
@@ -176,7 +179,7 @@ class TorchStore:
             for start in range(0, n, self.chunk_rows):
                 stop = min(start + self.chunk_rows, n)
                 scores = (self._rows[start:stop] @ q.T).T  # (B, chunk)
-                scores = scores.masked_fill(~allowed[start:stop], float("-inf"))
+                scores = scores.masked_fill(~allowed[..., start:stop], float("-inf"))
                 top = torch.topk(scores, min(k, stop - start), dim=1)
                 part_scores.append(top.values)
                 part_slots.append(top.indices + start)

@@ -22,6 +22,7 @@ from feedret import metrics
 from feedret.config import KafkaConfig, ShardConfig
 from feedret.indexer import snapshot as snapshots
 from feedret.indexer.shard_index import IndexConfigError, IndexOptions, ShardIndex
+from feedret.indexer.batcher import SearchBatcher
 from feedret.server.grpc_common import (
     RpcFailure,
     build_server,
@@ -450,6 +451,9 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
         self.ready = ready
         self.searches = 0  # answered Search calls, for Stats
         self._searches_lock = threading.Lock()
+        # Concurrent searches share one pass over the rows where the index can batch (torch).
+        max_batch = getattr(state.config, "search_batch_max", 1)
+        self.batcher = SearchBatcher(max_batch, name=f"search-batcher-{state.config.shard_id}") if max_batch > 1 else None
         metrics.watch_shard(state)  # index size, offsets and counters, read when scraped
 
     def _check_ready(self) -> None:
@@ -475,7 +479,15 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
                 self.searches += 1
             if index is None:
                 return resp
-            ids, scores = index.search(vec, request.k, filt)
+            if self.batcher is not None and index.batches_searches:
+                remaining = context.time_remaining()
+                try:
+                    ids, scores = self.batcher.search(index, vec, request.k, filt,
+                                                      timeout=remaining if remaining and remaining < 1e6 else None)
+                except TimeoutError as exc:
+                    raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the search did not finish before the deadline") from exc
+            else:
+                ids, scores = index.search(vec, request.k, filt)
             fill_candidates(resp.candidates, ids, scores)
             resp.indexed = len(index)
             resp.dimension = index.dimension
@@ -602,6 +614,8 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event) -> Non
     applier.stop_event.set()
     sweeper.stop_event.set()
     server.stop(grace=2).wait()
+    if servicer.batcher is not None:
+        servicer.batcher.close()
     applier.join(timeout=5)
     if snapshotter is not None and not fatal:
         snapshotter.stop_event.set()

@@ -62,3 +62,13 @@ def test_growth_stall_smoke(tmp_path):
     report = out.read_text()
     assert "| baseline (growth under the write lock) |" in report and "| feedret (growth beside searches) |" in report
     assert "8,192 → 16,384 rows" in report
+
+
+def test_shard_batching_smoke(tmp_path):
+    out = tmp_path / "batching.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shard_batching.py"), "--n", "4096", "--dim", "16",
+                           "--seconds", "0.5", "--concurrency", "1", "--concurrency", "8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    assert "| 1 |" in report and "| 8 |" in report and "QPS batched / alone" in report

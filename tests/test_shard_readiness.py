@@ -21,6 +21,9 @@ class Context:
     def abort(self, code, details):
         raise RpcFailure(code, details)
 
+    def time_remaining(self):
+        return None  # no deadline, as grpc reports it
+
 
 def upsert(post_id: int, dim: int = 8) -> pb.PostVectorEvent:
     v = np.random.default_rng(post_id).normal(size=dim).astype(np.float32)
