@@ -175,6 +175,13 @@ class Stack:
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
             preexec_fn=_die_with_parent,
             cwd=REPO_ROOT,
+            # This process may hold gRPC channels (health checks, the demo's client, a
+            # benchmark's). With close_fds=True the child closed gRPC's epoll fd before exec
+            # while gRPC's fork handler restarted its poller on it: the child aborted with
+            # "epoll_wait error: Bad file descriptor" (grpc/grpc#43055; seen here starting
+            # shards beside pymilvus). Python's own fds are non-inheritable anyway (PEP 446),
+            # so keeping them open until exec leaks nothing into the server.
+            close_fds=False,
         )
         out.close()
         self.procs[name] = proc
