@@ -46,6 +46,12 @@ def _chain(index: faiss.Index) -> list[faiss.Index]:
     return out
 
 
+def adds_slowly(index: faiss.Index) -> bool:
+    """True for graph indexes (HNSW, NSG), whose add links each vector into the graph:
+    ~80 ms for 256 vectors at 1M × 256 here, against well under a millisecond for IVF."""
+    return any(isinstance(ix, (faiss.IndexHNSW, faiss.IndexNSG)) for ix in _chain(index))
+
+
 def _growable_vectors(index: faiss.Index) -> list:
     """The arrays of an index that grow with every add and are large enough to matter."""
     out = []

@@ -19,14 +19,19 @@ class RWLock:
         self._long_readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._readers_waiting = 0
 
     @contextlib.contextmanager
     def read(self, long: bool = False) -> Iterator[None]:
         """Shared access. `long` (a snapshot copy): while it is held, a waiting writer
         cannot run anyway, so it does not hold up other readers either."""
         with self._cond:
-            while self._writer or (self._writers_waiting and not self._long_readers):
-                self._cond.wait()
+            self._readers_waiting += 1
+            try:
+                while self._writer or (self._writers_waiting and not self._long_readers):
+                    self._cond.wait()
+            finally:
+                self._readers_waiting -= 1
             self._readers += 1
             self._long_readers += long
         try:
@@ -38,8 +43,13 @@ class RWLock:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
+    def write(self, after_waiting_readers: bool = False) -> Iterator[None]:
+        """Exclusive access. `after_waiting_readers`: first let in the readers already
+        queued (for a writer working in many short steps, so searches get in between
+        steps instead of waiting behind all of them)."""
         with self._cond:
+            while after_waiting_readers and self._readers_waiting:
+                self._cond.wait()
             self._writers_waiting += 1
             try:
                 while self._writer or self._readers:

@@ -72,3 +72,13 @@ def test_shard_batching_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()
     assert "| 1 |" in report and "| 8 |" in report and "QPS batched / alone" in report
+
+
+def test_hnsw_ingest_stall_smoke(tmp_path):
+    out = tmp_path / "hnsw.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hnsw_ingest_stall.py"), "--n", "4096", "--dim", "16",
+                           "--batches", "3", "--batch", "64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    assert "| baseline (a batch linked in one hold) |" in report and "posts per hold) |" in report
