@@ -179,6 +179,13 @@ def recall_at(found: np.ndarray | list, truth_row: np.ndarray, k: int) -> float:
     return len(np.intersect1d(np.asarray(found[:k], np.int64), truth_row[:k])) / k
 
 
+def emit(text: str, out=None) -> None:
+    """Print a benchmark's markdown report and write it to `out` when given."""
+    print(text)
+    if out:
+        out.write_text(text)
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 

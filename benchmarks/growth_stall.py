@@ -152,10 +152,7 @@ def main(argv=None) -> None:
         lines.append(f"| {name} | {r['insert_s']:.3f} | {r['steady_p50_ms']:.2f} | {r['during_max_ms']:.1f} | "
                      f"{r['during_n']} |")
     lines += ["", f"Longest search during the growth, baseline over feedret: **{ratio:.1f}×**.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    benchlib.emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * q / 100))]
-
-
 def measure(args, state, step: int) -> dict:
     meta, sections, queries = state
     ix = ShardIndex.from_state(meta, sections, growth_stall.options(args))
@@ -86,7 +81,7 @@ def measure(args, state, step: int) -> dict:
     finally:
         si._ANN_ADD_STEP = saved
     assert ix._buffered() is None, "every post ends up linked"
-    return {"search_p50_ms": pct(latencies, 50) * 1e3, "search_p99_ms": pct(latencies, 99) * 1e3,
+    return {"search_p50_ms": benchlib.pct(latencies, 50) * 1e3, "search_p99_ms": benchlib.pct(latencies, 99) * 1e3,
             "search_max_ms": max(latencies) * 1e3, "searches": len(latencies),
             "upsert_mean_ms": statistics.fmean(upserts) * 1e3}
 
@@ -122,10 +117,7 @@ def main(argv=None) -> None:
                      f"{r['searches']} | {r['upsert_mean_ms']:.1f} |")
     lines += ["", f"p99 search latency, baseline over feedret: **{base['search_p99_ms'] / ours['search_p99_ms']:.1f}×**; "
               f"longest search: **{base['search_max_ms'] / ours['search_max_ms']:.1f}×**.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    benchlib.emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

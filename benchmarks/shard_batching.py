@@ -153,10 +153,7 @@ def main(argv=None) -> None:
         lines.append(f"| {row['concurrency']} | {a['qps']:.1f} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | "
                      f"{b['qps']:.1f} | {b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {b.get('mean_batch', 1):.1f} | "
                      f"**{b['qps'] / a['qps']:.2f}×** |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    benchlib.emit("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

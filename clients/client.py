@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,6 +16,7 @@ import grpc
 import numpy as np
 
 from feedret.members import MemberProfile
+from feedret.shard_targets import ROUND_ROBIN
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
@@ -35,7 +35,7 @@ def channel_options(address: str) -> list[tuple[str, object]]:
     """
     options = list(_OPTIONS)
     if address.split(":", 1)[0] in ("dns", "ipv4", "ipv6"):  # name resolving to pods, or a static list
-        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})))
+        options.append(("grpc.service_config", ROUND_ROBIN))
     return options
 
 

@@ -11,11 +11,16 @@ with gRPC's round_robin policy. Pure parsing; errors name the bad entry.
 
 from __future__ import annotations
 
+import json
 import re
 
 # gRPC target schemes other than dns: a shard's replicas must be dns names or host:port.
 _OTHER_SCHEMES = {"unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p"}
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.%\w]+\]|[A-Za-z0-9_.\-]+)$")
+
+
+# gRPC service config that spreads a channel's calls over every address its target resolves to.
+ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
 def is_pool(target: str) -> bool:

@@ -18,9 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import numpy as np
-import structlog
-
-log = structlog.get_logger(__name__)
 
 
 class BatchSearchable(Protocol):

@@ -269,6 +269,8 @@ class ShardIndex:
         write landed between the copy and the swap (another writer got in first), the
         copy is dropped and the write path grows under its lock as before.
         """
+        if self._next_slot + max(0, n - len(self._free)) <= self._store.capacity:
+            return  # the common case, checked without locks: a stale answer only means the write path grows
         with self._grow_lock:
             with self._lock.read(long=True):
                 store, version = self._store, self._version
@@ -660,7 +662,7 @@ class ShardIndex:
                 available = [live] * len(queries)
             wanted = [min(int(k), a - len(x)) for k, a, x in zip(ks, available, excluded)]
             depth = max(w + len(x) for w, x in zip(wanted, excluded))
-            if max(wanted) < 1 or depth < 1:
+            if max(wanted) < 1:
                 return [_EMPTY] * len(queries)
             scores, slots = self._store.search_batch(queries, depth, mask)
             out = []
@@ -668,7 +670,7 @@ class ShardIndex:
                 keep = slots[row] >= 0
                 if len(x):
                     keep &= ~np.isin(slots[row], x)
-                s, sl = scores[row][keep][: max(want, 0)], slots[row][keep][: max(want, 0)]
+                s, sl = scores[row][keep][:want], slots[row][keep][:want]
                 out.append((self._slots.post_id[sl].copy(), s))
             return out
 

@@ -6,7 +6,6 @@ the reply carries the other shards' merged top-K with partial=true.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +20,7 @@ from feedret.merge import ShardHits, merge_topk
 from feedret.routing import shard_of
 from feedret.server.member_pool import DeadlineBeforeCall, MemberPool, NoMemberPods, NoMemberService
 from feedret.server.replicas import MAX_IN_FLIGHT, Fatal, HedgeBudget, Outcome, ReplicaSet, call_replicas
-from feedret.shard_targets import is_pool
+from feedret.shard_targets import ROUND_ROBIN, is_pool
 from feedret.server.grpc_common import (
     InvalidRequest,
     RpcFailure,
@@ -314,7 +313,7 @@ def shard_channel_options(target: str) -> list[tuple[str, object]]:
         ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     if is_pool(target):
-        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})))
+        options.append(("grpc.service_config", ROUND_ROBIN))
     return options
 
 

@@ -452,8 +452,9 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
         self.searches = 0  # answered Search calls, for Stats
         self._searches_lock = threading.Lock()
         # Concurrent searches share one pass over the rows where the index can batch (torch).
-        max_batch = getattr(state.config, "search_batch_max", 1)
-        self.batcher = SearchBatcher(max_batch, name=f"search-batcher-{state.config.shard_id}") if max_batch > 1 else None
+        cfg = state.config
+        self.batcher = (SearchBatcher(cfg.search_batch_max, name=f"search-batcher-{cfg.shard_id}")
+                        if cfg.search_batch_max > 1 else None)
         metrics.watch_shard(state)  # index size, offsets and counters, read when scraped
 
     def _check_ready(self) -> None:
