@@ -38,7 +38,9 @@ def _total(client: FeedretClient) -> int:
         stats = client.stats(timeout=2)
     except Exception:
         return -1
-    return stats.total_indexed if all(s.reachable for s in stats.shards) else -1
+    # `ready`, not just `reachable`: a restarted shard reports its snapshot's count while it
+    # still replays its partition, and refuses searches (UNAVAILABLE) until it has caught up.
+    return stats.total_indexed if all(s.reachable and s.ready for s in stats.shards) else -1
 
 
 def test_up_serves_real_retrievals_and_ctrl_c_stops_every_process(tmp_path: Path):
