@@ -29,8 +29,8 @@ def merge_topk(results: Sequence[ShardHits], k: int) -> Merged:
     higher score wins and the id appears once.
 
     The root runs this on every request (k=2,000 from each shard), so the common
-    case is kept cheap: one stable sort by score, with the two-key sort only when
-    some scores tie, and the duplicate removal only when a duplicate exists.
+    case is kept cheap: one stable sort by score, ties put in id order run by run,
+    and the duplicate removal only when a duplicate exists among the first k.
     """
     if not results:
         empty = np.empty(0)
@@ -38,16 +38,39 @@ def merge_topk(results: Sequence[ShardHits], k: int) -> Merged:
     ids = np.concatenate([r.post_ids.astype(np.int64, copy=False) for r in results])
     scores = np.concatenate([r.scores.astype(np.float32, copy=False) for r in results])
     shards = np.concatenate([np.full(len(r.post_ids), r.shard, np.int32) for r in results])
+    order = _rank(ids, scores)
+    ids, scores, shards = ids[order], scores[order], shards[order]
+    # Ranked, the answer is the first k distinct ids. When ids[:k] are already distinct
+    # (always, unless a re-shard put a post on two shards) they are that answer.
+    if len(results) > 1 and _has_duplicates(ids[:k]):
+        _, first = np.unique(ids, return_index=True)
+        keep = np.sort(first)
+        ids, scores, shards = ids[keep], scores[keep], shards[keep]
+    return Merged(ids[:k], scores[:k], shards[:k])
+
+
+def _rank(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Positions by score descending, then post id ascending.
+
+    Float32 scores of two shards' top-2,000 nearly always tie somewhere (a few
+    pairs), and a lexsort of every candidate cost ~0.4 ms per request at k=2,000.
+    One stable argsort by score, then only the tied positions re-sorted by (run, id),
+    gives the same order.
+    """
     order = np.argsort(-scores, kind="stable")
     ranked = scores[order]
-    if len(ranked) > 1 and np.any(ranked[1:] == ranked[:-1]):
-        # lexsort: last key is primary -> score descending, then post id ascending.
-        order = np.lexsort((ids, -scores))
-    ids, scores, shards = ids[order], scores[order], shards[order]
-    if len(results) > 1:
-        by_id = np.sort(ids)
-        if np.any(by_id[1:] == by_id[:-1]):
-            _, first = np.unique(ids, return_index=True)
-            keep = np.sort(first)
-            ids, scores, shards = ids[keep], scores[keep], shards[keep]
-    return Merged(ids[:k], scores[:k], shards[:k])
+    tie = ranked[1:] == ranked[:-1]  # tie[i]: ranks i and i+1 share a score
+    if not tie.any():
+        return order
+    after = np.concatenate((tie, [False]))  # rank i ties with rank i+1
+    before = np.concatenate(([False], tie))  # rank i ties with rank i-1
+    tied = np.flatnonzero(after | before)
+    run = np.cumsum(after & ~before)[tied]  # runs numbered in rank order, so each keeps its ranks
+    members = order[tied]
+    order[tied] = members[np.lexsort((ids[members], run))]  # last key is primary
+    return order
+
+
+def _has_duplicates(ids: np.ndarray) -> bool:
+    by_id = np.sort(ids)
+    return bool(np.any(by_id[1:] == by_id[:-1]))

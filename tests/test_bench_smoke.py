@@ -82,3 +82,13 @@ def test_hnsw_ingest_stall_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()
     assert "| baseline (a batch linked in one hold) |" in report and "posts per hold) |" in report
+
+
+def test_merge_topk_smoke(tmp_path):
+    out = tmp_path / "merge.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "merge_topk.py"), "--requests", "60",
+                           "--k", "300", "--shards", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    assert "| 3 | 300 |" in report and "before / now (p50)" in report

@@ -80,3 +80,31 @@ def test_merge_matches_the_plain_definition_with_ties_and_duplicates(seed):
     assert merged.post_ids.tolist() == ids.tolist()
     assert merged.scores.tolist() == scores.tolist()
     assert merged.shards.tolist() == shards.tolist()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_merge_matches_the_plain_definition_with_a_few_tied_scores(seed):
+    # As real shard answers: distinct float32 scores but for a few ties (the run-by-run
+    # tie path, not the lexsort one), a tie run possibly at the very end, and on some
+    # seeds an id on two shards (inside or beyond the top k).
+    rng = np.random.default_rng(1000 + seed)
+    results = []
+    for shard in range(int(rng.integers(2, 4))):
+        n = int(rng.integers(1, 300))
+        scores = (0.6 + 0.05 * rng.standard_normal(n)).astype(np.float32)
+        for _ in range(int(rng.integers(1, 6))):
+            scores[rng.integers(0, n)] = scores[rng.integers(0, n)]
+        if seed % 5 == 0:
+            scores[:] = scores.min()  # one run of n ties
+        ids = rng.choice(600 if seed % 2 else 10**9, n, replace=False)
+        order = np.argsort(-scores, kind="stable")
+        results.append(ShardHits(shard=shard, post_ids=ids[order].astype(np.int64), scores=scores[order]))
+    # Ties across shards too: one shard's score copied into another's list, order kept.
+    a, b = results[0], results[1]
+    b.scores[-1] = min(a.scores[0], b.scores[-2] if len(b.scores) > 1 else a.scores[0])
+    k = int(rng.integers(1, 500))
+    merged = merge_topk(results, k)
+    ids, scores, shards = _reference_merge(results, k)
+    assert merged.post_ids.tolist() == ids.tolist()
+    assert merged.scores.tolist() == scores.tolist()
+    assert merged.shards.tolist() == shards.tolist()
