@@ -35,7 +35,7 @@ def record_key(line: str) -> bytes | None:
 
 def publish_lines(kafka: KafkaConfig, lines: Iterable[str]) -> PublishReport:
     producer = KafkaProducer(
-        bootstrap_servers=kafka.bootstrap_servers,
+        **kafka.client_options(),
         acks="all",
         linger_ms=10,
         client_id="feedret-publish",

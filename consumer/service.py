@@ -76,7 +76,7 @@ class EmbeddingConsumer:
         self.close()
         k = self.kafka
         self._producer = KafkaProducer(
-            bootstrap_servers=k.bootstrap_servers,
+            **k.client_options(),
             acks="all",
             linger_ms=5,
             # One in flight keeps a post's events in order across retries.
@@ -94,7 +94,7 @@ class EmbeddingConsumer:
             )
         self._consumer = KafkaConsumer(
             k.posts_topic,
-            bootstrap_servers=k.bootstrap_servers,
+            **k.client_options(),
             group_id=k.consumer_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

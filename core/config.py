@@ -8,8 +8,9 @@ at process start and passed in; nothing reads the environment later.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feedret.shard_targets import parse_member_targets, parse_shard_targets
@@ -31,7 +32,13 @@ DEFAULT_SHARD_METRICS_BASE_PORT = 9461
 
 
 class _Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FEEDRET_", extra="ignore", frozen=True)
+    # populate_by_name: code passes settings by field name, whatever their variable's name.
+    model_config = SettingsConfigDict(env_prefix="FEEDRET_", extra="ignore", frozen=True, populate_by_name=True)
+
+
+def _kafka_setting(default, name: str):
+    """A KafkaConfig field read from FEEDRET_KAFKA_<NAME>."""
+    return Field(default=default, validation_alias=AliasChoices(f"FEEDRET_KAFKA_{name.upper()}"))
 
 
 class KafkaConfig(_Settings):
@@ -50,6 +57,51 @@ class KafkaConfig(_Settings):
     session_timeout_ms: int = Field(default=6000, ge=1000)
     heartbeat_interval_ms: int = Field(default=1000, ge=100)
     max_poll_interval_ms: int = Field(default=60000, ge=1000)
+    # Connection security, as a Strimzi (or any) Kafka with a TLS or SCRAM listener asks:
+    # PLAINTEXT, SSL (TLS; mutual with ssl_certfile + ssl_keyfile), SASL_PLAINTEXT or SASL_SSL.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = _kafka_setting("PLAINTEXT", "security_protocol")
+    # PEM files; ssl_cafile: the cluster CA (Strimzi's <cluster>-cluster-ca-cert Secret, ca.crt).
+    ssl_cafile: Path | None = _kafka_setting(None, "ssl_cafile")
+    ssl_certfile: Path | None = _kafka_setting(None, "ssl_certfile")
+    ssl_keyfile: Path | None = _kafka_setting(None, "ssl_keyfile")
+    ssl_check_hostname: bool = _kafka_setting(True, "ssl_check_hostname")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = _kafka_setting(None, "sasl_mechanism")
+    sasl_username: str | None = _kafka_setting(None, "sasl_username")
+    sasl_password: SecretStr | None = _kafka_setting(None, "sasl_password")
+
+    @model_validator(mode="after")
+    def _security(self) -> "KafkaConfig":
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs FEEDRET_KAFKA_SASL_MECHANISM, "
+                "FEEDRET_KAFKA_SASL_USERNAME and FEEDRET_KAFKA_SASL_PASSWORD"
+            )
+        if not sasl and (self.sasl_mechanism or self.sasl_username):
+            raise ValueError(f"SASL settings are given but security_protocol is {self.security_protocol}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("a Kafka client certificate needs both FEEDRET_KAFKA_SSL_CERTFILE and FEEDRET_KAFKA_SSL_KEYFILE")
+        tls_files = [f for f in (self.ssl_cafile, self.ssl_certfile, self.ssl_keyfile) if f is not None]
+        if tls_files and not self.security_protocol.endswith("SSL"):
+            raise ValueError(f"TLS files are given but security_protocol is {self.security_protocol} (SSL or SASL_SSL?)")
+        for f in tls_files:
+            if not f.is_file():
+                raise ValueError(f"Kafka TLS file {f} does not exist")
+        return self
+
+    def client_options(self) -> dict:
+        """Keyword arguments every kafka-python client (producer, consumer, admin) is built with."""
+        opts: dict = {"bootstrap_servers": self.bootstrap_servers, "security_protocol": self.security_protocol}
+        if self.security_protocol.endswith("SSL"):
+            opts["ssl_check_hostname"] = self.ssl_check_hostname
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, name) is not None:
+                    opts[name] = str(getattr(self, name))
+        if self.security_protocol.startswith("SASL_"):
+            opts["sasl_mechanism"] = self.sasl_mechanism
+            opts["sasl_plain_username"] = self.sasl_username  # kafka-python's name for PLAIN and SCRAM alike
+            opts["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        return opts
 
 
 ENCODER_BACKENDS = ("torch", "onnx")

@@ -24,7 +24,7 @@ def required_topics(kafka: KafkaConfig, num_shards: int) -> dict[str, int]:
 def ensure_topics(kafka: KafkaConfig, num_shards: int, replication_factor: int = 1) -> None:
     """Create missing topics; refuse to run against a post-vector topic of the wrong width."""
     wanted = required_topics(kafka, num_shards)
-    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers, client_id="feedret-topics")
+    admin = KafkaAdminClient(**kafka.client_options(), client_id="feedret-topics")
     try:
         existing = set(admin.list_topics())
         missing = [

@@ -75,7 +75,8 @@ def run(role: str) -> None:
         raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
     configure_logging(role)
     stop = _stop_on_signals()
-    kafka = KafkaConfig()
+    # The member service never talks to Kafka: it must start whatever Kafka's security settings are.
+    kafka = KafkaConfig() if role != "member" else None
     config = {"shard": ShardConfig, "root": RootConfig, "member": MemberConfig, "consumer": ConsumerConfig}[role]()
     # First, so a process still loading its model or replaying its partition is already visible.
     start_metrics_server(config.host, config.metrics_port, role)

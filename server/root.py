@@ -61,7 +61,7 @@ class ConsumerOffsets:
                     # and Stats would hang that long; offsets are optional, so give up fast.
                     fast = {"bootstrap_timeout_ms": 3000} if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG else {}
                     self._admin = KafkaAdminClient(
-                        bootstrap_servers=self.kafka.bootstrap_servers,
+                        **self.kafka.client_options(),
                         client_id="feedret-root-admin",
                         request_timeout_ms=3000,
                         **fast,

@@ -247,7 +247,7 @@ class PartitionApplier(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 consumer = KafkaConsumer(
-                    bootstrap_servers=self.kafka.bootstrap_servers,
+                    **self.kafka.client_options(),
                     group_id=None,
                     enable_auto_commit=False,
                     # An offset the topic's retention already dropped (an old snapshot's, or 0):

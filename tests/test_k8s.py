@@ -59,7 +59,7 @@ ROLE_CONFIGS: dict[str, tuple[type[BaseSettings], ...]] = {
     "consumer": (KafkaConfig, ConsumerConfig, EncoderConfig),
     "shard": (KafkaConfig, ShardConfig),
     "root": (KafkaConfig, RootConfig),
-    "member": (KafkaConfig, MemberConfig, EncoderConfig),
+    "member": (MemberConfig, EncoderConfig),
 }
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 STRIMZI_GROUP = "kafka.strimzi.io"
@@ -283,6 +283,11 @@ def test_overlay_renders(docs):
 
 @pytest.mark.parametrize("version", [OLDEST_KUBERNETES, "latest"])
 def test_objects_validate_against_the_kubernetes_schema(docs, version):
+    failures = _schema_failures(docs, version)
+    assert not failures, "\n".join(failures)
+
+
+def _schema_failures(docs, version: str) -> list[str]:
     import kubernetes_validate
 
     version = kubernetes_validate.latest_version() if version == "latest" else version
@@ -296,7 +301,7 @@ def test_objects_validate_against_the_kubernetes_schema(docs, version):
             failures.append(f"{_name(d)}: no Kubernetes {version} schema for {d['apiVersion']}")
         except kubernetes_validate.ValidationError as exc:
             failures.append(f"{_name(d)}: {exc.message} at {'/'.join(map(str, exc.absolute_path))}")
-    assert not failures, "\n".join(failures)
+    return failures
 
 
 def test_strimzi_objects(docs):
@@ -450,9 +455,11 @@ def _topics(docs) -> dict[str, dict]:
 
 
 def _kafka_config(docs) -> KafkaConfig:
-    """The KafkaConfig every role builds; they must agree."""
+    """The KafkaConfig every role that uses Kafka builds; they must agree."""
     seen = {}
     for obj, tpl, c, role in _feedret_containers(docs):
+        if KafkaConfig not in ROLE_CONFIGS[role]:
+            continue
         env, _ = _resolve_env(docs, tpl, c)
         seen[_name(obj)] = _build_configs(env, role)[KafkaConfig]
     values = {json.dumps(cfg.model_dump(mode="json"), sort_keys=True) for cfg in seen.values()}
@@ -931,3 +938,67 @@ def test_dockerfile_copies_what_exists_and_runs_the_console_script(dockerfile: P
         # faiss and onnxruntime are not base dependencies (tests/test_packaging.py): the extra brings them.
         assert any("optional-dependencies']['cpu']" in r for r in runs), "the CPU image installs the cpu extra"
         assert not any("optional-dependencies']['gpu']" in r for r in runs), "the CPU image installs the gpu extra"
+
+
+# ---------------------------------------------------------------- Kafka with TLS and SCRAM (a component)
+
+
+def _render_with_component(tmp_path: Path, overlay: str, component: str) -> tuple[dict, ...]:
+    """`overlay` with `component` added, as a user's own overlay would add it."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    k8s = os.path.relpath(K8S, tmp_path)  # kustomize refuses absolute paths
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {k8s}/overlays/{overlay}\ncomponents:\n  - {k8s}/components/{component}\n"
+    )
+    proc = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def test_kafka_tls_scram_component_gives_every_kafka_client_the_ca_and_its_password(tmp_path):
+    (tmp_path / "overlay").mkdir()
+    docs = _render_with_component(tmp_path / "overlay", "prod", "kafka-tls-scram")
+    assert not _schema_failures(docs, OLDEST_KUBERNETES)
+    (user,) = _of_kind(docs, "KafkaUser")
+    cluster = user["metadata"]["labels"]["strimzi.io/cluster"]
+    assert user["spec"]["authentication"]["type"] == "scram-sha-512"
+    namespaces = {d["metadata"].get("namespace") for d in _workloads(docs)}
+    assert namespaces == {user["metadata"]["namespace"]}, "the user's Secret must be in the pods' namespace"
+    acl_topics = {a["resource"]["name"] for a in user["spec"]["authorization"]["acls"] if a["resource"]["type"] == "topic"}
+    acl_groups = {a["resource"]["name"] for a in user["spec"]["authorization"]["acls"] if a["resource"]["type"] == "group"}
+
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\n")
+    roles = set()
+    for obj, tpl, c, role in _feedret_containers(docs):
+        env, from_secrets = _resolve_env(docs, tpl, c)
+        if KafkaConfig not in ROLE_CONFIGS[role]:
+            assert role == "member"
+            _build_configs(env, role)  # starts although the Kafka settings in its ConfigMap are SASL_SSL
+            continue
+        roles.add(role)
+        assert env["KAFKA_BOOTSTRAP_SERVERS"] == f"{cluster}-kafka-bootstrap:9093", _name(obj)
+        # The password comes from the Secret the User Operator makes for this KafkaUser.
+        (password,) = [v for v in c["env"] if v["name"] == "FEEDRET_KAFKA_SASL_PASSWORD"]
+        assert password["valueFrom"]["secretKeyRef"] == {"name": user["metadata"]["name"], "key": "password"}
+        assert "FEEDRET_KAFKA_SASL_PASSWORD" in from_secrets
+        # The CA file lies on a mount of Strimzi's cluster CA Secret.
+        ca_path = Path(env["FEEDRET_KAFKA_SSL_CAFILE"])
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in tpl["spec"]["volumes"]}
+        volume = volumes[mounts[str(ca_path.parent)]]
+        assert volume["secret"]["secretName"] == f"{cluster}-cluster-ca-cert", _name(obj)
+        assert {"key": "ca.crt", "path": ca_path.name} in volume["secret"]["items"]
+        # What the role builds from that environment (the Secret's values stood in for).
+        configs = _build_configs({**env, "FEEDRET_KAFKA_SASL_PASSWORD": "from-the-secret",
+                                  "FEEDRET_KAFKA_SSL_CAFILE": str(ca_file)}, role)
+        kafka: KafkaConfig = configs[KafkaConfig]
+        opts = kafka.client_options()
+        assert opts["security_protocol"] == "SASL_SSL" and opts["sasl_mechanism"] == "SCRAM-SHA-512"
+        assert opts["sasl_plain_username"] == user["metadata"]["name"]
+        assert {kafka.posts_topic, kafka.vectors_topic, kafka.dlq_topic} <= acl_topics
+        assert kafka.consumer_group in acl_groups
+    assert roles == {"consumer", "root", "shard"}
