@@ -403,6 +403,7 @@ def up(
     """Bring up broker, consumer, shards, root and member servers; publish samples; serve until Ctrl-C."""
     from feedret.clients.publish import publish_lines
     from feedret.logging import configure_logging
+    from feedret.server.grpc_tls import channel_credentials
     from feedret.server.launcher import Stack, StackConfig, wait_until
 
     configure_logging("up", json=False)
@@ -424,7 +425,9 @@ def up(
     started = time.monotonic()
     stack = Stack(config)
     with stack:
-        client = FeedretClient(config.root_address)
+        tls = stack.tls
+        client = FeedretClient(config.root_address, credentials=channel_credentials(tls) if tls.enabled else None,
+                               server_name=tls.tls_server_name)
         if not no_publish:
             lines = posts_file.read_text(encoding="utf-8").splitlines()
             live = {}

@@ -39,6 +39,16 @@ def channel_options(address: str) -> list[tuple[str, object]]:
     return options
 
 
+def _open(module, address: str, credentials: grpc.ChannelCredentials | None, server_name: str | None):
+    """A channel from `module` (grpc or grpc.aio): TLS with credentials, else plaintext."""
+    options = channel_options(address)
+    if credentials is None:
+        return module.insecure_channel(address, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return module.secure_channel(address, credentials, options=options)
+
+
 @dataclass(frozen=True)
 class Candidate:
     post_id: int
@@ -106,9 +116,18 @@ def to_result(resp: pb.RetrieveResponse) -> RetrieveResult:
 class FeedretClient:
     """Blocking client for the root server (RetrievalService and IndexAdmin)."""
 
-    def __init__(self, address: str = DEFAULT_ROOT_ADDRESS, *, channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ROOT_ADDRESS,
+        *,
+        channel: grpc.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        """`credentials`: TLS to a root that serves it (`grpc.ssl_channel_credentials(ca, key, cert)`);
+        `server_name`: the name to expect in the root's certificate when the address's host is not in it."""
         self.address = address
-        self._channel = channel or grpc.insecure_channel(address, options=channel_options(address))
+        self._channel = channel or _open(grpc, address, credentials, server_name)
         self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
         self._admin = pb_grpc.IndexAdminStub(self._channel)
 
@@ -154,9 +173,15 @@ class FeedretClient:
 class AsyncFeedretClient:
     """asyncio client with the same methods, for grpc.aio-based backends."""
 
-    def __init__(self, address: str = DEFAULT_ROOT_ADDRESS) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ROOT_ADDRESS,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(address))
+        self._channel = _open(grpc.aio, address, credentials, server_name)
         self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
         self._admin = pb_grpc.IndexAdminStub(self._channel)
 

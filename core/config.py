@@ -204,6 +204,43 @@ class ShardConfig(_Settings):
         return self
 
 
+class GrpcTlsConfig(_Settings):
+    """TLS for feedret's gRPC servers and for the root's calls to shards and member pods.
+
+    With a certificate and key, a server listens with TLS only; with a CA as well it
+    asks callers for a certificate signed by that CA (mutual TLS, `tls_client_auth`).
+    The root calls shards and member pods with TLS too, trusting the CA (the system's
+    roots when none) and presenting its own certificate. The kubelet's native gRPC
+    probes cannot speak TLS: `health_port` serves grpc.health.v1, and nothing else,
+    in plaintext for them.
+    """
+
+    tls_cert_file: Path | None = None  # PEM certificate chain of this process
+    tls_key_file: Path | None = None  # its private key, PEM
+    tls_ca_file: Path | None = None  # PEM CA that peers' certificates are checked against
+    tls_client_auth: bool = True  # with a CA: a server refuses callers without a certificate it signed
+    # The name checked in the shards' and member pods' certificates, when the hosts the root
+    # dials (e.g. feedret-shard-0) are not in them: one internal certificate for every pod.
+    tls_server_name: str | None = None
+    health_port: int = Field(default=0, ge=0, le=65535)  # plaintext health only; 0: none
+
+    @model_validator(mode="after")
+    def _files(self) -> "GrpcTlsConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("gRPC TLS needs both FEEDRET_TLS_CERT_FILE and FEEDRET_TLS_KEY_FILE")
+        for f in (self.tls_cert_file, self.tls_key_file, self.tls_ca_file):
+            if f is not None and not f.is_file():
+                raise ValueError(f"gRPC TLS file {f} does not exist")
+        if self.health_port and not self.enabled:
+            raise ValueError("FEEDRET_HEALTH_PORT is for TLS servers (the kubelet cannot probe TLS); "
+                             "without FEEDRET_TLS_CERT_FILE health is served on the main port")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
+
 class MemberConfig(_Settings):
     host: str = "127.0.0.1"
     port: int = DEFAULT_MEMBER_PORT

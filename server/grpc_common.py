@@ -14,8 +14,10 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from feedret.config import GrpcTlsConfig
 from feedret.indexer.shard_index import SearchFilter
 from feedret.metrics import GrpcMetricsInterceptor
+from feedret.server.grpc_tls import server_credentials
 from feedret.v1 import feedret_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -39,6 +41,28 @@ class RpcFailure(Exception):
         self.code = code
 
 
+class ServerGroup:
+    """The server and, with TLS and a health port, the plaintext health-only server beside it."""
+
+    def __init__(self, main: grpc.Server, health_only: grpc.Server | None = None) -> None:
+        self.main = main
+        self.health_only = health_only
+
+    def start(self) -> None:
+        self.main.start()
+        if self.health_only is not None:
+            self.health_only.start()
+
+    def stop(self, grace: float | None):
+        """Stops both; returns the main server's event, set once it has stopped."""
+        if self.health_only is not None:
+            self.health_only.stop(grace)
+        return self.main.stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.main.wait_for_termination(timeout)
+
+
 def build_server(
     host: str,
     port: int,
@@ -46,10 +70,13 @@ def build_server(
     register: Sequence[Callable[[grpc.Server], None]],
     service_names: Sequence[str],
     options: Sequence[tuple[str, object]] = (),
-) -> tuple[grpc.Server, health.HealthServicer, int]:
+    tls: GrpcTlsConfig | None = None,
+) -> tuple[ServerGroup, health.HealthServicer, int]:
     """A server with our services plus grpc.health.v1 and reflection. Returns the bound port.
 
-    `options`: further grpc server channel arguments.
+    `options`: further grpc server channel arguments. `tls` (enabled): the port speaks
+    TLS only, and `tls.health_port`, when set, serves the same health status in
+    plaintext for the kubelet's probes, with no other service on it.
 
     Every RPC is counted and timed for Prometheus (feedret.metrics).
     """
@@ -69,13 +96,22 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None and tls.enabled:
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
+    health_only = None
+    if tls is not None and tls.enabled and tls.health_port:
+        health_only = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_only)
+        if health_only.add_insecure_port(f"{host}:{tls.health_port}") == 0:
+            raise RuntimeError(f"could not bind the health port {host}:{tls.health_port}")
     for name in service_names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    return server, health_servicer, bound
+    return ServerGroup(server, health_only), health_servicer, bound
 
 
 def set_serving(health_servicer: health.HealthServicer, service_names: Sequence[str], serving: bool) -> None:

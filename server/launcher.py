@@ -35,8 +35,10 @@ from feedret.config import (
     DEFAULT_SHARD_BASE_PORT,
     DEFAULT_SHARD_METRICS_BASE_PORT,
     REPO_ROOT,
+    GrpcTlsConfig,
     KafkaConfig,
 )
+from feedret.server.grpc_tls import channel_credentials, open_channel
 from feedret.topics import ensure_topics
 
 log = structlog.get_logger(__name__)
@@ -143,8 +145,8 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
-def is_serving(address: str, timeout: float = 0.5) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def is_serving(address: str, timeout: float = 0.5, tls: GrpcTlsConfig | None = None) -> bool:
+    with open_channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         except grpc.RpcError:
@@ -161,6 +163,10 @@ class Stack:
         self.log_dir = config.workdir / "logs"
         self.snapshot_root = config.workdir / "snapshots"
         self.kafka = KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=config.bootstrap_servers or f"{config.host}:{config.broker_port}")
+        # The servers' TLS settings, as the children read them (environment, then config.env):
+        # readiness checks and the demo's client must speak what the servers serve.
+        env = {**os.environ, **config.env}
+        self.tls = GrpcTlsConfig(**{k[len("FEEDRET_"):].lower(): v for k, v in env.items() if k.startswith("FEEDRET_TLS_")})
 
     # ------------------------------------------------------------ processes
 
@@ -249,7 +255,7 @@ class Stack:
                 proc = self.procs[name]
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
-                if is_serving(pending[name]):
+                if is_serving(pending[name], tls=self.tls):
                     log.info("process_ready", process=name, address=pending[name])
                     del pending[name]
             if pending and time.monotonic() > deadline:

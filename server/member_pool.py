@@ -56,8 +56,11 @@ class MemberPool:
         channel_options: Sequence[tuple[str, object]] = (),
         resolve_interval_s: float = 5.0,
         resolver: Resolver = resolve_addresses,
+        open_channel: Callable[[str, list], grpc.Channel] | None = None,
     ) -> None:
         self.address = address
+        # (target, options) -> channel; plaintext unless the root gives a TLS one.
+        self._open_channel = open_channel or (lambda target, options: grpc.insecure_channel(target, options=options))
         targets = parse_member_targets(address)
         self._pool = targets[0] if targets and is_pool(targets[0]) else None
         self._options = list(channel_options)
@@ -112,7 +115,7 @@ class MemberPool:
         with self._lock:
             entry = self._stubs.get(address)
             if entry is None:
-                channel = grpc.insecure_channel(address, options=self._options)
+                channel = self._open_channel(address, self._options)
                 entry = self._stubs[address] = (channel, pb_grpc.MemberEmbeddingServiceStub(channel))
             return entry[1]
 

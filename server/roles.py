@@ -14,6 +14,7 @@ import structlog
 from feedret.config import (
     ConsumerConfig,
     EncoderConfig,
+    GrpcTlsConfig,
     KafkaConfig,
     MemberConfig,
     RootConfig,
@@ -78,20 +79,21 @@ def run(role: str) -> None:
     # The member service never talks to Kafka: it must start whatever Kafka's security settings are.
     kafka = KafkaConfig() if role != "member" else None
     config = {"shard": ShardConfig, "root": RootConfig, "member": MemberConfig, "consumer": ConsumerConfig}[role]()
+    tls = GrpcTlsConfig() if role != "consumer" else None  # the consumer serves no gRPC
     # First, so a process still loading its model or replaying its partition is already visible.
     start_metrics_server(config.host, config.metrics_port, role)
     if role == "shard":
         from feedret.server.shard import serve as serve_shard
 
-        serve_shard(kafka, config, stop)
+        serve_shard(kafka, config, stop, tls)
     elif role == "root":
         from feedret.server.root import serve as serve_root
 
-        serve_root(kafka, config, stop)
+        serve_root(kafka, config, stop, tls)
     elif role == "member":
         from feedret.server.member import serve as serve_member
 
-        serve_member(config, load_encoder(EncoderConfig()), stop)
+        serve_member(config, load_encoder(EncoderConfig()), stop, tls)
     else:
         from feedret.consumer.service import EmbeddingConsumer
 

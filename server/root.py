@@ -15,9 +15,10 @@ import numpy as np
 import structlog
 
 from feedret import metrics
-from feedret.config import KafkaConfig, RootConfig
+from feedret.config import GrpcTlsConfig, KafkaConfig, RootConfig
 from feedret.merge import ShardHits, merge_topk
 from feedret.routing import shard_of
+from feedret.server.grpc_tls import open_channel
 from feedret.server.member_pool import DeadlineBeforeCall, MemberPool, NoMemberPods, NoMemberService
 from feedret.server.replicas import MAX_IN_FLIGHT, Fatal, HedgeBudget, Outcome, ReplicaSet, call_replicas
 from feedret.shard_targets import ROUND_ROBIN, is_pool
@@ -79,12 +80,13 @@ class ConsumerOffsets:
 
 
 class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer):
-    def __init__(self, config: RootConfig, kafka: KafkaConfig) -> None:
+    def __init__(self, config: RootConfig, kafka: KafkaConfig, tls: GrpcTlsConfig | None = None) -> None:
         self.config = config
         self.addresses = config.shard_list()  # per shard, its replicas joined by "|"
         targets = config.shard_replicas()
         opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        channels = [[grpc.insecure_channel(t, options=shard_channel_options(t)) for t in replicas] for replicas in targets]
+        # TLS to shards and member pods when this root serves TLS (one internal PKI).
+        channels = [[open_channel(t, tls, shard_channel_options(t)) for t in replicas] for replicas in targets]
         self.search_stubs = [[pb_grpc.ShardServiceStub(c) for c in chans] for chans in channels]
         self.admin_stubs = [[pb_grpc.IndexAdminStub(c) for c in chans] for chans in channels]
         self.replica_sets = [
@@ -93,7 +95,8 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         self.hedge_after_s = config.hedge_after_ms / 1000
         # One budget for all Searches: hedges add at most hedge_budget extra calls per first call.
         self.hedge_budget = HedgeBudget(config.hedge_budget, config.hedge_burst)
-        self.member = MemberPool(config.member_address, opts, resolve_interval_s=config.member_resolve_interval_s)
+        self.member = MemberPool(config.member_address, opts, resolve_interval_s=config.member_resolve_interval_s,
+                                 open_channel=lambda target, options: open_channel(target, tls, options))
         self.consumer_offsets = ConsumerOffsets(kafka)
         # Shard calls are blocking calls made on these long-lived threads. A grpc future
         # (`stub.Search.future`) on a channel with no call in flight starts a new polling
@@ -359,8 +362,8 @@ def _failure_details(outcome: Outcome) -> str:
     return (details() if callable(details) else None) or str(outcome.error)
 
 
-def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event) -> None:
-    servicer = RootServicer(config, kafka)
+def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event, tls: GrpcTlsConfig | None = None) -> None:
+    servicer = RootServicer(config, kafka, tls)
     server, health_servicer, port = build_server(
         config.host,
         config.port,
@@ -371,6 +374,7 @@ def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event) -> None
         ],
         SERVICE_NAMES,
         connection_age_options(config.max_connection_age_s),
+        tls,
     )
     server.start()
     # The root holds no state: it can serve as soon as it listens.

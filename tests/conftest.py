@@ -152,3 +152,24 @@ def feedret_cli(*args: str, env: dict | None = None, input: str | None = None) -
         [sys.executable, "-m", "feedret.clients.cli", *args],
         capture_output=True, text=True, timeout=60, input=input, env={**os.environ, **(env or {})},
     )
+
+
+def make_certificates(d: Path, name: str = "test") -> dict[str, Path]:
+    """A CA and, signed by it, a certificate for 127.0.0.1, localhost and feedret.internal,
+    good for serving and for presenting as a client (mutual TLS). Needs the openssl command."""
+    import subprocess
+
+    d.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}-ca.key", "-out", f"{name}-ca.crt",
+            "-days", "2", "-subj", f"/CN={name}-ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", "/CN=127.0.0.1")
+    (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:feedret.internal\n"
+                                   "extendedKeyUsage=serverAuth,clientAuth\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{name}-ca.crt", "-CAkey", f"{name}-ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return {"ca": d / f"{name}-ca.crt", "cert": d / f"{name}.crt", "key": d / f"{name}.key"}

@@ -36,7 +36,7 @@ from pydantic import AliasChoices, AliasPath
 from pydantic_settings import BaseSettings
 
 import feedret.config as feedret_config
-from feedret.config import ConsumerConfig, EncoderConfig, KafkaConfig, MemberConfig, RootConfig, ShardConfig
+from feedret.config import ConsumerConfig, EncoderConfig, GrpcTlsConfig, KafkaConfig, MemberConfig, RootConfig, ShardConfig
 from feedret.encoder.onnx_backend import ONNX_DIR
 from feedret.metrics import METRICS_PATH
 from feedret.server.roles import ROLES
@@ -65,7 +65,8 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 STRIMZI_GROUP = "kafka.strimzi.io"
 MONITORING_GROUP = "monitoring.coreos.com"
 # Custom resources: no Kubernetes schema; checked by test_strimzi_objects and test_podmonitors.
-CUSTOM_GROUPS = {STRIMZI_GROUP, MONITORING_GROUP}
+CERT_MANAGER_GROUP = "cert-manager.io"
+CUSTOM_GROUPS = {STRIMZI_GROUP, MONITORING_GROUP, CERT_MANAGER_GROUP}
 SHARD_LABEL = "feedret.io/shard"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 ANY_HOST = {"0.0.0.0", "::", "[::]", ""}
@@ -1002,3 +1003,40 @@ def test_kafka_tls_scram_component_gives_every_kafka_client_the_ca_and_its_passw
         assert {kafka.posts_topic, kafka.vectors_topic, kafka.dlq_topic} <= acl_topics
         assert kafka.consumer_group in acl_groups
     assert roles == {"consumer", "root", "shard"}
+
+
+def test_grpc_tls_component_serves_tls_with_probes_on_the_plaintext_health_port(tmp_path):
+    (tmp_path / "overlay").mkdir()
+    docs = _render_with_component(tmp_path / "overlay", "prod", "grpc-tls")
+    assert not _schema_failures(docs, OLDEST_KUBERNETES)
+    (cert,) = [d for d in docs if d["kind"] == "Certificate"]
+    assert cert["apiVersion"] == f"{CERT_MANAGER_GROUP}/v1"
+    assert {"server auth", "client auth"} <= set(cert["spec"]["usages"])  # one certificate, both ends of mutual TLS
+    files = {name: tmp_path / name for name in ("tls.crt", "tls.key", "ca.crt")}
+    for f in files.values():
+        f.write_text("PEM\n")
+    served = set()
+    for obj, tpl, c, role in _feedret_containers(docs):
+        if role == "consumer":
+            continue  # serves no gRPC
+        served.add(role)
+        env, _ = _resolve_env(docs, tpl, c)
+        # The files lie on the mount of the Secret cert-manager writes, which is now required.
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in tpl["spec"]["volumes"]}
+        for var in ("FEEDRET_TLS_CERT_FILE", "FEEDRET_TLS_KEY_FILE", "FEEDRET_TLS_CA_FILE"):
+            path = Path(env[var])
+            secret = volumes[mounts[str(path.parent)]]["secret"]
+            assert secret["secretName"] == cert["spec"]["secretName"] and secret.get("optional") is False, _name(obj)
+            assert path.name in files, f"{var}: cert-manager writes no {path.name}"
+        with mock.patch.dict(os.environ, {**env, **{v: str(files[Path(env[v]).name]) for v in
+                                                    ("FEEDRET_TLS_CERT_FILE", "FEEDRET_TLS_KEY_FILE", "FEEDRET_TLS_CA_FILE")}},
+                             clear=True):
+            tls = GrpcTlsConfig()
+        assert tls.enabled and tls.tls_client_auth and tls.health_port
+        assert tls.tls_server_name in cert["spec"]["dnsNames"]
+        # The kubelet cannot probe TLS: every probe is on the plaintext health port, which the container declares.
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == tls.health_port, f"{_name(obj)} {probe}"
+        assert tls.health_port in {p["containerPort"] for p in c["ports"]}
+    assert served == {"root", "member", "shard"}

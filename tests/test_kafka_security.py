@@ -23,7 +23,7 @@ from feedret.config import KafkaConfig
 from feedret.clients.publish import publish_lines
 from feedret.topics import ensure_topics
 
-from conftest import free_port_block
+from conftest import free_port_block, make_certificates
 
 
 def test_plaintext_by_default():
@@ -78,22 +78,6 @@ def test_inconsistent_security_settings_fail_at_start_saying_what_is_missing(set
 # ---------------------------------------------------------------- through TLS, for real
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _certificates(d: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate it signed for 127.0.0.1."""
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "2", "-subj", "/CN=feedret-test-ca", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=127.0.0.1", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
-    return d / "ca.crt", d / "server.crt", d / "server.key"
-
-
 class TlsProxy(threading.Thread):
     """Terminates TLS on `port` and forwards the plaintext to the broker; counts handshakes."""
 
@@ -146,7 +130,8 @@ class TlsProxy(threading.Thread):
 def test_topics_and_posts_go_through_a_tls_listener_verified_against_its_ca(tmp_path):
     from feedret.server.launcher import tansu_binary, wait_for_port
 
-    ca, cert, key = _certificates(tmp_path)
+    pki = make_certificates(tmp_path)
+    ca, cert, key = pki["ca"], pki["cert"], pki["key"]
     broker_port = free_port_block(2)
     tls_port = broker_port + 1
     proxy = TlsProxy(tls_port, broker_port, cert, key)
