@@ -40,6 +40,15 @@ root_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
+def _client(root: str) -> FeedretClient:
+    """A client for `root`, with the TLS and token settings the servers read (FEEDRET_TLS_*,
+    FEEDRET_AUTH_TOKEN_FILE), so the CLI reaches a root that requires them."""
+    from feedret.config import GrpcSecurityConfig
+    from feedret.server.grpc_security import client_security
+
+    return FeedretClient(root, **client_security(GrpcSecurityConfig()))
+
+
 def _grpc_call(fn: Callable[[], T]) -> T:
     """Run one RPC; turn a gRPC error into a one-line message and exit code 2."""
     try:
@@ -171,7 +180,7 @@ def query(member, post_id, k, exclude, max_age, lang, timeout, root, as_json) ->
     """Retrieve top-K posts for MEMBER (JSON, @file or '-') or for --post-id's vector."""
     if (member is None) == (post_id is None):
         raise click.UsageError("give either MEMBER (JSON) or --post-id")
-    with FeedretClient(root) as client:
+    with _client(root) as client:
         kwargs: dict[str, Any] = dict(k=k, exclude_post_ids=exclude, max_age_seconds=max_age, languages=lang, timeout=timeout)
         if post_id is not None:
             found = _grpc_call(lambda: client.lookup(post_id, include_vector=True))
@@ -195,7 +204,7 @@ def query(member, post_id, k, exclude, max_age, lang, timeout, root, as_json) ->
 @json_option
 def lookup(post_id: int, vector: bool, root: str, as_json: bool) -> None:
     """Is POST_ID indexed, on which shard, since when. Exit code 1 when not found."""
-    with FeedretClient(root) as client:
+    with _client(root) as client:
         reply = _grpc_call(lambda: client.lookup(post_id, include_vector=vector))
     if as_json:
         _dump(_proto_dict(reply))
@@ -214,7 +223,7 @@ def lookup(post_id: int, vector: bool, root: str, as_json: bool) -> None:
 @json_option
 def stats(root: str, as_json: bool) -> None:
     """Posts per shard and consumer offsets."""
-    with FeedretClient(root) as client:
+    with _client(root) as client:
         reply = _grpc_call(client.stats)
     if as_json:
         _dump(_proto_dict(reply))
@@ -403,7 +412,7 @@ def up(
     """Bring up broker, consumer, shards, root and member servers; publish samples; serve until Ctrl-C."""
     from feedret.clients.publish import publish_lines
     from feedret.logging import configure_logging
-    from feedret.server.grpc_tls import channel_credentials
+    from feedret.server.grpc_security import client_security
     from feedret.server.launcher import Stack, StackConfig, wait_until
 
     configure_logging("up", json=False)
@@ -425,9 +434,7 @@ def up(
     started = time.monotonic()
     stack = Stack(config)
     with stack:
-        tls = stack.tls
-        client = FeedretClient(config.root_address, credentials=channel_credentials(tls) if tls.enabled else None,
-                               server_name=tls.tls_server_name)
+        client = FeedretClient(config.root_address, **client_security(stack.tls))
         if not no_publish:
             lines = posts_file.read_text(encoding="utf-8").splitlines()
             live = {}

@@ -10,12 +10,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 import numpy as np
 
 from feedret.members import MemberProfile
+from feedret.server.grpc_auth import with_token
 from feedret.shard_targets import ROUND_ROBIN
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
@@ -39,14 +40,34 @@ def channel_options(address: str) -> list[tuple[str, object]]:
     return options
 
 
-def _open(module, address: str, credentials: grpc.ChannelCredentials | None, server_name: str | None):
+def _open(module, address: str, credentials: grpc.ChannelCredentials | None, server_name: str | None,
+          interceptors=None):
     """A channel from `module` (grpc or grpc.aio): TLS with credentials, else plaintext."""
     options = channel_options(address)
+    extra = {"interceptors": interceptors} if interceptors else {}
     if credentials is None:
-        return module.insecure_channel(address, options=options)
+        return module.insecure_channel(address, options=options, **extra)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
-    return module.secure_channel(address, credentials, options=options)
+    return module.secure_channel(address, credentials, options=options, **extra)
+
+
+def _token_source(token: str | Callable[[], str] | None) -> Callable[[], str] | None:
+    if token is None or callable(token):
+        return token
+    return lambda: token
+
+
+class _AioBearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: Callable[[], str]) -> None:
+        self.token = token
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
+        metadata.append(("authorization", f"Bearer {self.token()}"))
+        details = grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                             details.wait_for_ready)
+        return await continuation(details, request)
 
 
 @dataclass(frozen=True)
@@ -123,11 +144,13 @@ class FeedretClient:
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str | None = None,
+        token: str | Callable[[], str] | None = None,
     ) -> None:
         """`credentials`: TLS to a root that serves it (`grpc.ssl_channel_credentials(ca, key, cert)`);
-        `server_name`: the name to expect in the root's certificate when the address's host is not in it."""
+        `server_name`: the name to expect in the root's certificate when the address's host is not in it;
+        `token`: a bearer token sent with every call (or a function returning the current one)."""
         self.address = address
-        self._channel = channel or _open(grpc, address, credentials, server_name)
+        self._channel = with_token(channel or _open(grpc, address, credentials, server_name), _token_source(token))
         self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
         self._admin = pb_grpc.IndexAdminStub(self._channel)
 
@@ -179,9 +202,12 @@ class AsyncFeedretClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str | None = None,
+        token: str | Callable[[], str] | None = None,
     ) -> None:
         self.address = address
-        self._channel = _open(grpc.aio, address, credentials, server_name)
+        source = _token_source(token)
+        interceptors = [_AioBearerToken(source)] if source is not None else None
+        self._channel = _open(grpc.aio, address, credentials, server_name, interceptors)
         self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
         self._admin = pb_grpc.IndexAdminStub(self._channel)
 

@@ -204,8 +204,8 @@ class ShardConfig(_Settings):
         return self
 
 
-class GrpcTlsConfig(_Settings):
-    """TLS for feedret's gRPC servers and for the root's calls to shards and member pods.
+class GrpcSecurityConfig(_Settings):
+    """TLS and bearer tokens for feedret's gRPC servers and the root's calls to shards and member pods.
 
     With a certificate and key, a server listens with TLS only; with a CA as well it
     asks callers for a certificate signed by that CA (mutual TLS, `tls_client_auth`).
@@ -213,6 +213,11 @@ class GrpcTlsConfig(_Settings):
     roots when none) and presenting its own certificate. The kubelet's native gRPC
     probes cannot speak TLS: `health_port` serves grpc.health.v1, and nothing else,
     in plaintext for them.
+
+    With `auth_tokens_file`, a server answers feedret's services only for calls that
+    carry `authorization: Bearer <token>` with a token in that file (health and
+    reflection stay open); the root sends the token in `auth_token_file` to shards and
+    member pods. Both files are read again when they change (a rotated Secret).
     """
 
     tls_cert_file: Path | None = None  # PEM certificate chain of this process
@@ -223,14 +228,16 @@ class GrpcTlsConfig(_Settings):
     # dials (e.g. feedret-shard-0) are not in them: one internal certificate for every pod.
     tls_server_name: str | None = None
     health_port: int = Field(default=0, ge=0, le=65535)  # plaintext health only; 0: none
+    auth_tokens_file: Path | None = None  # tokens this server accepts, one per line ('#' comments)
+    auth_token_file: Path | None = None  # the token this process sends (the root, to shards and members)
 
     @model_validator(mode="after")
-    def _files(self) -> "GrpcTlsConfig":
+    def _files(self) -> "GrpcSecurityConfig":
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("gRPC TLS needs both FEEDRET_TLS_CERT_FILE and FEEDRET_TLS_KEY_FILE")
-        for f in (self.tls_cert_file, self.tls_key_file, self.tls_ca_file):
+        for f in (self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.auth_tokens_file, self.auth_token_file):
             if f is not None and not f.is_file():
-                raise ValueError(f"gRPC TLS file {f} does not exist")
+                raise ValueError(f"gRPC security file {f} does not exist")
         if self.health_port and not self.enabled:
             raise ValueError("FEEDRET_HEALTH_PORT is for TLS servers (the kubelet cannot probe TLS); "
                              "without FEEDRET_TLS_CERT_FILE health is served on the main port")

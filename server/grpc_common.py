@@ -14,10 +14,11 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from feedret.config import GrpcTlsConfig
+from feedret.config import GrpcSecurityConfig
 from feedret.indexer.shard_index import SearchFilter
 from feedret.metrics import GrpcMetricsInterceptor
-from feedret.server.grpc_tls import server_credentials
+from feedret.server.grpc_auth import BearerAuthInterceptor, TokenFile
+from feedret.server.grpc_security import server_credentials
 from feedret.v1 import feedret_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -70,19 +71,22 @@ def build_server(
     register: Sequence[Callable[[grpc.Server], None]],
     service_names: Sequence[str],
     options: Sequence[tuple[str, object]] = (),
-    tls: GrpcTlsConfig | None = None,
+    tls: GrpcSecurityConfig | None = None,
 ) -> tuple[ServerGroup, health.HealthServicer, int]:
     """A server with our services plus grpc.health.v1 and reflection. Returns the bound port.
 
     `options`: further grpc server channel arguments. `tls` (enabled): the port speaks
     TLS only, and `tls.health_port`, when set, serves the same health status in
-    plaintext for the kubelet's probes, with no other service on it.
+    plaintext for the kubelet's probes, with no other service on it; with
+    `tls.auth_tokens_file`, calls need one of its bearer tokens (health and reflection excepted).
 
     Every RPC is counted and timed for Prometheus (feedret.metrics).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
-        interceptors=[GrpcMetricsInterceptor()],
+        # Metrics first: calls refused for their token are counted too.
+        interceptors=[GrpcMetricsInterceptor()]
+        + ([BearerAuthInterceptor(TokenFile(tls.auth_tokens_file))] if tls is not None and tls.auth_tokens_file else []),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

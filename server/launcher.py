@@ -35,10 +35,10 @@ from feedret.config import (
     DEFAULT_SHARD_BASE_PORT,
     DEFAULT_SHARD_METRICS_BASE_PORT,
     REPO_ROOT,
-    GrpcTlsConfig,
+    GrpcSecurityConfig,
     KafkaConfig,
 )
-from feedret.server.grpc_tls import channel_credentials, open_channel
+from feedret.server.grpc_security import channel_credentials, open_channel
 from feedret.topics import ensure_topics
 
 log = structlog.get_logger(__name__)
@@ -145,7 +145,7 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
-def is_serving(address: str, timeout: float = 0.5, tls: GrpcTlsConfig | None = None) -> bool:
+def is_serving(address: str, timeout: float = 0.5, tls: GrpcSecurityConfig | None = None) -> bool:
     with open_channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
@@ -163,10 +163,11 @@ class Stack:
         self.log_dir = config.workdir / "logs"
         self.snapshot_root = config.workdir / "snapshots"
         self.kafka = KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=config.bootstrap_servers or f"{config.host}:{config.broker_port}")
-        # The servers' TLS settings, as the children read them (environment, then config.env):
-        # readiness checks and the demo's client must speak what the servers serve.
+        # The servers' TLS and token settings, as the children read them (environment, then
+        # config.env): readiness checks and the demo's client must speak what the servers serve.
         env = {**os.environ, **config.env}
-        self.tls = GrpcTlsConfig(**{k[len("FEEDRET_"):].lower(): v for k, v in env.items() if k.startswith("FEEDRET_TLS_")})
+        self.tls = GrpcSecurityConfig(**{k[len("FEEDRET_"):].lower(): v for k, v in env.items()
+                                         if k.startswith(("FEEDRET_TLS_", "FEEDRET_AUTH_"))})
 
     # ------------------------------------------------------------ processes
 

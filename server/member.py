@@ -16,7 +16,7 @@ import structlog
 from cachetools import TTLCache
 
 from feedret import metrics
-from feedret.config import GrpcTlsConfig, MemberConfig
+from feedret.config import GrpcSecurityConfig, MemberConfig
 from feedret.members import MemberProfile
 from feedret.server.grpc_common import InvalidRequest, build_server, rpc_scope, set_serving
 from feedret.v1 import feedret_pb2 as pb
@@ -71,7 +71,7 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
             return pb.EmbedResponse(vector=vector, model_version=self.encoder.model_version, cached=False)
 
 
-def serve(config: MemberConfig, encoder: MemberEmbedder, stop: threading.Event, tls: GrpcTlsConfig | None = None) -> None:
+def serve(config: MemberConfig, encoder: MemberEmbedder, stop: threading.Event, tls: GrpcSecurityConfig | None = None) -> None:
     servicer = MemberServicer(config, encoder)
     server, health_servicer, port = build_server(
         config.host,

@@ -14,7 +14,7 @@ import structlog
 from feedret.config import (
     ConsumerConfig,
     EncoderConfig,
-    GrpcTlsConfig,
+    GrpcSecurityConfig,
     KafkaConfig,
     MemberConfig,
     RootConfig,
@@ -79,7 +79,7 @@ def run(role: str) -> None:
     # The member service never talks to Kafka: it must start whatever Kafka's security settings are.
     kafka = KafkaConfig() if role != "member" else None
     config = {"shard": ShardConfig, "root": RootConfig, "member": MemberConfig, "consumer": ConsumerConfig}[role]()
-    tls = GrpcTlsConfig() if role != "consumer" else None  # the consumer serves no gRPC
+    tls = GrpcSecurityConfig() if role != "consumer" else None  # the consumer serves no gRPC
     # First, so a process still loading its model or replaying its partition is already visible.
     start_metrics_server(config.host, config.metrics_port, role)
     if role == "shard":

@@ -15,10 +15,10 @@ import numpy as np
 import structlog
 
 from feedret import metrics
-from feedret.config import GrpcTlsConfig, KafkaConfig, RootConfig
+from feedret.config import GrpcSecurityConfig, KafkaConfig, RootConfig
 from feedret.merge import ShardHits, merge_topk
 from feedret.routing import shard_of
-from feedret.server.grpc_tls import open_channel
+from feedret.server.grpc_security import open_channel
 from feedret.server.member_pool import DeadlineBeforeCall, MemberPool, NoMemberPods, NoMemberService
 from feedret.server.replicas import MAX_IN_FLIGHT, Fatal, HedgeBudget, Outcome, ReplicaSet, call_replicas
 from feedret.shard_targets import ROUND_ROBIN, is_pool
@@ -80,7 +80,7 @@ class ConsumerOffsets:
 
 
 class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer):
-    def __init__(self, config: RootConfig, kafka: KafkaConfig, tls: GrpcTlsConfig | None = None) -> None:
+    def __init__(self, config: RootConfig, kafka: KafkaConfig, tls: GrpcSecurityConfig | None = None) -> None:
         self.config = config
         self.addresses = config.shard_list()  # per shard, its replicas joined by "|"
         targets = config.shard_replicas()
@@ -362,7 +362,7 @@ def _failure_details(outcome: Outcome) -> str:
     return (details() if callable(details) else None) or str(outcome.error)
 
 
-def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event, tls: GrpcTlsConfig | None = None) -> None:
+def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event, tls: GrpcSecurityConfig | None = None) -> None:
     servicer = RootServicer(config, kafka, tls)
     server, health_servicer, port = build_server(
         config.host,

@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer, TopicPartition
 
 from feedret import metrics
-from feedret.config import GrpcTlsConfig, KafkaConfig, ShardConfig
+from feedret.config import GrpcSecurityConfig, KafkaConfig, ShardConfig
 from feedret.indexer import snapshot as snapshots
 from feedret.indexer.shard_index import IndexConfigError, IndexOptions, ShardIndex
 from feedret.indexer.batcher import SearchBatcher
@@ -547,7 +547,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
             return pb.StatsResponse(shards=[shard], total_indexed=shard.indexed, model_version=state.model_version)
 
 
-def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event, tls: GrpcTlsConfig | None = None) -> None:
+def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event, tls: GrpcSecurityConfig | None = None) -> None:
     if config.shard_id >= config.num_shards:
         raise ValueError(f"shard_id {config.shard_id} is outside num_shards={config.num_shards}")
     structlog.contextvars.bind_contextvars(shard=config.shard_id)

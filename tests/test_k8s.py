@@ -36,7 +36,7 @@ from pydantic import AliasChoices, AliasPath
 from pydantic_settings import BaseSettings
 
 import feedret.config as feedret_config
-from feedret.config import ConsumerConfig, EncoderConfig, GrpcTlsConfig, KafkaConfig, MemberConfig, RootConfig, ShardConfig
+from feedret.config import ConsumerConfig, EncoderConfig, GrpcSecurityConfig, KafkaConfig, MemberConfig, RootConfig, ShardConfig
 from feedret.encoder.onnx_backend import ONNX_DIR
 from feedret.metrics import METRICS_PATH
 from feedret.server.roles import ROLES
@@ -944,15 +944,16 @@ def test_dockerfile_copies_what_exists_and_runs_the_console_script(dockerfile: P
 # ---------------------------------------------------------------- Kafka with TLS and SCRAM (a component)
 
 
-def _render_with_component(tmp_path: Path, overlay: str, component: str) -> tuple[dict, ...]:
-    """`overlay` with `component` added, as a user's own overlay would add it."""
+def _render_with_component(tmp_path: Path, overlay: str, *components: str) -> tuple[dict, ...]:
+    """`overlay` with `components` added, as a user's own overlay would add them."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed")
     k8s = os.path.relpath(K8S, tmp_path)  # kustomize refuses absolute paths
     (tmp_path / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - {k8s}/overlays/{overlay}\ncomponents:\n  - {k8s}/components/{component}\n"
+        f"resources:\n  - {k8s}/overlays/{overlay}\ncomponents:\n"
+        + "".join(f"  - {k8s}/components/{c}\n" for c in components)
     )
     proc = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -1032,7 +1033,7 @@ def test_grpc_tls_component_serves_tls_with_probes_on_the_plaintext_health_port(
         with mock.patch.dict(os.environ, {**env, **{v: str(files[Path(env[v]).name]) for v in
                                                     ("FEEDRET_TLS_CERT_FILE", "FEEDRET_TLS_KEY_FILE", "FEEDRET_TLS_CA_FILE")}},
                              clear=True):
-            tls = GrpcTlsConfig()
+            tls = GrpcSecurityConfig()
         assert tls.enabled and tls.tls_client_auth and tls.health_port
         assert tls.tls_server_name in cert["spec"]["dnsNames"]
         # The kubelet cannot probe TLS: every probe is on the plaintext health port, which the container declares.
@@ -1040,3 +1041,36 @@ def test_grpc_tls_component_serves_tls_with_probes_on_the_plaintext_health_port(
             assert c[probe]["grpc"]["port"] == tls.health_port, f"{_name(obj)} {probe}"
         assert tls.health_port in {p["containerPort"] for p in c["ports"]}
     assert served == {"root", "member", "shard"}
+
+
+def test_grpc_tokens_component_gives_every_server_the_accepted_tokens_and_the_root_its_own(tmp_path):
+    (tmp_path / "overlay").mkdir()
+    docs = _render_with_component(tmp_path / "overlay", "prod", "grpc-tls", "grpc-tokens")
+    assert not _schema_failures(docs, OLDEST_KUBERNETES)
+    files = tmp_path / "files"
+    files.mkdir()
+    servers = {}
+    for obj, tpl, c, role in _feedret_containers(docs):
+        if role == "consumer":
+            assert not any(m["mountPath"].startswith("/etc/feedret/auth") for m in c.get("volumeMounts", []))
+            continue
+        env, _ = _resolve_env(docs, tpl, c)
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in tpl["spec"]["volumes"]}
+        stand_ins = {}
+        for var in ("FEEDRET_AUTH_TOKENS_FILE", "FEEDRET_AUTH_TOKEN_FILE", "FEEDRET_TLS_CERT_FILE",
+                    "FEEDRET_TLS_KEY_FILE", "FEEDRET_TLS_CA_FILE"):
+            if var not in env:
+                continue
+            path = Path(env[var])
+            secret = volumes[mounts[str(path.parent)]]["secret"]
+            if var.startswith("FEEDRET_AUTH_"):
+                assert secret["secretName"] == "feedret-auth" and not secret.get("optional"), f"{_name(obj)} {var}"
+            stand_ins[var] = files / f"{role}-{path.name}"
+            stand_ins[var].write_text("token\n")
+        with mock.patch.dict(os.environ, {**env, **{k: str(v) for k, v in stand_ins.items()}}, clear=True):
+            servers[role] = GrpcSecurityConfig()
+    assert set(servers) == {"root", "member", "shard"}
+    assert all(cfg.auth_tokens_file is not None for cfg in servers.values())  # every server checks tokens
+    assert servers["root"].auth_token_file is not None  # and the root, calling the others, sends one
+    assert servers["member"].auth_token_file is None and servers["shard"].auth_token_file is None
