@@ -161,12 +161,12 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 vec = query_vector(vec, self.dimension, self.vector_dimension)
             if self.dimension and len(vec) > self.dimension:
                 vec = vec[: self.dimension]  # full width, the shards serve a prefix (they re-normalise)
-            hits, failed = self._fan_out(vec, request, rid, deadline)
+            hits, failed, why = self._fan_out(vec, request, rid, deadline)
             if not hits:
                 # No shard answered: an empty list would read as "nothing to show".
                 raise RpcFailure(
                     grpc.StatusCode.UNAVAILABLE if time.monotonic() < deadline else grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"no shard answered (failed: {failed})",
+                    f"no shard answered ({'; '.join(f'shard {sh}: {w}' for sh, w in zip(failed, why))})",
                 )
             merged = merge_topk(hits, request.k)
             resp = pb.RetrieveResponse(
@@ -197,7 +197,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
 
     def _fan_out(
         self, vec: np.ndarray, request: pb.RetrieveRequest, rid: str, deadline: float
-    ) -> tuple[list[ShardHits], list[int]]:
+    ) -> tuple[list[ShardHits], list[int], list[str]]:
         search = pb.SearchRequest(k=request.k, filters=request.filters, request_id=rid)
         search.vector.extend(vec.tolist())
         try:
@@ -213,6 +213,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             raise InvalidRequest(exc.error.details()) from exc
         hits: list[ShardHits] = []
         failed: list[int] = []
+        why: list[str] = []  # per failed shard, its status code: the caller sees it when no shard answered
         for shard, outcome in enumerate(outcomes):
             metrics.observe_replica_attempts(shard, outcome.attempts)
             if outcome.hedge_denied:
@@ -222,6 +223,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             if not outcome.ok:
                 code = _failure_code(outcome)
                 failed.append(shard)
+                why.append(code)
                 metrics.ROOT_SHARD_FAILURES.labels(shard=str(shard), code=code).inc()
                 log.warning("shard_failed", shard=shard, code=code, attempts=self._attempts(shard, outcome),
                             details=_failure_details(outcome))
@@ -239,7 +241,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                     scores=np.asarray(reply.candidates.scores, dtype=np.float32),
                 )
             )
-        return hits, failed
+        return hits, failed, why
 
     def _attempts(self, shard: int, outcome: Outcome) -> list[str]:
         """The attempts for a log line: "target kind result"."""

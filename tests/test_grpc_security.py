@@ -293,7 +293,8 @@ def test_the_root_checks_callers_tokens_and_sends_its_own_to_the_shards(tmp_path
         assert len(asyncio.run(retrieve_async()).post_ids) == 10
         with FeedretClient(f"127.0.0.1:{bare_port}") as client, pytest.raises(grpc.RpcError) as err:
             client.retrieve(vector=[0.3] * DIM, k=10)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no shard answered" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no shard answered (shard 0: UNAUTHENTICATED; shard 1: UNAUTHENTICATED)" in err.value.details()
     finally:
         root.stop(0)
         bare.stop(0)
