@@ -167,7 +167,7 @@ class Stack:
         # config.env): readiness checks and the demo's client must speak what the servers serve.
         env = {**os.environ, **config.env}
         self.tls = GrpcSecurityConfig(**{k[len("FEEDRET_"):].lower(): v for k, v in env.items()
-                                         if k.startswith(("FEEDRET_TLS_", "FEEDRET_AUTH_"))})
+                                         if k.startswith(("FEEDRET_TLS_", "FEEDRET_AUTH_"))}, health_port=0)
 
     # ------------------------------------------------------------ processes
 
@@ -179,7 +179,9 @@ class Stack:
             cmd,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            # FEEDRET_HEALTH_PORT is one port per pod; here every server shares the host, so
+            # each answers health on its own (TLS) port, as the readiness checks expect.
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "FEEDRET_HEALTH_PORT": "0"},
             preexec_fn=_die_with_parent,
             cwd=REPO_ROOT,
             # This process may hold gRPC channels (health checks, the demo's client, a

@@ -176,7 +176,9 @@ def test_feedret_up_runs_every_server_with_tls_and_tokens(pki, tmp_path):
     env = {**os.environ, "FEEDRET_TORCH_THREADS": "1", "FEEDRET_TLS_CERT_FILE": str(pki["cert"]),
            "FEEDRET_TLS_KEY_FILE": str(pki["key"]), "FEEDRET_TLS_CA_FILE": str(pki["ca"]),
            "FEEDRET_AUTH_TOKENS_FILE": str(tokens_file(tmp_path / "tokens", "stack-token")),
-           "FEEDRET_AUTH_TOKEN_FILE": str(tokens_file(tmp_path / "token", "stack-token"))}
+           "FEEDRET_AUTH_TOKEN_FILE": str(tokens_file(tmp_path / "token", "stack-token")),
+           # A pod's setting: on one host every server would bind it; feedret up must not.
+           "FEEDRET_HEALTH_PORT": str(free_port_block(1))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "feedret.clients.cli", "up", "--posts", str(posts), "--workdir", str(tmp_path / "var"),
          "--broker-port", str(base), "--root-port", str(base + 1), "--member-port", str(base + 2),
