@@ -286,6 +286,11 @@ class RootConfig(_Settings):
     # over a dns: pool re-resolves it. 0: never.
     max_connection_age_s: float = Field(default=60.0, ge=0)
     max_k: int = Field(default=10_000, ge=1)
+    # Each shard is asked for about its share of k plus this many standard deviations
+    # (feedret.merge.shard_depth: 1,112 per shard for k=2,000 over 2 shards), not all k;
+    # a shard whose last answer still makes the merged top k may hold more and is asked again for k.
+    # 0: every shard is asked for k.
+    shard_depth_sigmas: float = Field(default=5.0, ge=0)
     # Used when the caller sets no deadline.
     default_timeout_s: float = Field(default=1.0, gt=0)
     # Kept back from the caller's deadline for merging and the reply.

@@ -16,7 +16,7 @@ import structlog
 
 from feedret import metrics
 from feedret.config import GrpcSecurityConfig, KafkaConfig, RootConfig
-from feedret.merge import ShardHits, merge_topk
+from feedret.merge import ShardHits, merge_topk, shard_depth
 from feedret.routing import shard_of
 from feedret.server.grpc_security import open_channel
 from feedret.server.member_pool import DeadlineBeforeCall, MemberPool, NoMemberPods, NoMemberService
@@ -161,14 +161,28 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 vec = query_vector(vec, self.dimension, self.vector_dimension)
             if self.dimension and len(vec) > self.dimension:
                 vec = vec[: self.dimension]  # full width, the shards serve a prefix (they re-normalise)
-            hits, failed, why = self._fan_out(vec, request, rid, deadline)
+            depth = shard_depth(request.k, len(self.replica_sets), self.config.shard_depth_sigmas)
+            hits, failed, why = self._fan_out(vec, request, rid, deadline, depth)
+            merged = merge_topk(hits, request.k)
+            if depth < request.k:
+                # A shard that returned all it was asked for, down to a score that still makes
+                # the merged top k (or the merge came up short), may hold more of the top k:
+                # ask it again for k. Rare with shards of similar size (shard_depth's margin);
+                # what keeps the answer exact when they are not.
+                again = [h.shard for h in hits if len(h.post_ids) >= depth and (
+                    len(merged.post_ids) < request.k or h.scores[-1] >= merged.scores[-1])]
+                if again and time.monotonic() < deadline:
+                    more, _, _ = self._fan_out(vec, request, rid, deadline, request.k, again)
+                    fuller = {h.shard: h for h in more}
+                    hits = [fuller.get(h.shard, h) for h in hits]
+                    merged = merge_topk(hits, request.k)
+                    log.info("shards_asked_again", shards=again, depth=depth, k=request.k, answered=len(more))
             if not hits:
                 # No shard answered: an empty list would read as "nothing to show".
                 raise RpcFailure(
                     grpc.StatusCode.UNAVAILABLE if time.monotonic() < deadline else grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"no shard answered ({'; '.join(f'shard {sh}: {w}' for sh, w in zip(failed, why))})",
                 )
-            merged = merge_topk(hits, request.k)
             resp = pb.RetrieveResponse(
                 partial=bool(failed),
                 model_version=model_version or self.model_version,
@@ -196,13 +210,16 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         return self._shard_calls.submit(lambda: call(request, timeout=max(deadline - time.monotonic(), 0.001)))
 
     def _fan_out(
-        self, vec: np.ndarray, request: pb.RetrieveRequest, rid: str, deadline: float
+        self, vec: np.ndarray, request: pb.RetrieveRequest, rid: str, deadline: float, k: int,
+        shards: list[int] | None = None,
     ) -> tuple[list[ShardHits], list[int], list[str]]:
-        search = pb.SearchRequest(k=request.k, filters=request.filters, request_id=rid)
+        """Search `shards` (default: all) for `k` each; (answers, failed shards, their codes)."""
+        shards = list(range(len(self.replica_sets))) if shards is None else shards
+        search = pb.SearchRequest(k=k, filters=request.filters, request_id=rid)
         search.vector.extend(vec.tolist())
         try:
             outcomes = call_replicas(
-                self.replica_sets,
+                [self.replica_sets[s] for s in shards],
                 lambda shard, replica, timeout: self._submit(self.search_stubs[shard][replica].Search, search, timeout),
                 deadline,
                 self.hedge_after_s,
@@ -214,7 +231,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         hits: list[ShardHits] = []
         failed: list[int] = []
         why: list[str] = []  # per failed shard, its status code: the caller sees it when no shard answered
-        for shard, outcome in enumerate(outcomes):
+        for shard, outcome in zip(shards, outcomes):
             metrics.observe_replica_attempts(shard, outcome.attempts)
             if outcome.hedge_denied:
                 metrics.ROOT_HEDGES_DENIED.labels(shard=str(shard)).inc()

@@ -111,3 +111,93 @@ def test_a_dead_shard_makes_the_reply_partial_and_a_bad_request_is_refused(two_s
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         server.stop(0)
+
+
+def recording_shards(rng, sizes):
+    """In-process shard servers holding sizes[i] random posts (ids 1000·i + j), recording each Search's k."""
+    servers, addresses, shards, vectors = [], [], [], {}
+    for shard, n in enumerate(sizes):
+        state = ShardState(config=ShardConfig(shard_id=shard, num_shards=2), topic="post-vectors")
+        vecs = rng.normal(size=(n, DIM)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        state.apply([(i, pb.PostVectorEvent(post_id=1000 * shard + i, op=pb.PostVectorEvent.UPSERT, vector=v.tolist(),
+                                            created_at=1e9, lang="en", model_version="m1")) for i, v in enumerate(vecs)],
+                    now=2e9)
+        vectors.update({1000 * shard + i: v for i, v in enumerate(vecs)})
+        servicer = RecordingShard(state, "in-process")
+        server, _, port = build_server("127.0.0.1", 0, 4, [lambda s, sv=servicer: pb_grpc.add_ShardServiceServicer_to_server(sv, s)],
+                                       shard_server.SERVICE_NAMES)
+        server.start()
+        servers.append(server)
+        shards.append(servicer)
+        addresses.append(f"127.0.0.1:{port}")
+    return servers, addresses, shards, vectors
+
+
+def exact_top(vectors: dict, query: np.ndarray) -> np.ndarray:
+    ids = np.array(sorted(vectors))
+    scores = np.stack([vectors[i] for i in ids]) @ (query / np.linalg.norm(query))
+    return ids[np.argsort(-scores, kind="stable")]
+
+
+class RecordingShard(ShardServicer):
+    """A shard that remembers the k of every Search it gets."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ks: list[int] = []
+
+    def Search(self, request, context):
+        self.ks.append(request.k)
+        return super().Search(request, context)
+
+
+def test_each_shard_is_asked_for_its_share_and_one_that_may_hold_more_is_asked_again_for_k():
+    # Shard 0 holds 20 posts, shard 1 holds 300: asked for their share of k=200 (136 each), shard 1's
+    # 136 and shard 0's 20 make 156. Shard 1 returned all it was asked for, so it may hold more: it is
+    # asked again for 200, and the reply has the exact top 200 of the 320.
+    # (Shards of similar size rarely need a second round: see the next test.)
+    rng = np.random.default_rng(3)
+    servers, addresses, shards, vectors = recording_shards(rng, (20, 300))
+    root, address = start_root(addresses)
+    try:
+        query = rng.normal(size=DIM).astype(np.float32)
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.RetrievalServiceStub(channel)
+            req = pb.RetrieveRequest(k=200)
+            req.vector.values.extend(query.tolist())
+            reply = stub.Retrieve(req, timeout=10)
+            small = pb.RetrieveRequest(k=40)
+            small.vector.values.extend(query.tolist())
+            reply_small = stub.Retrieve(small, timeout=10)
+        exact = exact_top(vectors, query)
+        assert list(reply.candidates.post_ids) == exact[:200].tolist()
+        assert shards[0].ks[:1] == [136] and shards[1].ks[:2] == [136, 200]
+        # k=40: depth 36 each. Shard 0's 20 and shard 1's 36 make 56, but shard 1's 36th score is still
+        # in the merged top 40, so it may hold more of them: it is asked again, and the answer stays exact.
+        assert list(reply_small.candidates.post_ids) == exact[:40].tolist()
+        assert shards[0].ks[1:] == [36] and shards[1].ks[2:] == [36, 40]
+    finally:
+        root.stop(0)
+        for server in servers:
+            server.stop(0)
+
+
+def test_shards_of_similar_size_are_asked_once_for_their_share_and_the_answer_is_exact():
+    rng = np.random.default_rng(4)
+    servers, addresses, shards, vectors = recording_shards(rng, (400, 400))
+    root, address = start_root(addresses)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.RetrievalServiceStub(channel)
+            for _ in range(20):
+                query = rng.normal(size=DIM).astype(np.float32)
+                req = pb.RetrieveRequest(k=100)
+                req.vector.values.extend(query.tolist())
+                reply = stub.Retrieve(req, timeout=10)
+                assert list(reply.candidates.post_ids) == exact_top(vectors, query)[:100].tolist()
+        assert shards[0].ks == shards[1].ks == [75] * 20  # 50 + 5 sigmas each, one round
+    finally:
+        root.stop(0)
+        for server in servers:
+            server.stop(0)

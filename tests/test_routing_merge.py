@@ -108,3 +108,31 @@ def test_merge_matches_the_plain_definition_with_a_few_tied_scores(seed):
     assert merged.post_ids.tolist() == ids.tolist()
     assert merged.scores.tolist() == scores.tolist()
     assert merged.shards.tolist() == shards.tolist()
+
+
+# ---------------------------------------------------------------- how deep each shard is asked
+
+from feedret.merge import shard_depth  # noqa: E402
+from feedret.routing import shards_of  # noqa: E402
+
+
+def test_shard_depth_is_the_share_plus_sigmas_and_never_more_than_k():
+    assert shard_depth(2000, 2, 5.0) == 1112  # 1,000 + 5 × 22.4
+    assert shard_depth(2000, 8, 5.0) == 250 + 74  # 250 + 5 × 14.8
+    assert shard_depth(100, 2, 5.0) == 75
+    assert shard_depth(10, 2, 5.0) == 10  # small k: the margin covers all of it
+    assert shard_depth(2000, 1, 5.0) == 2000 and shard_depth(2000, 4, 0.0) == 2000  # one shard; turned off
+    assert all(shard_depth(k, 3, 5.0) <= k for k in range(1, 300))
+
+
+def test_with_hash_routing_no_shard_holds_more_of_the_top_k_than_it_is_asked_for():
+    # The claim shard_depth rests on, with the routing feedret uses: 20,000 random top-2,000s.
+    rng = np.random.default_rng(7)
+    for shards in (2, 4, 8):
+        depth = shard_depth(2000, shards, 5.0)
+        most = 0
+        for _ in range(20000 // shards):
+            top = rng.choice(1 << 40, 2000, replace=False)
+            most = max(most, int(np.bincount(shards_of(top, shards), minlength=shards).max()))
+        assert most <= depth, (shards, most, depth)
+        assert most > 2000 / shards  # the margin is needed: shares are not exact
