@@ -9,8 +9,9 @@ For each index factory (Flat, IVF…, HNSW…) it
    servers (FEEDRET_SNAPSHOT_DIR: they load it, then follow their partition)
    and the root, each its own process;
 3. builds one faiss index over all N vectors with the same factory, in this
-   process, searched with the nprobe/efSearch each shard uses
-   (`ShardIndex.search_breadth`), one query at a time;
+   process, searched with the nprobe/efSearch each shard uses for the depth
+   the root asks it for (`ShardIndex.search_breadth`, `shard_depth`), one
+   query at a time;
 4. sends every query through `FeedretClient.retrieve` (client -> root -> all
    shards over gRPC -> merge -> client) and through raw faiss, alternating per
    query so contention from other processes hits both, at each k: p50/p99
@@ -80,6 +81,8 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
     import grpc
 
     from feedret.clients.client import FeedretClient
+    from feedret.config import RootConfig
+    from feedret.merge import shard_depth
     from feedret.v1 import feedret_pb2 as pb
     from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
@@ -131,7 +134,10 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
             return [c.result() for c in calls]
 
         for k in args.k:
-            nprobe, ef = benchlib.search_breadth(factory, args.nprobe, args.ef_search, raw, counts[0], k)
+            # The root asks each shard for its share of k (shard_depth), and a shard sizes its
+            # nprobe / efSearch for what it is asked: raw faiss gets that same breadth.
+            depth = shard_depth(k, args.shards, RootConfig().shard_depth_sigmas)
+            nprobe, ef = benchlib.search_breadth(factory, args.nprobe, args.ef_search, raw, counts[0], depth)
             params, keep = benchlib.faiss_params(raw, nprobe, ef)
 
             def raw_faiss(q, k, params=params):
@@ -210,8 +216,10 @@ def report(args, spec: DataSpec, results: list[dict], command: str, machine: lis
         "`FeedretClient.retrieve(vector=…, k=…)`, i.e. client → root → every shard → merge → client",
         "- raw faiss: one index over all posts with the same factory, built in the benchmark process, "
         "`index.search` one query at a time, with the nprobe/efSearch each shard uses "
-        "(`ShardIndex.search_breadth`; the IVF probes the same number of lists, each twice as long, so both "
-        "scan the same number of vectors)",
+        "(`ShardIndex.search_breadth` for the depth the root asks each shard for, `feedret.merge.shard_depth`: "
+        "its share of k plus 5 standard deviations, e.g. 1,112 of k=2,000; the IVF probes the same number of "
+        "lists, each twice as long, so raw faiss scans about as many vectors as both shards together; "
+        "faiss's HNSW searches at least k deep whatever efSearch says)",
         "- shards direct: the same query sent straight to every shard's Search RPC in parallel (no root, "
         "no merge): the shard part of the end-to-end time",
         "- no-op RPC: a Lookup of an absent post on shard 0 (no search, a few-byte reply), interleaved with the "
