@@ -9,9 +9,10 @@ For each index factory (Flat, IVF…, HNSW…) it
    servers (FEEDRET_SNAPSHOT_DIR: they load it, then follow their partition)
    and the root, each its own process;
 3. builds one faiss index over all N vectors with the same factory, in this
-   process, searched with the nprobe/efSearch each shard uses for the depth
-   the root asks it for (`ShardIndex.search_breadth`, `shard_depth`), one
-   query at a time;
+   process, searched as broadly as feedret's rule says for one index of all
+   N posts (`ShardIndex.search_breadth`), one query at a time; each shard
+   applies the rule to its posts and the depth the root asks of it
+   (`shard_depth`);
 4. sends every query through `FeedretClient.retrieve` (client -> root -> all
    shards over gRPC -> merge -> client) and through raw faiss, alternating per
    query so contention from other processes hits both, at each k: p50/p99
@@ -134,10 +135,13 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
             return [c.result() for c in calls]
 
         for k in args.k:
-            # The root asks each shard for its share of k (shard_depth), and a shard sizes its
-            # nprobe / efSearch for what it is asked: raw faiss gets that same breadth.
+            # Raw faiss searches as broadly as feedret's rule says for one index holding every post
+            # (ShardIndex.search_breadth with N posts and k). Each shard applies the same rule to
+            # its own posts and the depth the root asks of it (shard_depth: its share of k), so
+            # together the shards probe about what the single index does, at about its recall.
             depth = shard_depth(k, args.shards, RootConfig().shard_depth_sigmas)
-            nprobe, ef = benchlib.search_breadth(factory, args.nprobe, args.ef_search, raw, counts[0], depth)
+            nprobe, ef = benchlib.search_breadth(factory, args.nprobe, args.ef_search, raw, spec.n, k)
+            shard_nprobe, shard_ef = benchlib.search_breadth(factory, args.nprobe, args.ef_search, raw, counts[0], depth)
             params, keep = benchlib.faiss_params(raw, nprobe, ef)
 
             def raw_faiss(q, k, params=params):
@@ -158,8 +162,12 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
             timed = benchlib.time_interleaved({**systems, "shards": shards_direct, "noop_rpc": noop_rpc}, queries, k)
             qps = benchlib.qps_interleaved(systems, queries, k, args.concurrency, args.rounds)
             load_after = benchlib.uptime_load()
-            row = {"nprobe": nprobe if faiss.try_extract_index_ivf(raw) is not None else None,
-                   "ef_search": ef if "HNSW" in factory.upper() else None,
+            ivf, hnsw = faiss.try_extract_index_ivf(raw) is not None, "HNSW" in factory.upper()
+            row = {"nprobe": nprobe if ivf else None,
+                   "ef_search": ef if hnsw else None,
+                   "shard_depth": depth,
+                   "shard_nprobe": shard_nprobe if ivf else None,
+                   "shard_ef_search": shard_ef if hnsw else None,
                    "load_before": load_before, "load_after": load_after}
             for name in ("feedret", "raw", "shards", "noop_rpc"):
                 lat = timed[name]["latency"]
@@ -215,11 +223,12 @@ def report(args, spec: DataSpec, results: list[dict], command: str, machine: lis
         f"FEEDRET_NPROBE={args.nprobe}, FEEDRET_EF_SEARCH={args.ef_search}; queries through "
         "`FeedretClient.retrieve(vector=…, k=…)`, i.e. client → root → every shard → merge → client",
         "- raw faiss: one index over all posts with the same factory, built in the benchmark process, "
-        "`index.search` one query at a time, with the nprobe/efSearch each shard uses "
-        "(`ShardIndex.search_breadth` for the depth the root asks each shard for, `feedret.merge.shard_depth`: "
-        "its share of k plus 5 standard deviations, e.g. 1,112 of k=2,000; the IVF probes the same number of "
-        "lists, each twice as long, so raw faiss scans about as many vectors as both shards together; "
-        "faiss's HNSW searches at least k deep whatever efSearch says)",
+        "`index.search` one query at a time, as broadly as feedret's rule says for one index holding every "
+        "post (`ShardIndex.search_breadth` with all N posts and k: IVF lists for ~4k candidates, HNSW efSearch "
+        "at least k). Each shard applies the same rule to its own posts and the depth the root asks of it "
+        "(`feedret.merge.shard_depth`: its share of k plus 5 standard deviations, 1,112 of k=2,000 over 2 "
+        "shards), shown as 'shard' in the breadth column: together the shards search about as much as the "
+        "single index, and the recall columns show how close they come",
         "- shards direct: the same query sent straight to every shard's Search RPC in parallel (no root, "
         "no merge): the shard part of the end-to-end time",
         "- no-op RPC: a Lookup of an absent post on shard 0 (no search, a few-byte reply), interleaved with the "
@@ -233,7 +242,7 @@ def report(args, spec: DataSpec, results: list[dict], command: str, machine: lis
         "",
         "## Results",
         "",
-        "| index | k | nprobe / efSearch | feedret p50 / p99 ms | raw p50 / p99 ms | shards-direct p50 ms "
+        "| index | k | nprobe / efSearch (raw; shard, for its depth) | feedret p50 / p99 ms | raw p50 / p99 ms | shards-direct p50 ms "
         "| no-op RPC p50 ms "
         f"| feedret / raw (p50) | QPS 1 client: feedret / raw | QPS {args.concurrency} clients: feedret / raw "
         "| recall@k feedret / raw | load before → after |",
@@ -243,7 +252,12 @@ def report(args, spec: DataSpec, results: list[dict], command: str, machine: lis
         for k, row in r["k"].items():
             f, w, s = row["feedret"], row["raw"], row["shards"]
             noop = row.get("noop_rpc", {}).get("p50_ms")
-            breadth = f"nprobe {row['nprobe']}" if row["nprobe"] else (f"ef {row['ef_search']}" if row["ef_search"] else "exact")
+            if row["nprobe"]:
+                breadth = f"nprobe {row['nprobe']}; shard {row.get('shard_nprobe')} for {row.get('shard_depth'):,}"
+            elif row["ef_search"]:
+                breadth = f"ef {row['ef_search']}; shard {row.get('shard_ef_search')} for {row.get('shard_depth'):,}"
+            else:
+                breadth = "exact"
             lines.append(
                 f"| {r['index']} | {k:,} | {breadth} | {fmt(f['p50_ms'])} / {fmt(f['p99_ms'])} "
                 f"| {fmt(w['p50_ms'])} / {fmt(w['p99_ms'])} | {fmt(s['p50_ms'])} | {fmt(noop, 2)} "
