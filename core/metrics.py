@@ -88,6 +88,12 @@ ROOT_REPLICA_ATTEMPTS = Counter(
 )
 
 
+ROOT_SHARDS_ASKED_AGAIN = Counter(
+    "feedret_root_shards_asked_again_total",
+    "Shards asked a second time for the full k because their answer to their share of it "
+    "(FEEDRET_SHARD_DEPTH_SIGMAS) reached into the merged top k: often means shards of unequal size.",
+    ["shard"],
+)
 ROOT_HEDGES_DENIED = Counter(
     "feedret_root_hedges_denied_total",
     "Hedges that were due (a replica slower than FEEDRET_HEDGE_AFTER_MS) but not sent because the hedge "

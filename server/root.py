@@ -176,6 +176,8 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                     fuller = {h.shard: h for h in more}
                     hits = [fuller.get(h.shard, h) for h in hits]
                     merged = merge_topk(hits, request.k)
+                    for shard in again:
+                        metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard=str(shard)).inc()
                     log.info("shards_asked_again", shards=again, depth=depth, k=request.k, answered=len(more))
             if not hits:
                 # No shard answered: an empty list would read as "nothing to show".
