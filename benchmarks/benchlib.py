@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -21,9 +22,11 @@ import random
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from types import SimpleNamespace
 
 import numpy as np
@@ -460,3 +463,30 @@ def qps_interleaved(systems: dict, queries: np.ndarray, k: int, concurrency: int
         for name in order:
             seconds[name] += run_concurrent(systems[name], queries, k, concurrency)
     return {name: rounds * len(queries) / s for name, s in seconds.items()}
+
+
+@contextlib.contextmanager
+def searching_back_to_back(index, queries: np.ndarray, k: int) -> Iterator[list[tuple[float, float]]]:
+    """One thread searching `index` query after query while the block runs.
+
+    Yields the list it fills with (start, seconds) per search; the thread is stopped
+    and joined when the block ends, so the list is complete after it.
+    """
+    timed: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def searcher() -> None:
+        i = 0
+        while not stop.is_set():
+            t = time.perf_counter()
+            index.search(queries[i % len(queries)], k)
+            timed.append((t, time.perf_counter() - t))
+            i += 1
+
+    thread = threading.Thread(target=searcher)
+    thread.start()
+    try:
+        yield timed
+    finally:
+        stop.set()
+        thread.join()

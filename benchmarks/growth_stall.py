@@ -24,7 +24,6 @@ import argparse
 import shlex
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -83,28 +82,14 @@ def measure(args, state, feedret: bool) -> dict:
             faiss_ann.reserve_headroom = real
         ix._make_room = lambda n: None  # grow under the write lock
     assert ix._store.capacity == args.n, "a restored store is sized exactly"
-    latencies: list[tuple[float, float]] = []  # (start, seconds)
-    stop = threading.Event()
-
-    def searcher():
-        i = 0
-        while not stop.is_set():
-            t = time.perf_counter()
-            ix.search(queries[i % len(queries)], args.k)
-            latencies.append((t, time.perf_counter() - t))
-            i += 1
-
-    thread = threading.Thread(target=searcher)
-    thread.start()
-    time.sleep(0.5)  # steady state first
-    before = ix._store.capacity
-    new = np.random.default_rng(1).normal(size=(1, args.dim)).astype(np.float32)
-    t0 = time.perf_counter()
-    ix.upsert([10**9], new, created_at=[2.0], langs=["en"], indexed_at=2.0)
-    t1 = time.perf_counter()
-    time.sleep(0.5)
-    stop.set()
-    thread.join()
+    with benchlib.searching_back_to_back(ix, queries, args.k) as latencies:  # (start, seconds)
+        time.sleep(0.5)  # steady state first
+        before = ix._store.capacity
+        new = np.random.default_rng(1).normal(size=(1, args.dim)).astype(np.float32)
+        t0 = time.perf_counter()
+        ix.upsert([10**9], new, created_at=[2.0], langs=["en"], indexed_at=2.0)
+        t1 = time.perf_counter()
+        time.sleep(0.5)
     assert ix._store.capacity > before and 10**9 in ix
     steady = [s for t, s in latencies if t < t0]
     during = [s for t, s in latencies if t <= t1 and t + s >= t0]  # overlapping the insert

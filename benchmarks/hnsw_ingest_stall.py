@@ -18,7 +18,6 @@ import argparse
 import shlex
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -49,37 +48,24 @@ def measure(args, state, step: int) -> dict:
     ix = ShardIndex.from_state(meta, sections, growth_stall.options(args))
     ix.upsert([10**9], queries[:1], created_at=[2.0], langs=["en"], indexed_at=2.0)  # the first-insert growth, not timed
     rng = np.random.default_rng(5)
-    latencies: list[float] = []
-    stop = threading.Event()
-
-    def searcher():
-        i = 0
-        while not stop.is_set():
-            t = time.perf_counter()
-            ix.search(queries[i % len(queries)], args.k)
-            latencies.append(time.perf_counter() - t)
-            i += 1
-
     saved = si._ANN_ADD_STEP
     si._ANN_ADD_STEP = step
-    thread = threading.Thread(target=searcher)
     try:
-        thread.start()
-        time.sleep(0.3)
-        base = 2 * 10**9
-        upserts = []
-        for b in range(args.batches):
-            v = rng.normal(size=(args.batch, args.dim)).astype(np.float32)
-            v /= np.linalg.norm(v, axis=1, keepdims=True)
-            t = time.perf_counter()
-            ix.upsert(list(range(base + b * args.batch, base + (b + 1) * args.batch)), v,
-                      created_at=[3.0] * args.batch, langs=["en"] * args.batch, indexed_at=3.0)
-            upserts.append(time.perf_counter() - t)
-            time.sleep(0.05)  # micro-batches arrive apart, as from the consumer
-        stop.set()
-        thread.join()
+        with benchlib.searching_back_to_back(ix, queries, args.k) as timed:
+            time.sleep(0.3)
+            base = 2 * 10**9
+            upserts = []
+            for b in range(args.batches):
+                v = rng.normal(size=(args.batch, args.dim)).astype(np.float32)
+                v /= np.linalg.norm(v, axis=1, keepdims=True)
+                t = time.perf_counter()
+                ix.upsert(list(range(base + b * args.batch, base + (b + 1) * args.batch)), v,
+                          created_at=[3.0] * args.batch, langs=["en"] * args.batch, indexed_at=3.0)
+                upserts.append(time.perf_counter() - t)
+                time.sleep(0.05)  # micro-batches arrive apart, as from the consumer
     finally:
         si._ANN_ADD_STEP = saved
+    latencies = [seconds for _, seconds in timed]
     assert ix._buffered() is None, "every post ends up linked"
     return {"search_p50_ms": benchlib.pct(latencies, 50) * 1e3, "search_p99_ms": benchlib.pct(latencies, 99) * 1e3,
             "search_max_ms": max(latencies) * 1e3, "searches": len(latencies),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
 import threading
 import time

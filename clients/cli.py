@@ -434,7 +434,7 @@ def up(
     started = time.monotonic()
     stack = Stack(config)
     with stack:
-        client = FeedretClient(config.root_address, **client_security(stack.tls))
+        client = FeedretClient(config.root_address, **client_security(stack.security))
         if not no_publish:
             lines = posts_file.read_text(encoding="utf-8").splitlines()
             live = {}

@@ -21,7 +21,6 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from feedret import metrics
 from feedret.config import ConsumerConfig, KafkaConfig
 from feedret.consumer.batch import (
-    Good,
     SourceRecord,
     dead_letter,
     next_offsets,

@@ -71,14 +71,14 @@ def build_server(
     register: Sequence[Callable[[grpc.Server], None]],
     service_names: Sequence[str],
     options: Sequence[tuple[str, object]] = (),
-    tls: GrpcSecurityConfig | None = None,
+    security: GrpcSecurityConfig | None = None,
 ) -> tuple[ServerGroup, health.HealthServicer, int]:
     """A server with our services plus grpc.health.v1 and reflection. Returns the bound port.
 
-    `options`: further grpc server channel arguments. `tls` (enabled): the port speaks
-    TLS only, and `tls.health_port`, when set, serves the same health status in
+    `options`: further grpc server channel arguments. `security` (enabled): the port speaks
+    TLS only, and `security.health_port`, when set, serves the same health status in
     plaintext for the kubelet's probes, with no other service on it; with
-    `tls.auth_tokens_file`, calls need one of its bearer tokens (health and reflection excepted).
+    `security.auth_tokens_file`, calls need one of its bearer tokens (health and reflection excepted).
 
     Every RPC is counted and timed for Prometheus (feedret.metrics).
     """
@@ -86,7 +86,7 @@ def build_server(
         futures.ThreadPoolExecutor(max_workers=workers),
         # Metrics first: calls refused for their token are counted too.
         interceptors=[GrpcMetricsInterceptor()]
-        + ([BearerAuthInterceptor(TokenFile(tls.auth_tokens_file))] if tls is not None and tls.auth_tokens_file else []),
+        + ([BearerAuthInterceptor(TokenFile(security.auth_tokens_file))] if security is not None and security.auth_tokens_file else []),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -100,18 +100,18 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    if tls is not None and tls.enabled:
-        bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls))
+    if security is not None and security.enabled:
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(security))
     else:
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     health_only = None
-    if tls is not None and tls.enabled and tls.health_port:
+    if security is not None and security.enabled and security.health_port:
         health_only = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_only)
-        if health_only.add_insecure_port(f"{host}:{tls.health_port}") == 0:
-            raise RuntimeError(f"could not bind the health port {host}:{tls.health_port}")
+        if health_only.add_insecure_port(f"{host}:{security.health_port}") == 0:
+            raise RuntimeError(f"could not bind the health port {host}:{security.health_port}")
     for name in service_names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

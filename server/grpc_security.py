@@ -10,22 +10,22 @@ from feedret.config import GrpcSecurityConfig
 from feedret.server.grpc_auth import TokenFile, with_token
 
 
-def server_credentials(tls: GrpcSecurityConfig) -> grpc.ServerCredentials:
+def server_credentials(security: GrpcSecurityConfig) -> grpc.ServerCredentials:
     """This server's certificate; with a CA and tls_client_auth, callers must present one it signed."""
-    ca = tls.tls_ca_file.read_bytes() if tls.tls_ca_file is not None else None
+    ca = security.tls_ca_file.read_bytes() if security.tls_ca_file is not None else None
     return grpc.ssl_server_credentials(
-        [(tls.tls_key_file.read_bytes(), tls.tls_cert_file.read_bytes())],
+        [(security.tls_key_file.read_bytes(), security.tls_cert_file.read_bytes())],
         root_certificates=ca,
-        require_client_auth=bool(ca) and tls.tls_client_auth,
+        require_client_auth=bool(ca) and security.tls_client_auth,
     )
 
 
-def channel_credentials(tls: GrpcSecurityConfig) -> grpc.ChannelCredentials:
+def channel_credentials(security: GrpcSecurityConfig) -> grpc.ChannelCredentials:
     """Trust the CA (the system's roots when none); present this process's certificate (mutual TLS)."""
     return grpc.ssl_channel_credentials(
-        root_certificates=tls.tls_ca_file.read_bytes() if tls.tls_ca_file is not None else None,
-        private_key=tls.tls_key_file.read_bytes() if tls.tls_key_file is not None else None,
-        certificate_chain=tls.tls_cert_file.read_bytes() if tls.tls_cert_file is not None else None,
+        root_certificates=security.tls_ca_file.read_bytes() if security.tls_ca_file is not None else None,
+        private_key=security.tls_key_file.read_bytes() if security.tls_key_file is not None else None,
+        certificate_chain=security.tls_cert_file.read_bytes() if security.tls_cert_file is not None else None,
     )
 
 

@@ -38,7 +38,7 @@ from feedret.config import (
     GrpcSecurityConfig,
     KafkaConfig,
 )
-from feedret.server.grpc_security import channel_credentials, open_channel
+from feedret.server.grpc_security import open_channel
 from feedret.topics import ensure_topics
 
 log = structlog.get_logger(__name__)
@@ -145,8 +145,8 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
-def is_serving(address: str, timeout: float = 0.5, tls: GrpcSecurityConfig | None = None) -> bool:
-    with open_channel(address, tls) as channel:
+def is_serving(address: str, timeout: float = 0.5, security: GrpcSecurityConfig | None = None) -> bool:
+    with open_channel(address, security) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         except grpc.RpcError:
@@ -166,7 +166,7 @@ class Stack:
         # The servers' TLS and token settings, as the children read them (environment, then
         # config.env): readiness checks and the demo's client must speak what the servers serve.
         env = {**os.environ, **config.env}
-        self.tls = GrpcSecurityConfig(**{k[len("FEEDRET_"):].lower(): v for k, v in env.items()
+        self.security = GrpcSecurityConfig(**{k[len("FEEDRET_"):].lower(): v for k, v in env.items()
                                          if k.startswith(("FEEDRET_TLS_", "FEEDRET_AUTH_"))}, health_port=0)
 
     # ------------------------------------------------------------ processes
@@ -258,7 +258,7 @@ class Stack:
                 proc = self.procs[name]
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
-                if is_serving(pending[name], tls=self.tls):
+                if is_serving(pending[name], security=self.security):
                     log.info("process_ready", process=name, address=pending[name])
                     del pending[name]
             if pending and time.monotonic() > deadline:

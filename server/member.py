@@ -71,7 +71,7 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
             return pb.EmbedResponse(vector=vector, model_version=self.encoder.model_version, cached=False)
 
 
-def serve(config: MemberConfig, encoder: MemberEmbedder, stop: threading.Event, tls: GrpcSecurityConfig | None = None) -> None:
+def serve(config: MemberConfig, encoder: MemberEmbedder, stop: threading.Event, security: GrpcSecurityConfig | None = None) -> None:
     servicer = MemberServicer(config, encoder)
     server, health_servicer, port = build_server(
         config.host,
@@ -79,7 +79,7 @@ def serve(config: MemberConfig, encoder: MemberEmbedder, stop: threading.Event, 
         config.grpc_workers,
         [lambda s: pb_grpc.add_MemberEmbeddingServiceServicer_to_server(servicer, s)],
         SERVICE_NAMES,
-        tls=tls,
+        security=security,
     )
     server.start()
     set_serving(health_servicer, SERVICE_NAMES, True)

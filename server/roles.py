@@ -79,21 +79,21 @@ def run(role: str) -> None:
     # The member service never talks to Kafka: it must start whatever Kafka's security settings are.
     kafka = KafkaConfig() if role != "member" else None
     config = {"shard": ShardConfig, "root": RootConfig, "member": MemberConfig, "consumer": ConsumerConfig}[role]()
-    tls = GrpcSecurityConfig() if role != "consumer" else None  # the consumer serves no gRPC
+    security = GrpcSecurityConfig() if role != "consumer" else None  # the consumer serves no gRPC
     # First, so a process still loading its model or replaying its partition is already visible.
     start_metrics_server(config.host, config.metrics_port, role)
     if role == "shard":
         from feedret.server.shard import serve as serve_shard
 
-        serve_shard(kafka, config, stop, tls)
+        serve_shard(kafka, config, stop, security)
     elif role == "root":
         from feedret.server.root import serve as serve_root
 
-        serve_root(kafka, config, stop, tls)
+        serve_root(kafka, config, stop, security)
     elif role == "member":
         from feedret.server.member import serve as serve_member
 
-        serve_member(config, load_encoder(EncoderConfig()), stop, tls)
+        serve_member(config, load_encoder(EncoderConfig()), stop, security)
     else:
         from feedret.consumer.service import EmbeddingConsumer
 

@@ -80,13 +80,13 @@ class ConsumerOffsets:
 
 
 class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer):
-    def __init__(self, config: RootConfig, kafka: KafkaConfig, tls: GrpcSecurityConfig | None = None) -> None:
+    def __init__(self, config: RootConfig, kafka: KafkaConfig, security: GrpcSecurityConfig | None = None) -> None:
         self.config = config
         self.addresses = config.shard_list()  # per shard, its replicas joined by "|"
         targets = config.shard_replicas()
         opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         # TLS to shards and member pods when this root serves TLS (one internal PKI).
-        channels = [[open_channel(t, tls, shard_channel_options(t)) for t in replicas] for replicas in targets]
+        channels = [[open_channel(t, security, shard_channel_options(t)) for t in replicas] for replicas in targets]
         self.search_stubs = [[pb_grpc.ShardServiceStub(c) for c in chans] for chans in channels]
         self.admin_stubs = [[pb_grpc.IndexAdminStub(c) for c in chans] for chans in channels]
         self.replica_sets = [
@@ -96,7 +96,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         # One budget for all Searches: hedges add at most hedge_budget extra calls per first call.
         self.hedge_budget = HedgeBudget(config.hedge_budget, config.hedge_burst)
         self.member = MemberPool(config.member_address, opts, resolve_interval_s=config.member_resolve_interval_s,
-                                 open_channel=lambda target, options: open_channel(target, tls, options))
+                                 open_channel=lambda target, options: open_channel(target, security, options))
         self.consumer_offsets = ConsumerOffsets(kafka)
         # Shard calls are blocking calls made on these long-lived threads. A grpc future
         # (`stub.Search.future`) on a channel with no call in flight starts a new polling
@@ -383,8 +383,8 @@ def _failure_details(outcome: Outcome) -> str:
     return (details() if callable(details) else None) or str(outcome.error)
 
 
-def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event, tls: GrpcSecurityConfig | None = None) -> None:
-    servicer = RootServicer(config, kafka, tls)
+def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event, security: GrpcSecurityConfig | None = None) -> None:
+    servicer = RootServicer(config, kafka, security)
     server, health_servicer, port = build_server(
         config.host,
         config.port,
@@ -395,7 +395,7 @@ def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event, tls: Gr
         ],
         SERVICE_NAMES,
         connection_age_options(config.max_connection_age_s),
-        tls,
+        security,
     )
     server.start()
     # The root holds no state: it can serve as soon as it listens.

@@ -547,7 +547,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
             return pb.StatsResponse(shards=[shard], total_indexed=shard.indexed, model_version=state.model_version)
 
 
-def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event, tls: GrpcSecurityConfig | None = None) -> None:
+def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event, security: GrpcSecurityConfig | None = None) -> None:
     if config.shard_id >= config.num_shards:
         raise ValueError(f"shard_id {config.shard_id} is outside num_shards={config.num_shards}")
     structlog.contextvars.bind_contextvars(shard=config.shard_id)
@@ -571,7 +571,7 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event, tls: G
         ],
         SERVICE_NAMES,
         connection_age_options(config.max_connection_age_s),
-        tls,
+        security,
     )
     servicer.address = f"{config.host}:{port}"
     fatal: list[str] = []

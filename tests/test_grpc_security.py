@@ -60,13 +60,13 @@ def shard_state(shard: int) -> ShardState:
     return state
 
 
-def start_shard(shard: int, tls: GrpcSecurityConfig | None):
+def start_shard(shard: int, security: GrpcSecurityConfig | None):
     servicer = ShardServicer(shard_state(shard), "in-process")
     server, health, port = build_server(
         "127.0.0.1", 0, 4,
         [lambda s: pb_grpc.add_ShardServiceServicer_to_server(servicer, s),
          lambda s: pb_grpc.add_IndexAdminServicer_to_server(servicer, s)],
-        shard_server.SERVICE_NAMES, tls=tls,
+        shard_server.SERVICE_NAMES, security=security,
     )
     server.start()
     set_serving(health, shard_server.SERVICE_NAMES, True)
@@ -143,17 +143,17 @@ def test_the_health_port_serves_health_in_plaintext_and_nothing_else(pki):
 
 @needs_openssl
 def test_the_root_calls_its_shards_with_tls_and_a_client_reaches_it_by_its_certificate_name(pki):
-    tls = tls_config(pki, tls_server_name="feedret.internal")
-    shards = [start_shard(i, tls) for i in range(2)]
+    security = tls_config(pki, tls_server_name="feedret.internal")
+    shards = [start_shard(i, security) for i in range(2)]
     servicer = root_server.RootServicer(
-        RootConfig(shard_addresses=",".join(a for _, a in shards), member_address=""), KafkaConfig(), tls
+        RootConfig(shard_addresses=",".join(a for _, a in shards), member_address=""), KafkaConfig(), security
     )
     root, _, port = build_server("127.0.0.1", 0, 4, [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
-                                 root_server.SERVICE_NAMES, tls=tls)
+                                 root_server.SERVICE_NAMES, security=security)
     root.start()
     try:
         # "localhost" rather than 127.0.0.1, checked against the name the certificate carries.
-        with FeedretClient(f"localhost:{port}", credentials=channel_credentials(tls), server_name="feedret.internal") as client:
+        with FeedretClient(f"localhost:{port}", credentials=channel_credentials(security), server_name="feedret.internal") as client:
             result = client.retrieve(vector=[0.3] * DIM, k=100)
         assert not result.partial and len(result.post_ids) == 100
         assert {int(i) // 100 for i in result.post_ids} == {0, 1}  # both shards answered, over TLS
@@ -196,8 +196,8 @@ def test_feedret_up_runs_every_server_with_tls_and_tokens(pki, tmp_path):
         assert re.search(r"\n\s+1\s+\d+\s+0\.\d{4}\s+shard [01]\s+\S", text), text[-3000:]
         with FeedretClient(f"127.0.0.1:{base + 1}") as plaintext, pytest.raises(grpc.RpcError):
             plaintext.stats(timeout=2)
-        tls = GrpcSecurityConfig(tls_cert_file=pki["cert"], tls_key_file=pki["key"], tls_ca_file=pki["ca"])
-        with FeedretClient(f"127.0.0.1:{base + 1}", credentials=channel_credentials(tls)) as no_token:
+        security = GrpcSecurityConfig(tls_cert_file=pki["cert"], tls_key_file=pki["key"], tls_ca_file=pki["ca"])
+        with FeedretClient(f"127.0.0.1:{base + 1}", credentials=channel_credentials(security)) as no_token:
             with pytest.raises(grpc.RpcError) as err:
                 no_token.stats(timeout=2)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -268,7 +268,7 @@ def test_the_root_checks_callers_tokens_and_sends_its_own_to_the_shards(tmp_path
     config = RootConfig(shard_addresses=",".join(a for _, a in shards), member_address="")
     servicer = root_server.RootServicer(config, KafkaConfig(), root_security)
     root, _, port = build_server("127.0.0.1", 0, 4, [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
-                                 root_server.SERVICE_NAMES, tls=root_security)
+                                 root_server.SERVICE_NAMES, security=root_security)
     root.start()
     # The same shards behind a root that has no token of its own: they refuse it.
     tokenless = root_server.RootServicer(config, KafkaConfig(), GrpcSecurityConfig())

@@ -6,11 +6,10 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from feedret.indexer import shard_index as si
 from feedret.indexer.rwlock import RWLock
-from feedret.indexer.shard_index import SearchFilter, ShardIndex
+from feedret.indexer.shard_index import ShardIndex
 
 D = 16
 

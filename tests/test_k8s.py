@@ -22,7 +22,7 @@ import subprocess
 import warnings
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 from unittest import mock
 
 import pytest

@@ -35,23 +35,7 @@ def free_port() -> int:
 @pytest.fixture
 def two_shards():
     """Two shard servers on free ports; post ids 0..199 on shard 0, 1000..1199 on shard 1."""
-    rng = np.random.default_rng(1)
-    servers, addresses, vectors = [], [], {}
-    for shard in range(2):
-        state = ShardState(config=ShardConfig(shard_id=shard, num_shards=2), topic="post-vectors")
-        vecs = rng.normal(size=(200, DIM)).astype(np.float32)
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        events = [(i, pb.PostVectorEvent(post_id=1000 * shard + i, op=pb.PostVectorEvent.UPSERT, vector=v.tolist(),
-                                         created_at=1e9, lang="en", model_version="m1"))
-                  for i, v in enumerate(vecs)]
-        state.apply(events, now=2e9)
-        vectors.update({1000 * shard + i: v for i, v in enumerate(vecs)})
-        servicer = ShardServicer(state, "in-process")
-        server, _, port = build_server("127.0.0.1", 0, 4, [lambda s, sv=servicer: pb_grpc.add_ShardServiceServicer_to_server(sv, s)],
-                                       shard_server.SERVICE_NAMES)
-        server.start()
-        servers.append(server)
-        addresses.append(f"127.0.0.1:{port}")
+    servers, addresses, _, vectors = recording_shards(np.random.default_rng(1), (200, 200))
     yield addresses, vectors
     for server in servers:
         server.stop(0)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from feedret.merge import ShardHits, merge_topk
+from feedret.merge import ShardHits, merge_topk, shard_depth
 from feedret.routing import shard_of, shards_of
 
 
@@ -111,9 +111,6 @@ def test_merge_matches_the_plain_definition_with_a_few_tied_scores(seed):
 
 
 # ---------------------------------------------------------------- how deep each shard is asked
-
-from feedret.merge import shard_depth  # noqa: E402
-from feedret.routing import shards_of  # noqa: E402
 
 
 def test_shard_depth_is_the_share_plus_sigmas_and_never_more_than_k():
