@@ -30,14 +30,34 @@ def _is_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port_block(n: int) -> int:
-    """The first of n consecutive free loopback ports."""
+    """The first of n consecutive free loopback ports, below the kernel's ephemeral range.
+
+    A port that is free now is not reserved: between this check and the server's bind,
+    any outgoing connection (a Kafka or gRPC client in another test process) may be given
+    it as its local port when it lies in the ephemeral range. CI lost a run to exactly
+    that (a member server could not bind 52366), so ports come from below the range.
+    """
+    low, _ = _ephemeral_range()
+    top = low if low > 12000 + n else 60000
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
+        base = rng.randrange(10000, top - n)
         if all(_is_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port block")
+
+
+def free_port() -> int:
+    return free_port_block(1)
 
 
 def stack_config(tmp: Path, num_shards: int = 2, replicas: int = 1) -> StackConfig:

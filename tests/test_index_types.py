@@ -248,7 +248,6 @@ def test_writes_during_a_background_rebuild_are_kept(monkeypatch):
 
 
 def test_nprobe_and_ef_search_come_from_the_options():
-    from dataclasses import replace
 
     rng = np.random.default_rng(3)
     vecs = unit(rng, 4000)

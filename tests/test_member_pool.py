@@ -20,6 +20,8 @@ from feedret.shard_targets import parse_member_targets
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
+from conftest import free_port
+
 MODEL = Path(__file__).resolve().parents[1] / "models" / "feedret-tiny-llama"
 PODS = [f"10.0.0.{i}:50052" for i in range(1, 6)]
 MEMBERS = [f"member-{i}" for i in range(5000)]
@@ -220,16 +222,13 @@ def test_an_invalid_request_is_not_retried_on_another_pod(pods):
 
 
 def test_a_root_without_a_member_service_says_member_queries_cannot_be_answered():
-    import socket
     import threading
 
     from feedret.clients.client import FeedretClient
     from feedret.config import KafkaConfig
     from feedret.server import root as root_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = RootConfig(port=port, metrics_port=0, shard_addresses="127.0.0.1:1", member_address="")
     stop = threading.Event()
     thread = threading.Thread(target=root_server.serve, args=(KafkaConfig(bootstrap_servers="127.0.0.1:1"), config, stop),

@@ -26,18 +26,12 @@ from feedret.server.shard import ShardServicer, ShardState
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
-from conftest import sample, scrape
+from conftest import free_port, sample, scrape
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "feedret-tiny-llama"
 SHARD_SERVICE = shard_server.SERVICE_NAMES[0]  # feedret.v1.ShardService
 N_POSTS = 500
 DIM = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

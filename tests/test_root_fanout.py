@@ -7,7 +7,6 @@ has what that cost).
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import grpc
@@ -23,13 +22,9 @@ from feedret.server.shard import ShardServicer, ShardState
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
+from conftest import free_port
+
 DIM = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ partition do; a replica can be marked not ready, or be an address nobody serves.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -23,14 +22,10 @@ from feedret.server.shard import ShardServicer, ShardState
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
+from conftest import free_port
+
 DIM = 16
 PER_SHARD = 100
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Replicas:

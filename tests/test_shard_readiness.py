@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import threading
 
@@ -14,6 +13,8 @@ from feedret.config import KafkaConfig, ShardConfig
 from feedret.server.grpc_common import RpcFailure
 from feedret.server.shard import CatchUp, PartitionApplier, ShardServicer, ShardState
 from feedret.v1 import feedret_pb2 as pb
+
+from conftest import free_port
 
 
 class Context:
@@ -147,17 +148,11 @@ def test_empty_polls_before_the_end_do_not_make_a_replica_ready(script):
 # ---------------------------------------------------------------- against a real broker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def broker():
     from feedret.server.launcher import tansu_binary, wait_for_port
 
-    port = _free_port()
+    port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

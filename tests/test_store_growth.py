@@ -8,7 +8,6 @@ restored store is sized exactly).
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -86,7 +85,6 @@ def test_no_growth_when_deleted_slots_can_be_reused(index, monkeypatch):
 @pytest.mark.parametrize("factory", ["HNSW16", "Flat", "IVF16,Flat"])
 def test_a_restored_faiss_index_gets_headroom_and_answers_the_same(factory):
     # The first add after a restore must not reallocate faiss's arrays under the write lock.
-    import faiss
 
     from feedret.indexer import faiss_ann
 
