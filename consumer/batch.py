@@ -112,6 +112,16 @@ def route(post_id: int, num_shards: int) -> int:
     return shard_of(post_id, num_shards)
 
 
+def first_offsets(records: Sequence[SourceRecord]) -> dict[tuple[str, int], int]:
+    """The lowest offset per partition in a batch: where to seek back to, and until its
+    commit, the first record of that partition not yet done."""
+    out: dict[tuple[str, int], int] = {}
+    for rec in records:
+        tp = (rec.topic, rec.partition)
+        out[tp] = min(out.get(tp, rec.offset), rec.offset)
+    return out
+
+
 def next_offsets(records: Sequence[SourceRecord]) -> dict[tuple[str, int], int]:
     """Offsets to commit after a batch: one past the highest offset seen per partition."""
     out: dict[tuple[str, int], int] = {}

@@ -13,7 +13,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import structlog
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -23,6 +23,7 @@ from feedret.config import ConsumerConfig, KafkaConfig
 from feedret.consumer.batch import (
     SourceRecord,
     dead_letter,
+    first_offsets,
     next_offsets,
     route,
     split_batch,
@@ -41,6 +42,17 @@ class PostEmbedder(Protocol):
 
 class TopicNotReady(Exception):
     """The post-vector topic does not exist (yet: it may be being created)."""
+
+
+class _ForgetRevokedLag(ConsumerRebalanceListener):
+    """A revoked partition's lag gauge would otherwise stay frozen at its last value here
+    while its new owner reports it too, and a sum over consumers would count it twice."""
+
+    def on_partitions_revoked(self, revoked) -> None:
+        metrics.forget_consumer_partitions(tp.partition for tp in revoked)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        pass
 
 
 class EmbeddingConsumer:
@@ -92,7 +104,6 @@ class EmbeddingConsumer:
                 f"num_shards={self.config.num_shards}; they must be equal (one partition per shard)"
             )
         self._consumer = KafkaConsumer(
-            k.posts_topic,
             **k.client_options(),
             group_id=k.consumer_group,
             enable_auto_commit=False,
@@ -103,6 +114,7 @@ class EmbeddingConsumer:
             max_poll_records=self.config.batch_max_size,
             client_id="feedret-consumer",
         )
+        self._consumer.subscribe([k.posts_topic], listener=_ForgetRevokedLag())
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -185,6 +197,7 @@ class EmbeddingConsumer:
             partitions=partitions,
             dead_letter_reasons=[b.kind for b in bad],
         )
+        metrics.CONSUMER_LAST_COMMIT.set_to_current_time()
         metrics.observe_consumer_lag(self._consumer, committed)
         self.stats["batches"] += 1
         self.stats["embedded"] += len(upserts)
@@ -203,10 +216,7 @@ class EmbeddingConsumer:
     def _rewind(self, batch: Sequence[SourceRecord]) -> None:
         """Seek back to the first offset of the failed batch so it is processed again."""
         assert self._consumer is not None
-        first: dict[tuple[str, int], int] = {}
-        for r in batch:
-            first[(r.topic, r.partition)] = min(first.get((r.topic, r.partition), r.offset), r.offset)
-        for (t, p), off in first.items():
+        for (t, p), off in first_offsets(batch).items():
             try:
                 self._consumer.seek(TopicPartition(t, p), off)
             except Exception as exc:  # noqa: BLE001
@@ -230,6 +240,7 @@ class EmbeddingConsumer:
                 batch = self._next_batch(stop)
                 if not batch:
                     continue
+                metrics.observe_consumer_lag(self._consumer, first_offsets(batch))
                 try:
                     self.process(batch)
                     backoff = 0.5

@@ -206,8 +206,13 @@ CONSUMER_EMBED_SECONDS = Histogram(
 )
 CONSUMER_LAG = Gauge(
     "feedret_consumer_lag_records",
-    "Records of a posts partition not yet committed, as of this consumer's last batch from it.",
+    "Records of a posts partition this consumer owns and has not committed, as of its last fetch.",
     ["partition"],
+)
+CONSUMER_LAST_COMMIT = Gauge(
+    "feedret_consumer_last_commit_timestamp_seconds",
+    "Unix time of this consumer's last committed batch (0: none yet). A consumer hung inside a "
+    "batch fetches nothing, so its lag stops moving; alert on time() minus this while lag > 0.",
 )
 
 
@@ -233,18 +238,29 @@ def observe_consumer_batch(
         CONSUMER_DEAD_LETTERS.labels(reason=reason).inc()
 
 
-def observe_consumer_lag(consumer: Any, committed: Mapping[tuple[str, int], int]) -> None:
-    """Lag per posts partition just committed: the partition's end as last fetched minus the commit.
+def observe_consumer_lag(consumer: Any, not_committed: Mapping[tuple[str, int], int]) -> None:
+    """Lag per posts partition: the partition's end as last fetched minus the first offset not committed.
 
-    `consumer` is a kafka-python KafkaConsumer; highwater() uses what the last
-    fetch returned, so this costs no request.
+    Called with a batch's first offsets before it is processed and with the committed
+    offsets after, so a batch that keeps failing shows lag that grows with the topic
+    rather than the figure from its last success. `consumer` is a kafka-python
+    KafkaConsumer; highwater() uses what the last fetch returned, so this costs no request.
     """
     from kafka import TopicPartition
 
-    for (topic, partition), offset in committed.items():
+    for (topic, partition), offset in not_committed.items():
         end = consumer.highwater(TopicPartition(topic, partition))
         if end is not None:
             CONSUMER_LAG.labels(partition=str(partition)).set(max(end - offset, 0))
+
+
+def forget_consumer_partitions(partitions: Iterable[int]) -> None:
+    """Partitions revoked from this consumer: their lag is now another consumer's to report."""
+    for partition in partitions:
+        try:
+            CONSUMER_LAG.remove(str(partition))
+        except KeyError:
+            pass
 
 
 # ---------------------------------------------------------------- shard state, read when scraped
