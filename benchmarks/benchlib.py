@@ -18,9 +18,7 @@ import hashlib
 import json
 import os
 import platform
-import random
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -328,27 +326,9 @@ def link_snapshots(source: Path, run_dir: Path) -> Path:
 # ------------------------------------------------------------------ the stack
 
 
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_block(n: int) -> int:
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - n)
-        if all(_is_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port block")
-
-
 def search_stack(workdir: Path, num_shards: int, env: dict[str, str], ready_timeout_s: float = 600.0):
     """A `Stack` that starts the broker, the shards and the root only (queries carry raw vectors)."""
-    from feedret.server.launcher import Stack, StackConfig, tansu_binary, wait_for_port
+    from feedret.server.launcher import Stack, StackConfig, free_port_block, tansu_binary, wait_for_port
     from feedret.topics import ensure_topics
 
     class SearchStack(Stack):

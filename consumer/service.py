@@ -112,6 +112,7 @@ class EmbeddingConsumer:
             heartbeat_interval_ms=k.heartbeat_interval_ms,
             max_poll_interval_ms=k.max_poll_interval_ms,
             max_poll_records=self.config.batch_max_size,
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
             client_id="feedret-consumer",
         )
         self._consumer.subscribe([k.posts_topic], listener=_ForgetRevokedLag())

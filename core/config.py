@@ -57,6 +57,15 @@ class KafkaConfig(_Settings):
     session_timeout_ms: int = Field(default=6000, ge=1000)
     heartbeat_interval_ms: int = Field(default=1000, ge=100)
     max_poll_interval_ms: int = Field(default=60000, ge=1000)
+    # The longest a fetch waits at the broker when the partition has nothing new, for
+    # the shard appliers and the embedding consumer. Apache Kafka answers a waiting fetch
+    # as soon as a record lands, so this costs nothing there; brokers that do not (the
+    # embedded tansu, and some Kafka-protocol gateways) hold it to the end, which added
+    # ~80 ms p50 from publish to searchable at kafka-python's 500 (benchmarks/results/
+    # freshness.md). 100 ms bounds that for ~10 empty fetches a second per idle partition.
+    fetch_max_wait_ms: int = Field(
+        default=100, ge=1, le=60000, validation_alias=AliasChoices("FEEDRET_KAFKA_FETCH_MAX_WAIT_MS")
+    )
     # Connection security, as a Strimzi (or any) Kafka with a TLS or SCRAM listener asks:
     # PLAINTEXT, SSL (TLS; mutual with ssl_certfile + ssl_keyfile), SASL_PLAINTEXT or SASL_SSL.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = _kafka_setting("PLAINTEXT", "security_protocol")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -116,6 +117,42 @@ def parse_shard_name(name: str) -> tuple[int, int]:
     """(shard, replica) of a name made by shard_name."""
     parts = name.split("-")
     return int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port_block(n: int) -> int:
+    """The first of n consecutive free loopback ports, below the kernel's ephemeral range:
+    where the throwaway stacks of tests and benchmarks listen.
+
+    A port that is free now is not reserved: between this check and the server's bind,
+    any outgoing connection (a Kafka or gRPC client in another test process) may be given
+    it as its local port when it lies in the ephemeral range. CI lost a run to exactly
+    that (a member server could not bind 52366), so ports come from below the range.
+    """
+    low, _ = _ephemeral_range()
+    top = low if low > 12000 + n else 60000
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10000, top - n)
+        if all(_is_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port block")
 
 
 def tansu_binary() -> str:

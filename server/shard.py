@@ -254,6 +254,7 @@ class PartitionApplier(threading.Thread):
                     # replay what is left rather than jump to the end and miss it.
                     auto_offset_reset="earliest",
                     max_poll_records=cfg.apply_batch_max,
+                    fetch_max_wait_ms=self.kafka.fetch_max_wait_ms,
                     client_id=f"feedret-shard-{cfg.shard_id}",
                 )
                 consumer.assign([tp])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,46 +12,11 @@ import pytest
 
 from feedret.clients.client import FeedretClient
 from feedret.clients.publish import publish_lines
-from feedret.server.launcher import Stack, StackConfig
+from feedret.server.launcher import Stack, StackConfig, free_port_block
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_POSTS = ROOT / "data" / "sample" / "posts.jsonl"
 SAMPLE_MEMBERS = ROOT / "data" / "sample" / "members.jsonl"
-
-
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-
-
-def free_port_block(n: int) -> int:
-    """The first of n consecutive free loopback ports, below the kernel's ephemeral range.
-
-    A port that is free now is not reserved: between this check and the server's bind,
-    any outgoing connection (a Kafka or gRPC client in another test process) may be given
-    it as its local port when it lies in the ephemeral range. CI lost a run to exactly
-    that (a member server could not bind 52366), so ports come from below the range.
-    """
-    low, _ = _ephemeral_range()
-    top = low if low > 12000 + n else 60000
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(10000, top - n)
-        if all(_is_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port block")
 
 
 def free_port() -> int:
