@@ -92,3 +92,14 @@ def test_merge_topk_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out.read_text()
     assert "| 3 | 300 |" in report and "before / now (p50)" in report
+
+
+def test_freshness_smoke(tmp_path):
+    out = tmp_path / "freshness.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "freshness.py"), "--trials", "2",
+                           "--waits", "500,100", "--gap-s", "0.05", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith(("| vector |", "| pipeline |"))]
+    assert len(rows) == 4
+    assert all(line.split("|")[6].strip() == "0" for line in rows), rows  # every post was found
