@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 import structlog
 
+from feedret.encoder.model import share_model_dir
 from feedret.encoder.prompts import NUM_CLOSE, NUM_OPEN, member_prompt, post_prompt
 from feedret.encoder.quantize import FeatureQuantizer
 from feedret.events import PostEvent, parse_post_event
@@ -124,6 +125,7 @@ def build(posts_path: Path, members_path: Path, out: Path) -> None:
         "quantizer": quantizer.to_json(),
     }
     (out / "feedret.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    share_model_dir(out)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log.info("tiny_model_built", out=str(out), vocab=len(tokenizer), bytes=size)
 

@@ -26,6 +26,7 @@ length buckets) and imports no torch, so the ONNX Runtime backend
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -107,6 +108,22 @@ def is_encoder_only(config: Any) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def share_model_dir(model_dir: Path) -> None:
+    """Let everyone the umask allows read the model's files.
+
+    safetensors (0.8) writes its files 0600, so a model saved by root, baked into
+    an image or copied onto a volume, could not be read by the pods' user (10001):
+    the member and consumer then fail at start with "No such file" on
+    model.safetensors. Group and others get read access, as for any file the
+    umask lets be created readable.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in model_dir.rglob("*"):
+        if f.is_file():
+            f.chmod(f.stat().st_mode | (0o444 & ~umask))
 
 
 def open_model_dir(path: str | Path) -> tuple[Path, EncoderMeta]:

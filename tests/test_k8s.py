@@ -913,6 +913,13 @@ def test_dockerfile_copies_what_exists_and_runs_the_console_script(dockerfile: P
     assert any(
         word == "ENV" and re.search(r"(?:^|\s)FEEDRET_MODEL_DIR=", rest) for word, rest in runtime
     ), "the installed package cannot find the repo's models/: the image must set FEEDRET_MODEL_DIR"
+    # The runtime takes the model from a stage that made it readable to all: a 0600
+    # file in the context (safetensors writes them) is unreadable to the USER above.
+    model_copies = [rest for word, rest in runtime if word == "COPY" and "/opt/feedret/model" in rest]
+    assert model_copies and all(r.startswith("--from=model ") for r in model_copies), model_copies
+    model_stage = instructions[next(i for i, (w, r) in enumerate(instructions) if w == "FROM" and r.endswith(" AS model")):]
+    assert any(w == "RUN" and "chmod -R a+rX /opt/feedret/model" in r for w, r in model_stage), (
+        f"{dockerfile.name}: the model stage must make the model readable to the image's user")
     # The baked-in model is the one feedret serves by default.
     default_model = feedret_config.DEFAULT_MODEL_DIR.relative_to(feedret_config.REPO_ROOT).as_posix()
     assert args.get("MODEL_SRC") == default_model, f"{dockerfile.name} bakes in {args.get('MODEL_SRC')}, feedret serves {default_model}"

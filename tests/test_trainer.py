@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -77,6 +78,16 @@ def test_the_trained_model_learns_tastes_and_serves_through_encoder(trained, dat
         top = np.argsort(-scores)[:10]
         hits += sum(1 for i in top if i % 2 == colour)
     assert hits >= 16, f"only {hits}/20 of the top-10s match the member's taste"
+
+
+def test_the_saved_model_is_readable_by_the_pods_user(trained):
+    # safetensors writes 0600: a model saved by root and baked into an image or copied
+    # onto a volume was unreadable to the pods' user 10001.
+    model_dir, _ = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in model_dir.iterdir():
+        assert f.stat().st_mode & 0o444 & ~umask == 0o444 & ~umask, f"{f.name}: {oct(f.stat().st_mode)}"
 
 
 def test_training_is_deterministic_and_resumes_to_the_same_weights(dataset, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from feedret.dataprep.format import Dataset, Interaction, Item, MemberInfo
+from feedret.dataprep.format import Interaction, Item, MemberInfo
 from feedret.events import PostEvent
 from feedret.members import ActivityItem, MemberProfile
 

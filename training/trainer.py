@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from feedret.dataprep.format import read_dataset
-from feedret.encoder.model import Encoder, EncoderMeta, pick_device
+from feedret.encoder.model import Encoder, EncoderMeta, pick_device, share_model_dir
 from feedret.encoder.prompts import NUM_CLOSE, NUM_OPEN
 from feedret.encoder.quantize import FeatureQuantizer
 from feedret.training.config import TrainConfig
@@ -227,6 +227,7 @@ def save_model(encoder: Encoder, loss: InfoNCELoss, out: Path, extra: dict[str, 
     if encoder.meta.quantizer is not None:
         meta["quantizer"] = encoder.meta.quantizer.to_json()
     (tmp / "feedret.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    share_model_dir(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a reader never sees a half-written model
 
