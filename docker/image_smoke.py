@@ -1,0 +1,133 @@
+"""Runs the stack from a built image, every role its own container, and retrieves for real.
+
+The roles (consumer, 2 shards, member, root) start from the image as a cluster
+would start them: the image's own entrypoint with the role as its argument, as
+user 10001, configured only through FEEDRET_* variables, on the host's network.
+Kafka is the embedded broker on the host (production points the roles at a real
+one). Then sample posts are published to `posts`, and the script waits until
+the root reports them indexed and retrieves for a sample member. Exit status 0
+only if every role came up and the retrieval returned posts.
+
+    python docker/image_smoke.py --image feedret-cpu:0.1.0                    # Docker
+    python docker/image_smoke.py --image localhost/feedret-cpu:dev --runtime buildah
+
+With `--runtime buildah`, the roles run with `buildah run --isolation chroot` in
+one working container of the image, which needs no container engine or daemon
+(how the image was checked on a machine without Docker: docs/kubernetes.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from feedret.clients.client import FeedretClient
+from feedret.clients.publish import publish_lines
+from feedret.members import MemberProfile
+from feedret.server.launcher import Stack, StackConfig, free_port_block
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_POSTS = ROOT / "data" / "sample" / "posts.jsonl"
+SAMPLE_MEMBERS = ROOT / "data" / "sample" / "members.jsonl"
+USER = "10001:10001"  # the image's user; set explicitly so a wrong USER line cannot hide
+
+
+def image_entrypoint(runtime: str, image: str) -> list[str]:
+    if runtime == "buildah":  # buildah's templates have no json function: read the whole config
+        out = subprocess.run(["buildah", "inspect", "--type", "image", image], check=True, capture_output=True, text=True)
+        return json.loads(out.stdout)["OCIv1"]["config"]["Entrypoint"]
+    out = subprocess.run(["docker", "image", "inspect", "--format", "{{json .Config.Entrypoint}}", image],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+class ImageStack(Stack):
+    """The launcher's stack with each role's process replaced by a container of the image."""
+
+    def __init__(self, config: StackConfig, runtime: str, image: str) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self.image = image
+        self.entrypoint = image_entrypoint(runtime, image)
+        self.working_container = ""
+        if runtime == "buildah":
+            self.working_container = subprocess.run(["buildah", "from", "--pull-never", image], check=True,
+                                                    capture_output=True, text=True).stdout.strip()
+
+    def container_command(self, name: str, role: str, env: dict[str, str]) -> list[str]:
+        if self.runtime == "docker":
+            flags = [f"--env={k}={v}" for k, v in env.items()]
+            return ["docker", "run", "--rm", "--init", f"--name=feedret-smoke-{os.getpid()}-{name}", "--network=host",
+                    f"--user={USER}", "--read-only", "--tmpfs=/tmp", *flags, self.image, role]
+        flags = [f"--env={k}={v}" for k, v in env.items()]
+        return ["buildah", "run", "--isolation=chroot", f"--user={USER}", *flags, self.working_container, "--",
+                *self.entrypoint, role]
+
+    def start_role(self, name: str) -> subprocess.Popen:
+        role, env = self.role_env(name)
+        env = {**env, "FEEDRET_HEALTH_PORT": "0", "FEEDRET_TORCH_THREADS": "1"}
+        if name.startswith("shard-"):
+            env["FEEDRET_SNAPSHOT_DIR"] = f"/tmp/snapshots/{name}"  # the pod's volume; here the container's /tmp
+        return self._spawn(name, self.container_command(name, role, env), {})
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        if self.runtime == "buildah" and self.working_container:
+            # buildah run does not always pass the signal on: end what runs in the container.
+            subprocess.run(["pkill", "-f", f"buildah run .* {self.working_container} --"], check=False)
+            subprocess.run(["buildah", "rm", self.working_container], check=False, capture_output=True)
+            self.working_container = ""
+        elif self.runtime == "docker":
+            names = [f"feedret-smoke-{os.getpid()}-{n}" for n in self.procs]
+            subprocess.run(["docker", "rm", "-f", *names], check=False, capture_output=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--image", required=True)
+    p.add_argument("--runtime", choices=["docker", "buildah"], default="docker")
+    p.add_argument("--posts", type=int, default=300)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds for the roles to come up and index")
+    args = p.parse_args(argv)
+
+    base = free_port_block(5)
+    with tempfile.TemporaryDirectory(prefix="feedret-image-") as tmp:
+        config = StackConfig(
+            num_shards=2, broker_port=base, root_port=base + 1, member_port=base + 2, shard_base_port=base + 3,
+            metrics_base_port=0, workdir=Path(tmp), snapshot_interval_s=0, ready_timeout_s=args.timeout,
+            env={"FEEDRET_BATCH_MAX_WAIT_MS": "50"},
+        )
+        started = time.monotonic()
+        with ImageStack(config, args.runtime, args.image) as stack:
+            up_s = time.monotonic() - started
+            with SAMPLE_POSTS.open() as f:
+                lines = [next(f).rstrip("\n") for _ in range(args.posts)]
+            report = publish_lines(stack.kafka, lines)
+            client = FeedretClient(config.root_address)
+            deadline = time.monotonic() + args.timeout
+            while client.stats().total_indexed < args.posts:
+                if time.monotonic() > deadline:
+                    print(f"only {client.stats().total_indexed} of {args.posts} indexed; consumer log:\n"
+                          f"{stack.log_tail('consumer')}", file=sys.stderr)
+                    return 1
+                time.sleep(0.5)
+            member = MemberProfile.from_json(json.loads(SAMPLE_MEMBERS.read_text().splitlines()[0]))
+            result = client.retrieve(member=member, k=10, timeout=10)
+            client.close()
+            print(f"image {args.image} ({args.runtime}): entrypoint {' '.join(stack.entrypoint)}; roles up in "
+                  f"{up_s:.0f} s; {report.sent} posts published, all indexed; retrieve for {member.member_id}: "
+                  f"{len(result.ids)} posts, top {result.ids[:5].tolist()}, model {result.model_version}, "
+                  f"partial={result.partial}")
+            if len(result.ids) == 0 or result.partial:
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
