@@ -50,8 +50,9 @@ def image_entrypoint(runtime: str, image: str) -> list[str]:
 class ImageStack(Stack):
     """The launcher's stack with each role's process replaced by a container of the image."""
 
-    def __init__(self, config: StackConfig, runtime: str, image: str) -> None:
+    def __init__(self, config: StackConfig, runtime: str, image: str, backend: str = "torch") -> None:
         super().__init__(config)
+        self.backend = backend
         self.runtime = runtime
         self.image = image
         self.entrypoint = image_entrypoint(runtime, image)
@@ -72,6 +73,9 @@ class ImageStack(Stack):
     def start_role(self, name: str) -> subprocess.Popen:
         role, env = self.role_env(name)
         env = {**env, "FEEDRET_HEALTH_PORT": "0", "FEEDRET_TORCH_THREADS": "1"}
+        if role in ("consumer", "member"):
+            # As the manifests set it: the export goes to /tmp, the root filesystem is read-only.
+            env.update(FEEDRET_BACKEND=self.backend, FEEDRET_ONNX_PATH="/tmp/onnx/model.onnx")
         if name.startswith("shard-"):
             env["FEEDRET_SNAPSHOT_DIR"] = f"/tmp/snapshots/{name}"  # the pod's volume; here the container's /tmp
         return self._spawn(name, self.container_command(name, role, env), {})
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--image", required=True)
     p.add_argument("--runtime", choices=["docker", "buildah"], default="docker")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="FEEDRET_BACKEND of consumer and member")
     p.add_argument("--posts", type=int, default=300)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the roles to come up and index")
     args = p.parse_args(argv)
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             env={"FEEDRET_BATCH_MAX_WAIT_MS": "50"},
         )
         started = time.monotonic()
-        with ImageStack(config, args.runtime, args.image) as stack:
+        with ImageStack(config, args.runtime, args.image, args.backend) as stack:
             up_s = time.monotonic() - started
             with SAMPLE_POSTS.open() as f:
                 lines = [next(f).rstrip("\n") for _ in range(args.posts)]
@@ -120,10 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             member = MemberProfile.from_json(json.loads(SAMPLE_MEMBERS.read_text().splitlines()[0]))
             result = client.retrieve(member=member, k=10, timeout=10)
             client.close()
-            print(f"image {args.image} ({args.runtime}): entrypoint {' '.join(stack.entrypoint)}; roles up in "
+            print(f"image {args.image} ({args.runtime}, {args.backend} backend): entrypoint {' '.join(stack.entrypoint)}; roles up in "
                   f"{up_s:.0f} s; {report.sent} posts published, all indexed; retrieve for {member.member_id}: "
                   f"{len(result.ids)} posts, top {result.ids[:5].tolist()}, model {result.model_version}, "
                   f"partial={result.partial}")
+            for role in ("member", "consumer"):  # what each encoder role says it loaded
+                loaded = [line for line in stack.log_tail(role, 400).splitlines() if "encoder_loaded" in line]
+                print(f"{role}: {loaded[-1].strip() if loaded else 'no encoder_loaded line'}")
+                if not loaded or not any(f in loaded[-1] for f in (f'"backend": "{args.backend}"', f"backend={args.backend}")):
+                    return 1
             if len(result.ids) == 0 or result.partial:
                 return 1
     return 0
