@@ -1,4 +1,4 @@
-"""From publish to searchable, at two broker fetch waits, in the same run.
+"""From publish to searchable, under several settings, in the same run.
 
 Two paths, each timed from just before the producer's send until the root's
 Lookup finds the post (polled every --poll-ms):
@@ -10,10 +10,17 @@ Lookup finds the post (polled every --poll-ms):
   the whole stack: the embedding consumer's micro-batch (FEEDRET_BATCH_MAX_WAIT_MS,
   default 200 ms) and forward pass, the post-vector topic, the shard.
 
-Each path runs once per fetch wait (FEEDRET_KAFKA_FETCH_MAX_WAIT_MS): the baseline
-is 500, kafka-python's default, which feedret used before the setting existed.
+Each path runs once per setting (--setting, repeatable; the first is the baseline):
+
+- before: FEEDRET_KAFKA_FETCH_MAX_WAIT_MS=500 (kafka-python's default, which feedret
+  used before the setting existed) and FEEDRET_BATCH_LINGER_MS=200 (= the max wait:
+  a micro-batch waited out the whole 200 ms, as before the linger existed);
+- fetch100: the fetch wait at today's 100 ms, the batch still waiting 200 ms;
+- now: today's defaults (fetch wait 100 ms, linger 20 ms).
+
 With the embedded broker (tansu), a fetch that is already waiting when a record
-lands is held far longer than with Apache Kafka, which answers it at once.
+lands is held far longer than with Apache Kafka, which answers it at once. The
+vector path has no consumer, so the linger does not touch it.
 
     python benchmarks/freshness.py --out benchmarks/results/freshness.md
 """
@@ -43,7 +50,8 @@ SAMPLE_POSTS = benchlib.ROOT / "data" / "sample" / "posts.jsonl"
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=30, help="posts timed per path and setting")
-    p.add_argument("--waits", default="500,100", help="fetch waits in ms; the first is the baseline")
+    p.add_argument("--setting", action="append", metavar="NAME=VAR=VALUE,...",
+                   help="a named set of FEEDRET_* settings for every role; repeat (default: before, fetch100, now)")
     p.add_argument("--dim", type=int, default=64, help="vector path: vector width")
     p.add_argument("--poll-ms", type=float, default=2.0, help="pause between Lookups while waiting")
     p.add_argument("--gap-s", type=float, default=0.3, help="pause between trials: each post lands on a quiet partition")
@@ -60,13 +68,13 @@ def wait_found(client: FeedretClient, post_id: int, started: float, args) -> flo
     return float("nan")
 
 
-def vector_path(wait_ms: int, args, tmp: Path) -> list[float]:
+def vector_path(settings: dict[str, str], args, tmp: Path) -> list[float]:
     from kafka import KafkaProducer
 
     env = benchlib.shard_env("Flat", tmp / "snapshots", 1, 16)
-    env["FEEDRET_KAFKA_FETCH_MAX_WAIT_MS"] = str(wait_ms)
+    env.update(settings)
     stack = benchlib.search_stack(tmp, 2, env, ready_timeout_s=120)
-    rng = np.random.default_rng(wait_ms)
+    rng = np.random.default_rng(0)
     out = []
     with stack:
         client = FeedretClient(stack.config.root_address)
@@ -87,14 +95,14 @@ def vector_path(wait_ms: int, args, tmp: Path) -> list[float]:
     return out
 
 
-def pipeline_path(wait_ms: int, args, tmp: Path) -> list[float]:
+def pipeline_path(settings: dict[str, str], args, tmp: Path) -> list[float]:
     from kafka import KafkaProducer
 
     base = free_port_block(5)
     config = StackConfig(
         num_shards=2, broker_port=base, root_port=base + 1, member_port=base + 2, shard_base_port=base + 3,
         metrics_base_port=0, workdir=tmp, snapshot_interval_s=0, ready_timeout_s=180,
-        env={"FEEDRET_KAFKA_FETCH_MAX_WAIT_MS": str(wait_ms), "FEEDRET_TORCH_THREADS": "1"},
+        env={"FEEDRET_TORCH_THREADS": "1", **settings},
     )
     with SAMPLE_POSTS.open() as f:
         template = json.loads(next(f))
@@ -130,16 +138,28 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+DEFAULT_SETTINGS = [
+    "before=FEEDRET_KAFKA_FETCH_MAX_WAIT_MS=500,FEEDRET_BATCH_LINGER_MS=200",
+    "fetch100=FEEDRET_KAFKA_FETCH_MAX_WAIT_MS=100,FEEDRET_BATCH_LINGER_MS=200",
+    "now=",
+]
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = text.partition("=")
+    return name, dict(item.split("=", 1) for item in rest.split(",") if item)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    waits = [int(w) for w in args.waits.split(",")]
-    results: dict[str, dict[int, dict]] = {"vector": {}, "pipeline": {}}
+    settings = dict(parse_setting(t) for t in (args.setting or DEFAULT_SETTINGS))
+    results: dict[str, dict[str, dict]] = {"vector": {}, "pipeline": {}}
     for path, run in (("vector", vector_path), ("pipeline", pipeline_path)):
-        for wait in waits:
+        for name, env in settings.items():
             with tempfile.TemporaryDirectory(prefix="feedret-fresh-") as tmp:
-                results[path][wait] = summary(run(wait, args, Path(tmp)))
-            print(f"[{path}] fetch wait {wait} ms: {results[path][wait]}", flush=True)
-    baseline = waits[0]
+                results[path][name] = summary(run(env, args, Path(tmp)))
+            print(f"[{path}] {name}: {results[path][name]}", flush=True)
+    baseline = next(iter(settings))
     lines = [
         "# Publish to searchable",
         "",
@@ -151,16 +171,19 @@ def main(argv=None) -> int:
         "",
         f"{args.trials} posts per row, one at a time, {args.gap_s} s apart; timed from just before the "
         f"send until the root's Lookup finds the post (polled every {args.poll_ms} ms). "
-        f"Ratio: p50 over the baseline's (fetch wait {baseline} ms, kafka-python's default) in the same run.",
+        f"Ratio: p50 over the baseline's (`{baseline}`) in the same run.",
         "",
-        "| path | fetch wait (ms) | p50 (ms) | p90 (ms) | max (ms) | not found | p50 vs baseline |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        *[f"- `{name}`: " + (", ".join(f"{k}={v}" for k, v in env.items()) or "today's defaults")
+          for name, env in settings.items()],
+        "",
+        "| path | setting | p50 (ms) | p90 (ms) | max (ms) | not found | p50 vs baseline |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for path in ("vector", "pipeline"):
-        for wait in waits:
-            r = results[path][wait]
+        for name in settings:
+            r = results[path][name]
             ratio = r["p50"] / results[path][baseline]["p50"]
-            lines.append(f"| {path} | {wait} | {r['p50']:.1f} | {r['p90']:.1f} | {r['max']:.1f} | "
+            lines.append(f"| {path} | {name} | {r['p50']:.1f} | {r['p90']:.1f} | {r['max']:.1f} | "
                          f"{r['missed']} | {ratio:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)

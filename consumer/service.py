@@ -128,7 +128,8 @@ class EmbeddingConsumer:
     # ------------------------------------------------------------ loop
 
     def _next_batch(self, stop: threading.Event) -> list[SourceRecord]:
-        """Up to batch_max_size records, waiting at most batch_max_wait_ms after the first."""
+        """Up to batch_max_size records, waiting at most batch_max_wait_ms after the first,
+        and closing early when no record came for batch_linger_ms."""
         assert self._consumer is not None
         batch: list[SourceRecord] = []
         deadline: float | None = None
@@ -140,9 +141,12 @@ class EmbeddingConsumer:
                 timeout_ms = int((deadline - time.monotonic()) * 1000)
                 if timeout_ms <= 0:
                     break
+                timeout_ms = min(timeout_ms, self.config.batch_linger_ms)
             polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_size - len(batch))
-            for records in polled.values():
-                batch.extend(SourceRecord.of(r) for r in records)
+            got = [SourceRecord.of(r) for records in polled.values() for r in records]
+            if not got and deadline is not None:
+                break  # a quiet gap: more posts are not on their way
+            batch.extend(got)
             if batch and deadline is None:
                 deadline = time.monotonic() + self.config.batch_max_wait_ms / 1000
         return batch

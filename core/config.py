@@ -147,9 +147,14 @@ class ConsumerConfig(_Settings):
     # The consumer serves no gRPC, only its metrics endpoint on host:metrics_port.
     host: str = "127.0.0.1"
     metrics_port: int = Field(default=DEFAULT_CONSUMER_METRICS_PORT, ge=0, le=65535)
-    # A micro-batch closes at whichever comes first.
+    # A micro-batch closes at whichever comes first: it is full, batch_max_wait_ms have
+    # passed since its first post, or no post came for batch_linger_ms. The linger keeps a
+    # quiet stream from waiting the whole max wait for posts that are not coming (265 ->
+    # ~80 ms from publish to searchable, benchmarks/results/freshness.md); under load posts
+    # keep coming, or are already fetched, and batches fill as before.
     batch_max_size: int = Field(default=64, ge=1)
     batch_max_wait_ms: int = Field(default=200, ge=1)
+    batch_linger_ms: int = Field(default=20, ge=1)
 
 
 class ShardConfig(_Settings):

@@ -97,7 +97,8 @@ def test_merge_topk_smoke(tmp_path):
 def test_freshness_smoke(tmp_path):
     out = tmp_path / "freshness.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "freshness.py"), "--trials", "2",
-                           "--waits", "500,100", "--gap-s", "0.05", "--out", str(out)],
+                           "--setting", "before=FEEDRET_KAFKA_FETCH_MAX_WAIT_MS=500,FEEDRET_BATCH_LINGER_MS=200",
+                           "--setting", "now=", "--gap-s", "0.05", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith(("| vector |", "| pipeline |"))]

@@ -1,9 +1,14 @@
 import base64
 import json
+import threading
+import time
+from types import SimpleNamespace
 
 import numpy as np
 
+from feedret.config import ConsumerConfig, KafkaConfig
 from feedret.consumer.batch import SourceRecord, dead_letter, next_offsets, route, split_batch, vector_event
+from feedret.consumer.service import EmbeddingConsumer
 from feedret.routing import shard_of
 from feedret.v1 import feedret_pb2 as pb
 
@@ -75,3 +80,53 @@ def test_route_is_the_shard_and_offsets_commit_past_the_batch():
     assert route(12345, 3) == shard_of(12345, 3)
     batch = [rec(4, POST, partition=0), rec(9, POST, partition=1), rec(7, POST, partition=0)]
     assert next_offsets(batch) == {("posts", 0): 8, ("posts", 1): 10}
+
+
+class ScriptedConsumer:
+    """kafka-python's poll as the batcher sees it: each call returns the next scripted list
+    of records, or after the script waits out its timeout and returns nothing; `every_s`
+    is how long each record takes to arrive."""
+
+    def __init__(self, script: list[list[int]], every_s: float = 0.0) -> None:
+        self.script = list(script)
+        self.every_s = every_s
+        self.timeouts: list[int] = []
+
+    def poll(self, timeout_ms: int, max_records: int):
+        self.timeouts.append(timeout_ms)
+        if not self.script:
+            time.sleep(timeout_ms / 1000)
+            return {}
+        time.sleep(self.every_s)
+        offsets = self.script.pop(0)[:max_records]
+        return {("posts", 0): [SimpleNamespace(topic="posts", partition=0, offset=o, key=None, value=b"{}")
+                                for o in offsets]}
+
+
+def batcher(consumer: ScriptedConsumer, **config) -> EmbeddingConsumer:
+    service = EmbeddingConsumer(KafkaConfig(), ConsumerConfig(**config), encoder=None)
+    service._consumer = consumer
+    return service
+
+
+def test_a_batch_on_a_quiet_stream_closes_after_the_linger_not_the_max_wait():
+    consumer = ScriptedConsumer([[0, 1]])
+    started = time.monotonic()
+    batch = batcher(consumer, batch_max_wait_ms=2000, batch_linger_ms=20)._next_batch(threading.Event())
+    assert [r.offset for r in batch] == [0, 1]
+    assert time.monotonic() - started < 1.0  # the old batcher waited the full 2 s here
+    assert consumer.timeouts[1] <= 20
+
+
+def test_posts_that_keep_coming_fill_the_batch():
+    consumer = ScriptedConsumer([[i] for i in range(10)], every_s=0.005)
+    batch = batcher(consumer, batch_max_size=6, batch_max_wait_ms=2000, batch_linger_ms=20)._next_batch(threading.Event())
+    assert [r.offset for r in batch] == list(range(6))
+
+
+def test_a_steady_trickle_is_cut_at_the_max_wait():
+    consumer = ScriptedConsumer([[i] for i in range(1000)], every_s=0.01)  # one post every 10 ms < linger
+    started = time.monotonic()
+    batch = batcher(consumer, batch_max_size=1000, batch_max_wait_ms=150, batch_linger_ms=50)._next_batch(threading.Event())
+    elapsed = time.monotonic() - started
+    assert 5 <= len(batch) < 1000 and 0.14 <= elapsed < 1.0, (len(batch), elapsed)
