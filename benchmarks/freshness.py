@@ -18,6 +18,10 @@ Each path runs once per setting (--setting, repeatable; the first is the baselin
 - fetch100: the fetch wait at today's 100 ms, the batch still waiting 200 ms;
 - now: today's defaults (fetch wait 100 ms, linger 20 ms).
 
+The pipeline stack then also takes a backlog: --backlog posts published at once,
+timed until the root reports them all indexed (posts/s), which shows whether a
+setting costs the consumer throughput when batches should be full.
+
 With the embedded broker (tansu), a fetch that is already waiting when a record
 lands is held far longer than with Apache Kafka, which answers it at once. The
 vector path has no consumer, so the linger does not touch it.
@@ -56,6 +60,7 @@ def parse_args(argv):
     p.add_argument("--poll-ms", type=float, default=2.0, help="pause between Lookups while waiting")
     p.add_argument("--gap-s", type=float, default=0.3, help="pause between trials: each post lands on a quiet partition")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--backlog", type=int, default=2000, help="pipeline: posts published at once, for throughput")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
@@ -95,6 +100,9 @@ def vector_path(settings: dict[str, str], args, tmp: Path) -> list[float]:
     return out
 
 
+backlog_rate = [float("nan")]  # pipeline_path's last backlog throughput, posts/s
+
+
 def pipeline_path(settings: dict[str, str], args, tmp: Path) -> list[float]:
     from kafka import KafkaProducer
 
@@ -122,6 +130,18 @@ def pipeline_path(settings: dict[str, str], args, tmp: Path) -> list[float]:
                 found = wait_found(client, post_id, started, args)
                 if t >= 0:
                     out.append(found)
+            before = client.stats().total_indexed
+            posts = [json.dumps({**template, "post_id": 30_000_000 + i, "created_at": time.time(),
+                                 "text": f"{template['text']} (backlog {i})"}) for i in range(args.backlog)]
+            started = time.monotonic()
+            for post in posts:
+                producer.send(stack.kafka.posts_topic, key=str(json.loads(post)["post_id"]).encode(), value=post.encode())
+            producer.flush()
+            while client.stats().total_indexed < before + args.backlog:
+                if time.monotonic() - started > 600:
+                    raise RuntimeError("the backlog was not indexed within 600 s")
+                time.sleep(0.05)
+            backlog_rate[0] = args.backlog / (time.monotonic() - started)
         finally:
             producer.close()
             client.close()
@@ -158,6 +178,8 @@ def main(argv=None) -> int:
         for name, env in settings.items():
             with tempfile.TemporaryDirectory(prefix="feedret-fresh-") as tmp:
                 results[path][name] = summary(run(env, args, Path(tmp)))
+                if path == "pipeline" and args.backlog:
+                    results[path][name]["backlog_posts_per_s"] = backlog_rate[0]
             print(f"[{path}] {name}: {results[path][name]}", flush=True)
     baseline = next(iter(settings))
     lines = [
@@ -185,6 +207,12 @@ def main(argv=None) -> int:
             ratio = r["p50"] / results[path][baseline]["p50"]
             lines.append(f"| {path} | {name} | {r['p50']:.1f} | {r['p90']:.1f} | {r['max']:.1f} | "
                          f"{r['missed']} | {ratio:.2f} |")
+    if args.backlog:
+        lines += ["", f"Backlog: {args.backlog} posts published at once through the pipeline, until all indexed:", "",
+                  "| setting | posts/s | vs baseline |", "|---|---:|---:|"]
+        for name in settings:
+            rate = results["pipeline"][name]["backlog_posts_per_s"]
+            lines.append(f"| {name} | {rate:.0f} | {rate / results['pipeline'][baseline]['backlog_posts_per_s']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -98,9 +98,10 @@ def test_freshness_smoke(tmp_path):
     out = tmp_path / "freshness.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "freshness.py"), "--trials", "2",
                            "--setting", "before=FEEDRET_KAFKA_FETCH_MAX_WAIT_MS=500,FEEDRET_BATCH_LINGER_MS=200",
-                           "--setting", "now=", "--gap-s", "0.05", "--out", str(out)],
+                           "--setting", "now=", "--gap-s", "0.05", "--backlog", "20", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith(("| vector |", "| pipeline |"))]
     assert len(rows) == 4
     assert all(line.split("|")[6].strip() == "0" for line in rows), rows  # every post was found
+    assert "| now |" in out.read_text().split("Backlog:")[1]
