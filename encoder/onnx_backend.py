@@ -4,10 +4,11 @@
 normalisation into one ONNX graph, (input_ids int64 [B, T], attention_mask int64
 [B, T]) -> embeddings float32 [B, H], with batch and sequence length dynamic. It
 goes to `<model_dir>/onnx/model.onnx` by default, and beside it goes
-`model.export.json`, which records the model version and pooling the graph was
-made from. `OnnxEncoder.from_pretrained(model_dir)` refuses an export whose
-record does not match the model directory (a stale export), and exports first
-when there is none.
+`model.export.json`, which records the model version, the pooling and a
+fingerprint of the weights the graph was made from. `OnnxEncoder.from_pretrained(model_dir)`
+refuses an export whose record does not match the model directory (a stale
+export: another version, another pooling, or weights retrained under the same
+version), and exports first when there is none.
 
 `OnnxEncoder` is an `Encoder` in every public respect: it shares `BaseEncoder`
 (prompts, tokenization, padding, length buckets) and differs only in running one
@@ -27,6 +28,7 @@ too but needs onnxscript and is several times slower to run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -46,7 +48,8 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_OPSET = 17
 ONNX_DIR = "onnx"
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: records the weights' fingerprint
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embeddings"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -81,6 +84,7 @@ class ExportInfo:
     # it is a causal LM (end token appended): serving needs both without loading the model.
     default_pooling: str = ""
     causal: bool = True
+    weights: str = ""  # weights_fingerprint() of the model directory exported
     format: int = EXPORT_FORMAT
     exporter: str = "torch.onnx.export(dynamo=False)"
     torch: str = ""
@@ -124,13 +128,41 @@ def default_onnx_path(model_dir: str | Path, pooling: str | None = None, meta: E
     return model_dir / ONNX_DIR / f"model-{pooling}.onnx"
 
 
+def weights_fingerprint(model_dir: str | Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """A digest of what the graph is made from: config.json whole, and each weight file by
+    name, size and `samples` chunks spread over it, first and last included.
+
+    A model retrained into the same directory under the same model_version differs
+    all through its weights, so a few samples catch it; reading every byte of a
+    multi-GB checkpoint at each start would not be worth it. An edit confined to a
+    few tensors can slip past: re-export after one.
+    """
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    config = model_dir / "config.json"
+    if config.exists():
+        digest.update(b"config.json\0" + config.read_bytes())
+    for f in sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        size = f.stat().st_size
+        digest.update(f"{f.name}\0{size}\0".encode())
+        with f.open("rb") as handle:
+            offsets = sorted({round(i * max(size - chunk, 0) / max(samples - 1, 1)) for i in range(samples)})
+            for offset in offsets:
+                handle.seek(offset)
+                digest.update(handle.read(chunk))
+    return digest.hexdigest()[:32]
+
+
 def export_info_path(onnx_path: str | Path) -> Path:
     """The record beside an export: model.onnx -> model.export.json."""
     return Path(onnx_path).with_suffix(".export.json")
 
 
-def check_export(onnx_path: str | Path, meta: EncoderMeta, pooling: str | None = None) -> ExportInfo:
-    """The export's record, or StaleExportError when it was made from another model version or pooling.
+def check_export(
+    onnx_path: str | Path, meta: EncoderMeta, pooling: str | None = None, model_dir: str | Path | None = None
+) -> ExportInfo:
+    """The export's record, or StaleExportError when it was made from another model version,
+    pooling or (with `model_dir`) other weights.
 
     pooling None: the model's own (feedret.json's, else the architecture's default).
     """
@@ -155,6 +187,8 @@ def check_export(onnx_path: str | Path, meta: EncoderMeta, pooling: str | None =
         mismatches.append(f"model_version {info.model_version!r} (the model directory is {meta.model_version!r})")
     if info.pooling != want:
         mismatches.append(f"pooling {info.pooling!r} (serving wants {want!r})")
+    if model_dir is not None and info.weights != (now := weights_fingerprint(model_dir)):
+        mismatches.append(f"weights {info.weights!r} (the model directory's are {now!r}: retrained?)")
     if mismatches:
         raise StaleExportError(f"stale ONNX export {onnx_path}: it was made from " + " and ".join(mismatches) + f"; {redo}")
     return info
@@ -305,6 +339,7 @@ def export_onnx(
             tokenizer=_tokenizer_kind(model_dir, encoder.tokenizer, _TRACE_PROMPTS + _CHECK_PROMPTS),
             default_pooling=default_pooling,
             causal=causal,
+            weights=weights_fingerprint(model_dir),
             torch=torch.__version__,
             transformers=transformers.__version__,
             onnx=onnx.__version__,
@@ -429,7 +464,7 @@ class OnnxEncoder(BaseEncoder):
         if not onnx_file.exists():
             log.info("onnx_export_missing", path=str(onnx_file), model_dir=str(model_dir), pooling=pooling or "model's")
             export_onnx(model_dir, onnx_file, pooling=pooling)
-        info = check_export(onnx_file, meta, pooling)
+        info = check_export(onnx_file, meta, pooling, model_dir)
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

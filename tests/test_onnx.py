@@ -127,6 +127,23 @@ def test_stale_or_unrecorded_export_is_refused(model_dir, tmp_path):
         OnnxEncoder.from_pretrained(stale_dir)
 
 
+def test_an_export_of_weights_since_retrained_under_the_same_version_is_refused(model_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    retrained = tmp_path / "model"
+    shutil.copytree(model_dir, retrained, ignore=shutil.ignore_patterns("onnx"))
+    export_onnx(retrained)
+    weights = retrained / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] * 1.01  # another training run: same names, shapes and version
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(StaleExportError, match=r"weights '[0-9a-f]+' \(the model directory's are '[0-9a-f]+': retrained\?\)"):
+        OnnxEncoder.from_pretrained(retrained)
+    export_onnx(retrained)  # re-exported, it serves again
+    assert OnnxEncoder.from_pretrained(retrained).model_version == "feedret-tiny-llama-v0"
+
+
 def test_backend_is_chosen_by_encoder_config(model_dir, tmp_path, monkeypatch):
     onnx_path = tmp_path / "chosen" / "model.onnx"
     monkeypatch.setenv("FEEDRET_BACKEND", "onnx")
