@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.feedret-installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast proto clean bench bench-search
+.PHONY: install run test test-fast proto clean bench bench-search image image-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,22 @@ bench-search: install
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/search_latency.py $(SEARCH_ARGS)
 	$(PY) benchmarks/milvus_compare.py $(MILVUS_ARGS)
+
+# The CPU image, then the whole stack run from it, a container per role, through to a
+# retrieval (docker/image_smoke.py). IMAGE_RUNTIME=buildah where no Docker engine runs;
+# IMAGE_BUILD_ARGS for a mirror, e.g. --build-arg TORCH_INDEX_URL=... (docs/kubernetes.md).
+IMAGE ?= localhost/feedret-cpu:dev
+IMAGE_RUNTIME ?= docker
+IMAGE_BUILD_ARGS ?=
+image:
+ifeq ($(IMAGE_RUNTIME),buildah)
+	buildah build --isolation chroot --layers -f docker/Dockerfile.cpu -t $(IMAGE) $(IMAGE_BUILD_ARGS) .
+else
+	docker build -f docker/Dockerfile.cpu -t $(IMAGE) $(IMAGE_BUILD_ARGS) .
+endif
+
+image-check: install image
+	$(PY) docker/image_smoke.py --image $(IMAGE) --runtime $(IMAGE_RUNTIME)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
