@@ -172,6 +172,17 @@ def query_vector(values: Sequence[float], dimension: int, full_dimension: int = 
         raise InvalidRequest(f"query vector has {vec.size} dimensions, the index serves {dimension}{also}")
     if not np.all(np.isfinite(vec)):
         raise InvalidRequest("query vector contains NaN or infinite values")
+    # The part the index scores with: a zero one (or one whose float32 norm underflows)
+    # ranks every post the same, an arbitrary answer nobody would notice; one too large
+    # overflows float32 scores.
+    served = vec[:dimension] if dimension and vec.size > dimension else vec
+    with np.errstate(over="ignore"):  # an overflow is the finding, reported below
+        norm = np.linalg.norm(served)
+    if norm == 0:
+        what = f"its first {dimension} dimensions are" if served.size < vec.size else "it is"
+        raise InvalidRequest(f"query vector has no direction: {what} all zeros, or too small for float32")
+    if not np.isfinite(norm):
+        raise InvalidRequest("query vector is too large: its norm overflows float32")
     return vec
 
 
