@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import warnings
 from fnmatch import fnmatch
 from pathlib import Path
@@ -682,7 +683,8 @@ def test_podmonitors(docs, overlay):
     monitors = [d for d in docs if d["apiVersion"].split("/")[0] == MONITORING_GROUP]
     if overlay == "prod":
         assert _of_kind(monitors, "PodMonitor"), "prod has no PodMonitor: the Prometheus Operator would scrape nothing"
-    assert {d["kind"] for d in monitors} <= {"PodMonitor"}, "only PodMonitors are checked here"
+    assert {d["kind"] for d in monitors} <= {"PodMonitor", "PrometheusRule"}, "only these are checked here"
+    monitors = _of_kind(monitors, "PodMonitor")
     workloads = [o for o in _workloads(docs) if _role(_pod_template(o)["spec"]["containers"][0])]
     namespaces = {o["metadata"].get("namespace") for o in workloads}
     covered: set[str] = set()
@@ -1081,3 +1083,80 @@ def test_grpc_tokens_component_gives_every_server_the_accepted_tokens_and_the_ro
     assert all(cfg.auth_tokens_file is not None for cfg in servers.values())  # every server checks tokens
     assert servers["root"].auth_token_file is not None  # and the root, calling the others, sends one
     assert servers["member"].auth_token_file is None and servers["shard"].auth_token_file is None
+
+
+# PrometheusRule fields of monitoring.coreos.com/v1 (prometheus-operator's API reference).
+RULE_GROUP_FIELDS = {"name", "interval", "rules", "limit", "partial_response_strategy", "query_offset", "labels"}
+RULE_FIELDS = {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"}
+# Labels Prometheus adds to every scraped series; the PodMonitor's podTargetLabels add more.
+SCRAPE_LABELS = {"instance", "job", "pod", "namespace", "container", "endpoint", "service"}
+
+
+def _exported_metrics() -> dict[str, set[str]]:
+    """Every series name the code exports (with a counter's _total, a histogram's _bucket/_count/_sum),
+    mapped to the label names it carries."""
+    from prometheus_client import REGISTRY
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from feedret import metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",), "info": ("_info",)}
+    out: dict[str, set[str]] = {}
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            for suffix in suffixes.get(obj._type, ("",)):
+                out[obj._name + suffix] = set(obj._labelnames) | ({"le"} if suffix == "_bucket" else set())
+    for family in REGISTRY.collect():  # collectors, read at scrape time (the shards' state)
+        for suffix in suffixes.get(family.type, ("",)):
+            out.setdefault(family.name + suffix, set(getattr(family, "_labelnames", ())))
+    return out
+
+
+def test_prometheus_rules_name_real_metrics_and_labels(docs, overlay):
+    rules = _of_kind(docs, "PrometheusRule")
+    if overlay == "prod":
+        assert rules, "prod has no PrometheusRule: nobody would be told when retrieval degrades"
+    exported = _exported_metrics()
+    target_labels = {
+        re.sub(r"[^a-zA-Z0-9_]", "_", name)
+        for pm in _of_kind(docs, "PodMonitor") for name in pm["spec"].get("podTargetLabels", [])
+    }
+    shard_env = {e["name"]: e.get("value") for _, _, c in _containers(docs) if _role(c) == "shard" for e in c.get("env", [])}
+    snapshot_interval = float(shard_env.get("FEEDRET_SNAPSHOT_INTERVAL_S") or feedret_config.ShardConfig().snapshot_interval_s)
+    alerts = []
+    for pr in rules:
+        assert pr["apiVersion"] == f"{MONITORING_GROUP}/v1" and set(pr["spec"]) == {"groups"}, _name(pr)
+        for group in pr["spec"]["groups"]:
+            assert set(group) <= RULE_GROUP_FIELDS, f"{_name(pr)}: unknown group fields {set(group) - RULE_GROUP_FIELDS}"
+            for rule in group["rules"]:
+                assert set(rule) <= RULE_FIELDS, f"{_name(pr)}: unknown rule fields {set(rule) - RULE_FIELDS}"
+                alert, expr = rule["alert"], rule["expr"]
+                alerts.append(alert)
+                assert rule["labels"]["severity"] in {"critical", "warning", "info"}, alert
+                assert rule["annotations"]["summary"], alert
+                assert DURATION.fullmatch(rule.get("for", "0")), f"{alert}: for {rule.get('for')!r}"
+                names = set(re.findall(r"\b((?:feedret|grpc_server)_[a-z0-9_]+)\b", expr)) - target_labels
+                assert names, f"{alert} names no feedret metric"
+                for name in names:
+                    assert name in exported, f"{alert}: {name} is not a metric the code exports"
+                carried = set().union(*(exported[n] for n in names)) | SCRAPE_LABELS | target_labels
+                for clause in re.findall(r"\b(?:by|on|without|ignoring)\s*\(([^)]*)\)", expr):
+                    for label in filter(None, (x.strip() for x in clause.split(","))):
+                        assert label in carried, f"{alert}: groups by {label!r}, which {sorted(names)} do not carry"
+                for label in re.findall(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)", " ".join(rule["annotations"].values())):
+                    assert label in carried, f"{alert}: its annotations use {label!r}, which {sorted(names)} do not carry"
+                if "snapshot_last_success" in expr:
+                    (factor, seconds) = re.findall(r"(\d+)\s*\*\s*(\d+)", expr)[0]
+                    assert float(seconds) == snapshot_interval, f"{alert} assumes a {seconds} s snapshot interval, the shards use {snapshot_interval}"
+    assert len(alerts) == len(set(alerts)), "alert names must be unique"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian's prometheus package) to parse PromQL")
+def test_prometheus_rules_parse():
+    rules = _of_kind(_render("prod"), "PrometheusRule")
+    for pr in rules:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            yaml.safe_dump({"groups": pr["spec"]["groups"]}, f)
+            f.flush()
+            proc = subprocess.run(["promtool", "check", "rules", f.name], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
