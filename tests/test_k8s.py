@@ -1160,3 +1160,76 @@ def test_prometheus_rules_parse():
             f.flush()
             proc = subprocess.run(["promtool", "check", "rules", f.name], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _policy_admits(policy: dict, pod_labels: dict, port_name: str, source: dict | None) -> bool:
+    """Does this NetworkPolicy admit traffic to a pod with `pod_labels` on its port `port_name`
+    from `source` (a feedret pod's labels, in the same namespace; None: from another namespace or
+    the node)? Only the shapes the manifests use: named ports, podSelector, namespaceSelector {}."""
+    spec = policy["spec"]
+    if not _labels_match(spec["podSelector"], pod_labels):
+        return False
+    for rule in spec.get("ingress", []):
+        if "ports" in rule and port_name not in {p["port"] for p in rule["ports"]}:
+            continue
+        peers = rule.get("from")
+        if peers is None:  # from anywhere
+            return True
+        for peer in peers:
+            assert set(peer) <= {"podSelector", "namespaceSelector"}, f"{_name(policy)}: teach the test about {peer}"
+            if "namespaceSelector" in peer:
+                assert peer["namespaceSelector"] == {} and "podSelector" not in peer, _name(policy)
+                return True  # {} is every namespace, this one included
+            elif source is not None and _labels_match(peer["podSelector"], source):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("with_tls", [False, True])
+def test_network_policies_admit_the_data_flow_and_nothing_else(tmp_path, with_tls):
+    docs = _render_with_component(tmp_path, "prod", *(["grpc-tls"] if with_tls else []), "network-policies")
+    assert not _schema_failures(docs, "latest")
+    policies = _of_kind(docs, "NetworkPolicy")
+    namespaces = {o["metadata"]["namespace"] for o in _workloads(docs)}
+    assert {p["metadata"]["namespace"] for p in policies} == namespaces
+    pods = {}
+    for obj, tpl, c in _containers(docs):
+        role = _role(c)
+        if role:
+            ports = {p["name"] for p in c.get("ports", [])}
+            pods.setdefault(role, (tpl["metadata"]["labels"], set()))[1].update(ports)
+    assert set(pods) == set(ROLES)
+    # Every feedret pod is under a default deny: no ingress rules, Ingress in policyTypes.
+    for role, (labels, _) in pods.items():
+        assert any(_labels_match(p["spec"]["podSelector"], labels) and "Ingress" in p["spec"]["policyTypes"]
+                   and not p["spec"].get("ingress") for p in policies), f"no default deny over the {role} pods"
+    # Every port a pod serves is admitted from someone (else the port is dead, or a probe fails).
+    for role, (labels, ports) in pods.items():
+        for port in ports:
+            sources = [None, *(l for l, _ in pods.values())]
+            assert any(_policy_admits(p, labels, port, s) for p in policies for s in sources), f"{role}:{port} admits nobody"
+    root = pods["root"][0]
+    # The data flow: anyone -> root; root -> member and shards; nobody else -> member and shards.
+    assert any(_policy_admits(p, root, "grpc", None) for p in policies), "callers cannot reach the root"
+    for role in ("member", "shard"):
+        labels = pods[role][0]
+        assert any(_policy_admits(p, labels, "grpc", root) for p in policies), f"the root cannot reach the {role}s"
+        for other in ("consumer", "member", "shard"):
+            if other != role:
+                assert not any(_policy_admits(p, labels, "grpc", pods[other][0]) for p in policies), (
+                    f"the {other} pods can reach the {role}s' gRPC port")
+        assert not any(_policy_admits(p, labels, "grpc", None) for p in policies), (
+            f"the {role}s' gRPC port is open beyond the root")
+    # Metrics: reachable for Prometheus, wherever it runs.
+    for role, (labels, ports) in pods.items():
+        assert "metrics" in ports and any(_policy_admits(p, labels, "metrics", None) for p in policies), role
+    # Policies name only ports some selected pod has (a misspelt name would silently match nothing);
+    # `health` exists only with the grpc-tls component.
+    for p in policies:
+        selected = [ports for labels, ports in pods.values() if _labels_match(p["spec"]["podSelector"], labels)]
+        assert selected, f"{_name(p)} selects no feedret pod"
+        named = {port["port"] for rule in p["spec"].get("ingress", []) for port in rule.get("ports", [])}
+        known = set().union(*selected) | {"health"}
+        assert named <= known, f"{_name(p)} names ports {named - known} that its pods do not have"
+        if with_tls and "health" in named:
+            assert any("health" in s for s in selected), _name(p)
