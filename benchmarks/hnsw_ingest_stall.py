@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     state = growth_stall.snapshot(args)
     print(f"snapshot of {args.n:,} posts built in {time.perf_counter() - t:.1f} s", flush=True)
     results = {
-        f"baseline (a batch linked in one hold)": measure(args, state, step=10**9),
+        "baseline (a batch linked in one hold)": measure(args, state, step=10**9),
         f"feedret ({si._ANN_ADD_STEP} posts per hold)": measure(args, state, step=si._ANN_ADD_STEP),
     }
     base, ours = results.values()
