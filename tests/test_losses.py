@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -65,3 +66,18 @@ def test_matryoshka_averages_the_base_loss_over_prefix_widths():
     assert torch.allclose(truncate(q, 4).norm(dim=-1), torch.ones(4))
     with pytest.raises(ValueError, match="exceeds"):
         MatryoshkaLoss(base, [16])(q, d, labels)
+
+
+def test_sampling_log_q_counts_drawn_negatives_so_rare_ones_are_not_lifted():
+    from feedret.training.trainer import sampling_log_q
+
+    counts = np.array([1000.0, 10.0, 0.0, 0.0])  # one popular item, one rare, two never a positive
+    popularity = sampling_log_q(counts)
+    assert popularity[0] > popularity[1] > popularity[2] == popularity[3]
+    # Correction subtracts log q: popularity alone lifts an unseen drawn negative ~6 nats over the popular item.
+    assert popularity[0] - popularity[2] > 6.5
+    mixed = sampling_log_q(counts, drawn_negatives=2)
+    assert mixed[0] > mixed[1] > mixed[2] == mixed[3]
+    # Each example draws 2 of 4 items: every item is at least as likely as one draw, so the lift is bounded.
+    assert mixed[0] - mixed[2] < math.log(1.0 + 1.0 / (2 / 4))
+    assert np.allclose(np.exp(popularity).sum(), 1.0)

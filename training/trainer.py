@@ -203,6 +203,23 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def sampling_log_q(positive_counts: np.ndarray, drawn_negatives: int = 0) -> np.ndarray:
+    """log of how likely each item is to be a document in a batch, per example, up to a constant.
+
+    An item enters as some example's positive, in proportion to how often it is one
+    (+1 smoothing: drawn negatives may be items no example has as positive), and, with
+    `drawn_negatives` > 0, as one of the negatives each example draws from all items
+    (mixed negative sampling, Yang et al. 2020). Without the second term a rare drawn
+    negative is corrected as if popularity had picked it, which lifts its logit by up
+    to log(total positives).
+    """
+    counts = np.asarray(positive_counts, dtype=np.float64) + 1.0
+    q = counts / counts.sum()
+    if drawn_negatives:
+        q = q + drawn_negatives / len(counts)
+    return np.log(q)
+
+
 def save_model(encoder: Encoder, loss: InfoNCELoss, out: Path, extra: dict[str, Any] | None = None) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -339,11 +356,11 @@ class Trainer:
             if "negatives" in extra:
                 self.negatives = extra["negatives"].numpy()
 
-        # log of each item's share of positives: the in-batch sampling probability.
-        counts = np.full(len(self.data.item_ids), 1.0)  # +1 smoothing: hard negatives may be unseen items
+        counts = np.zeros(len(self.data.item_ids))
         for ex in self.data.examples:
             counts[self.item_index[ex.positive]] += 1
-        self.log_q = torch.from_numpy(np.log(counts / counts.sum())).float().to(self.device)
+        drawn = self.config.hard_negatives if self.config.logq_mixture else 0
+        self.log_q = torch.from_numpy(sampling_log_q(counts, drawn)).float().to(self.device)
 
         # Tokenize once: every step reuses these.
         prompts = [self.encoder.post_prompt(self.posts[int(i)]) for i in self.data.item_ids]
