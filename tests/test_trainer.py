@@ -199,3 +199,11 @@ def test_a_max_length_that_cuts_post_text_is_reported(dataset, tmp_path):
         train(config(dataset, tmp_path, epochs=1, numeric="quantized", max_length=48))
     warning = [e for e in logs if e["event"] == "post_prompts_truncated"]
     assert warning and warning[0]["share"] == 1.0 and warning[0]["log_level"] == "warning"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "training" / "configs").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_every_committed_run_config_is_valid(path):
+    # The docs' reproduction commands point at these: a field renamed or retyped must not strand them.
+    config = TrainConfig.model_validate(json.loads(path.read_text()))
+    assert config.out.parts[:2] == ("var", "runs"), f"{path.name} writes outside var/runs: {config.out}"
