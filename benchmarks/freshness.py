@@ -73,37 +73,45 @@ def wait_found(client: FeedretClient, post_id: int, started: float, args) -> flo
     return float("nan")
 
 
-def vector_path(settings: dict[str, str], args, tmp: Path) -> list[float]:
+def timed_trials(client: FeedretClient, args, first_id: int, publish) -> list[float]:
+    """Seconds from just before `publish(post_id)` until the root's Lookup finds the post, per trial;
+    the first 5 trials warm up the connections and are not kept."""
+    out = []
+    for t in range(-5, args.trials):
+        time.sleep(args.gap_s)
+        started = time.monotonic()
+        publish(first_id + t)
+        found = wait_found(client, first_id + t, started, args)
+        if t >= 0:
+            out.append(found)
+    return out
+
+
+def vector_path(settings: dict[str, str], args, tmp: Path) -> tuple[list[float], dict]:
     from kafka import KafkaProducer
 
     env = benchlib.shard_env("Flat", tmp / "snapshots", 1, 16)
     env.update(settings)
     stack = benchlib.search_stack(tmp, 2, env, ready_timeout_s=120)
     rng = np.random.default_rng(0)
-    out = []
     with stack:
         client = FeedretClient(stack.config.root_address)
         producer = KafkaProducer(**stack.kafka.client_options(), acks="all", linger_ms=0)
+
+        def publish(post_id: int) -> None:
+            v = rng.standard_normal(args.dim).astype(np.float32)
+            benchlib.publish_vector(stack.kafka.bootstrap_servers, stack.kafka.vectors_topic, 2,
+                                    post_id, v / np.linalg.norm(v), producer)
+
         try:
-            for t in range(-5, args.trials):  # the first 5 warm up the connections
-                v = rng.standard_normal(args.dim).astype(np.float32)
-                time.sleep(args.gap_s)
-                started = time.monotonic()
-                benchlib.publish_vector(stack.kafka.bootstrap_servers, stack.kafka.vectors_topic, 2,
-                                        10_000_000 + t, v / np.linalg.norm(v), producer)
-                found = wait_found(client, 10_000_000 + t, started, args)
-                if t >= 0:
-                    out.append(found)
+            return timed_trials(client, args, 10_000_000, publish), {}
         finally:
             producer.close()
             client.close()
-    return out
 
 
-backlog_rate = [float("nan")]  # pipeline_path's last backlog throughput, posts/s
-
-
-def pipeline_path(settings: dict[str, str], args, tmp: Path) -> list[float]:
+def pipeline_path(settings: dict[str, str], args, tmp: Path) -> tuple[list[float], dict]:
+    """The trials, then a backlog timed to indexed: (latencies, {"backlog_posts_per_s": ...})."""
     from kafka import KafkaProducer
 
     base = free_port_block(5)
@@ -114,38 +122,36 @@ def pipeline_path(settings: dict[str, str], args, tmp: Path) -> list[float]:
     )
     with SAMPLE_POSTS.open() as f:
         template = json.loads(next(f))
-    out = []
+
+    def post(post_id: int, label: str) -> tuple[bytes, bytes]:
+        body = {**template, "post_id": post_id, "created_at": time.time(), "text": f"{template['text']} ({label})"}
+        return str(post_id).encode(), json.dumps(body).encode()
+
     with Stack(config) as stack:
         client = FeedretClient(stack.config.root_address)
         producer = KafkaProducer(**stack.kafka.client_options(), acks="all", linger_ms=0)
+
+        def publish(post_id: int) -> None:
+            key, value = post(post_id, f"trial {post_id}")
+            producer.send(stack.kafka.posts_topic, key=key, value=value)
+            producer.flush()
+
         try:
-            for t in range(-5, args.trials):
-                post_id = 20_000_000 + t
-                post = {**template, "post_id": post_id, "created_at": time.time(),
-                        "text": f"{template['text']} (trial {t})"}
-                time.sleep(args.gap_s)
-                started = time.monotonic()
-                producer.send(stack.kafka.posts_topic, key=str(post_id).encode(), value=json.dumps(post).encode())
-                producer.flush()
-                found = wait_found(client, post_id, started, args)
-                if t >= 0:
-                    out.append(found)
+            latencies = timed_trials(client, args, 20_000_000, publish)
             before = client.stats().total_indexed
-            posts = [json.dumps({**template, "post_id": 30_000_000 + i, "created_at": time.time(),
-                                 "text": f"{template['text']} (backlog {i})"}) for i in range(args.backlog)]
+            backlog = [post(30_000_000 + i, f"backlog {i}") for i in range(args.backlog)]
             started = time.monotonic()
-            for post in posts:
-                producer.send(stack.kafka.posts_topic, key=str(json.loads(post)["post_id"]).encode(), value=post.encode())
+            for key, value in backlog:
+                producer.send(stack.kafka.posts_topic, key=key, value=value)
             producer.flush()
             while client.stats().total_indexed < before + args.backlog:
                 if time.monotonic() - started > 600:
                     raise RuntimeError("the backlog was not indexed within 600 s")
                 time.sleep(0.05)
-            backlog_rate[0] = args.backlog / (time.monotonic() - started)
+            return latencies, {"backlog_posts_per_s": args.backlog / (time.monotonic() - started)}
         finally:
             producer.close()
             client.close()
-    return out
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -177,9 +183,8 @@ def main(argv=None) -> int:
     for path, run in (("vector", vector_path), ("pipeline", pipeline_path)):
         for name, env in settings.items():
             with tempfile.TemporaryDirectory(prefix="feedret-fresh-") as tmp:
-                results[path][name] = summary(run(env, args, Path(tmp)))
-                if path == "pipeline" and args.backlog:
-                    results[path][name]["backlog_posts_per_s"] = backlog_rate[0]
+                latencies, extra = run(env, args, Path(tmp))
+                results[path][name] = {**summary(latencies), **extra}
             print(f"[{path}] {name}: {results[path][name]}", flush=True)
     baseline = next(iter(settings))
     lines = [

@@ -62,11 +62,10 @@ class ImageStack(Stack):
                                                     capture_output=True, text=True).stdout.strip()
 
     def container_command(self, name: str, role: str, env: dict[str, str]) -> list[str]:
+        flags = [f"--env={k}={v}" for k, v in env.items()]
         if self.runtime == "docker":
-            flags = [f"--env={k}={v}" for k, v in env.items()]
             return ["docker", "run", "--rm", "--init", f"--name=feedret-smoke-{os.getpid()}-{name}", "--network=host",
                     f"--user={USER}", "--read-only", "--tmpfs=/tmp", *flags, self.image, role]
-        flags = [f"--env={k}={v}" for k, v in env.items()]
         return ["buildah", "run", "--isolation=chroot", f"--user={USER}", *flags, self.working_container, "--",
                 *self.entrypoint, role]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -12,7 +13,7 @@ import pytest
 
 from feedret.clients.client import FeedretClient
 from feedret.clients.publish import publish_lines
-from feedret.server.launcher import Stack, StackConfig, free_port_block
+from feedret.server.launcher import Stack, StackConfig, free_port_block, tansu_binary, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_POSTS = ROOT / "data" / "sample" / "posts.jsonl"
@@ -21,6 +22,25 @@ SAMPLE_MEMBERS = ROOT / "data" / "sample" / "members.jsonl"
 
 def free_port() -> int:
     return free_port_block(1)
+
+
+@contextlib.contextmanager
+def tansu_broker() -> Iterator[str]:
+    """The embedded Kafka-protocol broker alone, on a free port: yields its bootstrap address."""
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def stack_config(tmp: Path, num_shards: int = 2, replicas: int = 1) -> StackConfig:

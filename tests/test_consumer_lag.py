@@ -7,10 +7,8 @@ while the posts topic grew behind it.
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +19,9 @@ from feedret import metrics
 from feedret.clients.publish import publish_lines
 from feedret.config import ConsumerConfig, KafkaConfig
 from feedret.consumer.service import EmbeddingConsumer, _ForgetRevokedLag
-from feedret.server.launcher import tansu_binary, wait_for_port
 from feedret.topics import ensure_topics
 
-from conftest import free_port, sample_lines, wait_for
+from conftest import sample_lines, tansu_broker, wait_for
 
 
 class SwitchableEncoder:
@@ -57,19 +54,11 @@ def last_commit() -> float:
 
 
 @pytest.fixture()
-def broker(tmp_path: Path):
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port("127.0.0.1", port, 30)
-        kafka = KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}")
+def broker():
+    with tansu_broker() as bootstrap:
+        kafka = KafkaConfig(bootstrap_servers=bootstrap)
         ensure_topics(kafka, 2)
         yield kafka
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_lag_grows_while_a_batch_keeps_failing_and_clears_once_it_commits(broker):

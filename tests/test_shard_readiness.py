@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
 
 import grpc
@@ -14,7 +13,7 @@ from feedret.server.grpc_common import RpcFailure
 from feedret.server.shard import CatchUp, PartitionApplier, ShardServicer, ShardState
 from feedret.v1 import feedret_pb2 as pb
 
-from conftest import free_port
+from conftest import tansu_broker
 
 
 class Context:
@@ -150,18 +149,8 @@ def test_empty_polls_before_the_end_do_not_make_a_replica_ready(script):
 
 @pytest.fixture
 def broker():
-    from feedret.server.launcher import tansu_binary, wait_for_port
-
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port("127.0.0.1", port, 30)
-        yield KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", vectors_topic="vectors-readiness")
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with tansu_broker() as bootstrap:
+        yield KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap, vectors_topic="vectors-readiness")
 
 
 @pytest.mark.e2e
