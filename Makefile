@@ -43,21 +43,25 @@ bench-search: install
 	$(PY) benchmarks/search_latency.py $(SEARCH_ARGS)
 	$(PY) benchmarks/milvus_compare.py $(MILVUS_ARGS)
 
-# The CPU image, then the whole stack run from it, a container per role, through to a
-# retrieval (docker/image_smoke.py). IMAGE_RUNTIME=buildah where no Docker engine runs;
-# IMAGE_BUILD_ARGS for a mirror, e.g. --build-arg TORCH_INDEX_URL=... (docs/kubernetes.md).
-IMAGE ?= localhost/feedret-cpu:dev
+# An image (IMAGE_FLAVOUR cpu or gpu), then the whole stack run from it, a container per
+# role, through to a retrieval (docker/image_smoke.py; for gpu, first a check of its CUDA
+# libraries). IMAGE_RUNTIME=buildah where no Docker engine runs; IMAGE_BUILD_ARGS for a
+# mirror, e.g. --build-arg TORCH_INDEX_URL=...; IMAGE_SMOKE_ARGS=--device cpu to run the
+# GPU image's stack on a machine without a GPU (docs/kubernetes.md).
+IMAGE_FLAVOUR ?= cpu
+IMAGE ?= localhost/feedret-$(IMAGE_FLAVOUR):dev
 IMAGE_RUNTIME ?= docker
 IMAGE_BUILD_ARGS ?=
+IMAGE_SMOKE_ARGS ?=
 image:
 ifeq ($(IMAGE_RUNTIME),buildah)
-	buildah build --isolation chroot --layers -f docker/Dockerfile.cpu -t $(IMAGE) $(IMAGE_BUILD_ARGS) .
+	buildah build --isolation chroot --layers -f docker/Dockerfile.$(IMAGE_FLAVOUR) -t $(IMAGE) $(IMAGE_BUILD_ARGS) .
 else
-	docker build -f docker/Dockerfile.cpu -t $(IMAGE) $(IMAGE_BUILD_ARGS) .
+	docker build -f docker/Dockerfile.$(IMAGE_FLAVOUR) -t $(IMAGE) $(IMAGE_BUILD_ARGS) .
 endif
 
 image-check: install image
-	$(PY) docker/image_smoke.py --image $(IMAGE) --runtime $(IMAGE_RUNTIME)
+	$(PY) docker/image_smoke.py --image $(IMAGE) --runtime $(IMAGE_RUNTIME) --flavour $(IMAGE_FLAVOUR) $(IMAGE_SMOKE_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -14,6 +14,14 @@ only if every role came up and the retrieval returned posts.
 With `--runtime buildah`, the roles run with `buildah run --isolation chroot` in
 one working container of the image, which needs no container engine or daemon
 (how the image was checked on a machine without Docker: docs/kubernetes.md).
+
+`--flavour gpu` first checks the GPU image's CUDA user space, which needs no GPU:
+torch, onnxruntime and faiss are their CUDA builds, and every shared library
+they load is in the image (all but the driver's, which the node mounts).
+Without a GPU, add `--device cpu` to serve the stack from the same image on the
+CPU (FEEDRET_DEVICE and FEEDRET_INDEX_DEVICE of every role):
+
+    python docker/image_smoke.py --image localhost/feedret-gpu:dev --runtime buildah --flavour gpu --device cpu
 """
 
 from __future__ import annotations
@@ -38,6 +46,91 @@ SAMPLE_MEMBERS = ROOT / "data" / "sample" / "members.jsonl"
 USER = "10001:10001"  # the image's user; set explicitly so a wrong USER line cannot hide
 
 
+# Run inside the GPU image, as its user. Prints one JSON object; `problems` lists
+# what would stop a GPU pod that this machine, having no GPU, cannot show.
+CUDA_CHECK = r"""
+import glob, json, os, subprocess, sys, warnings
+warnings.simplefilter("ignore")
+site = next(p for p in sys.path if p.endswith("site-packages"))
+problems = []
+import torch
+import onnxruntime as ort
+import faiss
+report = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "onnxruntime": ort.__version__,
+          "onnxruntime_providers": ort.get_available_providers(), "faiss": faiss.__version__,
+          "faiss_gpu": hasattr(faiss, "StandardGpuResources"), "cuda_devices": torch.cuda.device_count()}
+if not (torch.version.cuda or "").startswith("13."):
+    problems.append(f"torch is built for CUDA {torch.version.cuda}")
+if "CUDAExecutionProvider" not in report["onnxruntime_providers"]:
+    problems.append("onnxruntime has no CUDAExecutionProvider")
+if not report["faiss_gpu"]:
+    problems.append("faiss has no GPU support")
+
+def driver(name):  # the node's NVIDIA driver, mounted by the container runtime
+    return name.startswith(("libcuda.so", "libnvidia-"))
+
+def unresolved(lib, env=None):
+    out = subprocess.run(["ldd", lib], capture_output=True, text=True, env=env).stdout
+    return {line.split()[0] for line in out.splitlines() if "not found" in line and not driver(line.split()[0])}
+
+# 1. Every library the three packages load in feedret's processes (not plugins it never
+#    opens: TensorRT's provider, NVSHMEM's network transports, cuFile's RDMA), and all
+#    they need, transitively: each soname must be somewhere in the environment.
+capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+ort_cuda = os.path.join(capi, "libonnxruntime_providers_cuda.so")
+targets = (glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "*.so*"))
+           + glob.glob(os.path.join(os.path.dirname(faiss.__file__), "**", "*.so*"), recursive=True)
+           + glob.glob(os.path.join(capi, "onnxruntime_pybind11_state*.so"))
+           + [os.path.join(capi, "libonnxruntime_providers_shared.so"), ort_cuda])
+dirs = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(site, "**", "*.so*"), recursive=True)})
+env = {**os.environ, "LD_LIBRARY_PATH": ":".join(dirs)}
+missing = {}
+for lib in targets:
+    for name in unresolved(lib, env):
+        missing.setdefault(name, []).append(os.path.relpath(lib, site))
+if missing:
+    problems.append("missing from the image: " + "; ".join(
+        f"{k} (needed by {', '.join(sorted(v)[:3])})" for k, v in sorted(missing.items())))
+report["libraries_checked"] = len(targets)
+
+# 2. At run time nothing puts those directories on the loader's path: onnxruntime's CUDA
+#    provider finds its CUDA libraries only because feedret preloads them
+#    (encoder/onnx_backend.py). Do the same in a process like an encoder's (onnxruntime
+#    alone: no torch or faiss to have loaded CUDA libraries of some major first), then
+#    every library the provider needs that the loader cannot find by itself must be
+#    loaded already, by soname. (Loading the provider itself needs libcuda.so.1.)
+preload = ("import json, os, onnxruntime as ort\n"
+           "if hasattr(ort, 'preload_dlls'): ort.preload_dlls()\n"
+           "print(json.dumps(sorted({os.path.basename(l.split()[-1]) for l in open('/proc/self/maps') if '.so' in l})))")
+loaded = set(json.loads(subprocess.run([sys.executable, "-c", preload], capture_output=True, text=True,
+                                       check=True).stdout.strip().splitlines()[-1]))
+report["provider_needs_preloaded"] = sorted(unresolved(ort_cuda))
+not_loaded = [n for n in report["provider_needs_preloaded"] if n not in loaded]
+if not_loaded:
+    problems.append(f"onnxruntime's CUDA provider would not find {', '.join(not_loaded)} at run time")
+report["problems"] = problems
+print(json.dumps(report))
+"""
+
+
+def check_cuda_user_space(runtime: str, image: str) -> dict:
+    """CUDA_CHECK's report from a container of the image (no GPU needed)."""
+    if runtime == "buildah":
+        container = subprocess.run(["buildah", "from", "--pull-never", image], check=True, capture_output=True,
+                                   text=True).stdout.strip()
+        try:
+            out = subprocess.run(["buildah", "run", "--isolation=chroot", f"--user={USER}", container, "--",
+                                  "python", "-c", CUDA_CHECK], capture_output=True, text=True, timeout=600)
+        finally:
+            subprocess.run(["buildah", "rm", container], check=False, capture_output=True)
+    else:
+        out = subprocess.run(["docker", "run", "--rm", f"--user={USER}", "--read-only", "--tmpfs=/tmp",
+                              "--entrypoint=python", image, "-c", CUDA_CHECK], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return {"problems": [f"the check itself failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}"]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def image_entrypoint(runtime: str, image: str) -> list[str]:
     if runtime == "buildah":  # buildah's templates have no json function: read the whole config
         out = subprocess.run(["buildah", "inspect", "--type", "image", image], check=True, capture_output=True, text=True)
@@ -50,9 +143,11 @@ def image_entrypoint(runtime: str, image: str) -> list[str]:
 class ImageStack(Stack):
     """The launcher's stack with each role's process replaced by a container of the image."""
 
-    def __init__(self, config: StackConfig, runtime: str, image: str, backend: str = "torch") -> None:
+    def __init__(self, config: StackConfig, runtime: str, image: str, backend: str = "torch",
+                 device: str | None = None) -> None:
         super().__init__(config)
         self.backend = backend
+        self.device = device
         self.runtime = runtime
         self.image = image
         self.entrypoint = image_entrypoint(runtime, image)
@@ -72,6 +167,8 @@ class ImageStack(Stack):
     def start_role(self, name: str) -> subprocess.Popen:
         role, env = self.role_env(name)
         env = {**env, "FEEDRET_HEALTH_PORT": "0", "FEEDRET_TORCH_THREADS": "1"}
+        if self.device:  # else the image's own (the GPU image: cuda)
+            env.update(FEEDRET_DEVICE=self.device, FEEDRET_INDEX_DEVICE=self.device)
         if role in ("consumer", "member"):
             # As the manifests set it: the export goes to /tmp, the root filesystem is read-only.
             env.update(FEEDRET_BACKEND=self.backend, FEEDRET_ONNX_PATH="/tmp/onnx/model.onnx")
@@ -96,9 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", required=True)
     p.add_argument("--runtime", choices=["docker", "buildah"], default="docker")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="FEEDRET_BACKEND of consumer and member")
+    p.add_argument("--flavour", choices=["cpu", "gpu"], default="cpu",
+                   help="gpu: first check the image's CUDA user space (no GPU needed)")
+    p.add_argument("--device", help="FEEDRET_DEVICE and FEEDRET_INDEX_DEVICE of every role (default: the image's)")
     p.add_argument("--posts", type=int, default=300)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the roles to come up and index")
     args = p.parse_args(argv)
+
+    if args.flavour == "gpu":
+        report = check_cuda_user_space(args.runtime, args.image)
+        print(f"CUDA user space of {args.image}: {json.dumps(report)}")
+        if report["problems"]:
+            return 1
 
     base = free_port_block(5)
     with tempfile.TemporaryDirectory(prefix="feedret-image-") as tmp:
@@ -108,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             env={"FEEDRET_BATCH_MAX_WAIT_MS": "50"},
         )
         started = time.monotonic()
-        with ImageStack(config, args.runtime, args.image, args.backend) as stack:
+        with ImageStack(config, args.runtime, args.image, args.backend, args.device) as stack:
             up_s = time.monotonic() - started
             with SAMPLE_POSTS.open() as f:
                 lines = [next(f).rstrip("\n") for _ in range(args.posts)]
@@ -124,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             member = MemberProfile.from_json(json.loads(SAMPLE_MEMBERS.read_text().splitlines()[0]))
             result = client.retrieve(member=member, k=10, timeout=10)
             client.close()
-            print(f"image {args.image} ({args.runtime}, {args.backend} backend): entrypoint {' '.join(stack.entrypoint)}; roles up in "
+            print(f"image {args.image} ({args.runtime}, {args.backend} backend, device {args.device or 'the image default'}): entrypoint {' '.join(stack.entrypoint)}; roles up in "
                   f"{up_s:.0f} s; {report.sent} posts published, all indexed; retrieve for {member.member_id}: "
                   f"{len(result.ids)} posts, top {result.ids[:5].tolist()}, model {result.model_version}, "
                   f"partial={result.partial}")

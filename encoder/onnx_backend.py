@@ -405,6 +405,10 @@ def pick_providers(device: str) -> tuple[str, list[Any]]:
                 f"(available: {', '.join(available)}); install onnxruntime-gpu (the `gpu` extra)"
             )
         device_id = int(device.split(":", 1)[1]) if ":" in device else 0
+        # The CUDA provider's libraries (CUDA runtime, cuBLAS, cuDNN) are pip wheels beside
+        # torch's, on no loader path: load them first, or the provider cannot start.
+        if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21
+            ort.preload_dlls()
         return "cuda", [(CUDA_PROVIDER, {"device_id": device_id}), CPU_PROVIDER]
     if device != "cpu":
         raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")

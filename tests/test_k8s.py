@@ -33,6 +33,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
     import tomli as tomllib
+from packaging.requirements import Requirement
 from pydantic import AliasChoices, AliasPath
 from pydantic_settings import BaseSettings
 
@@ -937,10 +938,17 @@ def test_dockerfile_copies_what_exists_and_runs_the_console_script(dockerfile: P
         f"{dockerfile.name} pins torch {args.get('TORCH_VERSION')}, the Makefile {makefile_pin and makefile_pin.group(1)}"
     )
     if dockerfile.name.endswith(".gpu"):
-        base = next(rest for word, rest in instructions if word == "FROM")
-        base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
-        assert "cuda" in base, f"{dockerfile.name} is not on a CUDA base: {base}"
-        assert "cu1" in args.get("TORCH_INDEX_URL", ""), "the GPU image needs a CUDA build of torch"
+        # The CUDA libraries come as pip wheels (torch's CUDA 13 build from PyPI), so the base
+        # needs no CUDA; the NVIDIA runtime mounts the node's driver because of this variable.
+        assert not args.get("TORCH_INDEX_URL", "").rstrip("/").endswith("/cpu"), "the GPU image needs a CUDA build of torch"
+        assert any(re.search(r"torch\.version\.cuda", r) for r in runs), "the GPU image checks which CUDA its torch is built for"
+        assert any(word == "ENV" and "NVIDIA_VISIBLE_DEVICES=" in rest for word, rest in runtime), (
+            "without NVIDIA_VISIBLE_DEVICES the NVIDIA container runtime mounts no driver into a non-CUDA base")
+        # onnxruntime-gpu before 1.27 is a CUDA 12 build: its CUDA provider would not load
+        # beside torch's CUDA 13 libraries, and every encoder on it would fail to start.
+        (ort,) = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["gpu"]
+                  if Requirement(r).name == "onnxruntime-gpu"]
+        assert not ort.specifier.contains("1.26.0", prereleases=True), f"gpu extra allows a CUDA 12 onnxruntime-gpu: {ort}"
         assert any("optional-dependencies']['gpu']" in r for r in runs), "the GPU image installs the gpu extra"
         assert not any("optional-dependencies']['cpu']" in r for r in runs), "the GPU image installs the cpu extra too"
     else:

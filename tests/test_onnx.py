@@ -188,6 +188,26 @@ def test_devices():
         assert pick_providers("auto")[0] == "cuda"
 
 
+def test_cuda_provider_libraries_are_preloaded_before_the_session(monkeypatch):
+    # onnxruntime-gpu's CUDA provider finds the pip-installed CUDA libraries only once
+    # they are loaded (the GPU image puts them on no loader path: docs/kubernetes.md).
+    calls = []
+
+    class FakeOrt:
+        @staticmethod
+        def get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        @staticmethod
+        def preload_dlls():
+            calls.append("preload")
+
+    monkeypatch.setattr("feedret.encoder.onnx_backend._onnxruntime", lambda: FakeOrt)
+    assert pick_providers("cuda:1") == ("cuda", [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"])
+    assert calls == ["preload"]
+    assert pick_providers("cpu") == ("cpu", ["CPUExecutionProvider"]) and calls == ["preload"]
+
+
 @pytest.mark.parametrize("pooling", [None, "cls"])
 def test_encoder_only_models_export_and_match_too(tmp_path, pooling):
     from test_encoder_only import SENTENCES, build_bert  # same directory; pytest puts it on sys.path
