@@ -72,8 +72,9 @@ class TrainConfig(BaseModel):
     # sampling, Yang et al. 2020): a document enters a batch as some member's positive
     # (popularity) or as a drawn negative (hard_negatives of all items, uniform in the
     # first epoch; later epochs draw from a rank window, which this approximates). Off:
-    # every document is corrected by popularity alone, which lifts rare drawn negatives.
-    logq_mixture: bool = False
+    # every document is corrected by popularity alone, which lifts rare drawn negatives
+    # (docs/training.md: the mixture won on cold-start members with every seed).
+    logq_mixture: bool = True
     hard_negatives: int = Field(default=2, ge=0)  # per member; mined with the model after each epoch
     hard_negative_ranks: tuple[int, int] = (10, 100)  # sampled from this rank window, never seen items
     matryoshka_widths: list[float] = [1.0, 0.5, 0.25, 0.125]  # fractions of the model width
