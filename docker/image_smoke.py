@@ -82,6 +82,9 @@ targets = (glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "*.so*
            + glob.glob(os.path.join(os.path.dirname(faiss.__file__), "**", "*.so*"), recursive=True)
            + glob.glob(os.path.join(capi, "onnxruntime_pybind11_state*.so"))
            + [os.path.join(capi, "libonnxruntime_providers_shared.so"), ort_cuda])
+targets = [t for t in targets if os.path.exists(t)]
+if ort_cuda not in targets:
+    problems.append("onnxruntime has no CUDA provider library")
 dirs = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(site, "**", "*.so*"), recursive=True)})
 env = {**os.environ, "LD_LIBRARY_PATH": ":".join(dirs)}
 missing = {}
@@ -104,7 +107,7 @@ preload = ("import json, os, onnxruntime as ort\n"
            "print(json.dumps(sorted({os.path.basename(l.split()[-1]) for l in open('/proc/self/maps') if '.so' in l})))")
 loaded = set(json.loads(subprocess.run([sys.executable, "-c", preload], capture_output=True, text=True,
                                        check=True).stdout.strip().splitlines()[-1]))
-report["provider_needs_preloaded"] = sorted(unresolved(ort_cuda))
+report["provider_needs_preloaded"] = sorted(unresolved(ort_cuda)) if ort_cuda in targets else []
 not_loaded = [n for n in report["provider_needs_preloaded"] if n not in loaded]
 if not_loaded:
     problems.append(f"onnxruntime's CUDA provider would not find {', '.join(not_loaded)} at run time")
