@@ -213,6 +213,13 @@ class ShardConfig(_Settings):
     def _index_combination(self) -> "ShardConfig":
         if self.index_backend == "torch" and self.index_factory.strip().lower() != "flat":
             raise ValueError(f"index_backend torch searches exactly: index_factory must be Flat, not {self.index_factory!r}")
+        if self.index_backend == "faiss" and self.index_device.startswith("cuda"):
+            # Asked for a GPU, it would silently search on the CPU: faiss GPU indexes are
+            # not wired in (they cap k at 2,048 and cannot remove ids).
+            raise ValueError(
+                f"index_device {self.index_device!r} needs index_backend torch (exact search on the GPU); "
+                "faiss indexes search on the CPU here"
+            )
         if self.dimension and self.serve_dimension > self.dimension:
             raise ValueError(f"serve_dimension {self.serve_dimension} exceeds dimension {self.dimension}")
         return self

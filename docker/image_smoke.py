@@ -18,8 +18,9 @@ one working container of the image, which needs no container engine or daemon
 `--flavour gpu` first checks the GPU image's CUDA user space, which needs no GPU:
 torch, onnxruntime and faiss are their CUDA builds, and every shared library
 they load is in the image (all but the driver's, which the node mounts).
-Without a GPU, add `--device cpu` to serve the stack from the same image on the
-CPU (FEEDRET_DEVICE and FEEDRET_INDEX_DEVICE of every role):
+`--device` sets FEEDRET_DEVICE and FEEDRET_INDEX_DEVICE of every role (`cuda`: the
+shards on the torch backend too, as the prod overlay runs them). Without a GPU,
+`--device cpu` serves the stack from the same image on the CPU:
 
     python docker/image_smoke.py --image localhost/feedret-gpu:dev --runtime buildah --flavour gpu --device cpu
 """
@@ -172,6 +173,8 @@ class ImageStack(Stack):
         env = {**env, "FEEDRET_HEALTH_PORT": "0", "FEEDRET_TORCH_THREADS": "1"}
         if self.device:  # else the image's own (the GPU image: cuda)
             env.update(FEEDRET_DEVICE=self.device, FEEDRET_INDEX_DEVICE=self.device)
+            if self.device.startswith("cuda"):  # GPU search is the torch backend's, as in the prod overlay
+                env["FEEDRET_INDEX_BACKEND"] = "torch"
         if role in ("consumer", "member"):
             # As the manifests set it: the export goes to /tmp, the root filesystem is read-only.
             env.update(FEEDRET_BACKEND=self.backend, FEEDRET_ONNX_PATH="/tmp/onnx/model.onnx")
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="FEEDRET_BACKEND of consumer and member")
     p.add_argument("--flavour", choices=["cpu", "gpu"], default="cpu",
                    help="gpu: first check the image's CUDA user space (no GPU needed)")
-    p.add_argument("--device", help="FEEDRET_DEVICE and FEEDRET_INDEX_DEVICE of every role (default: the image's)")
+    p.add_argument("--device", help="FEEDRET_DEVICE and FEEDRET_INDEX_DEVICE of every role (default: the image's); "
+                   "cuda also puts the shards on the torch backend")
     p.add_argument("--posts", type=int, default=300)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the roles to come up and index")
     args = p.parse_args(argv)

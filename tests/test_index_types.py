@@ -322,6 +322,13 @@ def test_shard_config_maps_onto_index_options(monkeypatch):
     monkeypatch.setenv("FEEDRET_INDEX_BACKEND", "gpu-magic")
     with pytest.raises(ValueError, match="unknown index backend"):
         ShardConfig()
+    # A GPU asked of faiss is refused, not quietly served from the CPU.
+    monkeypatch.setenv("FEEDRET_INDEX_BACKEND", "faiss")
+    monkeypatch.setenv("FEEDRET_INDEX_DEVICE", "cuda:0")
+    with pytest.raises(ValueError, match="needs index_backend torch"):
+        ShardConfig()
+    monkeypatch.setenv("FEEDRET_INDEX_DEVICE", "cpu")
+    assert ShardConfig().index_device == "cpu"
 
 
 def test_default_train_size_is_40_per_centroid():
