@@ -28,7 +28,9 @@ too but needs onnxscript and is several times slower to run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -408,7 +410,12 @@ def pick_providers(device: str) -> tuple[str, list[Any]]:
         # The CUDA provider's libraries (CUDA runtime, cuBLAS, cuDNN) are pip wheels beside
         # torch's, on no loader path: load them first, or the provider cannot start.
         if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21
-            ort.preload_dlls()
+            # It print()s what fails to load: into the log instead, as one structured line.
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                ort.preload_dlls()
+            if printed.getvalue().strip():
+                log.warning("onnxruntime_preload_dlls", output=printed.getvalue().strip())
         return "cuda", [(CUDA_PROVIDER, {"device_id": device_id}), CPU_PROVIDER]
     if device != "cpu":
         raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")

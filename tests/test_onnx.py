@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import structlog
+import structlog.testing
 
 from feedret.config import EncoderConfig
 from feedret.encoder.model import Encoder
@@ -188,7 +190,7 @@ def test_devices():
         assert pick_providers("auto")[0] == "cuda"
 
 
-def test_cuda_provider_libraries_are_preloaded_before_the_session(monkeypatch):
+def test_cuda_provider_libraries_are_preloaded_before_the_session(monkeypatch, capsys):
     # onnxruntime-gpu's CUDA provider finds the pip-installed CUDA libraries only once
     # they are loaded (the GPU image puts them on no loader path: docs/kubernetes.md).
     calls = []
@@ -201,10 +203,15 @@ def test_cuda_provider_libraries_are_preloaded_before_the_session(monkeypatch):
         @staticmethod
         def preload_dlls():
             calls.append("preload")
+            print("Failed to load libcudnn.so.9: not found")  # what onnxruntime prints on a miss
 
     monkeypatch.setattr("feedret.encoder.onnx_backend._onnxruntime", lambda: FakeOrt)
-    assert pick_providers("cuda:1") == ("cuda", [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"])
+    with structlog.testing.capture_logs() as logs:
+        assert pick_providers("cuda:1") == ("cuda", [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"])
     assert calls == ["preload"]
+    # Its print goes into one structured log line, not onto the server's stdout.
+    assert capsys.readouterr().out == ""
+    assert [(e["event"], e["output"]) for e in logs] == [("onnxruntime_preload_dlls", "Failed to load libcudnn.so.9: not found")]
     assert pick_providers("cpu") == ("cpu", ["CPUExecutionProvider"]) and calls == ["preload"]
 
 
