@@ -7,6 +7,7 @@ at process start and passed in; nothing reads the environment later.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -172,7 +173,11 @@ class ShardConfig(_Settings):
     index_factory: str = "Flat"
     # faiss, or torch: exact brute force (index_factory Flat) on index_device.
     index_backend: str = "faiss"
-    index_device: str = "auto"  # torch backend: auto (CUDA when available, else CPU), cpu, cuda, cuda:N
+    # auto, cpu, cuda or cuda:N. The torch backend searches there (auto: CUDA when torch sees
+    # it). The faiss backend: IVF…,Flat / SQ… / PQ… indexes search through a copy on that
+    # GPU (auto: when faiss-gpu sees one), Flat through the torch store on it (auto: when
+    # faiss and torch see one); others stay on the CPU (auto) or refuse to start (cuda).
+    index_device: str = "auto"
     # Vectors an index that needs training (IVF, PQ) trains on, searched exactly meanwhile;
     # 0: 40 per centroid (nlist or PQ codebook size), at least 1000.
     train_size: int = Field(default=0, ge=0)
@@ -213,13 +218,8 @@ class ShardConfig(_Settings):
     def _index_combination(self) -> "ShardConfig":
         if self.index_backend == "torch" and self.index_factory.strip().lower() != "flat":
             raise ValueError(f"index_backend torch searches exactly: index_factory must be Flat, not {self.index_factory!r}")
-        if self.index_backend == "faiss" and self.index_device.startswith("cuda"):
-            # Asked for a GPU, it would silently search on the CPU: faiss GPU indexes are
-            # not wired in (they cap k at 2,048 and cannot remove ids).
-            raise ValueError(
-                f"index_device {self.index_device!r} needs index_backend torch (exact search on the GPU); "
-                "faiss indexes search on the CPU here"
-            )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.index_device):
+            raise ValueError(f"index_device {self.index_device!r}: one of auto, cpu, cuda, cuda:N")
         if self.dimension and self.serve_dimension > self.dimension:
             raise ValueError(f"serve_dimension {self.serve_dimension} exceeds dimension {self.dimension}")
         return self

@@ -8,11 +8,18 @@ ids (HNSW cannot) is probed, not assumed: the caller tombstones where it cannot.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
+import structlog
 
 import faiss
+
+log = structlog.get_logger(__name__)
+
+# The largest k (and nprobe) a faiss GPU index selects (GPU_MAX_SELECTION_K).
+GPU_MAX_K = 2048
 
 
 class IndexConfigError(ValueError):
@@ -130,21 +137,145 @@ def nlist_of(index: faiss.Index) -> int:
     return int(ivf.nlist) if ivf is not None else 0
 
 
+def gpu_count() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu, or faiss-gpu on a machine without one."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+# IVF types faiss can copy to a GPU (GpuIndexIVFFlat, GpuIndexIVFScalarQuantizer, GpuIndexIVFPQ).
+_GPU_IVF = tuple(
+    t for t in (getattr(faiss, n, None) for n in ("IndexIVFFlat", "IndexIVFScalarQuantizer", "IndexIVFPQ"))
+    if t is not None
+)
+
+
+def why_not_on_gpu(index: faiss.Index) -> str:
+    """'' when a GPU mirror can serve this index's searches, else why it cannot."""
+    chain = _chain(index)
+    if len(chain) == 1 and isinstance(chain[0], _GPU_IVF):
+        return ""
+    return (f"faiss has no GPU version of {' over '.join(type(p).__name__ for p in chain)} "
+            "(IVF…,Flat, IVF…,SQ… and IVF…,PQ… have one)")
+
+
+class Mirror:
+    """A copy of an IVF index on a GPU that answers searches; the CPU index stays the source of truth.
+
+    faiss GPU indexes ignore an IDSelector (faiss issues #3114, #3924), cannot
+    remove ids and select at most 2,048 results. So a mirror gets the same adds as
+    the CPU index and never a removal (the shard tombstones deleted posts and
+    rebuilds both, as for HNSW); its results are filtered afterwards with the
+    search's mask, from a depth that leaves k after the filter. A search it cannot
+    answer that way (k too large, a filter too narrow, too few results passing)
+    goes to the CPU index, whose selector filters inside the search: the shard's
+    contract (k back whenever k posts pass the filter) holds either way.
+
+    `lock` serialises every call on one GPU: its StandardGpuResources are not
+    thread-safe. Tests build a mirror over a CPU clone, which searched without a
+    selector behaves the same.
+    """
+
+    def __init__(
+        self, index: faiss.Index, lock: threading.Lock, device: str, nlist: int, max_k: int = GPU_MAX_K
+    ) -> None:
+        self.index = index
+        self.nlist = nlist
+        self.lock = lock
+        self.device = device
+        self.max_k = max_k
+        self.failed = ""
+
+    def add(self, vectors: np.ndarray, slots: np.ndarray) -> None:
+        with self.lock:
+            self.index.add_with_ids(vectors, slots)
+
+    def search(
+        self, query: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Top k of the entries `mask` allows (None: all), or None when the CPU index must answer."""
+        if self.failed:
+            return None
+        if mask is None:
+            depth = k
+        else:
+            # Deep enough that k survive the filter when the allowed entries are spread evenly, with margin.
+            passing = np.count_nonzero(mask) / max(int(self.index.ntotal), 1)
+            if passing <= 0:
+                return None
+            depth = int(np.ceil(k / min(passing, 1.0) * 1.2)) + 16
+        if depth > self.max_k:
+            return None
+        params = faiss.SearchParametersIVF()
+        params.nprobe = max(1, min(nprobe, self.max_k, self.nlist))
+        try:
+            with self.lock:
+                scores, slots = self.index.search(query.reshape(1, -1), depth, params=params)
+        except Exception as exc:  # noqa: BLE001 - the CPU index answers from now on
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("gpu_mirror_failed", device=self.device, k=k, depth=depth)
+            return None
+        scores, slots = scores[0], slots[0]
+        keep = slots >= 0
+        if mask is not None:
+            keep[keep] = mask[slots[keep]]
+        scores, slots = scores[keep][:k], slots[keep][:k]
+        if len(slots) < k:
+            return None  # the filter left too few: the CPU index searches with its selector
+        return scores.astype(np.float32, copy=False), slots
+
+
+_gpu_resources: dict[int, tuple] = {}
+_gpu_resources_lock = threading.Lock()
+
+
+def gpu_mirror(index: faiss.Index, device: int) -> Mirror:
+    """Copy an IVF index (with its contents) to GPU `device`; IndexConfigError when faiss cannot."""
+    reason = why_not_on_gpu(index)
+    if reason:
+        raise IndexConfigError(reason)
+    with _gpu_resources_lock:
+        if device not in _gpu_resources:
+            _gpu_resources[device] = (faiss.StandardGpuResources(), threading.Lock())
+        res, lock = _gpu_resources[device]
+    options = faiss.GpuClonerOptions()
+    options.indicesOptions = faiss.INDICES_64_BIT  # slots come back as they went in
+    with lock:
+        copy = faiss.index_cpu_to_gpu(res, device, index, options)
+    kind = type(faiss.downcast_index(copy)).__name__
+    if not kind.startswith("Gpu"):
+        raise IndexConfigError(f"faiss copied {type(index).__name__} to {kind}, not to a GPU index")
+    return Mirror(copy, lock, f"cuda:{device}", nlist_of(index))
+
+
 @dataclass
 class Ann:
-    """A built (trained) approximate index keyed by slot."""
+    """A built (trained) approximate index keyed by slot, with an optional GPU mirror for searches."""
 
     index: faiss.Index
     removable: bool
     hashtable: bool  # IVF direct map: removal wants an IDSelectorArray
+    mirror: Mirror | None = None
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def device(self) -> str:
+        return self.mirror.device if self.mirror is not None and not self.mirror.failed else "cpu"
+
     def add(self, vectors: np.ndarray, slots: np.ndarray) -> None:
         if len(slots):
-            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(slots, np.int64))
+            vectors = np.ascontiguousarray(vectors, np.float32)
+            slots = np.ascontiguousarray(slots, np.int64)
+            self.index.add_with_ids(vectors, slots)
+            if self.mirror is not None and not self.mirror.failed:
+                try:
+                    self.mirror.add(vectors, slots)
+                except Exception as exc:  # noqa: BLE001 - it no longer matches: the CPU index answers
+                    self.mirror.failed = f"{type(exc).__name__}: {exc}"
+                    log.exception("gpu_mirror_failed", device=self.mirror.device, op="add")
 
     def remove(self, slots: np.ndarray) -> int:
         slots = np.ascontiguousarray(slots, np.int64)
@@ -157,6 +288,11 @@ class Ann:
     def search(
         self, query: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int, ef_search: int
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Top k of the entries `mask` allows (None: every entry)."""
+        if self.mirror is not None:
+            found = self.mirror.search(query, k, mask, nprobe)
+            if found is not None:
+                return found
         keep: list = []
         sel = None
         if mask is not None:
@@ -219,9 +355,24 @@ def search_params(index: faiss.Index, sel, nprobe: int, ef_search: int, keep: li
     return params
 
 
-def build_ann(trained: faiss.Index) -> Ann:
-    """Wrap a trained, empty index so it is keyed by slot; probe whether it can remove ids."""
+def with_mirror(ann: Ann, mirror: Mirror) -> Ann:
+    """The same index, searched through `mirror`, which must hold the same entries.
+
+    A mirror cannot remove ids, so neither may the index any more: the shard
+    tombstones deletions instead, keeping the two entry for entry the same.
+    """
+    return Ann(index=ann.index, removable=False, hashtable=ann.hashtable, mirror=mirror)
+
+
+def build_ann(trained: faiss.Index, mirrored: bool = False) -> Ann:
+    """Wrap a trained, empty index so it is keyed by slot; probe whether it can remove ids.
+
+    `mirrored`: a GPU mirror will serve it, so it will never remove ids and needs
+    no direct map.
+    """
     index = faiss.clone_index(trained)
+    if mirrored and is_ivf_rooted(index):
+        return Ann(index=index, removable=False, hashtable=False)
     hashtable = False
     if is_ivf_rooted(index):
         ivf = faiss.extract_index_ivf(index)

@@ -174,6 +174,7 @@ class ShardIndex:
         self._build: _Build | None = None
         self._failed = ""
         self._train_size = 0
+        self._gpu: int | None = None  # the GPU a faiss IVF index's search mirror lives on
         if opts.backend == "torch":
             if not is_flat(opts.index_factory):
                 raise IndexConfigError(
@@ -181,14 +182,20 @@ class ShardIndex:
                 )
             self._store = TorchStore(self.dimension, opts.device, opts.torch_chunk_rows)
             self.index_type = self._store.kind
+        elif is_flat(opts.index_factory) and self._flat_on_gpu():
+            # Exact search on a GPU is the torch store's: any k, filters inside the search,
+            # deletes in place, none of which a faiss GPU Flat index offers.
+            self._store = TorchStore(self.dimension, opts.device, opts.torch_chunk_rows)
+            self.index_type = "Flat"
         else:
             self._store = FaissFlatStore(self.dimension)
             self.index_type = opts.index_factory if not is_flat(opts.index_factory) else "Flat"
             if not is_flat(opts.index_factory):
                 probe = faiss_ann.new_index(opts.index_factory, self.dimension)
+                self._gpu = self._mirror_gpu(probe)
                 if probe.is_trained:
                     self._template = probe
-                    self._ann = faiss_ann.build_ann(probe)
+                    self._ann = self._new_ann(probe)
                 else:
                     nlist = faiss_ann.nlist_of(probe)
                     self._train_size = opts.train_size or faiss_ann.default_train_size(probe)
@@ -217,6 +224,75 @@ class ShardIndex:
 
     def __contains__(self, post_id: int) -> bool:
         return post_id in self._slot_of
+
+    # ------------------------------------------------------------ devices
+
+    def _gpus(self) -> int:
+        """GPUs faiss sees (a seam for tests)."""
+        return faiss_ann.gpu_count()
+
+    def _flat_on_gpu(self) -> bool:
+        """Whether a faiss `Flat` index is served on a GPU: asked for (cuda, cuda:N), or auto where
+        faiss sees one and torch does too (asked faiss first: a CPU shard never imports torch)."""
+        device = self.options.device
+        if device == "cpu":
+            return False
+        if device == "auto":
+            if not self._gpus():
+                return False
+            import torch
+
+            return torch.cuda.is_available()
+        return True  # the torch store says so if there is no such device
+
+    def _mirror_gpu(self, probe) -> int | None:
+        """The GPU whose copy of the index answers searches, or None to search on the CPU.
+
+        auto: the first GPU when faiss sees one and has a GPU version of the index;
+        cuda / cuda:N: that GPU, or IndexConfigError saying why it cannot be.
+        """
+        device = self.options.device
+        if device == "cpu":
+            return None
+        gpus = self._gpus()
+        reason = faiss_ann.why_not_on_gpu(probe)
+        if device == "auto":
+            if gpus and reason:
+                log.info("index_on_cpu", index_factory=self.index_factory, reason=reason)
+            return 0 if gpus and not reason else None
+        number = int(device.partition(":")[2] or 0)
+        if reason:
+            raise IndexConfigError(f"index_device {device!r}: {reason}; set index_device cpu or auto")
+        if number >= gpus:
+            raise IndexConfigError(
+                f"index_device {device!r}: faiss sees {gpus} GPU(s) (the `gpu` extra installs faiss-gpu)"
+            )
+        return number
+
+    def _mirror_of(self, index) -> faiss_ann.Mirror:
+        """A GPU copy of `index` (a seam for tests, which mirror on the CPU)."""
+        return faiss_ann.gpu_mirror(index, self._gpu)
+
+    def _mirrored(self, ann: Ann) -> Ann:
+        """`ann` searched through a GPU mirror when one is configured; on failure, on the CPU."""
+        if self._gpu is None:
+            return ann
+        try:
+            return faiss_ann.with_mirror(ann, self._mirror_of(ann.index))
+        except Exception:  # noqa: BLE001 - the CPU index serves, as it would without a GPU
+            log.exception("gpu_mirror_unavailable", index_factory=self.index_factory, gpu=self._gpu)
+            return ann
+
+    def _new_ann(self, template) -> Ann:
+        return self._mirrored(faiss_ann.build_ann(template, mirrored=self._gpu is not None))
+
+    @property
+    def device(self) -> str:
+        """Where searches run: cpu, a torch device, or cuda:N for a faiss GPU mirror."""
+        if isinstance(self._store, TorchStore) and self.exact_only:
+            return str(self._store.device)
+        ann = self._ann
+        return ann.device if ann is not None else "cpu"
 
     # ------------------------------------------------------------ widths
 
@@ -500,7 +576,7 @@ class ShardIndex:
                 template = index
             else:
                 template = self._template
-            ann = faiss_ann.build_ann(template)
+            ann = self._new_ann(template)
             in_new = np.zeros(len(self._slots.alive), bool)
 
             def add(slots: np.ndarray, rows: np.ndarray) -> None:
@@ -789,6 +865,7 @@ class ShardIndex:
                 ix._ann = Ann(faiss.deserialize_index(sections["ann"]), bool(meta["ann_removable"]),
                               bool(meta["ann_hashtable"]))
                 faiss_ann.reserve_headroom(ix._ann.index)  # or the first new post stalls searches
+                ix._ann = ix._mirrored(ix._ann)
             elif ix._ann is None:
                 s.in_ann[:] = False
             ix.tombstones = int(np.count_nonzero(s.in_ann[:n] & ~s.alive[:n]))
@@ -818,6 +895,7 @@ class ShardIndex:
             buffered = 0 if self.exact_only else int(np.count_nonzero(s.alive[:n] & ~s.in_ann[:n]))
             return {
                 "index_type": self.index_type,
+                "index_device": self.device,
                 "state": self.state,
                 "error": self._failed,
                 "indexed": len(self._slot_of),

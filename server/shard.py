@@ -530,6 +530,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
                 index_type=info.get("index_type")
                 or (cfg.index_factory if cfg.index_backend == "faiss" else f"{cfg.index_backend}-exact"),
                 index_state=info.get("state", ""),
+                index_device=info.get("index_device", ""),
                 buffered=info.get("buffered", 0),
                 tombstones=info.get("tombstones", 0),
                 evicted=info.get("evicted", 0),

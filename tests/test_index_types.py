@@ -218,10 +218,10 @@ def test_writes_during_a_background_rebuild_are_kept(monkeypatch):
     release, building = threading.Event(), threading.Event()
     real_build_ann = faiss_ann.build_ann
 
-    def slow_build_ann(template):
+    def slow_build_ann(template, **kw):
         building.set()
         assert release.wait(30)
-        return real_build_ann(template)
+        return real_build_ann(template, **kw)
 
     monkeypatch.setattr(faiss_ann, "build_ann", slow_build_ann)
     ref.delete(ix, ids[:300])
@@ -322,11 +322,7 @@ def test_shard_config_maps_onto_index_options(monkeypatch):
     monkeypatch.setenv("FEEDRET_INDEX_BACKEND", "gpu-magic")
     with pytest.raises(ValueError, match="unknown index backend"):
         ShardConfig()
-    # A GPU asked of faiss is refused, not quietly served from the CPU.
     monkeypatch.setenv("FEEDRET_INDEX_BACKEND", "faiss")
-    monkeypatch.setenv("FEEDRET_INDEX_DEVICE", "cuda:0")
-    with pytest.raises(ValueError, match="needs index_backend torch"):
-        ShardConfig()
     monkeypatch.setenv("FEEDRET_INDEX_DEVICE", "cpu")
     assert ShardConfig().index_device == "cpu"
 

@@ -62,7 +62,7 @@ def test_stats_report_the_index_type_and_state_and_search_serves_it(config, inde
     st, servicer, vecs = shard(**config)
     assert st.index.wait_idle(60)
     stats = servicer.Stats(pb.StatsRequest(), Context()).shards[0]
-    assert (stats.index_type, stats.index_state) == (index_type, state)
+    assert (stats.index_type, stats.index_state, stats.index_device) == (index_type, state, "cpu")
     assert stats.indexed == 1200 and stats.dimension == stats.vector_dimension == 32
     assert stats.buffered == (1200 if state == "buffering" else 0)
     reply = search(servicer, vecs[7], k=5)
