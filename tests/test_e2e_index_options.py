@@ -47,6 +47,7 @@ def test_stats_report_the_trained_index_its_widths_and_retention(production_like
     assert wait_for(lambda: all(s.index_state == "ready" for s in client.stats().shards), timeout=30)
     for s in client.stats().shards:
         assert s.index_type == "IVF4,Flat" and s.rebuilds == 1 and s.buffered == 0
+        assert s.index_device == "cpu"  # faiss-cpu here: no GPU copy
         assert (s.dimension, s.vector_dimension) == (SERVE_DIMENSION, 128)
         assert s.retention_s == RETENTION_S
 
