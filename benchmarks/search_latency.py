@@ -187,7 +187,7 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
                 f" | ratio {row['ratio_p50']:.2f} | load {load_after}")
         result["partial"] = partial
         client.close()
-    del raw
+    raw = None  # free the 1M-post index before the next factory loads its own
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
