@@ -326,8 +326,15 @@ class _ShardCollector:
         rebuilds = CounterMetricFamily("feedret_shard_rebuilds", "Background index builds completed.", labels=labels)
         info = GaugeMetricFamily(
             "feedret_shard_index_info",
-            "Always 1: the index type, its state (exact, buffering, training, ready, rebuilding, failed) and the model version.",
-            labels=["shard", "index_type", "state", "model_version"],
+            "Always 1: the index type, its state (exact, buffering, training, ready, rebuilding, failed), "
+            "where it searches (cpu, cuda:N) and the model version.",
+            labels=["shard", "index_type", "state", "device", "model_version"],
+        )
+        gpu = CounterMetricFamily(
+            "feedret_shard_gpu_copy_searches",
+            "Searches of an IVF index's GPU copy: answered there, or declined to the CPU index "
+            "(k above 2,048, a narrow filter, too few passing it, a failed copy).",
+            labels=["shard", "outcome"],
         )
         for state in states:
             shard = [str(state.config.shard_id)]
@@ -348,9 +355,12 @@ class _ShardCollector:
             evicted.add_metric(shard, stats.get("evicted", 0))
             rebuilds.add_metric(shard, stats.get("rebuilds", 0))
             if index is not None:
-                info.add_metric([*shard, stats["index_type"], stats["state"], state.model_version], 1)
+                info.add_metric([*shard, stats["index_type"], stats["state"], stats["index_device"], state.model_version], 1)
+                if stats["gpu_searches"] or stats["gpu_declined"]:
+                    gpu.add_metric([*shard, "answered"], stats["gpu_searches"])
+                    gpu.add_metric([*shard, "declined"], stats["gpu_declined"])
         yield from (indexed, dimension, vector_dimension, applied, end, lag, buffered, tombstones)
-        yield from (upserts, deletes, rejected, evicted, rebuilds, info)
+        yield from (upserts, deletes, rejected, evicted, rebuilds, info, gpu)
 
 
 _shards = _ShardCollector()

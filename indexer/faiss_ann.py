@@ -159,6 +159,15 @@ def why_not_on_gpu(index: faiss.Index) -> str:
             "(IVF…,Flat, IVF…,SQ… and IVF…,PQ… have one)")
 
 
+@dataclass
+class MirrorCounts:
+    """Searches GPU copies answered, and those they passed to the CPU index; a shard keeps one
+    across its rebuilds (Stats, /metrics). Approximate under concurrency: the GIL, no lock."""
+
+    answered: int = 0
+    declined: int = 0
+
+
 class Mirror:
     """A copy of an IVF index on a GPU that answers searches; the CPU index stays the source of truth.
 
@@ -185,6 +194,7 @@ class Mirror:
         self.device = device
         self.max_k = max_k
         self.failed = ""
+        self.counts = MirrorCounts()
 
     def add(self, vectors: np.ndarray, slots: np.ndarray) -> None:
         with self.lock:
@@ -194,18 +204,19 @@ class Mirror:
         self, query: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Top k of the entries `mask` allows (None: all), or None when the CPU index must answer."""
-        if self.failed:
-            return None
+        if self.failed or k > self.max_k:
+            return self._declined()
         if mask is None:
             depth = k
         else:
-            # Deep enough that k survive the filter when the allowed entries are spread evenly, with margin.
+            # Deep enough that k survive the filter when the allowed entries are spread evenly,
+            # with margin; capped at what the GPU selects. A filter so narrow that even that
+            # depth is unlikely to leave k goes straight to the CPU index.
             passing = np.count_nonzero(mask) / max(int(self.index.ntotal), 1)
-            if passing <= 0:
-                return None
-            depth = int(np.ceil(k / min(passing, 1.0) * 1.2)) + 16
-        if depth > self.max_k:
-            return None
+            wanted = int(np.ceil(k / max(passing, 1e-9) * 1.2)) + 16
+            if wanted > 4 * self.max_k:
+                return self._declined()
+            depth = min(wanted, self.max_k)
         params = faiss.SearchParametersIVF()
         params.nprobe = max(1, min(nprobe, self.max_k, self.nlist))
         try:
@@ -214,15 +225,20 @@ class Mirror:
         except Exception as exc:  # noqa: BLE001 - the CPU index answers from now on
             self.failed = f"{type(exc).__name__}: {exc}"
             log.exception("gpu_mirror_failed", device=self.device, k=k, depth=depth)
-            return None
+            return self._declined()
         scores, slots = scores[0], slots[0]
         keep = slots >= 0
         if mask is not None:
             keep[keep] = mask[slots[keep]]
         scores, slots = scores[keep][:k], slots[keep][:k]
         if len(slots) < k:
-            return None  # the filter left too few: the CPU index searches with its selector
+            return self._declined()  # the filter left too few: the CPU index searches with its selector
+        self.counts.answered += 1
         return scores.astype(np.float32, copy=False), slots
+
+    def _declined(self) -> None:
+        self.counts.declined += 1
+        return None
 
 
 _gpu_resources: dict[int, tuple] = {}

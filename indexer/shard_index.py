@@ -175,6 +175,7 @@ class ShardIndex:
         self._failed = ""
         self._train_size = 0
         self._gpu: int | None = None  # the GPU a faiss IVF index's search mirror lives on
+        self.gpu_searches = faiss_ann.MirrorCounts()  # over every mirror this index has had
         if opts.backend == "torch":
             if not is_flat(opts.index_factory):
                 raise IndexConfigError(
@@ -278,7 +279,9 @@ class ShardIndex:
         if self._gpu is None:
             return ann
         try:
-            return faiss_ann.with_mirror(ann, self._mirror_of(ann.index))
+            mirror = self._mirror_of(ann.index)
+            mirror.counts = self.gpu_searches
+            return faiss_ann.with_mirror(ann, mirror)
         except Exception:  # noqa: BLE001 - the CPU index serves, as it would without a GPU
             log.exception("gpu_mirror_unavailable", index_factory=self.index_factory, gpu=self._gpu)
             return ann
@@ -896,6 +899,8 @@ class ShardIndex:
             return {
                 "index_type": self.index_type,
                 "index_device": self.device,
+                "gpu_searches": self.gpu_searches.answered,
+                "gpu_declined": self.gpu_searches.declined,
                 "state": self.state,
                 "error": self._failed,
                 "indexed": len(self._slot_of),

@@ -25,23 +25,6 @@ from tests.test_index_types import D, Reference, check, unit
 IVF = IndexOptions(index_factory="IVF16,Flat", train_size=1000, device="cuda:0", background=False)
 
 
-class CountingMirror(faiss_ann.Mirror):
-    """A mirror that records which searches it answered and which it passed to the CPU index."""
-
-    def __init__(self, *args, **kw) -> None:
-        super().__init__(*args, **kw)
-        self.answered = 0
-        self.declined = 0
-
-    def search(self, query, k, mask, nprobe):
-        found = super().search(query, k, mask, nprobe)
-        if found is None:
-            self.declined += 1
-        else:
-            self.answered += 1
-        return found
-
-
 class OneGpuShard(ShardIndex):
     """A shard on a machine where faiss sees one GPU; its GPU copies are CPU clones."""
 
@@ -51,8 +34,8 @@ class OneGpuShard(ShardIndex):
         return 1
 
     def _mirror_of(self, index):
-        return CountingMirror(faiss.clone_index(index), threading.Lock(), f"cuda:{self._gpu}",
-                              faiss_ann.nlist_of(index), max_k=self.max_k)
+        return faiss_ann.Mirror(faiss.clone_index(index), threading.Lock(), f"cuda:{self._gpu}",
+                                faiss_ann.nlist_of(index), max_k=self.max_k)
 
 
 def filled(options=IVF, n=2000, seed=0, cls=OneGpuShard):
@@ -68,15 +51,15 @@ def filled(options=IVF, n=2000, seed=0, cls=OneGpuShard):
     return ix, ref, ids, vecs, rng
 
 
-def mirror(ix: ShardIndex) -> CountingMirror:
+def mirror(ix: ShardIndex) -> faiss_ann.Mirror:
     return ix._ann.mirror
 
 
 def test_the_gpu_copy_answers_and_deletes_replacements_and_filters_still_hold():
     ix, ref, ids, vecs, rng = filled()
     assert ix.state == "ready" and ix.device == ix.info()["index_device"] == "cuda:0"
-    m = mirror(ix)
-    assert m.index.ntotal == ix._ann.ntotal == 2000, "the copy got every add"
+    m = ix.gpu_searches
+    assert mirror(ix).index.ntotal == ix._ann.ntotal == 2000, "the copy got every add"
     for q in unit(rng, 5):
         check(ix, ref, q, 50, min_recall=0.5)
     assert m.answered == 5 and m.declined == 0
@@ -85,7 +68,7 @@ def test_the_gpu_copy_answers_and_deletes_replacements_and_filters_still_hold():
     ref.delete(ix, ids[2::5])
     new = unit(rng, len(ids[1::5]))
     ref.upsert(ix, ids[1::5], new, [9000.0] * len(new), ["en"] * len(new))
-    assert ix.tombstones == 800 and m.index.ntotal == ix._ann.ntotal == 2400
+    assert ix.tombstones == 800 and mirror(ix).index.ntotal == ix._ann.ntotal == 2400
     for q in [*unit(rng, 5), *vecs[1:50:5], *vecs[2:50:5]]:  # including the replaced and deleted posts' old vectors
         check(ix, ref, q, 50, min_recall=0.5)
     assert ix.search(new[3], 1)[0].tolist() == [ids[1::5][3]]
@@ -112,7 +95,7 @@ def test_the_copy_and_the_cpu_index_give_the_same_results_when_every_list_is_pro
             b, sb = cpu.search(q, 64, f)
             assert a.tolist() == b.tolist() == ref.exact(q, 64, f)
             np.testing.assert_allclose(sa, sb, atol=1e-5)
-    assert mirror(gpu).answered == 8
+    assert gpu.gpu_searches.answered == 8
 
 
 def test_what_the_copy_cannot_answer_the_cpu_index_does():
@@ -120,16 +103,24 @@ def test_what_the_copy_cannot_answer_the_cpu_index_does():
         max_k = 64  # a GPU's k limit (2,048) scaled down to this index
 
     ix, ref, ids, vecs, rng = filled(cls=SmallGpu)
-    m = mirror(ix)
+    m = ix.gpu_searches
     q = unit(rng, 1)[0]
     check(ix, ref, q, 60, min_recall=0.5)
     assert (m.answered, m.declined) == (1, 0)
     # k above the GPU's limit.
     check(ix, ref, q, 100, min_recall=0.5)
     assert m.declined == 1
-    # A filter passing 10%: the depth that leaves k after it is beyond the limit.
+    # A filter passing 10%: the depth that would leave k after it is far beyond the limit.
     got = check(ix, ref, q, 30, SearchFilter(languages=["de"]), min_recall=0.5)
     assert m.declined == 2 and len(got) == 30
+    # A few seen posts: the depth wanted is a little over the limit, the limit still leaves k.
+    seen = ref.exact(q, 3)
+    got = check(ix, ref, q, 60, SearchFilter(exclude_post_ids=seen), min_recall=0.5)
+    assert (m.answered, m.declined) == (2, 2) and not set(got.tolist()) & set(seen)
+    # Too many excluded near the top for the limit: the GPU's 64 leave fewer than k, the CPU answers.
+    seen = ref.exact(q, 20)
+    got = check(ix, ref, q, 60, SearchFilter(exclude_post_ids=seen), min_recall=0.5)
+    assert (m.answered, m.declined) == (2, 3) and len(got) == 60 and not set(got.tolist()) & set(seen)
     # k larger than what is left: everything comes back.
     check(ix, ref, q, 5000)
 
@@ -168,7 +159,8 @@ def test_a_rebuild_drops_the_tombstones_from_both_and_reuses_their_slots():
     assert ix.info()["slots"] == 2000, "freed slots are reused after the rebuild"
     for q in [*unit(rng, 4), *vecs[:500:100]]:
         check(ix, ref, q, 50, min_recall=0.5)
-    assert mirror(ix).answered >= 9
+    assert ix.gpu_searches.answered >= 9 and mirror(ix).counts is ix.gpu_searches, "counted across rebuilds"
+    assert ix.info()["gpu_searches"] == ix.gpu_searches.answered
 
 
 def test_a_restored_snapshot_gets_a_gpu_copy_of_what_it_loaded():
@@ -182,7 +174,7 @@ def test_a_restored_snapshot_gets_a_gpu_copy_of_what_it_loaded():
     assert ix.tombstones == 100
     for q in [*unit(rng, 4), *vecs[:200:40]]:
         check(ix, ref, q, 50, min_recall=0.5)
-    assert mirror(ix).answered >= 9
+    assert ix.gpu_searches.answered >= 9
 
 
 @pytest.mark.parametrize(
@@ -237,3 +229,24 @@ def test_a_cpu_shard_never_imports_torch():
             "ShardIndex(8, options=IndexOptions()); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False", "a Flat shard with device auto imported torch on a machine faiss sees no GPU on"
+
+
+def test_metrics_say_where_a_shard_searches_and_what_its_gpu_copy_answered():
+    from types import SimpleNamespace
+
+    from feedret.metrics import _ShardCollector
+
+    ix, ref, ids, vecs, rng = filled()
+    ix.search(vecs[0], 10)
+    mirror(ix).max_k = 8
+    ix.search(vecs[0], 10)  # above the GPU's k: declined
+    state = SimpleNamespace(config=SimpleNamespace(shard_id=3), index=ix, dimension=D, vector_dimension=D,
+                            applied_offset=0, end_offset=None, upserts=0, deletes=0, rejected=0, model_version="m")
+    collector = _ShardCollector()
+    collector.watch(state)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in collector.collect() for s in f.samples}
+    info = ("feedret_shard_index_info", (("device", "cuda:0"), ("index_type", "IVF16,Flat"), ("model_version", "m"),
+                                         ("shard", "3"), ("state", "ready")))
+    assert samples[info] == 1
+    assert samples[("feedret_shard_gpu_copy_searches_total", (("outcome", "answered"), ("shard", "3")))] == 1
+    assert samples[("feedret_shard_gpu_copy_searches_total", (("outcome", "declined"), ("shard", "3")))] == 1

@@ -106,7 +106,8 @@ def test_shard_state_is_read_when_scraped(metrics_url, shard):
     assert sample(samples, "feedret_shard_serve_dimension", shard="0") == DIM
     assert sample(samples, "feedret_shard_applied_offset", shard="0") == N_POSTS
     assert sample(samples, "feedret_shard_partition_lag_records", shard="0") == 7
-    assert sample(samples, "feedret_shard_index_info", shard="0", index_type="Flat", state="exact", model_version="m1") == 1
+    assert sample(samples, "feedret_shard_index_info", shard="0", index_type="Flat", state="exact", device="cpu",
+                  model_version="m1") == 1
     assert sample(samples, "feedret_build_info", role="test", version=_version()) == 1
 
 
