@@ -109,6 +109,7 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
         stats = client.stats(timeout=10)
         result["indexed"] = stats.total_indexed
         result["index_state"] = [s.index_state for s in stats.shards]
+        result["index_device"] = [s.index_device or "cpu" for s in stats.shards]  # cuda:N: a faiss GPU copy
         assert stats.total_indexed == spec.n, f"the shards hold {stats.total_indexed}, not {spec.n}"
         partial = 0
 
@@ -268,7 +269,7 @@ def report(args, spec: DataSpec, results: list[dict], command: str, machine: lis
     lines += ["", "## Index builds (not timed against anything)", ""]
     for r in results:
         lines.append(f"- {r['index']}: shards hold {', '.join(f'{c:,}' for c in r['shard_posts'])} posts "
-                     f"(state {', '.join(r['index_state'])}); shard process RSS after loading "
+                     f"(state {', '.join(r['index_state'])}; searching on {', '.join(r.get('index_device', ['cpu']))}); shard process RSS after loading "
                      f"{', '.join(f'{m:,.0f}' for m in r['shard_rss_mib'])} MiB "
                      f"(~{sum(r['shard_rss_mib']) * 2**20 / sum(r['shard_posts']):,.0f} bytes per post, Python and "
                      f"gRPC included); shard index builds {r['build']['build_seconds']} s; "
