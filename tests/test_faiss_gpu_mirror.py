@@ -11,7 +11,6 @@ and whatever the copy cannot answer the CPU index does.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import replace
 
 import faiss
@@ -21,7 +20,7 @@ import pytest
 from feedret.config import ShardConfig
 from feedret.indexer import faiss_ann
 from feedret.indexer.shard_index import IndexConfigError, IndexOptions, SearchFilter, ShardIndex
-from tests.test_index_types import D, Reference, check, unit
+from tests.test_index_types import D, Reference, check, churn_while_searching, unit
 
 IVF = IndexOptions(index_factory="IVF16,Flat", train_size=1000, device="cuda:0", background=False)
 
@@ -256,50 +255,10 @@ def test_metrics_say_where_a_shard_searches_and_what_its_gpu_copy_answered():
 def test_searches_writes_and_background_rebuilds_run_together_on_the_gpu_copy():
     """The applier writes and deletes, rebuilds swap in new copies, searches go on: no error,
     no deleted post back, and the copy holds exactly what its CPU index holds at the end."""
-    rng = np.random.default_rng(8)
     ix = OneGpuShard(D, options=replace(IVF, background=True, rebuild_fraction=0.05))
-    vecs = unit(rng, 6000)
-    gone: set[int] = set()
-    gone_lock = threading.Lock()
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    searched = [0, 0, 0]
-
-    def writer():
-        try:
-            for start in range(0, 6000, 200):
-                ix.upsert(np.arange(start, start + 200), vecs[start: start + 200], [0.0] * 200, ["en"] * 200, 0.0)
-                doomed = list(range(start, start + 200, 7))
-                ix.delete(doomed)
-                with gone_lock:
-                    gone.update(doomed)
-                ix.maintain()
-                time.sleep(0.005)  # let searches in between batches, once the copy exists
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-        finally:
-            stop.set()
-
-    def searcher(seed):
-        local = np.random.default_rng(seed)
-        try:
-            while not stop.is_set():
-                with gone_lock:
-                    dead = set(gone)
-                got, _ = ix.search(unit(local, 1)[0], 50, SearchFilter(exclude_post_ids=[1, 2, 3]))
-                assert not dead & set(got.tolist()) and not {1, 2, 3} & set(got.tolist())
-                searched[seed] += 1
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=writer)] + [threading.Thread(target=searcher, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors[0]
+    gone = churn_while_searching(ix, pause=0.005)
     assert ix.wait_idle(60)
     info = ix.info()
     assert len(ix) == 6000 - len(gone) == info["ann_entries"] - info["tombstones"] and info["buffered"] == 0
     assert ix.device == "cuda:0" and mirror(ix).index.ntotal == ix._ann.ntotal
-    assert ix.gpu_searches.answered > 0, searched
+    assert ix.gpu_searches.answered > 0
