@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=3000, help="posts to embed per measurement")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads = onnxruntime intra-op threads")
-    parser.add_argument("--model-dir", type=Path, default=None, help="default: models/feedret-tiny-llama")
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: the model the servers load by default (models/feedret-movielens-tiny)")
     parser.add_argument("--onnx-path", type=Path, default=None, help="default: <model-dir>/onnx/model.onnx (exported if missing)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (the same for both backends)")
     parser.add_argument("--max-length", type=int, default=128)
@@ -85,9 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=512, help="posts embedded by each backend before timing")
     parser.add_argument("--peak-flops", type=float, default=H100_SXM_BF16_DENSE, help="bf16 dense peak FLOP/s for MFU (CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
+    parser.add_argument("--backend", action="append", choices=["torch", "onnx"], default=None,
+                        help="repeat for both (the default); torch alone where onnxruntime has no CUDA provider")
     args = parser.parse_args(argv)
+    backends = args.backend or ["torch", "onnx"]
 
-    import onnxruntime as ort
     import torch
 
     from feedret.config import DEFAULT_MODEL_DIR
@@ -96,19 +98,24 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = args.model_dir or DEFAULT_MODEL_DIR
     common = dict(device=args.device, max_length=args.max_length, batch_size=args.batch_size, torch_threads=args.threads)
-    encoders = {
-        "torch": Encoder.from_pretrained(model_dir, **common),
-        "onnx": OnnxEncoder.from_pretrained(model_dir, onnx_path=args.onnx_path, **common),
-    }
-    on_cuda = encoders["torch"].device.startswith("cuda")
+    # The torch model is loaded in any case: its parameter count is the MFU's numerator.
+    reference = Encoder.from_pretrained(model_dir, **common)
+    encoders: dict[str, Any] = {}
+    for name in backends:
+        encoders[name] = reference if name == "torch" else OnnxEncoder.from_pretrained(
+            model_dir, onnx_path=args.onnx_path, **common)
+    on_cuda = reference.device.startswith("cuda")
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    total_params, params = non_embedding_params(encoders["torch"].model)
+    total_params, params = non_embedding_params(reference.model)
+    if "torch" not in encoders:
+        del reference  # not timed: free its memory
 
+    first = next(iter(encoders.values()))
     posts = load_posts(args.n)
-    prompts = [encoders["torch"].post_prompt(p) for p in posts]
-    token_ids = encoders["torch"].tokenize(prompts)
+    prompts = [first.post_prompt(p) for p in posts]
+    token_ids = first.tokenize(prompts)
     real_tokens = sum(len(t) for t in token_ids)
-    batches = [encoders["torch"].pad([token_ids[i] for i in idx]) for idx in length_buckets([len(t) for t in token_ids], args.batch_size)]
+    batches = [first.pad([token_ids[i] for i in idx]) for idx in length_buckets([len(t) for t in token_ids], args.batch_size)]
     padded_tokens = sum(ids.size for ids, _ in batches)
 
     def forward_only(enc: Any) -> None:
@@ -131,8 +138,11 @@ def main(argv: list[str] | None = None) -> None:
             e2e[name].append(seconds)
             fwd[name].append(timed(lambda: forward_only(enc), sync)[0])
     load_after = os.getloadavg()
-    a, b = vectors["torch"], vectors["onnx"]
-    min_cos = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+    both = "torch" in vectors and "onnx" in vectors
+    if both:
+        a, b = vectors["torch"], vectors["onnx"]
+        min_cos = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+    base_name = backends[0]
 
     def row(name: str, times: dict[str, list[float]], base: float) -> str:
         t = statistics.median(times[name])
@@ -147,18 +157,29 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(f"{2 * params * real_tokens / t / args.peak_flops:.2%}")
         return "| " + " | ".join(cells) + " |"
 
-    header = "| backend | posts/s | tokens/s | vs torch | seconds, median (min-max) |" + (" MFU |" if on_cuda else "")
+    header = f"| backend | posts/s | tokens/s | vs {base_name} | seconds, median (min-max) |" + (" MFU |" if on_cuda else "")
     rule = "|---|---:|---:|---:|---:|" + ("---:|" if on_cuda else "")
     gpu = torch.cuda.get_device_name() if on_cuda else ""
-    onnx_enc = encoders["onnx"]
+    onnx_enc = encoders.get("onnx")
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, Path.cwd()), *(argv if argv is not None else sys.argv[1:])])
-    e2e_ratio = statistics.median(e2e["torch"]) / statistics.median(e2e["onnx"])
-    fwd_ratio = statistics.median(fwd["torch"]) / statistics.median(fwd["onnx"])
+    if both:
+        e2e_ratio = statistics.median(e2e["torch"]) / statistics.median(e2e["onnx"])
+        fwd_ratio = statistics.median(fwd["torch"]) / statistics.median(fwd["onnx"])
+        summary = (f"**onnx/torch throughput: {e2e_ratio:.2f}x end to end, {fwd_ratio:.2f}x forward only** "
+                   f"(higher is better for onnx; same batch size, threads and posts, measured in one run).")
+    else:
+        summary = f"**{base_name} alone** (`--backend {base_name}`): no comparison in this run."
+    try:
+        import onnxruntime as ort
+
+        ort_line = f"onnxruntime {ort.__version__}" + (
+            f" (providers used: {', '.join(onnx_enc.session.get_providers())})" if onnx_enc else " (not timed)")
+    except ImportError:
+        ort_line = "no onnxruntime"
     lines = [
-        "# Embedding throughput: torch vs ONNX Runtime",
+        "# Embedding throughput: " + (" vs ".join({"torch": "torch", "onnx": "ONNX Runtime"}[b] for b in backends)),
         "",
-        f"**onnx/torch throughput: {e2e_ratio:.2f}x end to end, {fwd_ratio:.2f}x forward only** "
-        f"(higher is better for onnx; same batch size, threads and posts, measured in one run).",
+        summary,
         "",
         "```",
         command,
@@ -169,37 +190,35 @@ def main(argv: list[str] | None = None) -> None:
         f"- nproc: {os.cpu_count()}; CPU: {cpu_model()}" + (f"; GPU: {gpu}" if gpu else ""),
         f"- load average (1 min) before / after the timed part: {load_before[0]:.2f} / {load_after[0]:.2f} "
         "(other processes compete for the cores when it is above the thread count)",
-        f"- python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__} "
-        f"(providers used: {', '.join(onnx_enc.session.get_providers())})",
+        f"- python {platform.python_version()}, torch {torch.__version__}, {ort_line}",
         "",
         "## Setup",
         "",
         f"- model: `{os.path.relpath(model_dir, ROOT) if Path(model_dir).resolve().is_relative_to(ROOT) else model_dir}` "
-        f"({encoders['torch'].model_version}, {total_params:,} parameters, {params:,} outside the embedding table, "
-        f"dim {onnx_enc.dim}, pooling {onnx_enc.pooling})",
-        f"- device {args.device}: torch {'bfloat16' if on_cuda else 'float32'}, onnx float32 graph "
-        f"(`{onnx_enc.onnx_path.name}`, opset from its export record)",
+        f"({first.model_version}, {total_params:,} parameters, {params:,} outside the embedding table, "
+        f"dim {first.dim}, pooling {first.pooling})",
+        f"- device {args.device}: "
+        + ", ".join(([f"torch {'bfloat16' if on_cuda else 'float32'}"] if "torch" in encoders else [])
+                    + ([f"onnx float32 graph (`{onnx_enc.onnx_path.name}`, opset from its export record)"] if onnx_enc else [])),
         f"- {args.n:,} posts (the {POSTS.name} sample repeated), {real_tokens:,} real tokens "
         f"({real_tokens / args.n:.1f} per post, max_length {args.max_length}); padded to {padded_tokens:,} "
         f"({real_tokens / padded_tokens:.1%} real) in length-bucketed batches of {args.batch_size}",
         f"- threads: torch.set_num_threads({args.threads}) and onnxruntime intra_op_num_threads={args.threads}",
         f"- warm-up {len(warm)} posts end to end plus one forward-only pass per backend; "
         f"{args.repeats} repeats, backends alternating; median reported",
-        f"- agreement: min cosine between the backends' vectors over all posts = {min_cos:.6f}",
+        *([f"- agreement: min cosine between the backends' vectors over all posts = {min_cos:.6f}"] if both else []),
         "",
         "## End to end (`embed_posts`: prompt, tokenize, bucket, pad, forward)",
         "",
         header,
         rule,
-        row("torch", e2e, statistics.median(e2e["torch"])),
-        row("onnx", e2e, statistics.median(e2e["torch"])),
+        *[row(name, e2e, statistics.median(e2e[base_name])) for name in encoders],
         "",
         "## Forward only (pre-padded batches through `embed_batch`)",
         "",
         header,
         rule,
-        row("torch", fwd, statistics.median(fwd["torch"])),
-        row("onnx", fwd, statistics.median(fwd["torch"])),
+        *[row(name, fwd, statistics.median(fwd[base_name])) for name in encoders],
         "",
     ]
     if on_cuda:

@@ -6,6 +6,13 @@ It is a stand-in with the real model's shape of interface (a Hugging Face
 causal LM directory plus feedret.json), small enough to commit (< 5 MB) and to
 run on a laptop CPU. Its weights are random (seed 0): retrieval quality is not
 its job. Deterministic: the same sample data gives the same files.
+
+`--shape llama-3.2-1b` or `llama-3.2-3b` builds the same thing at a production
+model's size (its layers, widths and heads; the vocabulary stays this sample's),
+saved in bfloat16, for throughput and MFU measurements on a GPU where no real
+checkpoint can be downloaded:
+
+    python -m feedret.encoder.build_tiny --shape llama-3.2-3b --device cuda --out /tmp/llama-3b-shape
 """
 
 from __future__ import annotations
@@ -84,17 +91,24 @@ def wrap_tokenizer(tok):
     )
 
 
-def build_model(tokenizer):
+# Transformer shapes: the committed tiny model, and Meta's Llama 3.2 1B and 3B (their
+# config.json: hidden size, MLP width, layers, attention and key-value heads).
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8),
+}
+
+
+def build_model(tokenizer, shape: str = "tiny", device: str = "cpu"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **SHAPES[shape],
         max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -102,10 +116,12 @@ def build_model(tokenizer):
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(SEED)
-    return LlamaForCausalLM(config).eval()
+    with torch.device(device):  # a 3B model initialises in seconds on a GPU, minutes on a CPU
+        model = LlamaForCausalLM(config).eval()
+    return model if shape == "tiny" else model.to(torch.bfloat16)
 
 
-def build(posts_path: Path, members_path: Path, out: Path) -> None:
+def build(posts_path: Path, members_path: Path, out: Path, shape: str = "tiny", device: str = "cpu") -> None:
     posts = [p for p in read_posts(posts_path) if p.op == "upsert"]
     members = read_members(members_path)
     quantizer = fit_quantizer(posts, members)
@@ -113,13 +129,13 @@ def build(posts_path: Path, members_path: Path, out: Path) -> None:
     # and titles get compact tokens.
     texts = [post_prompt(p, quantizer) for p in posts] + [member_prompt(m, quantizer) for m in members]
     tokenizer = wrap_tokenizer(train_tokenizer(texts))
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, shape, device)
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     meta = {
-        "model_version": MODEL_VERSION,
+        "model_version": MODEL_VERSION if shape == "tiny" else f"random-{shape}-shape",
         "pooling": "last",
         "numeric": "quantized",
         "quantizer": quantizer.to_json(),
@@ -135,8 +151,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("models/feedret-tiny-llama"))
     parser.add_argument("--posts", type=Path, default=Path("data/sample/posts.jsonl"))
     parser.add_argument("--members", type=Path, default=Path("data/sample/members.jsonl"))
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny", help="tiny, or a production model's size")
+    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda: much faster for 1B/3B)")
     args = parser.parse_args(argv)
-    build(args.posts, args.members, args.out)
+    build(args.posts, args.members, args.out, args.shape, args.device)
 
 
 if __name__ == "__main__":

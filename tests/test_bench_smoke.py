@@ -105,3 +105,31 @@ def test_freshness_smoke(tmp_path):
     assert len(rows) == 4
     assert all(line.split("|")[6].strip() == "0" for line in rows), rows  # every post was found
     assert "| now |" in out.read_text().split("Backlog:")[1]
+
+
+@pytest.mark.parametrize("backends", [[], ["--backend", "torch"]], ids=["both", "torch-alone"])
+def test_embed_throughput_smoke(tmp_path, backends):
+    out = tmp_path / "embed.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "embed_throughput.py"), "--n", "64", "--repeats", "1",
+                           "--warmup", "0", "--threads", "1", *backends, "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    assert "| torch |" in report and ("| onnx |" in report) == (not backends)
+    assert ("min cosine" in report) == (not backends)  # agreement is measured only when both ran
+
+
+def test_model_shapes_are_the_production_models_without_their_vocabulary():
+    """--shape llama-3.2-1b / -3b: the same transformer as Meta's (non-embedding parameters: 0.97B and
+    2.8B, from their configs), so throughput and MFU measured on it carry over."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from feedret.encoder.build_tiny import build_model
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "models" / "feedret-tiny-llama")
+    for shape, want in (("llama-3.2-1b", 0.973e9), ("llama-3.2-3b", 2.818e9)):
+        model = build_model(tok, shape, device="meta")
+        outside = sum(p.numel() for n, p in model.model.named_parameters() if "embed_tokens" not in n)
+        assert abs(outside / want - 1) < 0.01, (shape, outside)
+        assert next(model.parameters()).dtype == torch.bfloat16
