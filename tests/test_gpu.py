@@ -36,6 +36,11 @@ def torch_weights(model_dir) -> dict[str, np.ndarray]:
     return {n: w.float().numpy() for n, w in load_file(str(model_dir / "model.safetensors")).items()}
 
 
+def unit(n: int, d: int = 64, seed: int = 0) -> np.ndarray:
+    vecs = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
 def overlap(a: list, b: list) -> float:
     return len(set(a) & set(b)) / max(len(a), 1)
 
@@ -81,9 +86,7 @@ def test_the_onnx_cuda_provider_matches_torch(posts, tmp_path):
 
 
 def test_flat_on_the_gpu_is_the_torch_store_there_and_exact():
-    rng = np.random.default_rng(0)
-    vecs = rng.normal(size=(20_000, 64)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    vecs = unit(20_000, seed=0)
     ids = np.arange(len(vecs))
     out = {}
     for device in ("cpu", "cuda"):
@@ -101,9 +104,7 @@ def test_the_faiss_gpu_copy_matches_the_cpu_index():
     faiss = pytest.importorskip("faiss")
     if faiss.get_num_gpus() == 0:
         pytest.skip("faiss sees no GPU (the `gpu` extra installs faiss-gpu)")
-    rng = np.random.default_rng(1)
-    vecs = rng.normal(size=(50_000, 64)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    vecs = unit(50_000, seed=1)
     ids = np.arange(len(vecs))
     out = {}
     for device in ("cpu", "cuda:0"):
