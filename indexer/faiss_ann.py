@@ -197,8 +197,15 @@ class Mirror:
         self.counts = MirrorCounts()
 
     def add(self, vectors: np.ndarray, slots: np.ndarray) -> None:
-        with self.lock:
-            self.index.add_with_ids(vectors, slots)
+        """The CPU index's add, repeated here; a copy that fails it no longer matches and is dropped."""
+        if self.failed:
+            return
+        try:
+            with self.lock:
+                self.index.add_with_ids(vectors, slots)
+        except Exception as exc:  # noqa: BLE001 - the CPU index answers from now on
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("gpu_mirror_failed", device=self.device, op="add")
 
     def search(
         self, query: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int
@@ -286,12 +293,8 @@ class Ann:
             vectors = np.ascontiguousarray(vectors, np.float32)
             slots = np.ascontiguousarray(slots, np.int64)
             self.index.add_with_ids(vectors, slots)
-            if self.mirror is not None and not self.mirror.failed:
-                try:
-                    self.mirror.add(vectors, slots)
-                except Exception as exc:  # noqa: BLE001 - it no longer matches: the CPU index answers
-                    self.mirror.failed = f"{type(exc).__name__}: {exc}"
-                    log.exception("gpu_mirror_failed", device=self.mirror.device, op="add")
+            if self.mirror is not None:
+                self.mirror.add(vectors, slots)
 
     def remove(self, slots: np.ndarray) -> int:
         slots = np.ascontiguousarray(slots, np.int64)

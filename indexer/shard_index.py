@@ -292,7 +292,7 @@ class ShardIndex:
     @property
     def device(self) -> str:
         """Where searches run: cpu, a torch device, or cuda:N for a faiss GPU mirror."""
-        if isinstance(self._store, TorchStore) and self.exact_only:
+        if isinstance(self._store, TorchStore):  # only ever the whole (exact) index
             return str(self._store.device)
         ann = self._ann
         return ann.device if ann is not None else "cpu"
