@@ -183,6 +183,10 @@ class ShardConfig(_Settings):
     train_size: int = Field(default=0, ge=0)
     nprobe: int = Field(default=16, ge=1)  # IVF lists searched per query
     ef_search: int = Field(default=64, ge=1)  # HNSW search breadth; raised to k per query
+    # OpenMP threads faiss may use for one search. Concurrent searches already spread over
+    # the gRPC workers; a second thread on one HNSW query spent twice the CPU and was slower
+    # (benchmarks/results/grpc_floor_1m.md). Builds and rebuilds keep every core.
+    search_threads: int = Field(default=1, ge=1)
     # HNSW cannot remove ids: deleted posts stay as filtered-out tombstones until more than
     # this fraction of the index is tombstones, then it is rebuilt in the background.
     rebuild_fraction: float = Field(default=0.2, gt=0, le=1)

@@ -38,6 +38,16 @@ _UNSUPPORTED = tuple(
 )
 
 
+def use_threads(n: int) -> None:
+    """Let faiss searches on the calling thread use n OpenMP threads.
+
+    The count is per thread (libgomp keeps it in the caller's task), so a search thread
+    set to 1 leaves the background build and rebuild threads on every core. Without it
+    a single HNSW query ran a second thread that doubled its CPU and slowed it down.
+    """
+    faiss.omp_set_num_threads(n)
+
+
 def _chain(index: faiss.Index) -> list[faiss.Index]:
     """The index and every index it wraps, outermost first."""
     out = []

@@ -88,6 +88,7 @@ class IndexOptions:
     train_size: int = 0  # vectors to train on; 0 = ~40 per centroid
     nprobe: int = 16  # IVF lists probed per search
     ef_search: int = 64  # HNSW candidate list (raised to k per search)
+    search_threads: int = 1  # faiss OpenMP threads per search (on the searching thread only)
     rebuild_fraction: float = 0.2  # tombstones / index size that triggers a background rebuild
     exact_filter_fraction: float = 0.05  # a filter passing fewer posts than this fraction is searched exactly
     retention_s: float = 0.0  # posts created longer ago are evicted; 0 = keep forever
@@ -104,6 +105,7 @@ class IndexOptions:
             train_size=config.train_size,
             nprobe=config.nprobe,
             ef_search=config.ef_search,
+            search_threads=config.search_threads,
             rebuild_fraction=config.rebuild_fraction,
             exact_filter_fraction=config.exact_filter_fraction,
             retention_s=config.retention_s,
@@ -682,6 +684,7 @@ class ShardIndex:
         an approximate search that falls short is retried wider, then exactly.
         """
         query = self.prepare(query)[0]
+        faiss_ann.use_threads(self.options.search_threads)
         with self._lock.read():
             live = len(self._slot_of)
             if not live:

@@ -281,6 +281,29 @@ def test_nprobe_and_ef_search_come_from_the_options():
     assert seen == [123, 500]  # raised to k when k is larger
 
 
+def test_a_search_runs_faiss_on_the_configured_threads_and_leaves_other_threads_alone():
+    # A shard serves concurrent queries on its gRPC workers, one query each: a second
+    # OpenMP thread on one HNSW query doubled its CPU (benchmarks/results/grpc_floor_1m.md).
+    # The count is per thread, so builds and rebuilds elsewhere keep every core.
+    rng = np.random.default_rng(4)
+    vecs = unit(rng, 500)
+    before = faiss.omp_get_max_threads()
+    for threads in (1, 3):
+        ix = ShardIndex(D, options=IndexOptions(index_factory="HNSW8", search_threads=threads, background=False))
+        ix.upsert(list(range(500)), vecs, [0.0] * 500, ["en"] * 500, 0.0)
+        seen = []
+
+        def search():
+            ix.search(vecs[0], 10)
+            seen.append(faiss.omp_get_max_threads())
+
+        worker = threading.Thread(target=search)
+        worker.start()
+        worker.join()
+        assert seen == [threads]
+    assert faiss.omp_get_max_threads() == before
+
+
 @pytest.mark.parametrize(
     "options, dimension, message",
     [
@@ -308,12 +331,14 @@ def test_shard_config_maps_onto_index_options(monkeypatch):
         "FEEDRET_SERVE_DIMENSION": "64",
         "FEEDRET_RETENTION_S": "604800",
         "FEEDRET_REBUILD_FRACTION": "0.3",
+        "FEEDRET_SEARCH_THREADS": "2",
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     opts = IndexOptions.from_config(ShardConfig())
     assert (opts.index_factory, opts.train_size, opts.nprobe, opts.ef_search) == ("IVF1024,PQ32", 50000, 32, 200)
     assert (opts.serve_dimension, opts.retention_s, opts.rebuild_fraction, opts.backend) == (64, 604800, 0.3, "faiss")
+    assert opts.search_threads == 2
     monkeypatch.setenv("FEEDRET_INDEX_BACKEND", "torch")
     with pytest.raises(ValueError, match="must be Flat"):
         ShardConfig()
