@@ -47,7 +47,24 @@ def test_milvus_compare_smoke(tmp_path):
     assert seconds < 120, f"took {seconds:.0f}s"
 
 
-@pytest.mark.parametrize("script", ["search_latency.py", "milvus_compare.py"])
+def test_grpc_floor_smoke(tmp_path):
+    out = tmp_path / "floor.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grpc_floor.py"), "--n", "3000", "--queries", "8",
+                           "--warmup", "1", "--k", "200", "--index", "IVF16,Flat", "--cache-dir", str(tmp_path / "cache"),
+                           "--out", str(out), "--json", str(tmp_path / "raw.json")],
+                          capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    # Every path answered, the bare ones finding what feedret finds (same snapshots, same breadth).
+    assert "| feedret: client → root → 2 shard servers → merge |" in report
+    assert "| floor: bare gRPC, client → asyncio root → 2 bare shards → merge |" in report
+    import json
+
+    systems = json.loads((tmp_path / "raw.json").read_text())["result"]["systems"]
+    assert systems["floor_threads"]["recall"] == systems["floor_asyncio"]["recall"] == systems["feedret"]["recall"] > 0.5
+
+
+@pytest.mark.parametrize("script", ["search_latency.py", "milvus_compare.py", "grpc_floor.py"])
 def test_help(script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
                           text=True, timeout=60)
