@@ -202,9 +202,9 @@ class ShardConfig(_Settings):
     max_k: int = Field(default=10_000, ge=1)
     apply_batch_max: int = Field(default=512, ge=1)
     grpc_workers: int = Field(default=8, ge=1)
-    # Concurrent searches on the torch backend are answered together, up to this many per
-    # pass over the rows (one matmul); a lone query is never held back. 1: one at a time.
-    # Indexes that cannot batch (faiss) ignore it.
+    # Concurrent searches are answered together, up to this many per pass over the torch
+    # store's rows (one matmul) or per search of a faiss index's GPU copy; a lone query is
+    # never held back. 1: one at a time. Indexes that cannot batch (faiss on the CPU) ignore it.
     search_batch_max: int = Field(default=32, ge=1)
     # Connections are closed (gracefully) after this long, so a root whose channel
     # round-robins over a dns: pool re-resolves it and finds replicas added since; gRPC

@@ -221,41 +221,56 @@ class Mirror:
         self, query: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Top k of the entries `mask` allows (None: all), or None when the CPU index must answer."""
-        if self.failed or k > self.max_k:
-            return self._declined()
-        if mask is None:
-            depth = k
-        else:
-            # Deep enough that k survive the filter when the allowed entries are spread evenly,
-            # with margin; capped at what the GPU selects. A filter so narrow that even that
-            # depth is unlikely to leave k goes straight to the CPU index.
-            passing = np.count_nonzero(mask) / max(int(self.index.ntotal), 1)
-            wanted = int(np.ceil(k / max(passing, 1e-9) * 1.2)) + 16
-            if wanted > 4 * self.max_k:
-                return self._declined()
-            depth = min(wanted, self.max_k)
+        return self.search_batch(query.reshape(1, -1), [k], [mask], [nprobe])[0]
+
+    def search_batch(
+        self, queries: np.ndarray, ks: list[int], masks: list[np.ndarray | None], nprobes: list[int]
+    ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """`search` for several queries in one GPU search: as deep and as broad as the one
+        that needs most (a GPU search costs about the same for a batch as for one query)."""
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(ks)
+        depths = [None if self.failed else self._depth(k, mask) for k, mask in zip(ks, masks)]
+        todo = [i for i, d in enumerate(depths) if d is not None]
+        self.counts.declined += len(ks) - len(todo)
+        if not todo:
+            return out
+        depth = max(depths[i] for i in todo)
         params = faiss.SearchParametersIVF()
-        params.nprobe = max(1, min(nprobe, self.max_k, self.nlist))
+        params.nprobe = max(1, min(max(nprobes[i] for i in todo), self.max_k, self.nlist))
         try:
             with self.lock:
-                scores, slots = self.index.search(query.reshape(1, -1), depth, params=params)
+                scores, slots = self.index.search(np.ascontiguousarray(queries[todo]), depth, params=params)
         except Exception as exc:  # noqa: BLE001 - the CPU index answers from now on
             self.failed = f"{type(exc).__name__}: {exc}"
-            log.exception("gpu_mirror_failed", device=self.device, k=k, depth=depth)
-            return self._declined()
-        scores, slots = scores[0], slots[0]
-        keep = slots >= 0
-        if mask is not None:
-            keep[keep] = mask[slots[keep]]
-        scores, slots = scores[keep][:k], slots[keep][:k]
-        if len(slots) < k:
-            return self._declined()  # the filter left too few: the CPU index searches with its selector
-        self.counts.answered += 1
-        return scores.astype(np.float32, copy=False), slots
+            log.exception("gpu_mirror_failed", device=self.device, queries=len(todo), depth=depth)
+            self.counts.declined += len(todo)
+            return out
+        for row, i in enumerate(todo):
+            keep = slots[row] >= 0
+            if masks[i] is not None:
+                keep[keep] = masks[i][slots[row][keep]]
+            found_scores, found = scores[row][keep][: ks[i]], slots[row][keep][: ks[i]]
+            if len(found) < ks[i]:
+                self.counts.declined += 1  # the filter left too few: the CPU index searches with its selector
+                continue
+            self.counts.answered += 1
+            out[i] = (found_scores.astype(np.float32, copy=False), found)
+        return out
 
-    def _declined(self) -> None:
-        self.counts.declined += 1
-        return None
+    def _depth(self, k: int, mask: np.ndarray | None) -> int | None:
+        """How deep to search for k that pass `mask`, or None when the GPU cannot go that deep."""
+        if k > self.max_k:
+            return None
+        if mask is None:
+            return k
+        # Deep enough that k survive the filter when the allowed entries are spread evenly,
+        # with margin; capped at what the GPU selects. A filter so narrow that even that
+        # depth is unlikely to leave k goes straight to the CPU index.
+        passing = np.count_nonzero(mask) / max(int(self.index.ntotal), 1)
+        wanted = int(np.ceil(k / max(passing, 1e-9) * 1.2)) + 16
+        if wanted > 4 * self.max_k:
+            return None
+        return min(wanted, self.max_k)
 
 
 _gpu_resources: dict[int, tuple] = {}
@@ -315,10 +330,10 @@ class Ann:
         return int(self.index.remove_ids(faiss.IDSelectorBatch(slots)))
 
     def search(
-        self, query: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int, ef_search: int
+        self, query: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int, ef_search: int, gpu: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top k of the entries `mask` allows (None: every entry)."""
-        if self.mirror is not None:
+        """Top k of the entries `mask` allows (None: every entry); `gpu`: the GPU copy may answer."""
+        if gpu and self.mirror is not None:
             found = self.mirror.search(query, k, mask, nprobe)
             if found is not None:
                 return found

@@ -138,6 +138,17 @@ class _Slots:
             setattr(self, name, new)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one search is answered, decided under the read lock: exactly, or by the approximate index."""
+
+    k: int  # results wanted: min(k, posts passing the filter)
+    mask: np.ndarray  # slots the filter allows
+    filtered: bool
+    passing: float  # fraction of live posts the filter allows
+    exact: bool
+
+
 @dataclass
 class _Build:
     """A background (re)build of the approximate index."""
@@ -686,26 +697,43 @@ class ShardIndex:
         query = self.prepare(query)[0]
         faiss_ann.use_threads(self.options.search_threads)
         with self._lock.read():
-            live = len(self._slot_of)
-            if not live:
-                return _EMPTY
-            filtered = filt is not None and not filt.is_empty
-            mask = self._allowed(filt) if filtered else self._slots.alive[: self._next_slot]
-            available = int(np.count_nonzero(mask)) if filtered else live
-            if not available:
-                return _EMPTY
-            k_eff = min(k, available)
-            ann = self._ann
-            if ann is None or available <= 4 * k_eff or available < self.options.exact_filter_fraction * live:
-                scores, slots = self._store.search(query, k_eff, mask)
-            else:
-                scores, slots = self._ann_search(ann, query, k_eff, mask, filtered, available / live)
-            return self._slots.post_id[slots].copy(), scores
+            plan = self._plan(k, filt)
+            return _EMPTY if plan is None else self._answer(query, plan)
+
+    def _plan(self, k: int, filt: SearchFilter | None) -> _Plan | None:
+        """Under the read lock: how to answer a top-k search under `filt`; None when nothing passes."""
+        live = len(self._slot_of)
+        if not live:
+            return None
+        filtered = filt is not None and not filt.is_empty
+        mask = self._allowed(filt) if filtered else self._slots.alive[: self._next_slot]
+        available = int(np.count_nonzero(mask)) if filtered else live
+        if not available:
+            return None
+        k_eff = min(k, available)
+        exact = (self._ann is None or available <= 4 * k_eff
+                 or available < self.options.exact_filter_fraction * live)
+        return _Plan(k_eff, mask, filtered, available / live, exact)
+
+    def _answer(
+        self, query: np.ndarray, plan: _Plan, batched: tuple[np.ndarray, np.ndarray] | None = None, gpu: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Under the read lock: post ids and scores for one planned search (see `_ann_search`)."""
+        if plan.exact:
+            scores, slots = self._store.search(query, plan.k, plan.mask)
+        else:
+            scores, slots = self._ann_search(self._ann, query, plan.k, plan.mask, plan.filtered, plan.passing,
+                                             batched, gpu)
+        return self._slots.post_id[slots].copy(), scores
 
     @property
     def batches_searches(self) -> bool:
-        """True when search_batch reads the rows once for the whole batch (the torch store)."""
-        return isinstance(self._store, TorchStore)
+        """True when search_batch answers a batch in one pass: over the torch store's rows,
+        or through a GPU copy of the approximate index (one GPU search for the batch)."""
+        if isinstance(self._store, TorchStore):
+            return True
+        ann = self._ann
+        return ann is not None and ann.mirror is not None and not ann.mirror.failed
 
     def search_batch(
         self, queries: np.ndarray, ks: Sequence[int], filts: Sequence[SearchFilter | None]
@@ -717,8 +745,10 @@ class ShardIndex:
         """
         if not (len(queries) == len(ks) == len(filts)):
             raise ValueError(f"{len(queries)} queries, {len(ks)} ks and {len(filts)} filters")
-        if not self.batches_searches:
-            return [self.search(q, k, f) for q, k, f in zip(queries, ks, filts)]
+        if not isinstance(self._store, TorchStore):
+            if not self.batches_searches:
+                return [self.search(q, k, f) for q, k, f in zip(queries, ks, filts)]
+            return self._search_batch_on_gpu(queries, ks, filts)
         queries = self.prepare(queries)
         with self._lock.read():
             live = len(self._slot_of)
@@ -756,6 +786,33 @@ class ShardIndex:
                 out.append((self._slots.post_id[sl].copy(), s))
             return out
 
+    def _search_batch_on_gpu(
+        self, queries: np.ndarray, ks: Sequence[int], filts: Sequence[SearchFilter | None]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """search_batch through the GPU copy: the queries the approximate index answers go to
+        the GPU in one search (the GPU costs about the same for one query as for a batch, and
+        its searches are serialised); each is then finished as `search` finishes it, and what
+        the copy declines is searched on the CPU index as alone."""
+        queries = self.prepare(queries)
+        faiss_ann.use_threads(self.options.search_threads)
+        with self._lock.read():
+            plans = [self._plan(int(k), f) for k, f in zip(ks, filts)]
+            ann = self._ann
+            todo = [i for i, p in enumerate(plans) if p is not None and not p.exact]
+            answers: dict[int, tuple | None] = {}
+            if todo and ann is not None and ann.mirror is not None:
+                found = ann.mirror.search_batch(
+                    queries[todo],
+                    [plans[i].k for i in todo],
+                    [self._ann_mask(plans[i].mask, plans[i].filtered) for i in todo],
+                    [self.search_breadth(ann, plans[i].k, plans[i].passing)[0] for i in todo],
+                )
+                answers = dict(zip(todo, found))
+            return [
+                _EMPTY if p is None else self._answer(q, p, answers.get(i), gpu=i not in answers)
+                for i, (q, p) in enumerate(zip(queries, plans))
+            ]
+
     def search_breadth(self, ann: Ann, k: int, passing: float) -> tuple[int, int]:
         """(nprobe, efSearch) for a top-k search where a fraction `passing` of posts pass the filter.
 
@@ -773,18 +830,31 @@ class ShardIndex:
             nprobe = max(nprobe, int(np.ceil(4 * k * nlist / max(ann.ntotal, 1))))
         return int(np.ceil(nprobe * scale)), int(np.ceil(max(opts.ef_search, k) * scale))
 
+    def _ann_mask(self, mask: np.ndarray, filtered: bool) -> np.ndarray | None:
+        """The index entries a search may return; None: all of them (no filter, no tombstones)."""
+        if not (filtered or self.tombstones):
+            return None
+        return mask & self._slots.in_ann[: self._next_slot]
+
     def _ann_search(
-        self, ann: Ann, query: np.ndarray, k: int, mask: np.ndarray, filtered: bool, passing: float = 1.0
+        self, ann: Ann, query: np.ndarray, k: int, mask: np.ndarray, filtered: bool, passing: float = 1.0,
+        batched: tuple[np.ndarray, np.ndarray] | None = None, gpu: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """The approximate index's top k of `mask`, with posts it does not hold yet searched exactly.
+
+        `batched`: the GPU copy's answer from a batched search, used for the first attempt;
+        `gpu`: whether this search may ask the GPU copy (a batch already did).
+        """
         n = self._next_slot
-        in_ann = self._slots.in_ann[:n]
-        buffered = (mask & ~in_ann) if filtered else self._buffered()
-        # Without a filter or tombstones every entry of the index is allowed: no selector needed.
-        ann_mask = (mask & in_ann) if (filtered or self.tombstones) else None
+        buffered = (mask & ~self._slots.in_ann[:n]) if filtered else self._buffered()
+        ann_mask = self._ann_mask(mask, filtered)
         extra = self._store.search(query, k, buffered) if buffered is not None and buffered.any() else None
         nprobe, ef = self.search_breadth(ann, k, passing)
         for widen in (1, 8):
-            scores, slots = ann.search(query, k, ann_mask, nprobe * widen, ef * widen)
+            if widen == 1 and batched is not None:
+                scores, slots = batched
+            else:
+                scores, slots = ann.search(query, k, ann_mask, nprobe * widen, ef * widen, gpu=gpu)
             if extra is not None:
                 scores = np.concatenate([scores, extra[0]])
                 slots = np.concatenate([slots, extra[1]])

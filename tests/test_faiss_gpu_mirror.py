@@ -11,6 +11,7 @@ and whatever the copy cannot answer the CPU index does.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 
 import faiss
@@ -262,3 +263,102 @@ def test_searches_writes_and_background_rebuilds_run_together_on_the_gpu_copy():
     assert len(ix) == 6000 - len(gone) == info["ann_entries"] - info["tombstones"] and info["buffered"] == 0
     assert ix.device == "cuda:0" and mirror(ix).index.ntotal == ix._ann.ntotal
     assert ix.gpu_searches.answered > 0
+
+
+class CountingIndex:
+    """Wraps a copy's faiss index, recording how many queries each search call carried."""
+
+    def __init__(self, index) -> None:
+        self.index = index
+        self.calls: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self.index, name)
+
+    def search(self, queries, k, params=None):
+        self.calls.append(len(queries))
+        return self.index.search(queries, k, params=params)
+
+
+def mixed_batch(ix, ref, ids, rng):
+    """Queries with every kind of answer: plain, each filter, one too narrow for the copy, k above its limit."""
+    seen = ref.exact(unit(rng, 1)[0], 20)
+    queries = unit(rng, 8)
+    ks = [10, 50, 40, 30, 60, 100, 30, 2000]
+    filts = [None, SearchFilter(languages=["en"]), SearchFilter(exclude_post_ids=seen),
+             SearchFilter(min_created_at=500.0), None, None, SearchFilter(languages=["de"]), None]
+    return queries, ks, filts
+
+
+def test_concurrent_searches_reach_the_gpu_copy_as_one_search_with_the_answers_each_would_get_alone():
+    class SmallGpu(OneGpuShard):
+        max_k = 64
+
+    ix, ref, ids, vecs, rng = filled(replace(IVF, nprobe=16), cls=SmallGpu)  # every list probed: exact
+    ref.delete(ix, ids[:200])  # tombstones in the copy
+    assert ix.batches_searches
+    queries, ks, filts = mixed_batch(ix, ref, ids, rng)
+    alone = [ix.search(q, k, f) for q, k, f in zip(queries, ks, filts)]
+    counting = mirror(ix).index = CountingIndex(mirror(ix).index)
+    m = ix.gpu_searches
+    answered, declined = m.answered, m.declined
+    batched = ix.search_batch(queries, ks, filts)
+    for (a, sa), (b, sb), q, k, f in zip(alone, batched, queries, ks, filts):
+        assert a.tolist() == b.tolist() == ref.exact(q, k, f)
+        np.testing.assert_allclose(sa, sb, atol=1e-5)
+    # One GPU search for five of them. k=100 is above the copy's limit and the 10% filter
+    # would need a depth far beyond it: the CPU index answers those two; k=2,000 is more
+    # than the shard holds, searched exactly without asking the copy.
+    assert counting.calls == [5]
+    assert (m.answered - answered, m.declined - declined) == (5, 2)
+
+
+def test_a_gpu_batch_that_fails_is_answered_by_the_cpu_index_and_the_copy_dropped():
+    ix, ref, ids, vecs, rng = filled()
+    queries, ks, filts = mixed_batch(ix, ref, ids, rng)
+
+    class Broken:
+        ntotal = 2000
+
+        def search(self, *a, **kw):
+            raise RuntimeError("CUDA error: out of memory")
+
+    mirror(ix).index = Broken()
+    for (got, scores), q, k, f in zip(ix.search_batch(queries, ks, filts), queries, ks, filts):
+        matching = ref.matching(f)
+        assert len(got) == min(k, len(matching)) and set(got.tolist()) <= set(matching)
+    assert "out of memory" in mirror(ix).failed and not ix.batches_searches
+    assert ix.search_batch(queries[:1], ks[:1], filts[:1])[0][0].tolist() == ix.search(queries[0], ks[0])[0].tolist()
+
+
+def test_a_shard_without_a_gpu_copy_does_not_batch_its_faiss_searches():
+    cpu, _, _, _, _ = filled(replace(IVF, device="cpu"), cls=ShardIndex)
+    assert not cpu.batches_searches
+    hnsw = OneGpuShard(D, options=IndexOptions(index_factory="HNSW16", device="auto"))
+    assert not hnsw.batches_searches
+
+
+def test_the_shard_batcher_coalesces_searches_waiting_on_the_gpu():
+    from feedret.indexer.batcher import SearchBatcher
+
+    ix, ref, ids, vecs, rng = filled()
+    counting = mirror(ix).index = CountingIndex(mirror(ix).index)
+    batcher = SearchBatcher(max_batch=16)
+    queries = unit(rng, 8)
+    results: dict[int, np.ndarray] = {}
+    try:
+        with mirror(ix).lock:  # the GPU busy: the first query waits, the rest queue behind it
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.search(ix, queries[i], 20)[0]))
+                       for i in range(8)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 10
+            while len(batcher._queue) < 7 and time.monotonic() < deadline:
+                time.sleep(0.005)
+        for t in threads:
+            t.join(10)
+    finally:
+        batcher.close()
+    assert counting.calls == [1, 7], "the seven that queued went to the GPU together"
+    for i, q in enumerate(queries):
+        assert results[i].tolist() == ix.search(q, 20)[0].tolist()

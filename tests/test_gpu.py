@@ -118,6 +118,12 @@ def test_the_faiss_gpu_copy_matches_the_cpu_index():
         if device != "cpu":
             info = ix.info()
             assert info["gpu_searches"] > 0 and info["gpu_declined"] > 0  # k=3,000 goes to the CPU index
+            # Concurrent searches go to the GPU as one search, with the answers each gets alone.
+            assert ix.batches_searches
+            cases = [(q, k, f) for q in vecs[5:9] for k in (100, 2000) for f in filters]
+            batched = ix.search_batch(np.stack([c[0] for c in cases]), [c[1] for c in cases], [c[2] for c in cases])
+            for (q, k, f), (got, _) in zip(cases, batched):
+                assert overlap(got.tolist(), ix.search(q, k, f)[0].tolist()) >= 0.99
     for per_filter_cpu, per_filter_gpu in zip(out["cpu"], out["cuda:0"]):
         for a, b in zip(per_filter_cpu, per_filter_gpu):
             assert len(a) == len(b) and a[:10] == b[:10] and overlap(a, b) >= 0.99
