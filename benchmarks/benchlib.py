@@ -18,8 +18,10 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -83,6 +85,28 @@ def machine_lines() -> list[str]:
         f"- python {platform.python_version()}, faiss {faiss.__version__}, numpy {np.__version__}; "
         f"code: `git describe --always --dirty` = {git_describe()}",
     ]
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that ran a benchmark, relative to the working directory, for its report."""
+    args = argv if argv is not None else sys.argv[1:]
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(script, Path.cwd()), *args])
+
+
+def write_outputs(text: str, out: Path | None, json_path: Path | None, payload: dict) -> None:
+    """Print the report; write it to `out` and `payload` as JSON to `json_path` when given."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(payload, indent=1, default=str))
+
+
+def report_head(title: str, summary: str, command: str) -> list[str]:
+    """A report's first lines: title, the one-line result, the command that produced it, the machine heading."""
+    return [f"# {title}", "", summary, "", "```", command, "```", "", "## Machine", ""]
 
 
 def git_describe() -> str:

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import shlex
 import struct
 import subprocess
 import sys
@@ -83,10 +81,21 @@ def merge(parts: list[bytes], k: int) -> bytes:
 # ------------------------------------------------------------------ the bare servers
 
 
+def serve_bytes(port: int, search) -> None:
+    """A thread-pool gRPC server answering /floor.Floor/Search with `search(bytes, context) -> bytes`, forever."""
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "floor.Floor", {"Search": grpc.unary_unary_rpc_method_handler(search)}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
 def serve_shard(snapshot: Path, shard: int, num_shards: int, port: int, factory: str, nprobe: int, ef_search: int) -> None:
     """A shard with nothing but the search: feedret's snapshot loaded, its faiss index searched raw."""
     import faiss
-    import grpc
 
     from feedret.config import ShardConfig
     from feedret.indexer import snapshot as snapshots
@@ -118,12 +127,7 @@ def serve_shard(snapshot: Path, shard: int, num_shards: int, port: int, factory:
         valid = slots[0] >= 0
         return encode_hits(post_id[slots[0][valid]], scores[0][valid])
 
-    server = grpc.server(futures.ThreadPoolExecutor(4), options=OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "floor.Floor", {"Search": grpc.unary_unary_rpc_method_handler(search)}),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    server.wait_for_termination()
+    serve_bytes(port, search)
 
 
 def serve_root_threads(port: int, shards: list[str], sigmas: float) -> None:
@@ -141,12 +145,7 @@ def serve_root_threads(port: int, shards: list[str], sigmas: float) -> None:
         parts = [f.result() for f in [pool.submit(c, ask, timeout=5) for c in calls]]
         return merge(parts, k)
 
-    server = grpc.server(futures.ThreadPoolExecutor(4), options=OPTIONS)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "floor.Floor", {"Search": grpc.unary_unary_rpc_method_handler(search)}),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    server.wait_for_termination()
+    serve_bytes(port, search)
 
 
 def serve_root_asyncio(port: int, shards: list[str], sigmas: float) -> None:
@@ -321,18 +320,13 @@ def report(args, spec: DataSpec, res: dict, command: str, machine: list[str]) ->
     s = res["systems"]
     floor = min(s["floor_threads"]["p50_ms"], s["floor_asyncio"]["p50_ms"])
     lines = [
-        "# The serving path's floor: bare gRPC in the same topology vs feedret vs raw faiss",
-        "",
-        f"k = {res['k']:,}, {res['index']}: feedret / raw faiss (p50) **{s['feedret']['over_raw']:.2f}**; "
-        f"the best bare-gRPC floor / raw faiss **{floor / s['raw']['p50_ms']:.2f}**; "
-        f"feedret / that floor **{s['feedret']['p50_ms'] / floor:.2f}** (issue #4 target: feedret / raw ≤ 1.3).",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        "## Machine",
-        "",
+        *benchlib.report_head(
+            "The serving path's floor: bare gRPC in the same topology vs feedret vs raw faiss",
+            f"k = {res['k']:,}, {res['index']}: feedret / raw faiss (p50) **{s['feedret']['over_raw']:.2f}**; "
+            f"the best bare-gRPC floor / raw faiss **{floor / s['raw']['p50_ms']:.2f}**; "
+            f"feedret / that floor **{s['feedret']['p50_ms'] / floor:.2f}** (issue #4 target: feedret / raw ≤ 1.3).",
+            command,
+        ),
         *machine,
         f"- load average before → after: {res['load_before']} → {res['load_after']}",
         "",
@@ -378,20 +372,13 @@ def main(argv: list[str] | None = None) -> dict:
         serve = serve_root_threads if args.serve == "root-threads" else serve_root_asyncio
         serve(args.port, args.targets.split(","), RootConfig().shard_depth_sigmas)
         return {}
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, Path.cwd()),
-                                                           *(argv if argv is not None else sys.argv[1:])])
+    command = benchlib.command_line(__file__, argv)
     machine = benchlib.machine_lines()
     spec = DataSpec(n=args.n, dim=args.dim, queries=args.queries)
     log(f"data: {spec.describe()}")
     res = measure(args, spec)
-    text = report(args, spec, res, command, machine)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": command, "result": res}, indent=1))
+    benchlib.write_outputs(report(args, spec, res, command, machine), args.out, args.json,
+                           {"command": command, "result": res})
     return res
 
 

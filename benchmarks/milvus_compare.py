@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -277,16 +276,11 @@ def report(args, spec: DataSpec, results: list[dict], command: str, machine: lis
     k0 = args.k[0]
     head = ", ".join(f"{r['kind']} **{r['k'][k0]['qps_ratio_c']:.2f}x**" for r in results)
     lines = [
-        "# feedret vs milvus-lite: throughput at matched recall, and insert-to-searchable",
-        "",
-        f"feedret QPS / milvus-lite QPS with {args.concurrency} clients at k={k0:,}: {head} (goal: 3x).",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        "## Machine",
-        "",
+        *benchlib.report_head(
+            "feedret vs milvus-lite: throughput at matched recall, and insert-to-searchable",
+            f"feedret QPS / milvus-lite QPS with {args.concurrency} clients at k={k0:,}: {head} (goal: 3x).",
+            command,
+        ),
         *machine,
         f"- {versions}",
         "- load average (`uptime`: 1, 5, 15 min) before / after each measurement: in the tables",
@@ -393,8 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
         import pymilvus
     except ImportError:
         raise SystemExit("milvus_compare needs milvus-lite and pymilvus: pip install -e '.[bench]'")
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, Path.cwd()),
-                                                           *(argv if argv is not None else sys.argv[1:])])
+    command = benchlib.command_line(__file__, argv)
     machine = benchlib.machine_lines()
     versions = f"pymilvus {pymilvus.__version__}, milvus-lite {milvus_lite.__version__}"
     spec = DataSpec(n=args.n, dim=args.dim, queries=args.queries, seed=args.seed, kind=args.data)
@@ -402,16 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
     vectors, queries = benchlib.dataset(spec, args.cache_dir)
     truth = benchlib.ground_truth(spec, vectors, queries, max(args.k), args.cache_dir)
     results = [measure_kind(args, spec, vectors, queries, truth, kind) for kind in args.index]
-    text = report(args, spec, results, command, machine, versions)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+    benchlib.write_outputs(report(args, spec, results, command, machine, versions), args.out, args.json,
+                           {"command": command, "results": results})
     if args.plot:
         plot(args, results, args.plot)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": command, "results": results}, indent=1, default=str))
     return {"results": results}
 
 

@@ -29,9 +29,7 @@ The defaults are a smoke run (20,000 vectors, small indexes) that takes well und
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -203,16 +201,11 @@ def report(args, spec: DataSpec, results: list[dict], command: str, machine: lis
     kmax = max(args.k)
     head = ", ".join(f"{r['index']} **{r['k'][kmax]['ratio_p50']:.2f}**" for r in results)
     lines = [
-        "# Search latency: feedret (client → root → shards over gRPC) vs raw faiss in-process",
-        "",
-        f"End-to-end p50 over raw-faiss p50 at k={kmax:,}: {head} (issue #4 target: ≤ 1.3).",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        "## Machine",
-        "",
+        *benchlib.report_head(
+            "Search latency: feedret (client → root → shards over gRPC) vs raw faiss in-process",
+            f"End-to-end p50 over raw-faiss p50 at k={kmax:,}: {head} (issue #4 target: ≤ 1.3).",
+            command,
+        ),
         *machine,
         "- load average (`uptime`: 1, 5, 15 min) before / after each measurement: in the table below",
         "",
@@ -318,8 +311,7 @@ def plot(args, results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, Path.cwd()),
-                                                           *(argv if argv is not None else sys.argv[1:])])
+    command = benchlib.command_line(__file__, argv)
     machine = benchlib.machine_lines()
     spec = DataSpec(n=args.n, dim=args.dim, queries=args.queries, seed=args.seed, kind=args.data)
     log(f"data: {spec.describe()}")
@@ -332,16 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
             benchlib.raw_index(spec, vectors, factory, args.cache_dir, log=log)
         return {"results": []}
     results = [measure_index(args, spec, vectors, queries, truth, factory) for factory in args.index]
-    text = report(args, spec, results, command, machine)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+    benchlib.write_outputs(report(args, spec, results, command, machine), args.out, args.json,
+                           {"command": command, "results": results})
     if args.plot:
         plot(args, results, args.plot)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": command, "results": results}, indent=1, default=str))
     return {"results": results}
 
 
