@@ -127,6 +127,11 @@ class EncoderConfig(_Settings):
     max_length: int = Field(default=128, ge=8)
     batch_size: int = Field(default=64, ge=1)
     torch_threads: int = Field(default=0, ge=0)  # 0: the backend's default; onnx: intra-op threads
+    # Idle intra-op threads spin for the next request (torch: OMP_WAIT_POLICY=ACTIVE, onnxruntime:
+    # allow_spinning) instead of sleeping. Off: spinning took 2.8-4x the CPU per request for
+    # at most ~1 ms less latency (benchmarks/results/encoder_idle_cpu.md), CPU a pod's limit
+    # then throttles away from the requests.
+    spin_wait: bool = False
     # onnx backend only; None: <model_dir>/onnx/model.onnx (model-<pooling>.onnx for a pooling override).
     onnx_path: Path | None = None
 

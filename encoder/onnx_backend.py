@@ -459,11 +459,13 @@ class OnnxEncoder(BaseEncoder):
         torch_threads: int | None = None,
         pooling: str | None = None,
         onnx_path: str | Path | None = None,
+        spin_wait: bool = False,
     ) -> "OnnxEncoder":
         """Load the export for the model at path (exporting it first if missing).
 
         torch_threads sets onnxruntime's intra-op threads (None: onnxruntime's default),
-        so the same setting means the same thing for both backends.
+        so the same setting means the same thing for both backends. spin_wait: idle
+        intra-op threads spin for the next run (onnxruntime's default) instead of sleeping.
         """
         ort = _onnxruntime()
 
@@ -482,6 +484,7 @@ class OnnxEncoder(BaseEncoder):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = int(torch_threads or 0)
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         options.log_severity_level = 3  # errors only: the server's logs are structlog lines
         session = ort.InferenceSession(str(onnx_file), sess_options=options, providers=providers)
         if device == "cuda" and CUDA_PROVIDER not in session.get_providers():

@@ -40,8 +40,24 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def openmp_wait_policy(spin: bool) -> str:
+    """Set how torch's idle OpenMP threads wait (`EncoderConfig.spin_wait`); returns the policy in force.
+
+    OpenMP reads OMP_WAIT_POLICY once, when torch loads it, so this must run before torch
+    is imported; an OMP_WAIT_POLICY already in the environment (set by the operator) wins.
+    """
+    import os
+    import sys
+
+    wanted = "ACTIVE" if spin else "PASSIVE"
+    if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != wanted:
+        log.warning("openmp_wait_policy_too_late", wanted=wanted, reason="torch was imported before the encoder")
+    return os.environ.setdefault("OMP_WAIT_POLICY", wanted)
+
+
 def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.BaseEncoder
     """The encoder the config asks for: torch (`Encoder`) or onnxruntime (`OnnxEncoder`)."""
+    openmp_wait_policy(config.spin_wait)
     kwargs = dict(
         device=config.device,
         max_length=config.max_length,
@@ -55,7 +71,8 @@ def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.BaseEncoder
     if config.backend == "onnx":
         from feedret.encoder.onnx_backend import OnnxEncoder
 
-        encoder = OnnxEncoder.from_pretrained(config.model_dir, onnx_path=config.onnx_path, **kwargs)
+        encoder = OnnxEncoder.from_pretrained(config.model_dir, onnx_path=config.onnx_path,
+                                              spin_wait=config.spin_wait, **kwargs)
     else:
         from feedret.encoder.model import Encoder
 

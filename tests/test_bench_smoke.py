@@ -64,6 +64,17 @@ def test_grpc_floor_smoke(tmp_path):
     assert systems["floor_threads"]["recall"] == systems["floor_asyncio"]["recall"] == systems["feedret"]["recall"] > 0.5
 
 
+def test_encoder_idle_cpu_smoke(tmp_path):
+    out = tmp_path / "idle.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "encoder_idle_cpu.py"), "--backend", "torch",
+                           "--requests", "5", "--repeats", "1", "--interval-ms", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    # Each policy reached torch's OpenMP through a fresh process.
+    assert "| torch | sleep (PASSIVE) |" in report and "| torch | spin (ACTIVE) |" in report
+
+
 @pytest.mark.parametrize("script", ["search_latency.py", "milvus_compare.py", "grpc_floor.py"])
 def test_help(script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,

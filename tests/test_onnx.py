@@ -4,6 +4,7 @@ Everything is exported into tmp_path (a copy of the model directory), never into
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,35 @@ def test_backend_is_chosen_by_encoder_config(model_dir, tmp_path, monkeypatch):
     assert EncoderConfig(backend="onnx", onnx_path="").onnx_path is None  # empty env var: the default path
     with pytest.raises(ValueError, match="unknown encoder backend 'tensorrt'; available: torch, onnx"):
         EncoderConfig(backend="tensorrt")
+
+
+def test_idle_threads_sleep_between_requests_unless_spinning_is_asked_for(model_dir):
+    # Spinning took 3-4x the CPU per request for under 1 ms (benchmarks/results/encoder_idle_cpu.md).
+    def spins(encoder) -> str:
+        return encoder.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert spins(OnnxEncoder.from_pretrained(model_dir)) == "0"
+    assert spins(OnnxEncoder.from_pretrained(model_dir, spin_wait=True)) == "1"
+    assert spins(load_encoder(EncoderConfig(backend="onnx", model_dir=model_dir, spin_wait=True))) == "1"
+
+    # torch's OpenMP threads: the policy goes into the environment before torch loads, in
+    # the member and consumer processes as `feedret serve` starts them; an operator's own wins.
+    code = (
+        "import os, sys\n"
+        "import feedret.server.member, feedret.consumer.service\n"
+        "from feedret.config import EncoderConfig\n"
+        "from feedret.server.roles import load_encoder\n"
+        f"load_encoder(EncoderConfig(backend='torch', model_dir={str(model_dir)!r}))\n"
+        "print(os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "FEEDRET_SPIN_WAIT")}
+    policy = {}
+    for name, extra in {"default": {}, "spin": {"FEEDRET_SPIN_WAIT": "true"},
+                        "operator": {"OMP_WAIT_POLICY": "active"}}.items():
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             timeout=120, check=True)
+        policy[name] = out.stdout.strip().splitlines()[-1]
+    assert policy == {"default": "PASSIVE", "spin": "ACTIVE", "operator": "active"}
 
 
 def test_serving_from_an_existing_export_does_not_import_torch(model_dir):
