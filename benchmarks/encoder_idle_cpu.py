@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backend", action="append", choices=["torch", "onnx"], help="repeatable (default both)")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--interval-ms", type=float, default=5.0, help="time between one reply and the next request")
+    p.add_argument("--batch", type=int, default=64, help="posts per micro-batch in the consumer's measurement")
+    p.add_argument("--batches", type=int, default=40, help="micro-batches embedded back to back")
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per backend and policy")
     p.add_argument("--out", type=Path)
     p.add_argument("--json", type=Path)
@@ -44,6 +46,7 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
 
     from feedret.config import EncoderConfig
+    from feedret.events import PostEvent
     from feedret.members import ActivityItem, MemberProfile
     from feedret.server.roles import load_encoder
 
@@ -65,14 +68,25 @@ def child(args: argparse.Namespace) -> None:
         latency.append(time.perf_counter() - started)
         time.sleep(args.interval_ms / 1000)
     cpu = time.process_time() - cpu0
+    # The consumer's side: micro-batches of posts back to back, as during a backlog.
+    posts = [PostEvent(post_id=i, op="upsert", text=f"a film about space travel and friendship, part {i}",
+                       created_at=time.time() - i * 60, lang="en", features={"likes": float(i % 50)})
+             for i in range(args.batch)]
+    encoder.embed_posts(posts)
+    started = time.perf_counter()
+    for _ in range(args.batches):
+        encoder.embed_posts(posts)
+    posts_per_s = args.batch * args.batches / (time.perf_counter() - started)
     print(json.dumps({"p50_ms": float(np.percentile(latency, 50)) * 1e3, "p99_ms": float(np.percentile(latency, 99)) * 1e3,
-                      "cpu_ms_per_request": cpu / len(members) * 1e3, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
+                      "cpu_ms_per_request": cpu / len(members) * 1e3, "posts_per_s": posts_per_s,
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
 
 
 def measure(args: argparse.Namespace, backend: str, spin: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "FEEDRET_SPIN_WAIT")}
     out = subprocess.run([sys.executable, __file__, "--child", f"{backend}:{spin}", "--model-dir", str(args.model_dir),
-                          "--requests", str(args.requests), "--interval-ms", str(args.interval_ms)],
+                          "--requests", str(args.requests), "--interval-ms", str(args.interval_ms),
+                          "--batch", str(args.batch), "--batches", str(args.batches)],
                          env=env, capture_output=True, text=True, check=True, timeout=600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -96,20 +110,24 @@ def main(argv: list[str] | None = None) -> dict:
         values = sorted(r[field] for r in runs[key])
         return values[len(values) // 2]
 
-    rows, ratios = [], []
+    rows, ratios, rates = [], [], []
     for backend in backends:
         s, p = f"{backend}:spin", f"{backend}:sleep"
-        ratio = mid(s, "cpu_ms_per_request") / mid(p, "cpu_ms_per_request")
-        ratios.append(f"{backend} **{ratio:.1f}x**")
+        ratios.append(f"{backend} **{mid(s, 'cpu_ms_per_request') / mid(p, 'cpu_ms_per_request'):.1f}x**")
+        rates.append(f"{backend} {mid(p, 'posts_per_s') / mid(s, 'posts_per_s'):.2f}")
         for key in (p, s):
             cpu = ", ".join(f"{r['cpu_ms_per_request']:.2f}" for r in runs[key])
             p50 = ", ".join(f"{r['p50_ms']:.2f}" for r in runs[key])
             p99 = ", ".join(f"{r['p99_ms']:.2f}" for r in runs[key])
-            rows.append(f"| {backend} | {key.split(':')[1]} ({runs[key][0]['omp_wait_policy']}) | {cpu} | {p50} | {p99} |")
+            rate = ", ".join(f"{r['posts_per_s']:,.0f}" for r in runs[key])
+            how = {"torch": runs[key][0]["omp_wait_policy"] or "OpenMP's default", "onnx": "allow_spinning "
+                   + ("1" if key.endswith("spin") else "0")}[backend]
+            rows.append(f"| {backend} | {key.split(':')[1]} ({how}) | {cpu} | {p50} | {p99} | {rate} |")
     lines = [
         *benchlib.report_head(
-            "Encoder CPU per request: idle threads spinning vs sleeping",
-            f"CPU per request, spinning over sleeping (median of {args.repeats} processes): {', '.join(ratios)}.",
+            "Encoder idle threads spinning vs sleeping: CPU per member request, consumer throughput",
+            f"Member requests, CPU per request spinning over sleeping (median of {args.repeats} processes): "
+            f"{', '.join(ratios)}. Consumer throughput, sleeping over spinning: {', '.join(rates)}.",
             command,
         ),
         *benchlib.machine_lines(),
@@ -118,15 +136,17 @@ def main(argv: list[str] | None = None) -> dict:
         "## Setup",
         "",
         f"- model: `{os.path.relpath(args.model_dir, ROOT)}`, loaded by `load_encoder` as `feedret serve member` does; "
-        f"{args.requests} members (a feature and up to 6 liked posts each), one per request, {args.interval_ms:g} ms between a reply and the next request",
+        f"{args.requests} members (a feature and up to 6 liked posts each), one per request, {args.interval_ms:g} ms between a reply and the next request; "
+        f"then, as the consumer does during a backlog, {args.batches} micro-batches of {args.batch} posts back to back",
         "- each row: a fresh process (OpenMP reads its wait policy when torch loads); "
-        "`spin` = `FEEDRET_SPIN_WAIT=true` (torch: OMP_WAIT_POLICY=ACTIVE; onnxruntime: allow_spinning 1, "
-        "its default), `sleep` = feedret's default (OMP_WAIT_POLICY=PASSIVE, allow_spinning 0)",
+        "`spin` = `FEEDRET_SPIN_WAIT=true`, the consumer's default (torch: OpenMP's own bounded spin, "
+        "OMP_WAIT_POLICY unset; onnxruntime: allow_spinning 1, its default), `sleep` = `FEEDRET_SPIN_WAIT=false`, "
+        "the member service's default (OMP_WAIT_POLICY=PASSIVE, allow_spinning 0)",
         "",
         "## Results (one figure per process, in run order)",
         "",
-        "| backend | idle threads | CPU ms per request | p50 ms | p99 ms |",
-        "|---|---|---:|---:|---:|",
+        "| backend | idle threads | member requests: CPU ms per request | p50 ms | p99 ms | consumer: posts/s, batches back to back |",
+        "|---|---|---:|---:|---:|---:|",
         *rows,
     ]
     benchlib.write_outputs("\n".join(lines) + "\n", args.out, args.json, {"command": command, "runs": runs})

@@ -127,11 +127,14 @@ class EncoderConfig(_Settings):
     max_length: int = Field(default=128, ge=8)
     batch_size: int = Field(default=64, ge=1)
     torch_threads: int = Field(default=0, ge=0)  # 0: the backend's default; onnx: intra-op threads
-    # Idle intra-op threads spin for the next request (torch: OMP_WAIT_POLICY=ACTIVE, onnxruntime:
-    # allow_spinning) instead of sleeping. Off: spinning took 2.8-4x the CPU per request for
-    # at most ~1 ms less latency (benchmarks/results/encoder_idle_cpu.md), CPU a pod's limit
-    # then throttles away from the requests.
-    spin_wait: bool = False
+    # Whether idle intra-op threads spin a while for the next piece of work (OpenMP's and
+    # onnxruntime's own default) or sleep at once (torch: OMP_WAIT_POLICY=PASSIVE; onnxruntime:
+    # allow_spinning 0). Unset: the role decides. The member service sleeps: with a request
+    # every 5 ms, spinning took 2.6x (torch) and 3.7x (onnxruntime) the CPU per request, CPU a
+    # pod's limit throttles away from the requests, for a p50 ~1.2 ms lower with torch and no
+    # lower with onnxruntime. The consumer spins: back-to-back batches embedded 1.33x faster
+    # with torch, 1.05x with onnxruntime (benchmarks/results/encoder_idle_cpu.md).
+    spin_wait: bool | None = None
     # onnx backend only; None: <model_dir>/onnx/model.onnx (model-<pooling>.onnx for a pooling override).
     onnx_path: Path | None = None
 

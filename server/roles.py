@@ -41,23 +41,30 @@ def _stop_on_signals() -> threading.Event:
 
 
 def openmp_wait_policy(spin: bool) -> str:
-    """Set how torch's idle OpenMP threads wait (`EncoderConfig.spin_wait`); returns the policy in force.
+    """Set how torch's idle OpenMP threads wait; returns the policy in force ("" for OpenMP's default).
 
-    OpenMP reads OMP_WAIT_POLICY once, when torch loads it, so this must run before torch
-    is imported; an OMP_WAIT_POLICY already in the environment (set by the operator) wins.
+    Sleeping sets OMP_WAIT_POLICY=PASSIVE; spinning leaves OpenMP's default, a bounded spin
+    (ACTIVE would spin on through an idle spell). OpenMP reads the variable once, when torch
+    loads it, so this must run before torch is imported; an operator's own OMP_WAIT_POLICY wins.
     """
     import os
     import sys
 
-    wanted = "ACTIVE" if spin else "PASSIVE"
-    if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != wanted:
-        log.warning("openmp_wait_policy_too_late", wanted=wanted, reason="torch was imported before the encoder")
-    return os.environ.setdefault("OMP_WAIT_POLICY", wanted)
+    if not spin:
+        if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            log.warning("openmp_wait_policy_too_late", wanted="PASSIVE", reason="torch was imported before the encoder")
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return os.environ.get("OMP_WAIT_POLICY", "")
 
 
-def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.BaseEncoder
-    """The encoder the config asks for: torch (`Encoder`) or onnxruntime (`OnnxEncoder`)."""
-    openmp_wait_policy(config.spin_wait)
+def load_encoder(config: EncoderConfig, spin_by_default: bool = False):  # -> feedret.encoder.model.BaseEncoder
+    """The encoder the config asks for: torch (`Encoder`) or onnxruntime (`OnnxEncoder`).
+
+    `spin_by_default`: whether idle threads spin when `config.spin_wait` is unset (the
+    consumer's batches come back to back; the member service's requests one by one).
+    """
+    spin = spin_by_default if config.spin_wait is None else config.spin_wait
+    openmp_wait_policy(spin)
     kwargs = dict(
         device=config.device,
         max_length=config.max_length,
@@ -72,7 +79,7 @@ def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.BaseEncoder
         from feedret.encoder.onnx_backend import OnnxEncoder
 
         encoder = OnnxEncoder.from_pretrained(config.model_dir, onnx_path=config.onnx_path,
-                                              spin_wait=config.spin_wait, **kwargs)
+                                              spin_wait=spin, **kwargs)
     else:
         from feedret.encoder.model import Encoder
 
@@ -114,4 +121,4 @@ def run(role: str) -> None:
     else:
         from feedret.consumer.service import EmbeddingConsumer
 
-        EmbeddingConsumer(kafka, config, load_encoder(EncoderConfig())).run(stop)
+        EmbeddingConsumer(kafka, config, load_encoder(EncoderConfig(), spin_by_default=True)).run(stop)
