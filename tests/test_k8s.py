@@ -631,6 +631,11 @@ def test_workloads_are_production_shaped(docs, overlay):
             assert env.get("FEEDRET_SNAPSHOT_DIR") in {mounts.get(c) for c in claims}, (
                 f"{_name(obj)}: FEEDRET_SNAPSHOT_DIR is not where the snapshot volume is mounted"
             )
+            # faiss's OpenMP builds would otherwise take every core of the node, throttled by the limit.
+            limit = spec["containers"][0]["resources"]["limits"]["cpu"]
+            assert env.get("OMP_NUM_THREADS") == str(math.ceil(_quantity(limit))), (
+                f"{_name(obj)}: OMP_NUM_THREADS {env.get('OMP_NUM_THREADS')} is not its CPU limit {limit}"
+            )
 
 
 def _metrics_port(docs, obj: dict) -> int:
