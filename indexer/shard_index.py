@@ -145,8 +145,11 @@ class _Plan:
     k: int  # results wanted: min(k, posts passing the filter)
     mask: np.ndarray  # slots the filter allows
     filtered: bool
-    passing: float  # fraction of live posts the filter allows
     exact: bool
+    # The approximate index's part (None when exact): the entries it may return (None: all
+    # of them), and its breadth (nprobe, efSearch).
+    ann_mask: np.ndarray | None = None
+    breadth: tuple[int, int] | None = None
 
 
 @dataclass
@@ -711,9 +714,13 @@ class ShardIndex:
         if not available:
             return None
         k_eff = min(k, available)
-        exact = (self._ann is None or available <= 4 * k_eff
-                 or available < self.options.exact_filter_fraction * live)
-        return _Plan(k_eff, mask, filtered, available / live, exact)
+        ann = self._ann
+        if ann is None or available <= 4 * k_eff or available < self.options.exact_filter_fraction * live:
+            return _Plan(k_eff, mask, filtered, exact=True)
+        # Without a filter or tombstones every entry of the index is allowed: no selector needed.
+        ann_mask = mask & self._slots.in_ann[: self._next_slot] if (filtered or self.tombstones) else None
+        return _Plan(k_eff, mask, filtered, exact=False, ann_mask=ann_mask,
+                     breadth=self.search_breadth(ann, k_eff, available / live))
 
     def _answer(
         self, query: np.ndarray, plan: _Plan, batched: tuple[np.ndarray, np.ndarray] | None = None, gpu: bool = True
@@ -722,8 +729,7 @@ class ShardIndex:
         if plan.exact:
             scores, slots = self._store.search(query, plan.k, plan.mask)
         else:
-            scores, slots = self._ann_search(self._ann, query, plan.k, plan.mask, plan.filtered, plan.passing,
-                                             batched, gpu)
+            scores, slots = self._ann_search(self._ann, query, plan, batched, gpu)
         return self._slots.post_id[slots].copy(), scores
 
     @property
@@ -746,9 +752,9 @@ class ShardIndex:
         if not (len(queries) == len(ks) == len(filts)):
             raise ValueError(f"{len(queries)} queries, {len(ks)} ks and {len(filts)} filters")
         if not isinstance(self._store, TorchStore):
-            if not self.batches_searches:
-                return [self.search(q, k, f) for q, k, f in zip(queries, ks, filts)]
-            return self._search_batch_on_gpu(queries, ks, filts)
+            if self.batches_searches:
+                return self._search_batch_on_gpu(queries, ks, filts)
+            return [self.search(q, k, f) for q, k, f in zip(queries, ks, filts)]
         queries = self.prepare(queries)
         with self._lock.read():
             live = len(self._slot_of)
@@ -801,12 +807,8 @@ class ShardIndex:
             todo = [i for i, p in enumerate(plans) if p is not None and not p.exact]
             answers: dict[int, tuple | None] = {}
             if todo and ann is not None and ann.mirror is not None:
-                found = ann.mirror.search_batch(
-                    queries[todo],
-                    [plans[i].k for i in todo],
-                    [self._ann_mask(plans[i].mask, plans[i].filtered) for i in todo],
-                    [self.search_breadth(ann, plans[i].k, plans[i].passing)[0] for i in todo],
-                )
+                found = ann.mirror.search_batch(queries[todo], [plans[i].k for i in todo],
+                                                [plans[i].ann_mask for i in todo], [plans[i].breadth[0] for i in todo])
                 answers = dict(zip(todo, found))
             return [
                 _EMPTY if p is None else self._answer(q, p, answers.get(i), gpu=i not in answers)
@@ -830,31 +832,24 @@ class ShardIndex:
             nprobe = max(nprobe, int(np.ceil(4 * k * nlist / max(ann.ntotal, 1))))
         return int(np.ceil(nprobe * scale)), int(np.ceil(max(opts.ef_search, k) * scale))
 
-    def _ann_mask(self, mask: np.ndarray, filtered: bool) -> np.ndarray | None:
-        """The index entries a search may return; None: all of them (no filter, no tombstones)."""
-        if not (filtered or self.tombstones):
-            return None
-        return mask & self._slots.in_ann[: self._next_slot]
-
     def _ann_search(
-        self, ann: Ann, query: np.ndarray, k: int, mask: np.ndarray, filtered: bool, passing: float = 1.0,
+        self, ann: Ann, query: np.ndarray, plan: _Plan,
         batched: tuple[np.ndarray, np.ndarray] | None = None, gpu: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The approximate index's top k of `mask`, with posts it does not hold yet searched exactly.
+        """The approximate index's top k of the plan's mask, with posts it does not hold yet searched exactly.
 
         `batched`: the GPU copy's answer from a batched search, used for the first attempt;
         `gpu`: whether this search may ask the GPU copy (a batch already did).
         """
-        n = self._next_slot
-        buffered = (mask & ~self._slots.in_ann[:n]) if filtered else self._buffered()
-        ann_mask = self._ann_mask(mask, filtered)
+        k, mask = plan.k, plan.mask
+        buffered = (mask & ~self._slots.in_ann[: self._next_slot]) if plan.filtered else self._buffered()
         extra = self._store.search(query, k, buffered) if buffered is not None and buffered.any() else None
-        nprobe, ef = self.search_breadth(ann, k, passing)
+        nprobe, ef = plan.breadth
         for widen in (1, 8):
             if widen == 1 and batched is not None:
                 scores, slots = batched
             else:
-                scores, slots = ann.search(query, k, ann_mask, nprobe * widen, ef * widen, gpu=gpu)
+                scores, slots = ann.search(query, k, plan.ann_mask, nprobe * widen, ef * widen, gpu=gpu)
             if extra is not None:
                 scores = np.concatenate([scores, extra[0]])
                 slots = np.concatenate([slots, extra[1]])

@@ -6,7 +6,9 @@ handlers that stop it cleanly, and runs until stopped.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 import structlog
@@ -47,9 +49,6 @@ def openmp_wait_policy(spin: bool) -> str:
     (ACTIVE would spin on through an idle spell). OpenMP reads the variable once, when torch
     loads it, so this must run before torch is imported; an operator's own OMP_WAIT_POLICY wins.
     """
-    import os
-    import sys
-
     if not spin:
         if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
             log.warning("openmp_wait_policy_too_late", wanted="PASSIVE", reason="torch was imported before the encoder")
