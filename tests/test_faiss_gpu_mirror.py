@@ -353,7 +353,7 @@ def test_the_shard_batcher_coalesces_searches_waiting_on_the_gpu():
             for t in threads:
                 t.start()
             deadline = time.monotonic() + 10
-            while len(batcher._queue) < 7 and time.monotonic() < deadline:
+            while batcher.pending < 7 and time.monotonic() < deadline:
                 time.sleep(0.005)
         for t in threads:
             t.join(10)
