@@ -288,6 +288,9 @@ class MemberConfig(_Settings):
     cache_ttl_s: float = Field(default=900.0, ge=0)
     cache_max_entries: int = Field(default=100_000, ge=1)
     grpc_workers: int = Field(default=8, ge=1)
+    # Cache misses that arrive while a forward pass runs are embedded together in the
+    # next one, up to this many members (benchmarks/member_batching.py); 1: one at a time.
+    embed_batch_max: int = Field(default=32, ge=1)
 
 
 class RootConfig(_Settings):

@@ -174,7 +174,14 @@ def observe_member_cache(*, hit: bool, cacheable: bool) -> None:
 
 
 MEMBER_EMBED_SECONDS = Histogram(
-    "feedret_member_embed_seconds", "Forward pass for one member (excluding the wait for the model).", buckets=LATENCY_BUCKETS
+    "feedret_member_embed_seconds",
+    "One forward pass of the member encoder, for a batch of one or more members (excluding the wait for the model).",
+    buckets=LATENCY_BUCKETS,
+)
+MEMBER_EMBED_BATCH = Histogram(
+    "feedret_member_embed_batch_members",
+    "Members embedded together in one forward pass: cache misses that queued behind the previous pass.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 MEMBER_CACHE_ENTRIES = Gauge("feedret_member_cache_entries", "Member vectors in the session cache.")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -88,3 +89,143 @@ def test_reflection_lists_the_service_and_health(member_stub):
     replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
     names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"feedret.v1.MemberEmbeddingService", "grpc.health.v1.Health"} <= names
+
+
+# ---------------------------------------------------------------- concurrent requests
+
+
+class GatedEncoder:
+    """The real encoder behind a gate: each forward pass waits until the test opens it,
+    so requests can be lined up behind a pass deterministically. Records every pass."""
+
+    def __init__(self, encoder, fail: bool = False) -> None:
+        self.encoder = encoder
+        self.model_version = encoder.model_version
+        self.passes: list[list[str]] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.fail = fail
+
+    def embed_members(self, members):
+        self.passes.append([m.member_id for m in members])
+        self.started.set()
+        self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("the accelerator fell over")
+        return self.encoder.embed_members(members)
+
+
+@pytest.fixture
+def gated(encoder):
+    """(stub, gated encoder, servicer) for a member server whose passes wait on the gate."""
+    fake = GatedEncoder(encoder)
+    servicer = MemberServicer(MemberConfig(embed_batch_max=8), fake)
+    server, _, port = build_server(
+        "127.0.0.1", 0, 16, [lambda s: pb_grpc.add_MemberEmbeddingServiceServicer_to_server(servicer, s)], SERVICE_NAMES
+    )
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield pb_grpc.MemberEmbeddingServiceStub(channel), fake, servicer
+    fake.gate.set()
+    channel.close()
+    server.stop(0)
+    servicer.close()
+
+
+def member_request(member_id: str, session: str, text: str) -> pb.EmbedRequest:
+    req = pb.EmbedRequest(request_id=f"{member_id}-{session}")
+    MemberProfile(member_id, session, recent_activity=[ActivityItem(1, text, "liked", 1.0)]).fill_proto(req.member)
+    return req
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.005)
+
+
+def test_misses_queued_behind_a_pass_are_embedded_together_each_as_it_would_be_alone(gated, encoder):
+    stub, fake, servicer = gated
+    first = stub.Embed.future(member_request("m-0", "s", "Alien (1979)"), timeout=20)
+    fake.started.wait(10)
+    titles = ["Heat (1995)", "Fargo (1996)", "Toy Story (1995)", "Se7en (1995)", "Casino (1995)"]
+    queued = [stub.Embed.future(member_request(f"m-{i + 1}", "s", t), timeout=20) for i, t in enumerate(titles)]
+    wait_until(lambda: servicer.batcher.pending == len(titles))
+    fake.gate.set()
+    replies = [first.result()] + [f.result() for f in queued]
+    # Two forward passes for six members: the first alone, the five that queued behind it together.
+    assert fake.passes[0] == ["m-0"] and sorted(fake.passes[1]) == [f"m-{i}" for i in range(1, 6)]
+    for i, (reply, title) in enumerate(zip(replies, ["Alien (1979)"] + titles)):
+        alone = encoder.embed_members([MemberProfile.from_proto(member_request(f"m-{i}", "s", title).member)])[0]
+        np.testing.assert_allclose(reply.vector, alone, atol=1e-5)
+        assert not reply.cached
+
+
+def test_concurrent_requests_for_one_session_share_one_forward_pass(gated):
+    stub, fake, servicer = gated
+    pages = [stub.Embed.future(member_request("m-7", "s-7", "Alien (1979)"), timeout=20) for _ in range(6)]
+    fake.started.wait(10)
+    wait_until(lambda: servicer._flights.get(("m-7", "s-7")) is not None
+               and servicer._flights[("m-7", "s-7")].waiters == 6)
+    fake.gate.set()
+    vectors = [list(p.result().vector) for p in pages]
+    assert fake.passes == [["m-7"]]
+    assert all(v == vectors[0] for v in vectors)
+    again = stub.Embed(member_request("m-7", "s-7", "Alien (1979)"), timeout=10)
+    assert again.cached and list(again.vector) == vectors[0]
+
+
+def test_a_request_that_times_out_in_the_queue_is_deadline_exceeded_and_never_embedded(gated):
+    stub, fake, servicer = gated
+    busy = stub.Embed.future(member_request("m-busy", "s", "Alien (1979)"), timeout=20)
+    fake.started.wait(10)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Embed(member_request("m-late", "s", "Heat (1995)"), timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    fake.gate.set()
+    busy.result()
+    wait_until(lambda: servicer.batcher.pending == 0)
+    # Dropped from the queue: only the busy member's pass ever ran, and the next try embeds afresh.
+    assert fake.passes == [["m-busy"]]
+    assert not stub.Embed(member_request("m-late", "s", "Heat (1995)"), timeout=10).cached
+    assert fake.passes == [["m-busy"], ["m-late"]]
+
+
+def test_a_pass_whose_caller_gave_up_still_fills_the_cache(gated):
+    stub, fake, servicer = gated
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Embed(member_request("m-slow", "s-1", "Alien (1979)"), timeout=0.3)  # its pass is running
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    fake.gate.set()
+    wait_until(lambda: not servicer._flights)
+    # The feed's next page gets the vector without another pass.
+    assert stub.Embed(member_request("m-slow", "s-1", "Alien (1979)"), timeout=10).cached
+    assert fake.passes == [["m-slow"]]
+
+
+def test_a_failed_pass_fails_every_request_in_it_and_the_service_goes_on(encoder):
+    fake = GatedEncoder(encoder, fail=True)
+    servicer = MemberServicer(MemberConfig(), fake)
+    server, _, port = build_server(
+        "127.0.0.1", 0, 8, [lambda s: pb_grpc.add_MemberEmbeddingServiceServicer_to_server(servicer, s)], SERVICE_NAMES
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.MemberEmbeddingServiceStub(channel)
+            futures = [stub.Embed.future(member_request(f"m-{i}", "s", "Alien (1979)"), timeout=20) for i in range(3)]
+            fake.started.wait(10)
+            wait_until(lambda: servicer.batcher.pending == 2)
+            fake.gate.set()
+            for f in futures:
+                with pytest.raises(grpc.RpcError) as err:
+                    f.result()
+                assert err.value.code() == grpc.StatusCode.INTERNAL
+                assert "fell over" in err.value.details()
+            fake.fail = False
+            reply = stub.Embed(member_request("m-0", "s", "Alien (1979)"), timeout=10)
+            assert not reply.cached and len(reply.vector) == encoder.dim  # nothing of the failure was cached
+    finally:
+        server.stop(0)
+        servicer.close()

@@ -192,6 +192,7 @@ def test_member_cache_hits_misses_and_embed_latency(metrics_url):
     assert delta("feedret_member_cache_lookups_total", result="miss") == 1
     assert delta("feedret_member_cache_lookups_total", result="no_session") == 1
     assert delta("feedret_member_embed_seconds_count") == 2  # the two forward passes, not the hits
+    assert delta("feedret_member_embed_batch_members_sum") == 2  # one member each: nothing overlapped
     assert sample(after, "feedret_member_cache_entries") == 1
 
 
