@@ -30,8 +30,11 @@ proto: install
 
 # Embedding throughput, torch vs onnxruntime (benchmarks/embed_throughput.py --help for the knobs).
 BENCH_ARGS ?=
+# Embedding throughput per backend, then the member service's batching of concurrent misses.
+MEMBER_ARGS ?= --concurrency 1,16 --seconds 3
 bench: install
 	$(PY) benchmarks/embed_throughput.py $(BENCH_ARGS)
+	$(PY) benchmarks/member_batching.py $(MEMBER_ARGS)
 
 # Search through root + shards vs raw faiss, the same path with bare gRPC servers (its floor),
 # then vs milvus-lite (installs the bench extra).

@@ -75,6 +75,24 @@ def test_encoder_idle_cpu_smoke(tmp_path):
     assert "| torch | sleep (PASSIVE) |" in report and "| torch | spin (OpenMP's default) |" in report
 
 
+def test_member_batching_smoke(tmp_path):
+    out, raw = tmp_path / "member.md", tmp_path / "member.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "member_batching.py"), "--concurrency", "1,8",
+                           "--seconds", "1", "--out", str(out), "--json", str(raw)],
+                          capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    rows = json.loads(raw.read_text())["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 8]
+    for r in rows:
+        assert r["alone"]["requests"] > 0 and r["batched"]["requests"] > 0
+        assert r["alone"]["failures"] == r["batched"]["failures"] == 0
+        assert r["alone"]["members_per_pass"] == 1.0  # the baseline never batches
+    assert rows[1]["batched"]["members_per_pass"] > 1.0  # 8 clients' misses queued and went together
+    assert "| committed | 8 |" in out.read_text()
+
+
 @pytest.mark.parametrize("script", ["search_latency.py", "milvus_compare.py", "grpc_floor.py"])
 def test_help(script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
