@@ -3,7 +3,7 @@
 A member embedding service embeds one member at a time as requests arrive. Between
 requests its intra-op threads (torch's OpenMP team, onnxruntime's pool) either spin
 for the next one (OpenMP's and onnxruntime's defaults) or sleep
-(`FEEDRET_SPIN_WAIT=false`, feedret's default). For each backend and each policy this
+(`FEEDRET_SPIN_WAIT=false`). For each backend and each policy this
 starts a fresh process (OpenMP reads its wait policy once, when torch loads), loads
 the encoder through `load_encoder` as `feedret serve member` does, embeds one member
 prompt every `--interval-ms`, and reads the process's CPU time around the timed part.
@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "feedret-movielens-tiny")
+    p.add_argument("--wide", action="store_true",
+                   help="measure benchlib.wide_model(--model-dir): 4 layers x 512, where the forward pass dominates")
     p.add_argument("--backend", action="append", choices=["torch", "onnx"], help="repeatable (default both)")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--interval-ms", type=float, default=5.0, help="time between one reply and the next request")
@@ -93,6 +95,8 @@ def measure(args: argparse.Namespace, backend: str, spin: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.wide:
+        args.model_dir = benchlib.wide_model(args.model_dir)
     if args.child:
         child(args)
         return {}
@@ -139,9 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.requests} members (a feature and up to 6 liked posts each), one per request, {args.interval_ms:g} ms between a reply and the next request; "
         f"then, as the consumer does during a backlog, {args.batches} micro-batches of {args.batch} posts back to back",
         "- each row: a fresh process (OpenMP reads its wait policy when torch loads); "
-        "`spin` = `FEEDRET_SPIN_WAIT=true`, the consumer's default (torch: OpenMP's own bounded spin, "
+        "`spin` = `FEEDRET_SPIN_WAIT=true`, the default (torch: OpenMP's own bounded spin, "
         "OMP_WAIT_POLICY unset; onnxruntime: allow_spinning 1, its default), `sleep` = `FEEDRET_SPIN_WAIT=false`, "
-        "the member service's default (OMP_WAIT_POLICY=PASSIVE, allow_spinning 0)",
+        "(OMP_WAIT_POLICY=PASSIVE, allow_spinning 0)",
         "",
         "## Results (one figure per process, in run order)",
         "",

@@ -129,12 +129,14 @@ class EncoderConfig(_Settings):
     torch_threads: int = Field(default=0, ge=0)  # 0: the backend's default; onnx: intra-op threads
     # Whether idle intra-op threads spin a while for the next piece of work (OpenMP's and
     # onnxruntime's own default) or sleep at once (torch: OMP_WAIT_POLICY=PASSIVE; onnxruntime:
-    # allow_spinning 0). Unset: the role decides. The member service sleeps: with a request
-    # every 5 ms, spinning took 2.6x (torch) and 3.7x (onnxruntime) the CPU per request, CPU a
-    # pod's limit throttles away from the requests, for a p50 ~1.2 ms lower with torch and no
-    # lower with onnxruntime. The consumer spins: back-to-back batches embedded 1.33x faster
-    # with torch, 1.05x with onnxruntime (benchmarks/results/encoder_idle_cpu.md).
-    spin_wait: bool | None = None
+    # allow_spinning 0). Spinning's cost is a gap's worth of CPU per request; its gain grows
+    # with the model. Member requests 5 ms apart (benchmarks/results/encoder_idle_cpu.md): on
+    # the committed demo model spinning took 2.8x (torch) / 3.9x (onnxruntime) the CPU for a
+    # p50 0.5 ms / 0.2 ms lower; on a model 4 layers x 512 wide, still far smaller than any
+    # production one, 1.1x / 1.4x the CPU for a p50 1.3-1.5x / 1.2x lower, and back-to-back
+    # batches (the consumer's backlog) 1.5x faster on the demo model with torch. So both roles
+    # spin; false suits a tiny model in a pod with a tight CPU limit.
+    spin_wait: bool = True
     # onnx backend only; None: <model_dir>/onnx/model.onnx (model-<pooling>.onnx for a pooling override).
     onnx_path: Path | None = None
 

@@ -56,13 +56,10 @@ def openmp_wait_policy(spin: bool) -> str:
     return os.environ.get("OMP_WAIT_POLICY", "")
 
 
-def load_encoder(config: EncoderConfig, spin_by_default: bool = False):  # -> feedret.encoder.model.BaseEncoder
-    """The encoder the config asks for: torch (`Encoder`) or onnxruntime (`OnnxEncoder`).
-
-    `spin_by_default`: whether idle threads spin when `config.spin_wait` is unset (the
-    consumer's batches come back to back; the member service's requests one by one).
-    """
-    spin = spin_by_default if config.spin_wait is None else config.spin_wait
+def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.BaseEncoder
+    """The encoder the config asks for: torch (`Encoder`) or onnxruntime (`OnnxEncoder`),
+    its idle threads spinning or sleeping as `config.spin_wait` says."""
+    spin = config.spin_wait
     openmp_wait_policy(spin)
     kwargs = dict(
         device=config.device,
@@ -120,4 +117,4 @@ def run(role: str) -> None:
     else:
         from feedret.consumer.service import EmbeddingConsumer
 
-        EmbeddingConsumer(kafka, config, load_encoder(EncoderConfig(), spin_by_default=True)).run(stop)
+        EmbeddingConsumer(kafka, config, load_encoder(EncoderConfig())).run(stop)

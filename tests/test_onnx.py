@@ -167,30 +167,28 @@ def test_backend_is_chosen_by_encoder_config(model_dir, tmp_path, monkeypatch):
         EncoderConfig(backend="tensorrt")
 
 
-def test_idle_threads_sleep_between_requests_unless_spinning_is_asked_for(model_dir, monkeypatch):
-    # Spinning took 3-4x the CPU per request for under 1 ms (benchmarks/results/encoder_idle_cpu.md).
+def test_idle_threads_spin_unless_sleeping_is_asked_for(model_dir, monkeypatch):
+    # Spinning's cost is a gap's CPU per request, its gain grows with the model
+    # (benchmarks/results/encoder_idle_cpu.md), so it is the default; FEEDRET_SPIN_WAIT=false sleeps.
     def spins(encoder) -> str:
         return encoder.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
 
-    assert spins(OnnxEncoder.from_pretrained(model_dir)) == "0"
+    assert spins(OnnxEncoder.from_pretrained(model_dir)) == "0"  # the library call: as asked
     assert spins(OnnxEncoder.from_pretrained(model_dir, spin_wait=True)) == "1"
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what load_encoder would set, kept from later tests
-    assert spins(load_encoder(EncoderConfig(backend="onnx", model_dir=model_dir))) == "0"  # the member service
-    assert spins(load_encoder(EncoderConfig(backend="onnx", model_dir=model_dir), spin_by_default=True)) == "1"
-    assert spins(load_encoder(EncoderConfig(backend="onnx", model_dir=model_dir, spin_wait=False),
-                              spin_by_default=True)) == "0"
+    assert spins(load_encoder(EncoderConfig(backend="onnx", model_dir=model_dir))) == "1"  # member and consumer
+    assert spins(load_encoder(EncoderConfig(backend="onnx", model_dir=model_dir, spin_wait=False))) == "0"
 
     # torch's OpenMP threads: the policy goes into the environment before torch loads, in the
-    # member and consumer processes as `feedret serve` starts them. The member service sleeps,
-    # the consumer keeps OpenMP's bounded spin, FEEDRET_SPIN_WAIT overrides both, and an
-    # operator's own OMP_WAIT_POLICY wins over everything.
-    def policy(spin_by_default: bool, **env_extra: str) -> str:
+    # member and consumer processes as `feedret serve` starts them. Both keep OpenMP's bounded
+    # spin, FEEDRET_SPIN_WAIT=false sleeps, and an operator's own OMP_WAIT_POLICY wins.
+    def policy(**env_extra: str) -> str:
         code = (
             "import os, sys\n"
             "import feedret.server.member, feedret.consumer.service\n"
             "from feedret.config import EncoderConfig\n"
             "from feedret.server.roles import load_encoder\n"
-            f"load_encoder(EncoderConfig(backend='torch', model_dir={str(model_dir)!r}), spin_by_default={spin_by_default})\n"
+            f"load_encoder(EncoderConfig(backend='torch', model_dir={str(model_dir)!r}))\n"
             "assert 'torch' in sys.modules\n"
             "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))\n"
         )
@@ -199,11 +197,9 @@ def test_idle_threads_sleep_between_requests_unless_spinning_is_asked_for(model_
                              timeout=120, check=True)
         return out.stdout.strip().splitlines()[-1]
 
-    assert policy(False) == "PASSIVE"  # the member service
-    assert policy(True) == "unset"  # the consumer: OpenMP's own bounded spin
-    assert policy(True, FEEDRET_SPIN_WAIT="false") == "PASSIVE"
-    assert policy(False, FEEDRET_SPIN_WAIT="true") == "unset"
-    assert policy(False, OMP_WAIT_POLICY="active") == "active"
+    assert policy() == "unset"  # OpenMP's own bounded spin
+    assert policy(FEEDRET_SPIN_WAIT="false") == "PASSIVE"
+    assert policy(FEEDRET_SPIN_WAIT="false", OMP_WAIT_POLICY="active") == "active"
 
 
 def test_serving_from_an_existing_export_does_not_import_torch(model_dir):
