@@ -131,11 +131,11 @@ class EncoderConfig(_Settings):
     # onnxruntime's own default) or sleep at once (torch: OMP_WAIT_POLICY=PASSIVE; onnxruntime:
     # allow_spinning 0). Spinning's cost is a gap's worth of CPU per request; its gain grows
     # with the model. Member requests 5 ms apart (benchmarks/results/encoder_idle_cpu.md): on
-    # the committed demo model spinning took 2.8x (torch) / 3.9x (onnxruntime) the CPU for a
-    # p50 0.5 ms / 0.2 ms lower; on a model 4 layers x 512 wide, still far smaller than any
-    # production one, 1.1x / 1.4x the CPU for a p50 1.3-1.5x / 1.2x lower, and back-to-back
-    # batches (the consumer's backlog) 1.5x faster on the demo model with torch. So both roles
-    # spin; false suits a tiny model in a pod with a tight CPU limit.
+    # the committed demo model spinning took 3.0x (torch) / 3.9x (onnxruntime) the CPU for a
+    # p50 ~0.4 / ~0.3 ms lower; on a model 4 layers x 512 wide, still far smaller than any
+    # production one, 1.0x / 1.2x the CPU for a p50 1.3-1.8x lower; back-to-back batches (the
+    # consumer's backlog) ran 1.6x / 1.25x faster on the demo model. So both roles spin;
+    # false suits a tiny model in a pod with a tight CPU limit.
     spin_wait: bool = True
     # onnx backend only; None: <model_dir>/onnx/model.onnx (model-<pooling>.onnx for a pooling override).
     onnx_path: Path | None = None
