@@ -1,0 +1,114 @@
+"""The micro-batcher behind the shards' searches and the member service's forward passes."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from feedret.microbatch import MicroBatcher
+
+
+class Gated:
+    """A batch function that blocks on its first call until released, recording every batch."""
+
+    def __init__(self, answer=lambda items: [x * 10 for x in items]) -> None:
+        self.calls: list[list] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.answer = answer
+
+    def __call__(self, items):
+        self.calls.append(list(items))
+        self.started.set()
+        self.release.wait(10)
+        return self.answer(items)
+
+
+def wait_pending(batcher: MicroBatcher, n: int) -> None:
+    for _ in range(2000):
+        if batcher.pending == n:
+            return
+        threading.Event().wait(0.005)
+    raise AssertionError(f"pending stayed {batcher.pending}, wanted {n}")
+
+
+def test_items_queued_behind_a_batch_run_together_and_each_caller_gets_its_own_result():
+    run = Gated()
+    batcher = MicroBatcher(run, max_batch=4)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            first = pool.submit(batcher.call, 0)
+            run.started.wait(5)
+            rest = [pool.submit(batcher.call, i) for i in range(1, 7)]
+            wait_pending(batcher, 6)
+            run.release.set()
+            assert first.result(5) == 0 and [f.result(5) for f in rest] == [10 * i for i in range(1, 7)]
+        # In arrival order, at most max_batch per call.
+        assert run.calls[0] == [0] and sorted(x for c in run.calls[1:] for x in c) == list(range(1, 7))
+        assert all(len(c) <= 4 for c in run.calls) and len(run.calls) == 3
+        assert batcher.batches == 3 and batcher.items == 7
+    finally:
+        run.release.set()
+        batcher.close()
+
+
+def test_groups_go_to_separate_calls_and_one_groups_failure_spares_the_other():
+    def answer(items):
+        if items[0] % 2:
+            raise ValueError("odd batch")
+        return items
+
+    run = Gated(answer)
+    batcher = MicroBatcher(run, max_batch=8, group=lambda x: x % 2)
+    try:
+        blocker = batcher.submit(0)
+        run.started.wait(5)
+        futures = [batcher.submit(i) for i in range(1, 6)]
+        run.release.set()
+        assert blocker.result(5) == 0
+        assert [futures[i].result(5) for i in (1, 3)] == [2, 4]
+        for i in (0, 2, 4):
+            with pytest.raises(ValueError, match="odd batch"):
+                futures[i].result(5)
+        assert sorted(map(sorted, run.calls[1:])) == [[1, 3, 5], [2, 4]]
+        assert batcher.call(6, timeout=5) == 6  # the worker lives on
+    finally:
+        batcher.close()
+
+
+def test_a_batch_function_that_answers_the_wrong_number_of_items_fails_those_callers_clearly():
+    batcher = MicroBatcher(lambda items: items[:-1], max_batch=4)
+    try:
+        with pytest.raises(RuntimeError, match="a batch of 1 items got 0 results"):
+            batcher.call("x", timeout=5)
+    finally:
+        batcher.close()
+
+
+def test_an_item_cancelled_while_queued_is_never_run_and_a_timed_out_call_is_dropped():
+    run = Gated()
+    batcher = MicroBatcher(run, max_batch=4)
+    try:
+        busy = batcher.submit(1)
+        run.started.wait(5)
+        dropped = batcher.submit(2)
+        assert dropped.cancel()
+        with pytest.raises(TimeoutError):
+            batcher.call(3, timeout=0.05)
+        kept = batcher.submit(4)
+        run.release.set()
+        assert busy.result(5) == 10 and kept.result(5) == 40
+        assert run.calls == [[1], [4]]
+    finally:
+        batcher.close()
+
+
+def test_a_closed_batcher_refuses_work_and_max_batch_must_be_positive():
+    batcher = MicroBatcher(lambda items: items)
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(1)
+    with pytest.raises(ValueError, match="at least 1"):
+        MicroBatcher(lambda items: items, max_batch=0)
