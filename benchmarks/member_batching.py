@@ -30,6 +30,7 @@ from pathlib import Path
 
 import grpc
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
@@ -86,13 +87,10 @@ class MemberServer:
     def batch_totals(self) -> tuple[float, float]:
         """(members embedded, forward passes) so far, from the server's /metrics."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line.startswith("feedret_member_embed_batch_members_"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values.get("feedret_member_embed_batch_members_sum", 0.0), values.get(
-            "feedret_member_embed_batch_members_count", 0.0)
+        values = {s.name: s.value for family in text_string_to_metric_families(text)
+                  if family.name == "feedret_member_embed_batch_members" for s in family.samples}
+        return (values.get("feedret_member_embed_batch_members_sum", 0.0),
+                values.get("feedret_member_embed_batch_members_count", 0.0))
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -50,7 +50,10 @@ class SearchBatcher:
         self._batcher: MicroBatcher[_Pending, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
             _search, max_batch, name, group=_same_call
         )
-        self.max_batch = max_batch
+
+    @property
+    def max_batch(self) -> int:
+        return self._batcher.max_batch
 
     @property
     def batches(self) -> int:

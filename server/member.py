@@ -88,12 +88,7 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
         """The member's vector and where it came from: "hit" (cache), "shared" (another
         request's pass for the same session) or "embedded"."""
         if not member.session_id:  # no session: nothing says two requests describe the same member
-            future = self.batcher.submit(member)
-            try:
-                return self._wait(future, timeout), "embedded"
-            except RpcFailure:
-                future.cancel()
-                raise
+            return self._await(_Flight(self.batcher.submit(member)), timeout), "embedded"
         key = (member.member_id, member.session_id)
         with self._lock:
             hit = self._cache.get(key)
@@ -107,14 +102,7 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
                 flight = self._flights[key] = _Flight(self.batcher.submit(member))
                 flight.future.add_done_callback(lambda fut: self._landed(key, flight))
                 how = "embedded"
-        try:
-            return self._wait(flight.future, timeout), how
-        except RpcFailure:
-            with self._lock:  # held through cancel, so no request joins a flight being dropped
-                flight.waiters -= 1
-                if flight.waiters == 0:
-                    flight.future.cancel()  # if still queued: nobody wants it any more
-            raise
+        return self._await(flight, timeout), how
 
     def _landed(self, key: tuple[str, str], flight: _Flight) -> None:
         # The cache is filled here, not by the waiting handler, so a pass whose callers
@@ -125,11 +113,16 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
             if not flight.future.cancelled() and flight.future.exception() is None:
                 self._cache[key] = flight.future.result()
 
-    @staticmethod
-    def _wait(future: Future, timeout: float | None) -> list[float]:
+    def _await(self, flight: _Flight, timeout: float | None) -> list[float]:
+        """The flight's vector; DEADLINE_EXCEEDED after `timeout`, dropping the pass if it is
+        still queued and this was its last waiter."""
         try:
-            return future.result(timeout=timeout)
+            return flight.future.result(timeout=timeout)
         except (TimeoutError, CancelledError) as exc:
+            with self._lock:  # held through cancel, so no request joins a flight being dropped
+                flight.waiters -= 1
+                if flight.waiters == 0:
+                    flight.future.cancel()  # if still queued: nobody wants it any more
             raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the member was not embedded before the deadline") from exc
 
     def _embed(self, members: list[MemberProfile]) -> list[list[float]]:

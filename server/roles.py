@@ -42,8 +42,8 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def openmp_wait_policy(spin: bool) -> str:
-    """Set how torch's idle OpenMP threads wait; returns the policy in force ("" for OpenMP's default).
+def openmp_wait_policy(spin: bool) -> None:
+    """Set how torch's idle OpenMP threads wait.
 
     Sleeping sets OMP_WAIT_POLICY=PASSIVE; spinning leaves OpenMP's default, a bounded spin
     (ACTIVE would spin on through an idle spell). OpenMP reads the variable once, when torch
@@ -53,14 +53,12 @@ def openmp_wait_policy(spin: bool) -> str:
         if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
             log.warning("openmp_wait_policy_too_late", wanted="PASSIVE", reason="torch was imported before the encoder")
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return os.environ.get("OMP_WAIT_POLICY", "")
 
 
 def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.BaseEncoder
     """The encoder the config asks for: torch (`Encoder`) or onnxruntime (`OnnxEncoder`),
     its idle threads spinning or sleeping as `config.spin_wait` says."""
-    spin = config.spin_wait
-    openmp_wait_policy(spin)
+    openmp_wait_policy(config.spin_wait)
     kwargs = dict(
         device=config.device,
         max_length=config.max_length,
@@ -75,7 +73,7 @@ def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.BaseEncoder
         from feedret.encoder.onnx_backend import OnnxEncoder
 
         encoder = OnnxEncoder.from_pretrained(config.model_dir, onnx_path=config.onnx_path,
-                                              spin_wait=spin, **kwargs)
+                                              spin_wait=config.spin_wait, **kwargs)
     else:
         from feedret.encoder.model import Encoder
 
