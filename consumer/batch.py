@@ -8,12 +8,12 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from feedret.events import InvalidEvent, PostEvent, parse_post_event
+from feedret.events import DEFAULT_LIMITS, EventLimits, InvalidEvent, PostEvent, parse_post_event
 from feedret.routing import shard_of
 from feedret.v1 import feedret_pb2 as pb
 
@@ -43,11 +43,14 @@ class Good:
 class Bad:
     source: SourceRecord
     reason: str
-    # The reason in a word from a fixed set (InvalidEvent.kind, tombstone, key_mismatch): a metric label.
+    # The reason in a word from a fixed set (InvalidEvent.kind, tombstone, no_key, key_mismatch,
+    # unreadable, embed_failed): a metric label.
     kind: str
 
 
-def split_batch(records: Sequence[SourceRecord]) -> tuple[list[Good], list[Bad]]:
+def split_batch(
+    records: Sequence[SourceRecord], limits: EventLimits = DEFAULT_LIMITS
+) -> tuple[list[Good], list[Bad]]:
     """Parse every record; a bad one never stops the good ones around it."""
     good: list[Good] = []
     bad: list[Bad] = []
@@ -56,11 +59,20 @@ def split_batch(records: Sequence[SourceRecord]) -> tuple[list[Good], list[Bad]]
             bad.append(Bad(rec, "empty record value (tombstone); send an event with op=delete instead", "tombstone"))
             continue
         try:
-            event = parse_post_event(rec.value)
+            event = parse_post_event(rec.value, limits)
         except InvalidEvent as exc:
             bad.append(Bad(rec, str(exc), exc.kind))
             continue
-        if rec.key is not None and rec.key != str(event.post_id).encode():
+        except Exception as exc:  # noqa: BLE001 - no record may stop the batch, whatever it holds
+            bad.append(Bad(rec, f"could not be read: {type(exc).__name__}: {exc}", "unreadable"))
+            continue
+        if rec.key is None:
+            # Kafka spreads keyless records over partitions, so a post's delete could be read
+            # before its upsert and lost; the key is what keeps one post's events in order.
+            bad.append(Bad(rec, f"record has no key; the key must be the post id ({event.post_id}) as "
+                                "decimal text, so all of a post's events stay in order", "no_key"))
+            continue
+        if rec.key != str(event.post_id).encode():
             # Keys decide the `posts` partition and so the order of a post's events;
             # a mismatched key could reorder an upsert and its delete.
             bad.append(Bad(rec, f"record key {rec.key!r} does not match post_id {event.post_id}", "key_mismatch"))
@@ -69,23 +81,115 @@ def split_batch(records: Sequence[SourceRecord]) -> tuple[list[Good], list[Bad]]
     return good, bad
 
 
+# The original bytes a dead letter carries (twice: as text and base64). A larger record
+# would make the dead letter itself too large for the broker, and a dead letter the
+# broker refuses would stop the batch; its coordinates still find the original on `posts`.
+DEAD_LETTER_MAX_VALUE_BYTES = 256 * 1024
+DEAD_LETTER_MAX_REASON_CHARS = 1000
+
+
 def dead_letter(bad: Bad) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
     """(key, value, headers) for the dead-letter topic: the reason plus the original bytes."""
     src = bad.source
     value = src.value or b""
+    kept = value[:DEAD_LETTER_MAX_VALUE_BYTES]
+    reason = bad.reason[:DEAD_LETTER_MAX_REASON_CHARS]
+    key = src.key[:DEAD_LETTER_MAX_VALUE_BYTES] if src.key is not None else None
     body = {
-        "reason": bad.reason,
+        "reason": reason,
+        "kind": bad.kind,
         "topic": src.topic,
         "partition": src.partition,
         "offset": src.offset,
-        "key": src.key.decode("utf-8", "replace") if src.key is not None else None,
-        "value": value.decode("utf-8", "replace"),
+        "key": key.decode("utf-8", "replace") if key is not None else None,
+        "value": kept.decode("utf-8", "replace"),
         # The text above is lossy for non-UTF-8 input; this is not.
-        "value_b64": base64.b64encode(value).decode("ascii"),
+        "value_b64": base64.b64encode(kept).decode("ascii"),
+        "value_bytes": len(value),
+        "value_truncated": len(kept) < len(value),
         "failed_at": time.time(),
     }
-    headers = [("feedret-reason", bad.reason.encode("utf-8"))]
-    return src.key, json.dumps(body).encode("utf-8"), headers
+    # backslashreplace: a reason may quote text that is not valid Unicode.
+    headers = [("feedret-reason", reason.encode("utf-8", "backslashreplace"))]
+    return key, json.dumps(body).encode("utf-8"), headers
+
+
+class EncoderFailure(Exception):
+    """The encoder failed even on a post known to be sound: the model's fault, not any record's."""
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """What `embed_isolating` made of a list of posts, by position in that list."""
+
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)  # why each of these could not be embedded
+
+
+# Embedded when no post of a batch could be: if this fails too, the model is broken.
+CANARY = PostEvent(post_id=0, op="upsert", author_id="feedret", text="A sound post to check the encoder with.",
+                   created_at=0.0, lang="en")
+
+
+def unsound_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows no shard would index: not finite, or no direction (zero)."""
+    finite = np.isfinite(vectors).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], vectors, 0.0), axis=1)
+    return ~finite | ~(norms > 0) | ~np.isfinite(norms)
+
+
+def embed_isolating(
+    posts: Sequence[PostEvent],
+    embed: Callable[[Sequence[PostEvent]], np.ndarray],
+    canary: PostEvent = CANARY,
+) -> Embedded:
+    """Embed posts in one pass; when a pass fails, halve it until the posts at fault stand alone.
+
+    A post is at fault when a pass over it alone raises, or yields a vector that is
+    not finite or is zero. The posts beside it are embedded all the same: one bad
+    post in n costs about 2·log2(n) smaller passes. When no post at all could be
+    embedded, `canary` (a post known to be sound) is tried: if it fails too, the
+    model is at fault, not the posts, and EncoderFailure is raised so that the
+    caller retries the batch instead of dead-lettering every post in it.
+    """
+    out = Embedded()
+
+    def attempt(rows: list[int]) -> None:
+        try:
+            vectors = np.asarray(embed([posts[r] for r in rows]), dtype=np.float32)
+            if vectors.ndim != 2 or len(vectors) != len(rows):
+                raise ValueError(f"the encoder returned {vectors.shape} for {len(rows)} posts")
+            unsound = unsound_rows(vectors)
+        except Exception as exc:  # noqa: BLE001 - whatever a record makes the model raise
+            if len(rows) == 1:
+                out.failed[rows[0]] = f"{type(exc).__name__}: {exc}"
+            else:
+                attempt(rows[: len(rows) // 2])
+                attempt(rows[len(rows) // 2 :])
+            return
+        for r, vector, bad in zip(rows, vectors, unsound):
+            if not bad:
+                out.vectors[r] = vector
+        redo = [r for r, bad in zip(rows, unsound) if bad]
+        if len(rows) == 1 and redo:
+            out.failed[rows[0]] = "the encoder produced a vector that is not finite or is zero"
+        elif len(redo) == len(rows):
+            attempt(rows[: len(rows) // 2])
+            attempt(rows[len(rows) // 2 :])
+        elif redo:
+            attempt(redo)  # alone or in smaller company, they may embed soundly
+
+    if posts:
+        attempt(list(range(len(posts))))
+    if out.failed and not out.vectors:
+        try:
+            check = np.asarray(embed([canary]), dtype=np.float32)
+            sound = check.shape == (1, check.shape[-1]) and not unsound_rows(check).any()
+        except Exception as exc:  # noqa: BLE001
+            raise EncoderFailure(f"the encoder fails on a sound post too: {type(exc).__name__}: {exc}") from exc
+        if not sound:
+            raise EncoderFailure("the encoder yields unsound vectors for a sound post too")
+    return out
 
 
 def vector_event(

@@ -21,14 +21,17 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 from feedret import metrics
 from feedret.config import ConsumerConfig, KafkaConfig
 from feedret.consumer.batch import (
+    Bad,
     SourceRecord,
     dead_letter,
+    embed_isolating,
     first_offsets,
     next_offsets,
     route,
     split_batch,
     vector_event,
 )
+from feedret.consumer.lag import PartitionLag
 from feedret.events import PostEvent
 
 log = structlog.get_logger(__name__)
@@ -48,8 +51,13 @@ class _ForgetRevokedLag(ConsumerRebalanceListener):
     """A revoked partition's lag gauge would otherwise stay frozen at its last value here
     while its new owner reports it too, and a sum over consumers would count it twice."""
 
+    def __init__(self, lag: PartitionLag | None = None) -> None:
+        self.lag = lag
+
     def on_partitions_revoked(self, revoked) -> None:
         metrics.forget_consumer_partitions(tp.partition for tp in revoked)
+        if self.lag is not None:
+            self.lag.revoked(revoked)
 
     def on_partitions_assigned(self, assigned) -> None:
         pass
@@ -71,6 +79,7 @@ class EmbeddingConsumer:
         self.stats = {"batches": 0, "embedded": 0, "deletes": 0, "dead_letters": 0}
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
+        self._lag: PartitionLag | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -115,7 +124,8 @@ class EmbeddingConsumer:
             fetch_max_wait_ms=k.fetch_max_wait_ms,
             client_id="feedret-consumer",
         )
-        self._consumer.subscribe([k.posts_topic], listener=_ForgetRevokedLag())
+        self._lag = PartitionLag(self._consumer, self.config.lag_refresh_ms / 1000)
+        self._consumer.subscribe([k.posts_topic], listener=_ForgetRevokedLag(self._lag))
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -152,20 +162,32 @@ class EmbeddingConsumer:
         return batch
 
     def process(self, batch: Sequence[SourceRecord]) -> None:
-        """Embed, produce, wait for acks, then commit. Raises if any produce fails."""
+        """Embed, produce, wait for acks, then commit.
+
+        A record the encoder cannot take is dead-lettered with the error and the rest
+        of the batch goes on (`embed_isolating`). Raises, so that the batch is retried
+        and nothing is committed, when a produce fails or the model fails on every
+        post (EncoderFailure): neither is any record's fault.
+        """
         assert self._producer is not None and self._consumer is not None
         good, bad = split_batch(batch)
         upserts = [g for g in good if g.event.op == "upsert"]
         started = time.perf_counter()
-        vectors = self.encoder.embed_posts([g.event for g in upserts]) if upserts else None
+        embedded = embed_isolating([g.event for g in upserts], self.encoder.embed_posts)
         embed_s = time.perf_counter() - started
-        row = {id(g): i for i, g in enumerate(upserts)}
+        if embedded.failed:
+            failed = {id(upserts[i]) for i in embedded.failed}
+            bad += [Bad(upserts[i].source, f"the encoder failed on this post: {why}", "embed_failed")
+                    for i, why in embedded.failed.items()]
+            good = [g for g in good if id(g) not in failed]
+        vectors = {id(upserts[i]): v for i, v in embedded.vectors.items()}
+        upserts = [g for g in upserts if id(g) in vectors]
         now = self.clock()
         futures = []
         partitions = [route(g.event.post_id, self.config.num_shards) for g in good]
         # Produce in source order so a post's upsert and delete keep their order.
         for g, partition in zip(good, partitions):
-            vec = vectors[row[id(g)]] if g.event.op == "upsert" else None
+            vec = vectors[id(g)] if g.event.op == "upsert" else None
             msg = vector_event(g, vec, self.encoder.model_version, now)
             futures.append(
                 self._producer.send(
@@ -182,10 +204,10 @@ class EmbeddingConsumer:
             )
             log.warning(
                 "dead_letter",
-                reason=b.reason,
+                reason=b.reason[:300],
                 partition=b.source.partition,
                 offset=b.source.offset,
-                key=b.source.key.decode("utf-8", "replace") if b.source.key else None,
+                key=b.source.key[:64].decode("utf-8", "replace") if b.source.key else None,
             )
         self._producer.flush()
         for f in futures:
@@ -203,7 +225,9 @@ class EmbeddingConsumer:
             dead_letter_reasons=[b.kind for b in bad],
         )
         metrics.CONSUMER_LAST_COMMIT.set_to_current_time()
-        metrics.observe_consumer_lag(self._consumer, committed)
+        if self._lag is not None:
+            self._lag.committed(committed)
+            self._lag.update()
         self.stats["batches"] += 1
         self.stats["embedded"] += len(upserts)
         self.stats["deletes"] += len(good) - len(upserts)
@@ -243,9 +267,10 @@ class EmbeddingConsumer:
         try:
             while not stop.is_set():
                 batch = self._next_batch(stop)
+                if self._lag is not None:
+                    self._lag.update()  # also while idle or failing: the end keeps moving
                 if not batch:
                     continue
-                metrics.observe_consumer_lag(self._consumer, first_offsets(batch))
                 try:
                     self.process(batch)
                     backoff = 0.5

@@ -166,6 +166,9 @@ class ConsumerConfig(_Settings):
     batch_max_size: int = Field(default=64, ge=1)
     batch_max_wait_ms: int = Field(default=200, ge=1)
     batch_linger_ms: int = Field(default=20, ge=1)
+    # How often the lag gauge asks the broker for the partitions' end offsets (one
+    # ListOffsets request); between asks it follows this consumer's own commits.
+    lag_refresh_ms: int = Field(default=1000, ge=0)
 
 
 class ShardConfig(_Settings):

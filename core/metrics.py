@@ -213,7 +213,8 @@ CONSUMER_EMBED_SECONDS = Histogram(
 )
 CONSUMER_LAG = Gauge(
     "feedret_consumer_lag_records",
-    "Records of a posts partition this consumer owns and has not committed, as of its last fetch.",
+    "Records of a posts partition this consumer owns and has not committed: the partition's end "
+    "offset minus the group's committed offset, asked of the broker at most every lag_refresh_ms.",
     ["partition"],
 )
 CONSUMER_LAST_COMMIT = Gauge(
@@ -245,20 +246,10 @@ def observe_consumer_batch(
         CONSUMER_DEAD_LETTERS.labels(reason=reason).inc()
 
 
-def observe_consumer_lag(consumer: Any, not_committed: Mapping[tuple[str, int], int]) -> None:
-    """Lag per posts partition: the partition's end as last fetched minus the first offset not committed.
-
-    Called with a batch's first offsets before it is processed and with the committed
-    offsets after, so a batch that keeps failing shows lag that grows with the topic
-    rather than the figure from its last success. `consumer` is a kafka-python
-    KafkaConsumer; highwater() uses what the last fetch returned, so this costs no request.
-    """
-    from kafka import TopicPartition
-
-    for (topic, partition), offset in not_committed.items():
-        end = consumer.highwater(TopicPartition(topic, partition))
-        if end is not None:
-            CONSUMER_LAG.labels(partition=str(partition)).set(max(end - offset, 0))
+def set_consumer_lag(lags: Mapping[int, int]) -> None:
+    """Lag per posts partition this consumer owns: end offset minus committed offset (consumer/lag.py)."""
+    for partition, lag in lags.items():
+        CONSUMER_LAG.labels(partition=str(partition)).set(lag)
 
 
 def forget_consumer_partitions(partitions: Iterable[int]) -> None:

@@ -130,3 +130,40 @@ def test_a_steady_trickle_is_cut_at_the_max_wait():
     batch = batcher(consumer, batch_max_size=1000, batch_max_wait_ms=150, batch_linger_ms=50)._next_batch(threading.Event())
     elapsed = time.monotonic() - started
     assert 3 <= len(batch) < 1000 and 0.14 <= elapsed < 2.0, (len(batch), elapsed)
+
+
+def test_a_record_without_a_key_is_dead_lettered_so_no_delete_can_overtake_its_upsert():
+    # Kafka spreads keyless records over partitions: 727 of 2,000 keyless deletes were read
+    # before their (keyed) upserts and lost, the posts left searchable.
+    good, bad = split_batch([rec(0, POST, b"5"), rec(1, {"post_id": 5, "op": "delete"}, None)])
+    assert [g.source.offset for g in good] == [0]
+    assert [(b.source.offset, b.kind) for b in bad] == [(1, "no_key")]
+    assert "no key" in bad[0].reason and "post id (5)" in bad[0].reason
+
+
+def test_a_record_validation_cannot_read_is_dead_lettered_not_raised(monkeypatch):
+    import feedret.consumer.batch as batch
+
+    def explode(raw, limits):
+        raise MemoryError("a validator bug")
+
+    monkeypatch.setattr(batch, "parse_post_event", explode)
+    good, bad = split_batch([rec(0, POST, b"5")])
+    assert not good and bad[0].kind == "unreadable" and "MemoryError" in bad[0].reason
+
+
+def test_a_dead_letter_of_a_huge_record_fits_a_broker_and_says_what_it_dropped():
+    value = b"x" * 5_000_000
+    key, body, headers = dead_letter(split_batch([rec(7, value, b"7")])[1][0])
+    letter = json.loads(body)
+    assert len(body) < 1_000_000  # Kafka's default message.max.bytes
+    assert letter["value_truncated"] and letter["value_bytes"] == 5_000_000 and letter["offset"] == 7
+    assert letter["kind"] == "too_large"
+
+
+def test_a_reason_quoting_invalid_unicode_still_makes_a_dead_letter():
+    from feedret.consumer.batch import Bad
+
+    key, body, headers = dead_letter(Bad(rec(1, b"{}", b"1"), "bad \ud800 text", "text"))
+    assert json.loads(body)["reason"] == "bad \ud800 text"
+    assert headers[0][1] == b"bad \\ud800 text"

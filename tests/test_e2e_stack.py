@@ -87,6 +87,68 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_good_ones_around_the
         assert expected in reasons
 
 
+def read_dead_letters(running_stack, expect: int, timeout: float = 60) -> list[dict]:
+    consumer = KafkaConsumer(bootstrap_servers=running_stack.stack.kafka.bootstrap_servers,
+                             auto_offset_reset="earliest", max_partition_fetch_bytes=4 << 20)
+    tp = TopicPartition(running_stack.stack.kafka.dlq_topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    letters: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while len(letters) < expect and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            letters.extend(json.loads(r.value) for r in records)
+    consumer.close()
+    return letters
+
+
+def test_no_hostile_record_stops_ingestion_each_is_dead_lettered_and_every_good_one_indexed(running_stack):
+    """Each of these once stopped all ingestion for good, or (keyless) lost a delete."""
+    from kafka import KafkaProducer
+
+    base = 9_200_000_000
+    good = {base + i: f"a good post number {i} about gardening" for i in range(12)}
+    hostile = {  # offset-free labels -> raw value (keyed by its post id where it has one)
+        "surrogate_text": b'{"post_id": 9200000100, "author_id": "a", "created_at": 1, "text": "x \\ud800"}',
+        "surrogate_author": b'{"post_id": 9200000101, "author_id": "\\udfff", "created_at": 1, "text": "x"}',
+        "surrogate_lang": b'{"post_id": 9200000102, "author_id": "a", "created_at": 1, "text": "x", "lang": "\\ud800"}',
+        "nested": b'{"post_id": 9200000103, "x": ' + b"[" * 100_000 + b"}",
+        "digits": b'{"post_id": ' + b"9" * 5000 + b"}",
+        "huge_author": json.dumps({"post_id": 9200000104, "author_id": "x" * 900_000, "created_at": 1,
+                                   "text": "x"}).encode(),
+        "huge_feature": b'{"post_id": 9200000105, "author_id": "a", "created_at": 1, "text": "x", '
+                        b'"features": {"f": 1' + b"0" * 400 + b"}}",
+    }
+    keys = {"surrogate_text": 9200000100, "surrogate_author": 9200000101, "surrogate_lang": 9200000102,
+            "nested": 9200000103, "huge_author": 9200000104, "huge_feature": 9200000105}
+    producer = KafkaProducer(bootstrap_servers=running_stack.stack.kafka.bootstrap_servers, max_request_size=4 << 20)
+    topic = running_stack.stack.kafka.posts_topic
+    goods = iter(good.items())
+    # A good post between every two hostile ones, on every partition their keys reach.
+    for label, value in hostile.items():
+        key = str(keys[label]).encode() if label in keys else b"1"
+        producer.send(topic, key=key, value=value)
+        post_id, text = next(goods)
+        producer.send(topic, key=str(post_id).encode(), value=post_line(post_id, text).encode())
+    # A keyless delete of a post upserted with its key: dead-lettered, the post stays.
+    producer.send(topic, key=None, value=json.dumps({"post_id": base, "op": "delete"}).encode())
+    for post_id, text in goods:
+        producer.send(topic, key=str(post_id).encode(), value=post_line(post_id, text).encode())
+    producer.flush()
+    producer.close()
+
+    assert wait_for(lambda: all(running_stack.found(p) for p in good), timeout=60), (
+        [p for p in good if not running_stack.found(p)], running_stack.stack.log_tail("consumer"))
+    letters = read_dead_letters(running_stack, expect=len(hostile) + 1)
+    ours = [l for l in letters if "920000" in l["value"][:40] or l["value"].startswith('{"post_id": 9999')]
+    kinds = sorted(l["kind"] for l in ours)
+    assert kinds == sorted(["text", "author_id", "lang", "invalid_json", "invalid_json", "too_large", "features",
+                            "no_key"]), [(l["kind"], l["reason"][:80]) for l in ours]
+    for p in (9200000100, 9200000101, 9200000102, 9200000103, 9200000104, 9200000105):
+        assert not running_stack.found(p)
+    assert running_stack.found(base)  # the keyless delete did not apply
+
+
 @pytest.mark.parametrize(
     "request_, message",
     [

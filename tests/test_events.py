@@ -56,3 +56,46 @@ def test_delete_needs_only_the_id():
 def test_bad_events_say_why(raw, reason):
     with pytest.raises(InvalidEvent, match=reason.replace("(", r"\(")):
         parse_post_event(raw)
+
+
+HOSTILE = {
+    # Each passed validation before, then failed its embedding batch, and the consumer
+    # retried that batch forever: no post behind it was indexed.
+    "lone surrogate in text": (b'{"post_id": 1, "author_id": "a", "created_at": 1, "text": "hi \\ud800"}', "text", "lone surrogate"),
+    "lone surrogate in author_id": (b'{"post_id": 1, "author_id": "\\udfff", "created_at": 1, "text": "hi"}', "author_id", "lone surrogate"),
+    "lone surrogate in lang": (b'{"post_id": 1, "author_id": "a", "created_at": 1, "text": "hi", "lang": "e\\ud800"}', "lang", "lone surrogate"),
+    "lone surrogate in a feature name": (
+        b'{"post_id": 1, "author_id": "a", "created_at": 1, "text": "hi", "features": {"\\ud800": 1}}', "features", "lone surrogate"),
+    "nested 100,000 deep": (b'{"post_id": 1, "extra": ' + b"[" * 100_000 + b"}", "invalid_json", "nested too deeply"),
+    "post_id of 5,000 digits": (b'{"post_id": ' + b"9" * 5000 + b"}", "invalid_json", "not valid JSON"),
+    "post_id of 4,000 digits": (b'{"post_id": ' + b"9" * 4000 + b"}", "post_id", "post_id must be in"),
+    "feature of 400 digits": (
+        b'{"post_id": 1, "author_id": "a", "created_at": 1, "text": "hi", "features": {"x": 1' + b"0" * 400 + b"}}",
+        "features", "too large"),
+    "created_at of 400 digits": (b'{"post_id": 1, "author_id": "a", "text": "hi", "created_at": 1' + b"0" * 400 + b"}",
+                                 "created_at", "too large"),
+    "900 KB author_id": (json.dumps({**GOOD, "author_id": "x" * 900_000}).encode(), "too_large", "bytes, the limit"),
+    "5 KB author_id": (json.dumps({**GOOD, "author_id": "x" * 5_000}).encode(), "author_id", "the limit is 256"),
+    "1 KB lang": (json.dumps({**GOOD, "lang": "x" * 1_000}).encode(), "lang", "the limit is 35"),
+    "1,000 features": (json.dumps({**GOOD, "features": {f"f{i}": i for i in range(1000)}}).encode(), "features", "the limit is 64"),
+}
+
+
+@pytest.mark.parametrize("raw, kind, message", HOSTILE.values(), ids=HOSTILE.keys())
+def test_what_the_encoder_cannot_take_is_rejected_with_a_reason(raw, kind, message):
+    with pytest.raises(InvalidEvent, match=message) as err:
+        parse_post_event(raw)
+    assert err.value.kind == kind
+
+
+def test_every_missing_required_field_is_named():
+    with pytest.raises(InvalidEvent, match="missing required fields 'author_id', 'created_at'") as err:
+        parse_post_event({"post_id": 3, "text": "hello"})
+    assert err.value.kind == "author_id"
+
+
+def test_the_limits_are_the_callers_to_choose():
+    from feedret.events import EventLimits
+
+    raw = json.dumps({**GOOD, "author_id": "x" * 300}).encode()
+    assert parse_post_event(raw, EventLimits(max_author_id_chars=300)).author_id == "x" * 300
