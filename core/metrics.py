@@ -198,7 +198,8 @@ CONSUMER_VECTORS = Counter(
 )
 CONSUMER_DEAD_LETTERS = Counter(
     "feedret_consumer_dead_letters_total",
-    "Records sent to the dead-letter topic, by reason: the field at fault, invalid_json, not_object, tombstone or key_mismatch.",
+    "Records sent to the dead-letter topic, by reason: the field at fault, invalid_json, not_object, too_large, "
+    "tombstone, no_key, key_mismatch, unreadable or embed_failed.",
     ["reason"],
 )
 CONSUMER_BATCHES = Counter("feedret_consumer_batches_total", "Micro-batches embedded, produced and committed.")
