@@ -1,4 +1,8 @@
-"""The search benchmarks run end to end at a tiny size, so they do not rot (they start real stacks: e2e)."""
+"""The benchmarks run end to end at a tiny size, so they do not rot (they start real stacks: e2e).
+
+The runs are marked `bench`: `make test` leaves them out (together they took about a
+third of the suite), `make test-bench` runs them, and `.ci/run` runs both.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ def run(script: str, args: list[str], tmp_path: Path) -> tuple[str, float]:
     return out.read_text(), time.monotonic() - started
 
 
+@pytest.mark.bench
 def test_search_latency_smoke(tmp_path):
     report, seconds = run("search_latency.py", [*TINY, "--index", "Flat", "--index", "IVF16,Flat", "--index", "HNSW16"],
                           tmp_path)
@@ -37,6 +42,7 @@ def test_search_latency_smoke(tmp_path):
     assert seconds < 120, f"took {seconds:.0f}s"
 
 
+@pytest.mark.bench
 def test_milvus_compare_smoke(tmp_path):
     pytest.importorskip("pymilvus", reason="the bench extra (pip install -e '.[bench]') is not installed")
     pytest.importorskip("milvus_lite")
@@ -47,6 +53,7 @@ def test_milvus_compare_smoke(tmp_path):
     assert seconds < 120, f"took {seconds:.0f}s"
 
 
+@pytest.mark.bench
 def test_grpc_floor_smoke(tmp_path):
     out = tmp_path / "floor.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grpc_floor.py"), "--n", "3000", "--queries", "8",
@@ -64,6 +71,7 @@ def test_grpc_floor_smoke(tmp_path):
     assert systems["floor_threads"]["recall"] == systems["floor_asyncio"]["recall"] == systems["feedret"]["recall"] > 0.5
 
 
+@pytest.mark.bench
 def test_encoder_idle_cpu_smoke(tmp_path):
     out = tmp_path / "idle.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "encoder_idle_cpu.py"), "--backend", "torch",
@@ -75,6 +83,7 @@ def test_encoder_idle_cpu_smoke(tmp_path):
     assert "| torch | sleep (PASSIVE) |" in report and "| torch | spin (OpenMP's default) |" in report
 
 
+@pytest.mark.bench
 def test_member_batching_smoke(tmp_path):
     out, raw = tmp_path / "member.md", tmp_path / "member.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "member_batching.py"), "--concurrency", "1,8",
@@ -100,6 +109,7 @@ def test_help(script):
     assert proc.returncode == 0 and "--n" in proc.stdout
 
 
+@pytest.mark.bench
 def test_growth_stall_smoke(tmp_path):
     out = tmp_path / "growth.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "growth_stall.py"), "--n", "8192", "--dim", "16",
@@ -110,6 +120,7 @@ def test_growth_stall_smoke(tmp_path):
     assert "8,192 → 16,384 rows" in report
 
 
+@pytest.mark.bench
 def test_shard_batching_smoke(tmp_path):
     out = tmp_path / "batching.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shard_batching.py"), "--n", "4096", "--dim", "16",
@@ -120,6 +131,7 @@ def test_shard_batching_smoke(tmp_path):
     assert "| 1 |" in report and "| 8 |" in report and "QPS batched / alone" in report
 
 
+@pytest.mark.bench
 def test_hnsw_ingest_stall_smoke(tmp_path):
     out = tmp_path / "hnsw.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hnsw_ingest_stall.py"), "--n", "4096", "--dim", "16",
@@ -130,6 +142,7 @@ def test_hnsw_ingest_stall_smoke(tmp_path):
     assert "| baseline (a batch linked in one hold) |" in report and "posts per hold) |" in report
 
 
+@pytest.mark.bench
 def test_merge_topk_smoke(tmp_path):
     out = tmp_path / "merge.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "merge_topk.py"), "--requests", "60",
@@ -140,6 +153,7 @@ def test_merge_topk_smoke(tmp_path):
     assert "| 3 | 300 |" in report and "before / now (p50)" in report
 
 
+@pytest.mark.bench
 def test_freshness_smoke(tmp_path):
     out = tmp_path / "freshness.md"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "freshness.py"), "--trials", "2",
@@ -153,6 +167,7 @@ def test_freshness_smoke(tmp_path):
     assert "| now |" in out.read_text().split("Backlog:")[1]
 
 
+@pytest.mark.bench
 @pytest.mark.parametrize("backends", [[], ["--backend", "torch"]], ids=["both", "torch-alone"])
 def test_embed_throughput_smoke(tmp_path, backends):
     out = tmp_path / "embed.md"

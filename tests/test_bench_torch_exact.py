@@ -5,6 +5,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.bench
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_exact_search.py"
 
 
