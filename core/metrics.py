@@ -2,8 +2,9 @@
 
 Each role (`feedret serve root|shard|member|consumer`) starts one HTTP endpoint,
 `http://<FEEDRET_HOST>:<FEEDRET_METRICS_PORT>/metrics`, before it loads anything
-(`start_metrics_server`); 0 turns it off. Besides the metrics below, the
-client's default collectors export process CPU, memory, open files and GC.
+(`start_metrics_server`); 0 turns it off. It exports its own role's metrics
+below and the shared ones (build and model info, gRPC), and the client's default
+collectors' process CPU, memory, open files and GC.
 
 Every gRPC server counts and times each RPC through `GrpcMetricsInterceptor`
 (installed by `feedret.server.grpc_common.build_server`), under the names
@@ -497,6 +498,29 @@ def _version() -> str:
         return "unknown"
 
 
+# Every role's metrics are defined in this one module and so registered in every process;
+# an endpoint exports the shared ones and its own role's, not every other role's at zero.
+_ROLE_PREFIXES = {role: f"feedret_{role}_" for role in ("root", "shard", "member", "consumer")}
+
+
+class RoleRegistry:
+    """The default registry as one role exports it (a registry is anything with `collect`).
+
+    A role that is none of the four (a process hosting several, a test) exports everything.
+    """
+
+    def __init__(self, role: str, source: Any = REGISTRY) -> None:
+        self.role = role
+        self.source = source
+        own = _ROLE_PREFIXES.get(role)
+        self._others = tuple(p for p in _ROLE_PREFIXES.values() if own is not None and p != own)
+
+    def collect(self) -> Iterator:
+        for family in self.source.collect():
+            if not family.name.startswith(self._others):
+                yield family
+
+
 def start_metrics_server(host: str, port: int, role: str) -> MetricsServer | None:
     """Serve /metrics on host:port from a daemon thread; None when port is 0 (off) or cannot be bound.
 
@@ -509,7 +533,7 @@ def start_metrics_server(host: str, port: int, role: str) -> MetricsServer | Non
         log.info("metrics_disabled", reason="FEEDRET_METRICS_PORT=0")
         return None
     try:
-        server, _thread = start_http_server(port, addr=host)
+        server, _thread = start_http_server(port, addr=host, registry=RoleRegistry(role))
     except OSError as exc:
         log.error(
             "metrics_port_unavailable",

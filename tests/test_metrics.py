@@ -217,3 +217,20 @@ def test_port_zero_turns_the_endpoint_off():
 def test_metrics_path_is_the_conventional_one():
     # The k8s annotations and PodMonitor (tests/test_k8s.py) and the docs name this path.
     assert METRICS_PATH == "/metrics"
+
+
+@pytest.mark.parametrize("role", ["root", "shard", "member", "consumer"])
+def test_a_process_exports_its_own_roles_metrics_not_every_roles_at_zero(role):
+    server = start_metrics_server("127.0.0.1", free_port(), role=role)
+    assert server is not None
+    try:
+        names = {name for name, _ in scrape(server.url)}
+    finally:
+        server.stop()
+    roles = {prefix.split("_")[1] for prefix in ("feedret_root_", "feedret_shard_", "feedret_member_",
+                                                  "feedret_consumer_") for name in names if name.startswith(prefix)}
+    # A shard's own show once it watches its state (test_shard_state_is_read_when_scraped).
+    assert roles == ({role} if role != "shard" else set()), sorted(
+        n for n in names if n.startswith("feedret_") and f"_{role}_" not in n)
+    assert "feedret_build_info" in names
+    assert any(n.startswith("process_") for n in names)  # the shared process metrics stay
