@@ -334,7 +334,7 @@ def shard_snapshots(
         for start in range(0, len(mine), 65536):
             chunk = mine[start : start + 65536]
             index.upsert(chunk, np.ascontiguousarray(vectors[chunk]), np.full(len(chunk), now),
-                         ["en"] * len(chunk), indexed_at=now)
+                         ["en"] * len(chunk), indexed_at=now, model_versions=["bench"] * len(chunk))
         index.wait_idle(3600)
         state = ShardState(config=ShardConfig(shard_id=shard, num_shards=num_shards, index_factory=factory),
                            topic=topic)

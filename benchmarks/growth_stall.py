@@ -62,7 +62,8 @@ def snapshot(args) -> tuple[dict, dict, np.ndarray]:
         m = min(65536, args.n - start)
         v = rng.normal(size=(m, args.dim)).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        ix.upsert(list(range(start, start + m)), v, created_at=[1.0] * m, langs=["en"] * m, indexed_at=1.0)
+        ix.upsert(list(range(start, start + m)), v, created_at=[1.0] * m, langs=["en"] * m, indexed_at=1.0,
+                  model_versions=["bench"] * m)
         if queries is None:
             queries = v[:64].copy()
     meta, sections = ix.export_state()
@@ -87,7 +88,7 @@ def measure(args, state, feedret: bool) -> dict:
         before = ix._store.capacity
         new = np.random.default_rng(1).normal(size=(1, args.dim)).astype(np.float32)
         t0 = time.perf_counter()
-        ix.upsert([10**9], new, created_at=[2.0], langs=["en"], indexed_at=2.0)
+        ix.upsert([10**9], new, created_at=[2.0], langs=["en"], indexed_at=2.0, model_versions=["bench"])
         t1 = time.perf_counter()
         time.sleep(0.5)
     assert ix._store.capacity > before and 10**9 in ix

@@ -46,7 +46,8 @@ def parse_args(argv):
 def measure(args, state, step: int) -> dict:
     meta, sections, queries = state
     ix = ShardIndex.from_state(meta, sections, growth_stall.options(args))
-    ix.upsert([10**9], queries[:1], created_at=[2.0], langs=["en"], indexed_at=2.0)  # the first-insert growth, not timed
+    # The first-insert growth, not timed.
+    ix.upsert([10**9], queries[:1], created_at=[2.0], langs=["en"], indexed_at=2.0, model_versions=["bench"])
     rng = np.random.default_rng(5)
     saved = si._ANN_ADD_STEP
     si._ANN_ADD_STEP = step
@@ -60,7 +61,8 @@ def measure(args, state, step: int) -> dict:
                 v /= np.linalg.norm(v, axis=1, keepdims=True)
                 t = time.perf_counter()
                 ix.upsert(list(range(base + b * args.batch, base + (b + 1) * args.batch)), v,
-                          created_at=[3.0] * args.batch, langs=["en"] * args.batch, indexed_at=3.0)
+                          created_at=[3.0] * args.batch, langs=["en"] * args.batch, indexed_at=3.0,
+                          model_versions=["bench"] * args.batch)
                 upserts.append(time.perf_counter() - t)
                 time.sleep(0.05)  # micro-batches arrive apart, as from the consumer
     finally:

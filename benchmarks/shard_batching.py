@@ -101,7 +101,8 @@ def main(argv=None) -> None:
         m = min(1 << 17, args.n - start)
         v = rng.normal(size=(m, args.dim)).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        state.index.upsert(list(range(start, start + m)), v, created_at=[1.0] * m, langs=["en"] * m, indexed_at=1.0)
+        state.index.upsert(list(range(start, start + m)), v, created_at=[1.0] * m, langs=["en"] * m, indexed_at=1.0,
+                           model_versions=["bench"] * m)
     print(f"{args.n:,} posts loaded in {time.perf_counter() - t:.1f} s", flush=True)
     q = rng.normal(size=(256, args.dim)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)

@@ -28,7 +28,7 @@ def merge_topk(results: Sequence[ShardHits], k: int) -> Merged:
     """Global top-k by score, ties broken by post id so the order is deterministic.
 
     A post id can appear in two shards' answers only during a re-shard; the
-    higher score wins and the id appears once.
+    higher score wins and the id appears once. Non-finite scores are never ranked.
 
     The root runs this on every request (k=2,000 from each shard), so the common
     case is kept cheap: one stable sort by score, ties put in id order run by run,
@@ -40,6 +40,9 @@ def merge_topk(results: Sequence[ShardHits], k: int) -> Merged:
     ids = np.concatenate([r.post_ids.astype(np.int64, copy=False) for r in results])
     scores = np.concatenate([r.scores.astype(np.float32, copy=False) for r in results])
     shards = np.concatenate([np.full(len(r.post_ids), r.shard, np.int32) for r in results])
+    finite = np.isfinite(scores)
+    if not finite.all():  # NaN or inf (a shard of an older version): it would rank first, or anywhere
+        ids, scores, shards = ids[finite], scores[finite], shards[finite]
     order = _rank(ids, scores)
     ids, scores, shards = ids[order], scores[order], shards[order]
     # Ranked, the answer is the first k distinct ids. When ids[:k] are already distinct

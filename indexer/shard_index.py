@@ -74,6 +74,7 @@ class PostRecord:
     created_at: float
     lang: str
     indexed_at: float
+    model_version: str = ""  # the model that embedded this post (a shard may hold several mid-rollout)
     vector: np.ndarray | None = None
 
 
@@ -116,6 +117,27 @@ def is_flat(factory: str) -> bool:
     return factory.strip().replace(" ", "").lower() in ("flat", "flatip")
 
 
+class _Interned:
+    """Strings kept per slot as small integer codes: few distinct values (languages, model
+    versions) over millions of posts. Code 0 is the empty string. Written under the write lock."""
+
+    def __init__(self, names: Iterable[str] = ("",)) -> None:
+        self.names: list[str] = list(names)
+        self.codes: dict[str, int] = {name: code for code, name in enumerate(self.names)}
+
+    def code(self, name: str) -> int:
+        """The name's code, assigned on first sight."""
+        code = self.codes.get(name)
+        if code is None:
+            code = self.codes[name] = len(self.names)
+            self.names.append(name)
+        return code
+
+    def known(self, names: Iterable[str]) -> list[int]:
+        """Codes of those names seen so far (a filter on a name never seen matches nothing)."""
+        return [self.codes[n] for n in names if n in self.codes]
+
+
 @dataclass
 class _Slots:
     """Per-slot attributes; grown by doubling."""
@@ -124,11 +146,12 @@ class _Slots:
     created_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     indexed_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     lang: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    model: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # model version code
     alive: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     # The approximate index holds an entry labelled with this slot (a tombstone when not alive).
     in_ann: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
-    NAMES = ("post_id", "created_at", "indexed_at", "lang", "alive", "in_ann")
+    NAMES = ("post_id", "created_at", "indexed_at", "lang", "model", "alive", "in_ann")
 
     def grow(self, capacity: int) -> None:
         for name in self.NAMES:
@@ -226,8 +249,8 @@ class ShardIndex:
         self._next_slot = 0
         self._free: list[int] = []
         self._slot_of: dict[int, int] = {}
-        self._lang_code: dict[str, int] = {"": 0}
-        self._lang_name: list[str] = [""]
+        self._langs = _Interned()
+        self._models = _Interned()  # model versions
         self._lock = RWLock()
         self._grow_lock = threading.Lock()  # one store growth at a time (see _make_room)
         self._version = 0
@@ -337,13 +360,6 @@ class ShardIndex:
 
     # ------------------------------------------------------------ writes
 
-    def _lang(self, lang: str) -> int:
-        code = self._lang_code.get(lang)
-        if code is None:
-            code = self._lang_code[lang] = len(self._lang_name)
-            self._lang_name.append(lang)
-        return code
-
     def _take_slots(self, n: int) -> np.ndarray:
         reuse = [self._free.pop() for _ in range(min(n, len(self._free)))]
         fresh = list(range(self._next_slot, self._next_slot + n - len(reuse)))
@@ -411,15 +427,20 @@ class ShardIndex:
         created_at: Sequence[float],
         langs: Sequence[str],
         indexed_at: float,
+        *,
+        model_versions: Sequence[str],
     ) -> None:
         """Insert or replace. Within one call the last occurrence of an id wins.
 
+        `model_versions`: per post, the model that embedded it (Lookup reports it).
         With retention, a post already older than the retention window replaces
         (removes) any earlier version and is not inserted.
         """
         vectors = self.prepare(vectors)
         if len(vectors) != len(post_ids):
             raise ValueError("post_ids and vectors differ in length")
+        if isinstance(model_versions, str) or len(model_versions) != len(post_ids):
+            raise ValueError("model_versions needs one model version per post")
         last: dict[int, int] = {}
         for row, pid in enumerate(post_ids):
             last[int(pid)] = row
@@ -447,7 +468,8 @@ class ShardIndex:
                 s.post_id[slots] = ids
                 s.created_at[slots] = created
                 s.indexed_at[slots] = indexed_at
-                s.lang[slots] = [self._lang(langs[r]) for r in rows]
+                s.lang[slots] = [self._langs.code(langs[r]) for r in rows]
+                s.model[slots] = [self._models.code(model_versions[r]) for r in rows]
                 s.alive[slots] = True
                 if self._ann is not None:
                     if self._build is None and len(slots) > _ANN_ADD_STEP and faiss_ann.adds_slowly(self._ann.index):
@@ -672,7 +694,7 @@ class ShardIndex:
         if filt.min_created_at is not None:
             mask &= s.created_at[:n] >= filt.min_created_at
         if filt.languages:
-            codes = [self._lang_code[l] for l in filt.languages if l in self._lang_code]
+            codes = self._langs.known(filt.languages)
             mask &= np.isin(s.lang[:n], np.array(codes, dtype=np.int32))
         excluded = [self._slot_of[p] for p in filt.exclude_post_ids if p in self._slot_of]
         if excluded:
@@ -869,8 +891,9 @@ class ShardIndex:
             return PostRecord(
                 post_id=int(post_id),
                 created_at=float(s.created_at[slot]),
-                lang=self._lang_name[int(s.lang[slot])],
+                lang=self._langs.names[int(s.lang[slot])],
                 indexed_at=float(s.indexed_at[slot]),
+                model_version=self._models.names[int(s.model[slot])],
                 vector=vector,
             )
 
@@ -898,7 +921,8 @@ class ShardIndex:
                 "dimension": self.dimension,
                 "index_factory": self.index_factory,
                 "backend": self.options.backend,
-                "langs": list(self._lang_name),
+                "langs": list(self._langs.names),
+                "model_versions": list(self._models.names),
                 "ann_removable": self._ann.removable if self._ann is not None else False,
                 "ann_hashtable": self._ann.hashtable if self._ann is not None else False,
                 "indexed": len(self._slot_of),
@@ -908,8 +932,14 @@ class ShardIndex:
         return meta, sections
 
     @classmethod
-    def from_state(cls, meta: dict, sections: dict[str, np.ndarray], options: IndexOptions) -> "ShardIndex":
-        """Rebuild an index from `export_state`; IndexConfigError when it was made under another configuration."""
+    def from_state(
+        cls, meta: dict, sections: dict[str, np.ndarray], options: IndexOptions, model_version: str = ""
+    ) -> "ShardIndex":
+        """Rebuild an index from `export_state`; IndexConfigError when it was made under another configuration.
+
+        `model_version`: what a snapshot from before model versions were kept per post
+        (no `model` section) holds every post as: the shard's model version it recorded.
+        """
         import faiss
 
         ix = cls(int(meta["input_dimension"]), options=options)
@@ -921,13 +951,17 @@ class ShardIndex:
         with ix._lock.write():
             s = ix._slots
             s.grow(max(1024, 2 * n))
+            if "model" not in sections:  # written before model versions were kept per post
+                models = _Interned()
+                sections = {**sections, "model": np.full(n, models.code(model_version), np.int32)}
+                meta = {**meta, "model_versions": models.names}
             for name in _Slots.NAMES:
                 getattr(s, name)[:n] = sections[name]
             ix._next_slot = n
             ix._store.reserve(n)
             ix._store.write(np.arange(n, dtype=np.int64), sections["rows"])
-            ix._lang_name = list(meta["langs"])
-            ix._lang_code = {name: code for code, name in enumerate(ix._lang_name)}
+            ix._langs = _Interned(meta["langs"])
+            ix._models = _Interned(meta["model_versions"])
             live = np.flatnonzero(s.alive[:n])
             ix._slot_of = dict(zip(s.post_id[live].tolist(), live.tolist()))
             if "template" in sections:

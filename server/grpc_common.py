@@ -219,7 +219,18 @@ def fill_candidates(
     benchmark machine. Scores go in as their little-endian float32 bytes and shard
     numbers under 128 as one byte each (both exactly protobuf's packed encoding),
     merged in one parse; post ids, varints of any size, still go through `extend`.
+
+    A non-finite score (NaN, inf: a vector indexed before shards checked them, a query
+    whose score overflows float32) is dropped with its candidate: it would rank first
+    or nowhere, and no caller can order by it.
     """
+    scores = np.asarray(scores, np.float32)
+    finite = np.isfinite(scores)
+    if not finite.all():
+        log.warning("non_finite_scores_dropped", dropped=int(np.count_nonzero(~finite)),
+                    post_ids=np.asarray(post_ids)[~finite][:10].tolist())
+        post_ids, scores = np.asarray(post_ids)[finite], scores[finite]
+        shards = None if shards is None else np.asarray(shards)[finite]
     candidates.post_ids.extend(np.asarray(post_ids, np.int64).tolist())
     parts = []
     raw = np.ascontiguousarray(scores, dtype="<f4").tobytes()

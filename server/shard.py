@@ -23,6 +23,7 @@ from feedret.config import GrpcSecurityConfig, KafkaConfig, ShardConfig
 from feedret.indexer import snapshot as snapshots
 from feedret.indexer.shard_index import IndexConfigError, IndexOptions, ShardIndex
 from feedret.indexer.batcher import SearchBatcher
+from feedret.indexer.vectors import UNIT_NORM_TOLERANCE, VectorProblem, check_vectors, norms_of
 from feedret.server.grpc_common import (
     RpcFailure,
     build_server,
@@ -62,7 +63,9 @@ class ShardState:
     upserts: int = 0
     deletes: int = 0
     rejected: int = 0
-    model_version: str = ""
+    # `rejected` by reason (a VectorProblem's value, "undecodable", "no_op"), for logs and counters.
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+    model_version: str = ""  # of the latest vector applied; each post keeps its own in the index
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -91,48 +94,82 @@ class ShardState:
             )
         return self.index
 
+    def count_rejected(self, reason: str) -> None:
+        self.rejected += 1
+        self.rejected_reasons[reason] = self.rejected_reasons.get(reason, 0) + 1
+
     def apply(self, events: list[tuple[int, pb.PostVectorEvent]], now: float) -> None:
-        """Apply decoded events in order. Runs of upserts go to faiss in one call."""
-        run: list[pb.PostVectorEvent] = []
+        """Apply decoded events in order. Runs of upserts go to faiss in one call.
+
+        Only sound vectors are indexed (feedret.indexer.vectors): anything can write the
+        topic, and one NaN, infinite or unnormalised vector would top every result list.
+        The rest are counted as rejected, logged and skipped; a post keeps its earlier vector.
+        """
+        run: list[tuple[int, pb.PostVectorEvent]] = []
 
         def flush() -> None:
             if not run:
                 return
-            index = self._ensure_index(len(run[0].vector))
-            vectors = np.array([e.vector for e in run], dtype=np.float32)
-            index.upsert(
-                [e.post_id for e in run],
-                vectors,
-                [e.created_at for e in run],
-                [e.lang for e in run],
-                indexed_at=now,
-            )
-            self.upserts += len(run)
-            self.model_version = run[-1].model_version
+            # The index's width; before the first vector, the run's first one's.
+            width = self.vector_dimension or next((len(e.vector) for _, e in run if len(e.vector)), 0)
+            fits = [i for i, (_, e) in enumerate(run) if width and len(e.vector) == width]
+            row_of = {i: row for row, i in enumerate(fits)}  # position in run -> row of `vectors`
+            vectors = np.array([run[i][1].vector for i in fits], dtype=np.float32).reshape(len(fits), width)
+            problems = check_vectors(vectors)
+            sound: list[int] = []  # positions in run
+            sound_ids: set[int] = set()  # posts given a sound vector earlier in this run
+            for i, (offset, ev) in enumerate(run):
+                problem = problems[row_of[i]] if i in row_of else VectorProblem.WRONG_WIDTH
+                if problem is None:
+                    sound.append(i)
+                    sound_ids.add(ev.post_id)
+                    continue
+                self.count_rejected(problem.value)
+                kept = ev.post_id in sound_ids or (self.index is not None and ev.post_id in self.index)
+                detail: dict[str, float] = {}
+                if problem is VectorProblem.WRONG_WIDTH:
+                    detail = {"width": len(ev.vector), "expected": width}
+                elif problem is VectorProblem.NOT_UNIT:  # (a NaN norm would not be valid JSON in the log)
+                    detail = {"norm": float(norms_of(vectors[row_of[i]][None])[0]), "tolerance": UNIT_NORM_TOLERANCE}
+                log.error(
+                    "vector_rejected",
+                    post_id=ev.post_id,
+                    offset=offset,
+                    reason=problem.value,
+                    model_version=ev.model_version,
+                    # A rejected upsert changes nothing: the post's earlier vector, if any, still serves.
+                    earlier_vector="kept" if kept else "none",
+                    **detail,
+                )
+            good = [run[i][1] for i in sound]
+            rows = [row_of[i] for i in sound]
             run.clear()
+            if not width:
+                return
+            index = self._ensure_index(width)  # even with nothing sound: a bad index config fails now
+            if not good:
+                return
+            index.upsert(
+                [e.post_id for e in good],
+                vectors if len(rows) == len(vectors) else vectors[rows],
+                [e.created_at for e in good],
+                [e.lang for e in good],
+                indexed_at=now,
+                model_versions=[e.model_version for e in good],
+            )
+            self.upserts += len(good)
+            self.model_version = good[-1].model_version
 
         for offset, ev in events:
             if ev.op == pb.PostVectorEvent.UPSERT:
-                width = len(ev.vector)
-                expected = self.vector_dimension or (len(run[0].vector) if run else width)
-                if width == 0 or width != expected:
-                    self.rejected += 1
-                    log.error(
-                        "vector_rejected",
-                        post_id=ev.post_id,
-                        offset=offset,
-                        width=width,
-                        expected=expected,
-                    )
-                    continue
-                run.append(ev)
+                run.append((offset, ev))
             elif ev.op == pb.PostVectorEvent.DELETE:
                 flush()
                 if self.index is not None:
                     self.index.delete([ev.post_id])
                 self.deletes += 1
             else:
-                self.rejected += 1
+                self.count_rejected("no_op")
                 log.error("vector_event_without_op", post_id=ev.post_id, offset=offset)
         flush()
         if events:
@@ -152,7 +189,8 @@ class ShardState:
         if index is None:
             return None
         offset, last_post_id = self.position
-        counters = {"upserts": self.upserts, "deletes": self.deletes, "rejected": self.rejected}
+        counters = {"upserts": self.upserts, "deletes": self.deletes, "rejected": self.rejected,
+                    "rejected_reasons": dict(self.rejected_reasons)}
         model_version = self.model_version
         meta, sections = index.export_state()
         cfg = self.config
@@ -174,6 +212,7 @@ class ShardState:
         self.applied_offset = 0
         self.position = (0, None)
         self.upserts = self.deletes = self.rejected = 0
+        self.rejected_reasons = {}
         self.model_version = ""
 
     def restore(self, header: dict, sections: dict) -> None:
@@ -185,7 +224,9 @@ class ShardState:
         meta = header["index"]
         if cfg.dimension and cfg.dimension != meta["input_dimension"]:
             raise IndexConfigError(f"snapshot of {meta['input_dimension']}-d vectors, configured {cfg.dimension}")
-        self.index = ShardIndex.from_state(meta, sections, IndexOptions.from_config(cfg))
+        # A snapshot from before model versions were kept per post holds them all as its header's.
+        self.index = ShardIndex.from_state(meta, sections, IndexOptions.from_config(cfg),
+                                           model_version=header.get("model_version", ""))
         self.applied_offset = int(header["applied_offset"])
         self.position = (self.applied_offset, header.get("last_post_id"))
         self.verify_position = True
@@ -194,6 +235,7 @@ class ShardState:
         self.upserts = counters.get("upserts", 0)
         self.deletes = counters.get("deletes", 0)
         self.rejected = counters.get("rejected", 0)
+        self.rejected_reasons = dict(counters.get("rejected_reasons", {}))
 
 
 class CatchUp:
@@ -321,7 +363,7 @@ class PartitionApplier(threading.Thread):
                 try:
                     ev.ParseFromString(rec.value or b"")
                 except DecodeError as exc:
-                    self.state.rejected += 1
+                    self.state.count_rejected("undecodable")
                     log.error("vector_record_undecodable", offset=rec.offset, error=str(exc))
                     continue
                 events.append((rec.offset, ev))
@@ -510,7 +552,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
             resp.indexed_at = rec.indexed_at
             resp.created_at = rec.created_at
             resp.lang = rec.lang
-            resp.model_version = state.model_version
+            resp.model_version = rec.model_version  # the model that embedded this post, not the latest
             if rec.vector is not None:
                 resp.vector.extend(rec.vector.tolist())
             return resp

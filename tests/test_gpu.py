@@ -91,7 +91,7 @@ def test_flat_on_the_gpu_is_the_torch_store_there_and_exact():
     out = {}
     for device in ("cpu", "cuda"):
         ix = ShardIndex(64, options=IndexOptions(device=device))
-        ix.upsert(ids, vecs, [0.0] * len(ids), ["en"] * len(ids), 0.0)
+        ix.upsert(ids, vecs, [0.0] * len(ids), ["en"] * len(ids), 0.0, model_versions=["m1"] * len(ids))
         ix.delete(ids[:100].tolist())
         out[device] = [ix.search(q, 2500, SearchFilter(exclude_post_ids=[int(i) for i in ids[100:110]]))[0].tolist()
                        for q in vecs[:5]]
@@ -110,7 +110,8 @@ def test_the_faiss_gpu_copy_matches_the_cpu_index():
     for device in ("cpu", "cuda:0"):
         opts = IndexOptions(index_factory="IVF64,Flat", train_size=10_000, nprobe=64, device=device, background=False)
         ix = ShardIndex(64, options=opts)
-        ix.upsert(ids, vecs, [0.0] * len(ids), ["en" if i % 4 else "de" for i in ids], 0.0)
+        ix.upsert(ids, vecs, [0.0] * len(ids), ["en" if i % 4 else "de" for i in ids], 0.0,
+                  model_versions=["m1"] * len(ids))
         ix.delete(ids[:500].tolist())
         assert ix.device == device
         filters = (None, SearchFilter(exclude_post_ids=[int(i) for i in ids[500:600]]), SearchFilter(languages=["de"]))

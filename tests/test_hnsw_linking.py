@@ -27,7 +27,8 @@ def hnsw(n=300, seed=0):
 
 def test_a_batch_is_linked_into_the_graph_and_every_post_is_found():
     ix, vecs = hnsw()
-    ix.upsert(list(range(300)), vecs, created_at=[1.0] * 300, langs=["en"] * 300, indexed_at=1.0)
+    ix.upsert(list(range(300)), vecs, created_at=[1.0] * 300, langs=["en"] * 300, indexed_at=1.0,
+              model_versions=["m1"] * 300)
     assert ix._ann.ntotal == 300 and ix._buffered() is None  # all linked, none left to search exactly
     for i in (0, 17, 299):
         assert ix.search(vecs[i], 1)[0][0] == i
@@ -35,7 +36,8 @@ def test_a_batch_is_linked_into_the_graph_and_every_post_is_found():
 
 def test_searches_get_in_between_the_steps(monkeypatch):
     ix, vecs = hnsw()
-    ix.upsert(list(range(100)), vecs[:100], created_at=[1.0] * 100, langs=["en"] * 100, indexed_at=1.0)
+    ix.upsert(list(range(100)), vecs[:100], created_at=[1.0] * 100, langs=["en"] * 100, indexed_at=1.0,
+              model_versions=["m1"] * 100)
     events: list[str] = []
     first_step, go_on = threading.Event(), threading.Event()
     real_add = type(ix._ann).add
@@ -50,7 +52,8 @@ def test_searches_get_in_between_the_steps(monkeypatch):
     monkeypatch.setattr(type(ix._ann), "add", slow_add)
     new = vecs[100:200]
     writer = threading.Thread(target=ix.upsert, args=(list(range(100, 200)), new),
-                              kwargs=dict(created_at=[2.0] * 100, langs=["en"] * 100, indexed_at=2.0))
+                              kwargs=dict(created_at=[2.0] * 100, langs=["en"] * 100, indexed_at=2.0,
+                                          model_versions=["m1"] * 100))
     writer.start()
     assert first_step.wait(10)
     found = []
@@ -81,7 +84,8 @@ def test_a_post_deleted_before_its_step_is_not_linked(monkeypatch):
             ix._release(ix._pop_slots([40]))
 
     monkeypatch.setattr(type(ix._ann), "add", add_then_delete)
-    ix.upsert(list(range(64)), vecs[:64], created_at=[1.0] * 64, langs=["en"] * 64, indexed_at=1.0)
+    ix.upsert(list(range(64)), vecs[:64], created_at=[1.0] * 64, langs=["en"] * 64, indexed_at=1.0,
+              model_versions=["m1"] * 64)
     assert 40 not in ix and len(ix) == 63
     assert ix._ann.ntotal == 63  # 40's slot was never linked
     assert 40 not in ix.search(vecs[40], 10)[0]

@@ -50,7 +50,8 @@ class Reference:
         self.posts: dict[int, tuple[np.ndarray, float, str]] = {}
 
     def upsert(self, ix: ShardIndex, ids, vecs, created, langs, now=0.0) -> None:
-        ix.upsert(list(ids), vecs, created_at=list(created), langs=list(langs), indexed_at=now)
+        ix.upsert(list(ids), vecs, created_at=list(created), langs=list(langs), indexed_at=now,
+                  model_versions=["m1"] * len(ids))
         for pid, v, c, l in zip(ids, vecs, created, langs):
             self.posts[int(pid)] = (v, float(c), l)
 
@@ -255,7 +256,7 @@ def test_nprobe_and_ef_search_come_from_the_options():
     recalls = {}
     for nprobe in (1, 64):
         ix = ShardIndex(D, options=IndexOptions(index_factory="IVF64,Flat", train_size=4000, nprobe=nprobe, background=False))
-        ix.upsert(list(range(4000)), vecs, [0.0] * 4000, ["en"] * 4000, 0.0)
+        ix.upsert(list(range(4000)), vecs, [0.0] * 4000, ["en"] * 4000, 0.0, model_versions=["m1"] * 4000)
         hits = 0
         for q in queries:
             exact = np.argsort(-(vecs @ q))[:10]
@@ -272,7 +273,7 @@ def test_nprobe_and_ef_search_come_from_the_options():
         return real(index, sel, nprobe, ef_search, keep)
 
     ix = ShardIndex(D, options=IndexOptions(index_factory="HNSW8", ef_search=123, background=False))
-    ix.upsert(list(range(4000)), vecs, [0.0] * 4000, ["en"] * 4000, 0.0)
+    ix.upsert(list(range(4000)), vecs, [0.0] * 4000, ["en"] * 4000, 0.0, model_versions=["m1"] * 4000)
     import unittest.mock as mock
 
     with mock.patch.object(faiss_ann, "search_params", spy):
@@ -290,7 +291,7 @@ def test_a_search_runs_faiss_on_the_configured_threads_and_leaves_other_threads_
     before = faiss.omp_get_max_threads()
     for threads in (1, 3):
         ix = ShardIndex(D, options=IndexOptions(index_factory="HNSW8", search_threads=threads, background=False))
-        ix.upsert(list(range(500)), vecs, [0.0] * 500, ["en"] * 500, 0.0)
+        ix.upsert(list(range(500)), vecs, [0.0] * 500, ["en"] * 500, 0.0, model_versions=["m1"] * 500)
         seen = []
 
         def search():
@@ -372,7 +373,8 @@ def churn_while_searching(ix: ShardIndex, n: int = 6000, pause: float = 0.0) -> 
     def writer():
         try:
             for start in range(0, n, 200):
-                ix.upsert(np.arange(start, start + 200), vecs[start : start + 200], [0.0] * 200, ["en"] * 200, 0.0)
+                ix.upsert(np.arange(start, start + 200), vecs[start : start + 200], [0.0] * 200, ["en"] * 200, 0.0,
+                          model_versions=["m1"] * 200)
                 doomed = list(range(start, start + 200, 7))
                 ix.delete(doomed)
                 with gone_lock:

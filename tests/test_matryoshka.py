@@ -30,7 +30,7 @@ def test_the_index_stores_and_searches_the_renormalised_prefix(factory):
         IndexOptions(serve_dimension=8, index_factory=factory, background=False)
     ix = ShardIndex(32, options=opts)
     assert (ix.dimension, ix.input_dimension) == (8, 32)
-    ix.upsert(list(range(500)), full, [0.0] * 500, ["en"] * 500, 0)
+    ix.upsert(list(range(500)), full, [0.0] * 500, ["en"] * 500, 0, model_versions=["m1"] * 500)
     stored = ix.lookup(3, include_vector=True).vector
     assert stored.shape == (8,)
     np.testing.assert_allclose(stored, prefix(full[3], 8), atol=1e-6)
@@ -49,7 +49,7 @@ def test_the_index_stores_and_searches_the_renormalised_prefix(factory):
 
 def test_full_width_serving_leaves_vectors_as_they_are():
     ix = ShardIndex(4)
-    ix.upsert([1], np.array([[2.0, 0, 0, 0]]), [0.0], ["en"], 0)
+    ix.upsert([1], np.array([[2.0, 0, 0, 0]]), [0.0], ["en"], 0, model_versions=["m1"])
     np.testing.assert_allclose(ix.lookup(1, include_vector=True).vector, [2.0, 0, 0, 0])
     assert ix.search(np.array([0.5, 0, 0, 0]), 1)[1].tolist() == [1.0]
 

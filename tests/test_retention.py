@@ -29,7 +29,8 @@ def test_index_size_stays_flat_under_a_stream_of_inserts(kind, background):
         now = 1_000_000.0 + tick
         ids = np.arange(next_id, next_id + PER_TICK)
         next_id += PER_TICK
-        ix.upsert(ids, unit(rng, PER_TICK), created_at=[now] * PER_TICK, langs=["en"] * PER_TICK, indexed_at=now)
+        ix.upsert(ids, unit(rng, PER_TICK), created_at=[now] * PER_TICK, langs=["en"] * PER_TICK, indexed_at=now,
+                  model_versions=["m1"] * PER_TICK)
         ix.maintain(now)
         if tick % 5 == 4:
             # A background build of ~1,000 vectors takes well under a second; let one
@@ -61,9 +62,11 @@ def test_index_size_stays_flat_under_a_stream_of_inserts(kind, background):
 def test_an_upsert_already_past_retention_is_not_indexed_and_removes_the_old_version():
     ix = ShardIndex(4, options=IndexOptions(retention_s=100.0))
     v = np.eye(4, dtype=np.float32)
-    ix.upsert([1, 2], v[:2], created_at=[950.0, 950.0], langs=["en", "en"], indexed_at=1000.0)
+    ix.upsert([1, 2], v[:2], created_at=[950.0, 950.0], langs=["en", "en"], indexed_at=1000.0,
+              model_versions=["m1"] * 2)
     assert len(ix) == 2
-    ix.upsert([1, 3], v[2:4], created_at=[850.0, 850.0], langs=["en", "en"], indexed_at=1000.0)
+    ix.upsert([1, 3], v[2:4], created_at=[850.0, 850.0], langs=["en", "en"], indexed_at=1000.0,
+              model_versions=["m1"] * 2)
     assert 1 not in ix and 3 not in ix and len(ix) == 1
     assert ix.maintain(1049.0) == 0 and ix.maintain(1051.0) == 1 and len(ix) == 0
     assert ix.evicted == 1
@@ -71,6 +74,6 @@ def test_an_upsert_already_past_retention_is_not_indexed_and_removes_the_old_ver
 
 def test_without_retention_nothing_is_evicted():
     ix = ShardIndex(4)
-    ix.upsert([1], np.ones((1, 4)), created_at=[0.0], langs=[""], indexed_at=1e9)
+    ix.upsert([1], np.ones((1, 4)), created_at=[0.0], langs=[""], indexed_at=1e9, model_versions=["m1"])
     assert ix.maintain(2e9) == 0 and len(ix) == 1
     assert len(ix.search(np.ones(4), 5, SearchFilter(min_created_at=None))[0]) == 1

@@ -32,7 +32,7 @@ def torch_index():
     ix = ShardIndex(D, options=IndexOptions(backend="torch", device="cpu", torch_chunk_rows=700))  # several chunks
     n = 3000
     ix.upsert(list(range(n)), unit(rng, n), created_at=[float(i) for i in range(n)],
-              langs=["en" if i % 3 else "de" for i in range(n)], indexed_at=float(n))
+              langs=["en" if i % 3 else "de" for i in range(n)], indexed_at=float(n), model_versions=["m1"] * n)
     ix.delete([5, 6, 7])
     return ix
 
@@ -68,7 +68,8 @@ def test_full_width_and_served_width_queries_are_batched_apart():
     ix = ShardIndex(D, options=IndexOptions(backend="torch", device="cpu", serve_dimension=16))
     rng = np.random.default_rng(2)
     vecs = unit(rng, 200)
-    ix.upsert(list(range(200)), vecs, created_at=[1.0] * 200, langs=["en"] * 200, indexed_at=1.0)
+    ix.upsert(list(range(200)), vecs, created_at=[1.0] * 200, langs=["en"] * 200, indexed_at=1.0,
+              model_versions=["m1"] * 200)
     batcher = SearchBatcher(8)
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -145,7 +146,8 @@ def test_the_shard_server_batches_concurrent_searches_and_answers_each_right():
     state = ShardState(config=config, topic="post-vectors")
     state._ensure_index(D)
     vecs = unit(rng, 2000)
-    state.index.upsert(list(range(2000)), vecs, created_at=[1.0] * 2000, langs=["en"] * 2000, indexed_at=1.0)
+    state.index.upsert(list(range(2000)), vecs, created_at=[1.0] * 2000, langs=["en"] * 2000, indexed_at=1.0,
+                       model_versions=["m1"] * 2000)
     servicer = ShardServicer(state, "in-process")
     server, _, port = build_server("127.0.0.1", 0, 16, [lambda s: pb_grpc.add_ShardServiceServicer_to_server(servicer, s)],
                                    shard_server.SERVICE_NAMES)

@@ -16,7 +16,7 @@ def filled():
     ix = ShardIndex(16)
     ids = [1000 + i for i in range(500)]
     ix.upsert(ids, vecs, created_at=[float(i) for i in range(500)],
-              langs=["en" if i % 2 else "de" for i in range(500)], indexed_at=1.0)
+              langs=["en" if i % 2 else "de" for i in range(500)], indexed_at=1.0, model_versions=["m1"] * 500)
     return ix, ids, vecs
 
 
@@ -30,7 +30,7 @@ def test_exact_search_finds_the_post_itself_first(filled):
 
 def test_upsert_replaces_the_old_vector(filled):
     ix, ids, vecs = filled
-    ix.upsert([ids[3]], vecs[4:5], created_at=[0.0], langs=["en"], indexed_at=2.0)
+    ix.upsert([ids[3]], vecs[4:5], created_at=[0.0], langs=["en"], indexed_at=2.0, model_versions=["m1"])
     assert len(ix) == 500
     top2 = ix.search(vecs[4], 2)[0].tolist()
     assert set(top2) == {ids[3], ids[4]}
@@ -41,7 +41,7 @@ def test_upsert_replaces_the_old_vector(filled):
 def test_last_write_wins_within_one_batch():
     ix = ShardIndex(4)
     v = np.eye(4, dtype=np.float32)
-    ix.upsert([7, 7], v[:2], created_at=[0, 0], langs=["en", "en"], indexed_at=0)
+    ix.upsert([7, 7], v[:2], created_at=[0, 0], langs=["en", "en"], indexed_at=0, model_versions=["m1", "m1"])
     assert len(ix) == 1
     np.testing.assert_allclose(ix.lookup(7, include_vector=True).vector, v[1])
 
@@ -57,7 +57,8 @@ def test_slots_are_recycled_after_delete(filled):
     ix, ids, vecs = filled
     for _ in range(5):
         ix.delete(ids[:100])
-        ix.upsert(ids[:100], vecs[:100], created_at=[0.0] * 100, langs=["en"] * 100, indexed_at=0)
+        ix.upsert(ids[:100], vecs[:100], created_at=[0.0] * 100, langs=["en"] * 100, indexed_at=0,
+                  model_versions=["m1"] * 100)
     assert ix._next_slot == 500
 
 
@@ -87,5 +88,5 @@ def test_filter_matching_fewer_than_k_returns_what_matches(filled):
 def test_empty_index_and_k_larger_than_index():
     ix = ShardIndex(4)
     assert len(ix.search(np.ones(4), 5)[0]) == 0
-    ix.upsert([1], np.ones((1, 4)), created_at=[0], langs=[""], indexed_at=0)
+    ix.upsert([1], np.ones((1, 4)), created_at=[0], langs=[""], indexed_at=0, model_versions=["m1"])
     assert ix.search(np.ones(4), 10_000)[0].tolist() == [1]

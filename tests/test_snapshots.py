@@ -70,7 +70,7 @@ def test_a_restored_index_answers_like_the_original_and_keeps_working(kind, tmp_
 
 def test_a_snapshot_of_another_configuration_is_refused(tmp_path):
     ix = ShardIndex(D, options=IndexOptions(serve_dimension=16))
-    ix.upsert([1], unit(np.random.default_rng(0), 1), [0.0], ["en"], 0)
+    ix.upsert([1], unit(np.random.default_rng(0), 1), [0.0], ["en"], 0, model_versions=["m1"])
     for other in (IndexOptions(), IndexOptions(serve_dimension=16, index_factory="HNSW8"),
                   IndexOptions(serve_dimension=16, backend="torch", device="cpu")):
         with pytest.raises(IndexConfigError, match="snapshot made for"):

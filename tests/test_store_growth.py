@@ -28,7 +28,8 @@ def index(request):
     ix = ShardIndex(D, options=opts) if opts else ShardIndex(D)
     rng = np.random.default_rng(0)
     vecs = unit(rng, 1024)  # exactly the first capacity: the next post needs a bigger store
-    ix.upsert(list(range(1024)), vecs, created_at=[1.0] * 1024, langs=["en"] * 1024, indexed_at=1.0)
+    ix.upsert(list(range(1024)), vecs, created_at=[1.0] * 1024, langs=["en"] * 1024, indexed_at=1.0,
+              model_versions=["m1"] * 1024)
     assert ix._store.capacity == 1024
     return ix, vecs
 
@@ -47,7 +48,8 @@ def test_searches_answer_while_the_store_grows_and_the_new_post_lands_after(inde
     monkeypatch.setattr(type(store), "grown", slow_grown)
     new = unit(np.random.default_rng(1), 1)
     writer = threading.Thread(
-        target=ix.upsert, args=([5000], new), kwargs=dict(created_at=[2.0], langs=["en"], indexed_at=2.0)
+        target=ix.upsert, args=([5000], new), kwargs=dict(created_at=[2.0], langs=["en"], indexed_at=2.0,
+                                              model_versions=["m1"])
     )
     writer.start()
     try:
@@ -78,7 +80,8 @@ def test_no_growth_when_deleted_slots_can_be_reused(index, monkeypatch):
     store = ix._store
     monkeypatch.setattr(type(store), "grown", lambda self, capacity: pytest.fail("grew with free slots"))
     ix.delete([1, 2, 3])
-    ix.upsert([7001, 7002], unit(np.random.default_rng(2), 2), created_at=[2.0] * 2, langs=["en"] * 2, indexed_at=2.0)
+    ix.upsert([7001, 7002], unit(np.random.default_rng(2), 2), created_at=[2.0] * 2, langs=["en"] * 2, indexed_at=2.0,
+              model_versions=["m1"] * 2)
     assert ix._store is store and len(ix) == 1023
 
 
@@ -91,7 +94,8 @@ def test_a_restored_faiss_index_gets_headroom_and_answers_the_same(factory):
     rng = np.random.default_rng(3)
     ix = ShardIndex(D, index_factory=factory, options=IndexOptions(train_size=256))
     vecs = unit(rng, 2000)
-    ix.upsert(list(range(2000)), vecs, created_at=[1.0] * 2000, langs=["en"] * 2000, indexed_at=1.0)
+    ix.upsert(list(range(2000)), vecs, created_at=[1.0] * 2000, langs=["en"] * 2000, indexed_at=1.0,
+              model_versions=["m1"] * 2000)
     assert ix.wait_idle(60)  # IVF trains in the background
     meta, sections = ix.export_state()
     restored = ShardIndex.from_state(meta, sections, ix.options)
@@ -106,5 +110,6 @@ def test_a_restored_faiss_index_gets_headroom_and_answers_the_same(factory):
             assert int(vec.data()) == before, f"{type(vec).__name__} reallocated: no headroom"
             vec.resize(n)
     new = unit(rng, 5)
-    restored.upsert([9001, 9002, 9003, 9004, 9005], new, created_at=[2.0] * 5, langs=["en"] * 5, indexed_at=2.0)
+    restored.upsert([9001, 9002, 9003, 9004, 9005], new, created_at=[2.0] * 5, langs=["en"] * 5, indexed_at=2.0,
+                    model_versions=["m1"] * 5)
     assert restored.search(new[2], 1)[0][0] == 9003

@@ -22,7 +22,8 @@ def test_k_of_10000_is_exact_and_best_first(chunk_rows):
     vecs = unit(rng, n, d)
     ix = ShardIndex(d, options=IndexOptions(backend="torch", device="cpu", torch_chunk_rows=chunk_rows))
     ids = np.arange(n, dtype=np.int64) * 3
-    ix.upsert(ids, vecs, created_at=np.arange(n, dtype=float), langs=["en"] * n, indexed_at=0)
+    ix.upsert(ids, vecs, created_at=np.arange(n, dtype=float), langs=["en"] * n, indexed_at=0,
+              model_versions=["m1"] * n)
     q = unit(rng, 1, d)[0]
     got, scores = ix.search(q, 10_000)
     exact = np.sort(vecs @ q)[::-1][:10_000]
@@ -41,11 +42,11 @@ def test_deletes_free_rows_for_reuse_and_never_come_back():
     rng = np.random.default_rng(1)
     vecs = unit(rng, 300, 8)
     ix = ShardIndex(8, options=IndexOptions(backend="torch", device="cpu", torch_chunk_rows=64))
-    ix.upsert(list(range(300)), vecs, [0.0] * 300, ["en"] * 300, 0)
+    ix.upsert(list(range(300)), vecs, [0.0] * 300, ["en"] * 300, 0, model_versions=["m1"] * 300)
     ix.delete(range(0, 300, 2))
     got, _ = ix.search(vecs[0], 300)
     assert sorted(got.tolist()) == list(range(1, 300, 2))
-    ix.upsert(list(range(1000, 1150)), unit(rng, 150, 8), [0.0] * 150, ["en"] * 150, 0)
+    ix.upsert(list(range(1000, 1150)), unit(rng, 150, 8), [0.0] * 150, ["en"] * 150, 0, model_versions=["m1"] * 150)
     assert ix.info()["slots"] == 300  # deleted rows were reused
     assert ix.info()["index_type"] == "torch-exact(cpu)" and ix.state == "exact"
 
@@ -65,7 +66,7 @@ def test_on_cuda_results_match_cpu():
     results = []
     for device in ("cpu", "cuda"):
         ix = ShardIndex(64, options=IndexOptions(backend="torch", device=device, torch_chunk_rows=8192))
-        ix.upsert(np.arange(50_000), vecs, np.zeros(50_000), ["en"] * 50_000, 0)
+        ix.upsert(np.arange(50_000), vecs, np.zeros(50_000), ["en"] * 50_000, 0, model_versions=["m1"] * 50_000)
         results.append(ix.search(q, 5000))
     np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-4)
     assert len(set(results[0][0][:4000].tolist()) ^ set(results[1][0][:4000].tolist())) <= 10  # ties at the edge
