@@ -320,7 +320,10 @@ class _ShardCollector:
         upserts = CounterMetricFamily("feedret_shard_upserts", "Upserts applied.", labels=labels)
         deletes = CounterMetricFamily("feedret_shard_deletes", "Deletes applied.", labels=labels)
         rejected = CounterMetricFamily(
-            "feedret_shard_rejected", "Post-vector records rejected (wrong width, undecodable, no op).", labels=labels
+            "feedret_shard_rejected",
+            "Post-vector records rejected, by reason: undecodable, no_op, or an unsound vector "
+            "(wrong_width, non_finite, zero, not_unit_norm; feedret.indexer.vectors).",
+            labels=["shard", "reason"],
         )
         evicted = CounterMetricFamily("feedret_shard_evicted", "Posts evicted by retention.", labels=labels)
         rebuilds = CounterMetricFamily("feedret_shard_rebuilds", "Background index builds completed.", labels=labels)
@@ -351,7 +354,8 @@ class _ShardCollector:
             tombstones.add_metric(shard, stats.get("tombstones", 0))
             upserts.add_metric(shard, state.upserts)
             deletes.add_metric(shard, state.deletes)
-            rejected.add_metric(shard, state.rejected)
+            for reason, count in sorted(state.rejected_reasons.items()):
+                rejected.add_metric([*shard, reason], count)
             evicted.add_metric(shard, stats.get("evicted", 0))
             rebuilds.add_metric(shard, stats.get("rebuilds", 0))
             if index is not None:

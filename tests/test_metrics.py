@@ -111,6 +111,25 @@ def test_shard_state_is_read_when_scraped(metrics_url, shard):
     assert sample(samples, "feedret_build_info", role="test", version=_version()) == 1
 
 
+def test_rejected_post_vectors_are_counted_by_reason(metrics_url):
+    from feedret import metrics
+
+    state = ShardState(config=ShardConfig(shard_id=7, num_shards=8), topic="post-vectors")
+    unit = np.ones(DIM, np.float32) / np.sqrt(DIM)
+    bad = [unit, np.full(DIM, np.nan, np.float32), np.zeros(DIM, np.float32), unit * 1e30, unit[:3]]
+    state.apply([(i, pb.PostVectorEvent(post_id=i, op=pb.PostVectorEvent.UPSERT, vector=v.tolist(), model_version="m"))
+                 for i, v in enumerate(bad)], now=2e9)
+    metrics.watch_shard(state)
+    try:
+        samples = scrape(metrics_url)
+    finally:
+        metrics.unwatch_shard(state)
+    got = {reason: sample(samples, "feedret_shard_rejected_total", shard="7", reason=reason)
+           for reason in ("non_finite", "zero", "not_unit_norm", "wrong_width")}
+    assert got == {"non_finite": 1, "zero": 1, "not_unit_norm": 1, "wrong_width": 1}
+    assert sample(samples, "feedret_shard_indexed_posts", shard="7") == 1
+
+
 def _version() -> str:
     from importlib.metadata import version
 
