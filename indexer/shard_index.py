@@ -973,12 +973,33 @@ class ShardIndex:
                 ix._ann = ix._mirrored(ix._ann)
             elif ix._ann is None:
                 s.in_ann[:] = False
+            ix._drop_unsound(sections["rows"], live)
             ix.tombstones = int(np.count_nonzero(s.in_ann[:n] & ~s.alive[:n]))
             ix.evicted = int(meta.get("evicted", 0))
             ix.rebuilds = int(meta.get("rebuilds", 0))
             ix._recompute_free()
             ix._version += 1
         return ix
+
+    def _drop_unsound(self, rows: np.ndarray, live: np.ndarray, chunk: int = 65536) -> int:
+        """Forget live posts whose stored vector is not sound (under the write lock, at restore).
+
+        A snapshot written before shards checked their vectors may hold a NaN, infinite
+        or zero one, which would top or poison result lists until the post changes.
+        """
+        from feedret.indexer.vectors import check_vectors
+
+        bad = [slot for start in range(0, len(live), chunk)
+               for slot, problem in zip(live[start:start + chunk], check_vectors(rows[live[start:start + chunk]]))
+               if problem is not None]
+        if bad:
+            slots = np.asarray(bad, dtype=np.int64)
+            for pid in self._slots.post_id[slots].tolist():
+                self._slot_of.pop(int(pid), None)
+            self._release(slots)
+            log.warning("snapshot_unsound_vectors_dropped", posts=len(bad),
+                        post_ids=self._slots.post_id[slots][:10].tolist())
+        return len(bad)
 
     # ------------------------------------------------------------ introspection
 

@@ -232,3 +232,26 @@ def test_a_shard_server_reading_the_topic_never_serves_unsound_vectors():
             stop.set()
             server.join(15)
         assert not server.is_alive()
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16"])
+def test_unsound_vectors_in_a_snapshot_from_before_the_check_are_dropped_when_it_loads(factory):
+    from feedret.indexer.shard_index import IndexOptions, ShardIndex
+
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(50, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    options = IndexOptions(index_factory=factory, background=False)
+    index = ShardIndex(8, options=options)
+    index.upsert(list(range(50)), vecs, [1.0] * 50, ["en"] * 50, indexed_at=2.0, model_versions=["m"] * 50)
+    meta, sections = index.export_state()
+    # What an older shard indexed unchecked: an infinite vector, a zero one, one of norm 1e30.
+    slot = {int(pid): i for i, pid in enumerate(sections["post_id"])}
+    sections["rows"][slot[3]] = np.inf
+    sections["rows"][slot[4]] = 0.0
+    sections["rows"][slot[5]] = vecs[5] * 1e30
+    restored = ShardIndex.from_state(meta, sections, options)
+    assert len(restored) == 47
+    assert all(restored.lookup(p) is None for p in (3, 4, 5)) and restored.lookup(6) is not None
+    ids, scores = restored.search(vecs[5], 50)
+    assert {3, 4, 5}.isdisjoint(ids.tolist()) and np.isfinite(scores).all() and len(ids) == 47
