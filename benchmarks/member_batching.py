@@ -9,6 +9,11 @@ miss; at each concurrency the two servers are measured in turn, in the same run.
 Reports requests/s, latency percentiles, the servers' CPU per request and the mean
 members per forward pass (from each server's /metrics).
 
+With one client there is nothing to batch (each request is alone in its pass on both
+servers), so that row is the control: its ratio says how far apart the two servers
+measure without batching in this run, not a speedup. Ratios are compared only where
+the batching server's passes held more than one member.
+
     python benchmarks/member_batching.py --out benchmarks/results/member_batching_cpu.md
 
 `--wide` adds a randomly initialised model 4x wider and 4 layers deep on the same
@@ -187,6 +192,50 @@ def run_model(label: str, model_dir: Path, args: argparse.Namespace, templates, 
     return rows
 
 
+# A batching server whose passes average at most this many members did not batch.
+BATCHED_MIN_MEMBERS_PER_PASS = 1.05
+# A control further than this from 1.0 means the two servers were not measured alike.
+CONTROL_TOLERANCE = 0.15
+
+
+def batching_happened(row: dict) -> bool:
+    return row["concurrency"] > 1 and row["batched"]["members_per_pass"] > BATCHED_MIN_MEMBERS_PER_PASS
+
+
+def summarize(rows: list[dict]) -> str:
+    """The report's one-line result: batched over one at a time only where passes held several members.
+
+    A row where both servers ran one member per pass (one client, or misses that never
+    overlapped) has nothing batched to compare; it is reported as the control, and a
+    control far from 1.0 is flagged, since then every other ratio of the run is suspect.
+    """
+    compared: dict[str, list[str]] = {}
+    controls: dict[str, list[str]] = {}
+    odd = []
+    for r in rows:
+        ratio = r["batched"]["rps"] / r["alone"]["rps"]
+        if batching_happened(r):
+            compared.setdefault(r["model"], []).append(
+                f"{ratio:.2f} ({r['concurrency']}, {r['batched']['members_per_pass']:.1f} per pass)")
+        else:
+            controls.setdefault(r["model"], []).append(f"{ratio:.2f} ({r['concurrency']})")
+            if abs(ratio - 1) > CONTROL_TOLERANCE:
+                odd.append(f"{r['model']} at {r['concurrency']} client{'s' if r['concurrency'] > 1 else ''}: {ratio:.2f}")
+    if compared:
+        out = ("Requests/s batched over one at a time where misses shared passes (clients, members per pass): "
+               + "; ".join(f"{m} model **{', '.join(v)}**" for m, v in compared.items()) + ".")
+    else:
+        out = "No batches formed (every pass held one member), so there is no batching gain to report."
+    if controls:
+        out += (" Control, one member per pass on both servers (clients): "
+                + "; ".join(f"{m} model {', '.join(v)}" for m, v in controls.items())
+                + " (nothing to batch, so not a speedup: how far apart the two servers measure without batching).")
+    if odd:
+        out += (f" **Warning:** a control is more than {CONTROL_TOLERANCE:.0%} from 1.0 ({'; '.join(odd)}): "
+                "the two servers were not measured alike, so read every ratio of this run with that doubt.")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -198,12 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for label, path in models for r in run_model(label, path, args, templates, levels)]
     machine = benchlib.machine_lines() + [f"- load average before → after: {load_before} → {benchlib.uptime_load()}"]
 
-    per_model = {}
-    for r in rows:
-        per_model.setdefault(r["model"], []).append(
-            f"{r['batched']['rps'] / r['alone']['rps']:.2f} ({r['concurrency']})")
-    summary = ("Requests/s batched over one at a time (clients): "
-               + "; ".join(f"{m} model **{', '.join(v)}**" for m, v in per_model.items()) + ".")
+    summary = summarize(rows)
     lines = benchlib.report_head("Member embedding service: concurrent misses, batched against one at a time",
                                  summary, benchlib.command_line(__file__, argv))
     lines += machine + ["", "## Setup", "",
@@ -222,8 +266,9 @@ def main(argv: list[str] | None = None) -> None:
                         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["alone"], r["batched"]
+        ratio = f"**{b['rps'] / a['rps']:.2f}**" if batching_happened(r) else f"{b['rps'] / a['rps']:.2f} (control)"
         lines.append(f"| {r['model']} | {r['concurrency']} | {a['rps']:.0f} | {b['rps']:.0f} | "
-                     f"**{b['rps'] / a['rps']:.2f}** | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | "
+                     f"{ratio} | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | "
                      f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {a['cpu_ms_per_request']:.2f} | "
                      f"{b['cpu_ms_per_request']:.2f} | {b['members_per_pass']:.1f} |")
     failures = sum(r[n]["failures"] for r in rows for n in ("alone", "batched"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -28,16 +30,46 @@ from feedret.members import MemberProfile
 
 SAMPLE_POSTS = REPO_ROOT / "data" / "sample" / "posts.jsonl"
 SAMPLE_MEMBERS = REPO_ROOT / "data" / "sample" / "members.jsonl"
+MAX_POST_ID = 2**63 - 1  # post ids are int64 on the wire and never negative (core/events.py)
 
 T = TypeVar("T")
+
+
+class InputError(click.ClickException):
+    """Bad input (a file, a JSON value): one line, exit code 2 like click's own usage errors."""
+
+    exit_code = 2
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in JSON, shortened."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _address(ctx, param, value: str) -> str:
+    # An empty target makes gRPC's C core print a multi-line trace before failing.
+    if not value.strip():
+        raise click.BadParameter("must be host:port, got an empty string")
+    return value.strip()
+
+
+def _seconds(ctx, param, value: float) -> float:
+    # click's FloatRange lets nan and inf through; gRPC deadlines need a real number.
+    if not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a positive number of seconds, got {value}")
+    return value
+
 
 root_option = click.option(
     "--root",
     default=lambda: os.environ.get("FEEDRET_ROOT_ADDRESS", DEFAULT_ROOT_ADDRESS),
     show_default=DEFAULT_ROOT_ADDRESS,
+    callback=_address,
     help="Root server address (env FEEDRET_ROOT_ADDRESS).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+post_id_type = click.IntRange(0, MAX_POST_ID)
 
 
 def _client(root: str) -> FeedretClient:
@@ -54,7 +86,9 @@ def _grpc_call(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except grpc.RpcError as exc:
-        click.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+        # Details can run to several lines (a C-core trace); the first says what went wrong.
+        details = (exc.details() or "").strip().splitlines()
+        click.echo(f"Error: {exc.code().name}: {details[0] if details else '-'}", err=True)
         sys.exit(2)
 
 
@@ -101,7 +135,8 @@ def _result_dict(result: RetrieveResult) -> dict:
 
 def _print_result(result: RetrieveResult, texts: dict[int, str] | None = None, limit: int | None = None) -> None:
     flag = "  PARTIAL (failed shards: %s)" % result.failed_shards if result.partial else ""
-    click.echo(f"{len(result.candidates)} candidates, model {result.model_version or '?'}{flag}")
+    n = len(result.candidates)
+    click.echo(f"{n} candidate{'' if n == 1 else 's'}, model {result.model_version or '?'}{flag}")
     for rank, c in enumerate(result.candidates[:limit], 1):
         text = f"  {texts.get(c.post_id, '')[:70]}" if texts else ""
         click.echo(f"{rank:>5}  {c.post_id:>12}  {c.score:8.4f}  shard {c.shard}{text}")
@@ -119,77 +154,195 @@ def cli() -> None:
 @click.argument("role", type=click.Choice(["consumer", "shard", "root", "member"]))
 def serve(role: str) -> None:
     """Run one role in the foreground; configured by FEEDRET_* environment variables."""
+    from pydantic import ValidationError
+
     from feedret.server.roles import run
 
-    run(role)
+    try:
+        run(role)
+    except ValidationError as exc:
+        # A bad FEEDRET_* value: say which, in one line, rather than pydantic's traceback.
+        raise click.ClickException(f"invalid {role} configuration: {_validation_summary(exc)}") from None
+
+
+def _validation_summary(exc: Any) -> str:
+    """A pydantic ValidationError as `FEEDRET_PORT: Input should be a valid integer (got 'abc')`; ...."""
+    parts = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err.get("loc") else ""
+        # A field read through an alias is reported by the variable's own name (KAFKA_..., FEEDRET_KAFKA_...).
+        name = field if field.isupper() else f"FEEDRET_{field.upper()}" if field else exc.title
+        got = f" (got {err['input']!r})" if field and isinstance(err.get("input"), (str, int, float)) else ""
+        parts.append(f"{name}: {err.get('msg', '')}{got}")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- publish
 
 
 @cli.command()
-@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.argument("file", type=click.File("rb"))
 @click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=f"127.0.0.1:{DEFAULT_BROKER_PORT}", show_default=True)
 @json_option
 def publish(file, bootstrap: str, as_json: bool) -> None:
-    """Publish post events from FILE (JSON lines; '-' for stdin) to the posts topic."""
+    """Publish post events from FILE (JSON lines; '-' for stdin) to the posts topic.
+
+    Lines that are not valid post events are still sent (the consumer moves them to the
+    dead-letter topic, with the reason); each is named here as a warning.
+    """
     from kafka.errors import KafkaError
 
     from feedret.clients.publish import publish_lines
 
+    # Read it all and decode first: a file that is not UTF-8 publishes nothing, rather than
+    # the lines before the bad byte.
     try:
-        report = publish_lines(KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap), file)
+        lines = file.read().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{file.name} is not UTF-8 text: {exc}") from None
+    try:
+        report = publish_lines(KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap), lines, validate=True)
     except KafkaError as exc:
         raise click.ClickException(f"could not publish to Kafka at {bootstrap}: {exc}") from None
+    for line_no, reason in report.invalid[:5]:
+        click.echo(f"warning: line {line_no} is not a valid post event ({reason}); it goes to the dead-letter topic",
+                   err=True)
+    if len(report.invalid) > 5:
+        click.echo(f"warning: {len(report.invalid) - 5} more invalid lines", err=True)
     if as_json:
-        _dump({"sent": report.sent, "skipped_blank": report.skipped_blank})
+        _dump({"sent": report.sent, "skipped_blank": report.skipped_blank, "invalid": len(report.invalid)})
     else:
-        click.echo(f"published {report.sent} events to {bootstrap}")
+        click.echo(f"published {report.sent} event{'' if report.sent == 1 else 's'} to {bootstrap}")
 
 
 # ---------------------------------------------------------------- query
 
 
+def _json_type(value: Any) -> str:
+    """A value's type as JSON names it, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
+MEMBER_FIELDS = ("member_id", "session_id", "profile", "features", "recent_activity")
+ACTIVITY_FIELDS = ("post_id", "text", "action", "timestamp")
+
+
+def member_from_json(obj: Any) -> MemberProfile:
+    """A member from JSON, every field's type checked first.
+
+    MemberProfile.from_json converts trusting the types (a string where a list belongs
+    ends in an AttributeError), and the server would accept silent mistakes such as
+    `recent_activities`; here each becomes a ValueError that names the field.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"must be a JSON object, got {_json_type(obj)}")
+    unknown = [k for k in obj if k not in MEMBER_FIELDS]
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}; the fields are {', '.join(MEMBER_FIELDS)}")
+    if obj.get("member_id") is None:
+        raise ValueError("member_id is required (a non-empty string)")
+    if not isinstance(obj["member_id"], str) or not obj["member_id"]:
+        got = obj["member_id"]
+        raise ValueError(f"member_id must be a non-empty string, got {_json_type(got)} {_shown(got)}")
+    if not isinstance(obj.get("session_id", ""), str):
+        raise ValueError(f"session_id must be a string, got {_json_type(obj['session_id'])}")
+    # null is the same as absent; 0, "" or false where an object belongs are mistakes.
+    profile = {} if obj.get("profile") is None else obj["profile"]
+    if not isinstance(profile, dict):
+        raise ValueError(f"profile must be an object of strings, got {_json_type(profile)}")
+    for key, value in profile.items():
+        if not isinstance(value, str):
+            raise ValueError(f"profile.{key} must be a string, got {_json_type(value)}")
+    features = {} if obj.get("features") is None else obj["features"]
+    if not isinstance(features, dict):
+        raise ValueError(f"features must be an object of numbers, got {_json_type(features)}")
+    for key, value in features.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"features.{key} must be a finite number, got {_json_type(value)} {_shown(value)}")
+    activity = [] if obj.get("recent_activity") is None else obj["recent_activity"]
+    if not isinstance(activity, list):
+        raise ValueError(
+            f"recent_activity must be an array of objects (most recent first), got {_json_type(activity)}")
+    for i, item in enumerate(activity):
+        where = f"recent_activity[{i}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be an object with {', '.join(ACTIVITY_FIELDS)}, got {_json_type(item)}")
+        unknown = [k for k in item if k not in ACTIVITY_FIELDS]
+        if unknown:
+            raise ValueError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(ACTIVITY_FIELDS)}")
+        post_id = item.get("post_id", 0)
+        if isinstance(post_id, bool) or not isinstance(post_id, int) or not 0 <= post_id <= MAX_POST_ID:
+            raise ValueError(
+                f"{where}.post_id must be an integer from 0 to 2^63-1, got {_json_type(post_id)} {_shown(post_id)}")
+        for key in ("text", "action"):
+            if not isinstance(item.get(key, ""), str):
+                raise ValueError(f"{where}.{key} must be a string, got {_json_type(item[key])}")
+        stamp = item.get("timestamp", 0.0)
+        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not math.isfinite(stamp):
+            raise ValueError(
+                f"{where}.timestamp must be Unix seconds (a number), got {_json_type(stamp)} {_shown(stamp)}")
+    return MemberProfile.from_json(obj)
+
+
 def _load_member(spec: str) -> MemberProfile:
-    if spec == "-":
-        text = sys.stdin.read()
-    elif spec.startswith("@"):
-        text = Path(spec[1:]).read_text()
-    else:
-        text = spec
+    """MEMBER as given: JSON, @file or '-' (stdin). Every mistake is one line (InputError)."""
+    source = "member"
+    try:
+        if spec == "-":
+            source = "member on stdin"
+            text = sys.stdin.read()
+        elif spec.startswith("@"):
+            source = f"member file {spec[1:]}"
+            text = Path(spec[1:]).read_text(encoding="utf-8")
+        else:
+            text = spec
+    except OSError as exc:
+        raise InputError(f"cannot read {source}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{source} is not UTF-8 text: {exc}") from None
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"member is not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise click.BadParameter("member must be a JSON object")
-    return MemberProfile.from_json(obj)
+    except (ValueError, RecursionError) as exc:
+        hint = "" if spec.lstrip().startswith(("@", "-", "{", "[")) else " (a file is given as @path)"
+        raise InputError(f"{source} is not valid JSON: {exc}{hint}") from None
+    try:
+        return member_from_json(obj)
+    except ValueError as exc:
+        raise InputError(f"{source}: {exc}") from None
 
 
 @cli.command()
 @click.argument("member", required=False)
-@click.option("--post-id", type=int, help="Query with this indexed post's own vector.")
+@click.option("--post-id", type=post_id_type, help="Query with this indexed post's own vector.")
 @click.option("--k", default=10, show_default=True, type=int)
-@click.option("--exclude", multiple=True, type=int, help="Post id to exclude (repeatable).")
-@click.option("--max-age", default=0, type=int, help="Only posts younger than this many seconds.")
+@click.option("--exclude", multiple=True, type=post_id_type, help="Post id to exclude (repeatable).")
+@click.option("--max-age", default=0, type=click.IntRange(min=0),
+              help="Only posts created less than this many seconds ago, by their created_at; 0: any age. "
+                   "(The sample posts were created 1996-2018.)")
 @click.option("--lang", multiple=True, help="Only posts in this language (repeatable).")
-@click.option("--timeout", default=2.0, show_default=True, type=float, help="Deadline in seconds.")
+@click.option("--timeout", default=2.0, show_default=True, type=float, callback=_seconds, help="Deadline in seconds.")
 @root_option
 @json_option
 def query(member, post_id, k, exclude, max_age, lang, timeout, root, as_json) -> None:
     """Retrieve top-K posts for MEMBER (JSON, @file or '-') or for --post-id's vector."""
     if (member is None) == (post_id is None):
         raise click.UsageError("give either MEMBER (JSON) or --post-id")
+    # Read and check the member before connecting: a typo should not wait on the network.
+    profile = _load_member(member) if member is not None else None
     with _client(root) as client:
         kwargs: dict[str, Any] = dict(k=k, exclude_post_ids=exclude, max_age_seconds=max_age, languages=lang, timeout=timeout)
         if post_id is not None:
             found = _grpc_call(lambda: client.lookup(post_id, include_vector=True))
             if not found.found:
-                click.echo(f"error: post {post_id} is not indexed", err=True)
+                click.echo(f"Error: post {post_id} is not indexed", err=True)
                 sys.exit(1)
             result = _grpc_call(lambda: client.retrieve(vector=list(found.vector), **kwargs))
         else:
-            profile = _load_member(member)
             result = _grpc_call(lambda: client.retrieve(member=profile, **kwargs))
     if as_json:
         _dump(_result_dict(result))
@@ -198,7 +351,7 @@ def query(member, post_id, k, exclude, max_age, lang, timeout, root, as_json) ->
 
 
 @cli.command()
-@click.argument("post_id", type=int)
+@click.argument("post_id", type=post_id_type)
 @click.option("--vector", is_flag=True, help="Include the stored vector.")
 @root_option
 @json_option
@@ -383,42 +536,121 @@ def eval_(dataset, models, no_minilm, test_fraction, like_threshold, max_queries
 # ---------------------------------------------------------------- up
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+def _read_posts(path: Path) -> tuple[list[str], int, list[tuple[int, str]]]:
+    """A posts file's lines, how many posts are searchable once all are applied, and its invalid lines."""
+    from feedret.events import InvalidEvent, parse_post_event
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read posts file {path}: {exc}") from None
+    live: dict[int, bool] = {}
+    invalid = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = parse_post_event(line)
+        except InvalidEvent as exc:
+            invalid.append((n, str(exc)))
+            continue
+        live[event.post_id] = event.op == "upsert"
+    return lines, sum(live.values()), invalid
+
+
+def _read_members(path: Path) -> list[MemberProfile]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read members file {path}: {exc}") from None
+    members = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            members.append(member_from_json(json.loads(line)))
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"{path} line {n}: not a member: {exc}") from None
+    return members
+
+
+def _check_ports(ports: dict[str, int]) -> None:
+    """Every port the stack needs is valid and free: otherwise one line saying which.
+
+    A second `feedret up` on the same ports used to attach to the first: its readiness
+    checks were answered by the first stack's servers, and it published into their broker.
+    """
+    from feedret.server.launcher import port_is_free
+
+    for name, port in ports.items():
+        if not 0 < port < 65536:
+            raise click.ClickException(f"port {port} ({name}) is not a TCP port; choose lower base ports")
+    busy = {name: port for name, port in ports.items() if not port_is_free(port)}
+    if busy:
+        listed = ", ".join(f"{port} ({name})" for name, port in busy.items())
+        raise click.ClickException(
+            f"port{'s' if len(busy) > 1 else ''} {listed} already in use: is another `feedret up` running? "
+            "Stop it, or choose other ports (--root-port, --member-port, --shard-base-port, --broker-port, "
+            "--metrics-base-port)"
+        )
+
+
+def _earlier_runs(snapshots_dir: Path) -> list[Path]:
+    try:
+        return sorted(p for p in snapshots_dir.iterdir() if p.is_dir() and p.name.startswith("run-"))
+    except OSError:
+        return []
 
 
 @cli.command()
 @click.option("--shards", "num_shards", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
               help="Replicas per shard, each its own process; the root spreads queries over them and hedges.")
-@click.option("--root-port", default=DEFAULT_ROOT_PORT, show_default=True, type=int)
-@click.option("--member-port", default=DEFAULT_MEMBER_PORT, show_default=True, type=int)
-@click.option("--shard-base-port", default=DEFAULT_SHARD_BASE_PORT, show_default=True, type=int)
-@click.option("--broker-port", default=DEFAULT_BROKER_PORT, show_default=True, type=int, help="Embedded broker port.")
+@click.option("--root-port", default=DEFAULT_ROOT_PORT, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--member-port", default=DEFAULT_MEMBER_PORT, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--shard-base-port", default=DEFAULT_SHARD_BASE_PORT, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--broker-port", default=DEFAULT_BROKER_PORT, show_default=True, type=click.IntRange(1, 65535),
+              help="Embedded broker port.")
 @click.option(
-    "--metrics-base-port", default=DEFAULT_ROOT_METRICS_PORT, show_default=True, type=int,
+    "--metrics-base-port", default=DEFAULT_ROOT_METRICS_PORT, show_default=True, type=click.IntRange(0, 65535),
     help="Prometheus /metrics: root here, member +1, consumer +2, shard i (replica r) +10+r*shards+i; 0: off.",
 )
 @click.option("--snapshot-interval", "snapshot_interval_s", default=30.0, show_default=True, type=click.FloatRange(min=0),
-              help="Seconds between shard snapshots (workdir/snapshots); a restarted shard resumes from its newest. 0: off.")
-@click.option("--posts", "posts_file", type=click.Path(exists=True, path_type=Path), default=SAMPLE_POSTS, show_default=True)
-@click.option("--members", "members_file", type=click.Path(exists=True, path_type=Path), default=SAMPLE_MEMBERS, show_default=True)
-@click.option("--workdir", type=click.Path(path_type=Path), default=REPO_ROOT / "var", show_default=True)
+              help="Seconds between shard snapshots; a restarted shard resumes from its newest. With the embedded "
+                   "broker, whose topics start empty every run, each run writes its own "
+                   "WORKDIR/snapshots/run-<UTC time>/ and never loads an earlier run's; with "
+                   "KAFKA_BOOTSTRAP_SERVERS, WORKDIR/snapshots/ is shared across runs. 0: off.")
+@click.option("--posts", "posts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=SAMPLE_POSTS,
+              show_default=True)
+@click.option("--members", "members_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=SAMPLE_MEMBERS, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("var"), show_default=True,
+              help="Logs (WORKDIR/logs, appended to) and shard snapshots (WORKDIR/snapshots), relative to the "
+                   "current directory. Nothing in it is deleted unless --clean.")
+@click.option("--clean", is_flag=True,
+              help="Delete WORKDIR/snapshots (every earlier run's shard snapshots) before starting.")
 @click.option("--no-publish", is_flag=True, help="Start the stack without publishing the sample posts.")
 def up(
     num_shards, replicas, root_port, member_port, shard_base_port, broker_port, metrics_base_port, snapshot_interval_s,
-    posts_file, members_file, workdir, no_publish,
+    posts_file, members_file, workdir, clean, no_publish,
 ) -> None:
-    """Bring up broker, consumer, shards, root and member servers; publish samples; serve until Ctrl-C."""
+    """Bring up broker, consumer, shards, root and member servers; publish samples; serve until Ctrl-C.
+
+    A server that exits is restarted; one that exits more than 5 times within 60 s is
+    crash-looping and is left down, said on the terminal and at the end of its log, while
+    the rest of the stack (the broker, holding every post, above all) keeps serving.
+    """
+    from kafka.errors import KafkaError
+
     from feedret.clients.publish import publish_lines
     from feedret.logging import configure_logging
     from feedret.server.grpc_security import client_security
     from feedret.server.launcher import Stack, StackConfig, wait_until
 
     configure_logging("up", json=False)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # Read and check the inputs before starting anything: a bad line should not cost a start.
+    posts = _read_posts(posts_file) if not no_publish else None
+    members = _read_members(members_file)
     config = StackConfig(
         num_shards=num_shards,
         replicas=replicas,
@@ -429,18 +661,41 @@ def up(
         metrics_base_port=metrics_base_port,
         snapshot_interval_s=snapshot_interval_s,
         bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
-        workdir=workdir,
+        workdir=workdir.absolute(),
     )
-    started = time.monotonic()
     stack = Stack(config)
-    with stack:
+    _check_ports(stack.ports())
+    try:
+        stack.log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot use --workdir {stack.workdir}: {exc.strerror or exc}") from None
+    if clean and stack.snapshots_dir.exists():
+        try:
+            shutil.rmtree(stack.snapshots_dir)
+        except OSError as exc:
+            raise click.ClickException(f"--clean could not delete {stack.snapshots_dir}: {exc}") from None
+        click.echo(f"deleted {stack.snapshots_dir} (--clean)")
+    earlier = _earlier_runs(stack.snapshots_dir) if config.bootstrap_servers is None else []
+    if posts is not None and posts[2]:
+        (n, reason), count = posts[2][0], len(posts[2])
+        click.echo(f"warning: {count} line{'s' if count > 1 else ''} of {posts_file} {'are' if count > 1 else 'is'} "
+                   f"not a valid post event (line {n}: {reason}); the consumer sends them to the dead-letter topic",
+                   err=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    started = time.monotonic()
+    try:
+        stack.start()
+    except (RuntimeError, TimeoutError, OSError, KafkaError) as exc:
+        # Stack.start stopped whatever it had started; its message names the process and its log.
+        raise click.ClickException(f"the stack did not start: {exc}\nlogs in {stack.log_dir}") from None
+    failed = False
+    try:
         client = FeedretClient(config.root_address, **client_security(stack.security))
-        if not no_publish:
-            lines = posts_file.read_text(encoding="utf-8").splitlines()
-            live = {}
-            for obj in map(json.loads, filter(str.strip, lines)):
-                live[obj["post_id"]] = obj.get("op", "upsert") == "upsert"
-            expected = sum(live.values())
+        if posts is not None:
+            lines, expected, _ = posts
             report = publish_lines(stack.kafka, lines)
             click.echo(f"published {report.sent} post events from {posts_file}; waiting until searchable ...")
             if not wait_until(lambda: _indexed(client) >= expected, timeout=180, interval=0.5):
@@ -461,22 +716,45 @@ def up(
             ports = ", ".join(f"{name} {url.rsplit(':', 1)[1].split('/')[0]}" for name, url in metrics_urls.items())
             click.echo(f"  metrics (http://{config.host}:<port>/metrics)  {ports}")
         click.echo(f"  logs                                 {stack.log_dir}")
-        if members_file.exists() and posts_file.exists():
-            _demo(client, members_file, posts_file)
+        if snapshot_interval_s > 0:
+            click.echo(f"  snapshots                            {stack.snapshot_root}")
+            if earlier:
+                runs = f"{len(earlier)} earlier run{'s' if len(earlier) > 1 else ''}"
+                click.echo(f"    (snapshots of {runs} beside it, never loaded: the embedded broker starts empty; "
+                           "--clean deletes them)")
+        if posts_file.exists():
+            _demo(client, members, posts_file)
         click.echo("\nserving; Ctrl-C stops every process")
         sys.stdout.flush()
+        window = stack.supervisor.window_s
         while not stop.is_set():
             stop.wait(0.5)
-            # A crashed server is restarted (the root answers partial=true meanwhile);
-            # only a dead broker or a crash loop ends the stack.
+            # A crashed server is restarted (the root answers partial=true meanwhile); a
+            # crash-looping one is left down; only the embedded broker's exit ends the stack.
             try:
-                for name in stack.restart_dead():
-                    click.echo(f"{name} exited; restarted it (log: {stack.log_dir / (name + '.log')})", err=True)
+                exits = stack.supervise()
             except RuntimeError as exc:
                 click.echo(f"{exc}\nstopping. Logs in {stack.log_dir}", err=True)
+                failed = True
                 break
+            for e in exits:
+                if e.action == "restart":
+                    click.echo(f"{e.process} exited; restarted it (exit code {e.code}, exit {e.exits} within "
+                               f"{window:g} s; log: {e.log})", err=True)
+                    continue
+                tail = "\n".join(f"  | {line}" for line in stack.log_tail(e.process, 6).splitlines())
+                click.echo(
+                    f"{e.process} GIVEN UP: it exited {e.exits} times within {window:g} s (last exit code {e.code}), "
+                    f"so it is not restarted again.\n  The rest of the stack keeps serving; "
+                    f"{stack.consequence(e.process)}.\n  Its log (restart feedret up once it says why): {e.log}\n{tail}",
+                    err=True,
+                )
         click.echo("stopping ...")
+    finally:
+        stack.stop()
     click.echo("stopped")
+    if failed:
+        sys.exit(1)
 
 
 def _indexed(client: FeedretClient) -> int:
@@ -486,18 +764,45 @@ def _indexed(client: FeedretClient) -> int:
         return 0
 
 
-def _demo(client: FeedretClient, members_file: Path, posts_file: Path) -> None:
-    texts = {p["post_id"]: p.get("text", "") for p in _read_jsonl(posts_file)}
-    for obj in _read_jsonl(members_file)[:2]:
-        member = MemberProfile.from_json(obj)
+def _demo(client: FeedretClient, members: list[MemberProfile], posts_file: Path) -> None:
+    texts = {}
+    for line in posts_file.read_text(encoding="utf-8").splitlines():
+        try:
+            obj = json.loads(line)
+            texts[obj["post_id"]] = obj.get("text", "")
+        except (ValueError, TypeError, KeyError):
+            continue  # an invalid line, already reported: no text to show for it
+    for member in members[:2]:
         recent = "; ".join(a.text.split(".")[0] for a in member.recent_activity[:3])
         click.echo(f"\nmember {member.member_id} recently engaged with: {recent}")
-        result = client.retrieve(member=member, k=5, exclude_post_ids=[a.post_id for a in member.recent_activity], timeout=5)
+        exclude = [a.post_id for a in member.recent_activity]
+        try:
+            result = client.retrieve(member=member, k=5, exclude_post_ids=exclude, timeout=5)
+        except grpc.RpcError as exc:
+            click.echo(f"retrieval failed: {exc.code().name}: {((exc.details() or '').splitlines() or ['-'])[0]}")
+            continue
         _print_result(result, texts, limit=5)
 
 
 def main() -> None:
-    cli(prog_name="feedret")
+    """The `feedret` entry point: click, except that a usage error is one line, not a usage block."""
+    try:
+        code = cli.main(prog_name="feedret", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # bare `feedret` or `feedret <group>`: the help is the answer
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "feedret"
+        click.echo(f"Error: {exc.format_message()} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    # standalone_mode=False returns ctx.exit()'s code (e.g. --help's 0) instead of exiting.
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from feedret.config import KafkaConfig
 class PublishReport:
     sent: int
     skipped_blank: int
+    # (line number, reason) of each line that is not a valid post event; filled with validate=True.
+    invalid: tuple[tuple[int, str], ...] = ()
 
 
 def record_key(line: str) -> bytes | None:
@@ -33,7 +35,11 @@ def record_key(line: str) -> bytes | None:
     return None
 
 
-def publish_lines(kafka: KafkaConfig, lines: Iterable[str]) -> PublishReport:
+def publish_lines(kafka: KafkaConfig, lines: Iterable[str], validate: bool = False) -> PublishReport:
+    """Send each non-blank line as one event. validate=True also judges each line as the
+    consumer will, for the report only: an invalid line is still sent (and dead-lettered there)."""
+    from feedret.events import InvalidEvent, parse_post_event
+
     producer = KafkaProducer(
         **kafka.client_options(),
         acks="all",
@@ -41,13 +47,19 @@ def publish_lines(kafka: KafkaConfig, lines: Iterable[str]) -> PublishReport:
         client_id="feedret-publish",
     )
     sent = blank = 0
+    invalid: list[tuple[int, str]] = []
     try:
         futures = []
-        for line in lines:
+        for line_no, line in enumerate(lines, 1):
             line = line.rstrip("\n")
             if not line.strip():
                 blank += 1
                 continue
+            if validate:
+                try:
+                    parse_post_event(line)
+                except InvalidEvent as exc:
+                    invalid.append((line_no, str(exc)))
             futures.append(producer.send(kafka.posts_topic, key=record_key(line), value=line.encode("utf-8")))
             sent += 1
         producer.flush()
@@ -55,4 +67,4 @@ def publish_lines(kafka: KafkaConfig, lines: Iterable[str]) -> PublishReport:
             f.get(timeout=30)
     finally:
         producer.close(timeout=5)
-    return PublishReport(sent=sent, skipped_blank=blank)
+    return PublishReport(sent=sent, skipped_blank=blank, invalid=tuple(invalid))

@@ -9,11 +9,20 @@ import sys
 import structlog
 
 
+LOG_FORMATS = ("json", "console")
+
+
 def configure_logging(role: str, *, level: str | None = None, json: bool | None = None) -> None:
-    """Configure structlog once per process; every line carries the role."""
+    """Configure structlog once per process; every line carries the role.
+
+    FEEDRET_LOG_FORMAT: `json` (the default: one object per line, for log collectors) or
+    `console` (aligned, for a terminal); `json` given by the caller wins. FEEDRET_LOG_LEVEL:
+    debug, info (default), warning, error.
+    """
     level_name = (level or os.environ.get("FEEDRET_LOG_LEVEL", "info")).upper()
+    fmt = os.environ.get("FEEDRET_LOG_FORMAT", "json").strip().lower()
     if json is None:
-        json = os.environ.get("FEEDRET_LOG_FORMAT", "json") == "json"
+        json = fmt != "console"
     renderer = (
         structlog.processors.JSONRenderer()
         if json
@@ -34,3 +43,7 @@ def configure_logging(role: str, *, level: str | None = None, json: bool | None 
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(role=role)
+    if fmt not in LOG_FORMATS:
+        # A logging setting never stops a server; it says once that it was not understood.
+        structlog.get_logger(__name__).warning("log_format_unknown", FEEDRET_LOG_FORMAT=fmt, formats=list(LOG_FORMATS),
+                                               using="json" if json else "console")

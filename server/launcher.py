@@ -5,14 +5,18 @@ package) unless KAFKA_BOOTSTRAP_SERVERS names a real one, creates the topics,
 then the shards, the member embedding server, the root and the consumer, and
 waits until each reports SERVING on grpc.health.v1. Every child dies with the
 launcher (PR_SET_PDEATHSIG), so nothing is left behind even on SIGKILL.
+
+While it runs, `Supervisor` (policy only, no processes) decides what happens to
+a server that exits: it is restarted, unless it is crash-looping, in which case
+that one server is left down and everything else keeps serving.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Literal
 
 import grpc
 import structlog
@@ -61,14 +65,19 @@ class StackConfig:
     metrics_base_port: int = DEFAULT_ROOT_METRICS_PORT
     # None: start the embedded broker on broker_port.
     bootstrap_servers: str | None = None
-    workdir: Path = REPO_ROOT / "var"
+    # Logs and snapshots; relative to the current directory (Stack makes it absolute).
+    workdir: Path = Path("var")
     # Extra FEEDRET_* settings for every child (e.g. a model dir, batch sizes).
     env: dict[str, str] = field(default_factory=dict)
-    # Shard snapshots under workdir/snapshots/<process>, one directory per replica (a
+    # Shard snapshots under Stack.snapshot_root/<process>, one directory per replica (a
     # replica clears its own shard's stray temporaries at start, so they must not share).
     # 0: off. A restarted shard then loads its newest snapshot and replays only the tail.
     snapshot_interval_s: float = 30.0
     ready_timeout_s: float = 120.0
+    # A server that exits more than max_restarts times within restart_window_s is
+    # crash-looping: it is left down (Supervisor), the rest of the stack keeps serving.
+    max_restarts: int = 5
+    restart_window_s: float = 60.0
 
     @property
     def root_address(self) -> str:
@@ -119,7 +128,8 @@ def parse_shard_name(name: str) -> tuple[int, int]:
     return int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
 
 
-def _is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Nothing listens on (or holds) this loopback port now; no reservation for later."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -150,7 +160,7 @@ def free_port_block(n: int) -> int:
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(10000, top - n)
-        if all(_is_free(base + i) for i in range(n)):
+        if all(port_is_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port block")
 
@@ -191,14 +201,99 @@ def is_serving(address: str, timeout: float = 0.5, security: GrpcSecurityConfig 
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+Action = Literal["restart", "give_up", "fatal"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do about one exit, and how many exits of that process the window holds (this one included)."""
+
+    action: Action
+    exits: int
+
+
+class Supervisor:
+    """What happens to a process of the stack that exited: the policy, with no processes in it.
+
+    - A process in `fatal` (the embedded broker, whose topics live in its memory only)
+      ends the stack: nothing can be served without it.
+    - Any other is restarted, until it exits more than `max_restarts` times within
+      `window_s`: then it is crash-looping (a bad configuration, a corrupt file, a port
+      taken), restarting it again only burns CPU the others need, so it is given up
+      and stays down. The others keep serving; the broker in particular, whose death
+      would take every post with it.
+    """
+
+    def __init__(self, max_restarts: int = 5, window_s: float = 60.0, fatal: Iterable[str] = ("broker",)) -> None:
+        if max_restarts < 0 or window_s <= 0:
+            raise ValueError(f"max_restarts must be >= 0 and window_s > 0, got {max_restarts}, {window_s}")
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.fatal = frozenset(fatal)
+        self.given_up: set[str] = set()
+        self._exits: dict[str, list[float]] = {}
+
+    def on_exit(self, name: str, now: float) -> Verdict:
+        """Record that `name` exited at `now` (monotonic seconds) and decide."""
+        exits = [t for t in self._exits.get(name, []) if now - t < self.window_s] + [now]
+        self._exits[name] = exits
+        if name in self.fatal:
+            return Verdict("fatal", len(exits))
+        if len(exits) > self.max_restarts:
+            self.given_up.add(name)
+            return Verdict("give_up", len(exits))
+        return Verdict("restart", len(exits))
+
+    def watches(self, name: str) -> bool:
+        """False for a process given up: its exit is old news."""
+        return name not in self.given_up
+
+
+@dataclass(frozen=True)
+class ProcessExit:
+    """One exit the supervision loop handled: `action` is what it did about it."""
+
+    process: str
+    code: int
+    action: Action
+    exits: int
+    log: Path
+
+
+def new_run_dir(parent: Path) -> Path:
+    """A directory under `parent` no earlier run used, named after this run's start (UTC)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in itertools.count(1):
+        path = parent / (f"run-{stamp}" if n == 1 else f"run-{stamp}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
 class Stack:
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
-        self._restarts: dict[str, list[float]] = {}
-        self.log_dir = config.workdir / "logs"
-        self.snapshot_root = config.workdir / "snapshots"
+        # The children run in the repository (cwd=REPO_ROOT): every path handed to them
+        # must not depend on the directory the user started from.
+        self.workdir = Path(config.workdir).absolute()
+        self.log_dir = self.workdir / "logs"
+        # Where the shards' snapshot directories go. The embedded broker keeps its topics in
+        # memory, so every start begins with empty partitions and an earlier run's snapshots
+        # describe posts that are gone (a shard would load one, fail to find its last record
+        # on the partition and start empty anyway). Such a run writes into a directory of its
+        # own, which start() makes, and never reads or deletes another run's: deleting is the
+        # user's call (`feedret up --clean`), and refusing to start beside old snapshots would
+        # fail every second `make run`. A real broker's topics outlive the stack, so its
+        # snapshots are shared across runs: a restart loads the newest and replays the tail.
+        self.snapshots_dir = self.workdir / "snapshots"
+        self.snapshot_root = self.snapshots_dir
+        self.supervisor = Supervisor(config.max_restarts, config.restart_window_s,
+                                     fatal=("broker",) if config.bootstrap_servers is None else ())
         self.kafka = KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=config.bootstrap_servers or f"{config.host}:{config.broker_port}")
         # The servers' TLS and token settings, as the children read them (environment, then
         # config.env): readiness checks and the demo's client must speak what the servers serve.
@@ -281,6 +376,14 @@ class Stack:
                 out[name] = f"http://{self.config.host}:{port}/metrics"
         return out
 
+    def ports(self) -> dict[str, int]:
+        """Every port this stack's processes will listen on, by who listens (metrics as `<name> metrics`)."""
+        out = {"broker": self.config.broker_port} if self.config.bootstrap_servers is None else {}
+        out.update({name: int(address.rsplit(":", 1)[1]) for name, address in self.addresses().items() if address})
+        for name, url in self.metrics_urls().items():
+            out[f"{name} metrics"] = int(url.rsplit(":", 1)[1].split("/")[0])
+        return out
+
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.logs.get(name)
         if path is None or not path.exists():
@@ -308,9 +411,8 @@ class Stack:
         c = self.config
         try:
             if c.bootstrap_servers is None:
-                # The embedded broker keeps its topics in memory: last run's snapshots
-                # describe offsets that no longer exist, so start without them.
-                shutil.rmtree(self.snapshot_root, ignore_errors=True)
+                if c.snapshot_interval_s > 0 and "FEEDRET_SNAPSHOT_DIR" not in c.env:
+                    self.snapshot_root = new_run_dir(self.snapshots_dir)
                 url = f"tcp://{c.host}:{c.broker_port}"
                 self._spawn(
                     "broker",
@@ -331,30 +433,50 @@ class Stack:
             raise
         return self
 
-    def restart_dead(self, max_restarts: int = 5, window_s: float = 60.0) -> list[str]:
-        """Restart every server role that exited; the names restarted.
+    def supervise(self, now: float | None = None) -> list[ProcessExit]:
+        """Handle every process that exited since the last call, as the Supervisor decides.
 
-        A shard restarts from its newest snapshot (or empty, with snapshots off)
-        and replays the rest of its partition, so a crash costs freshness for a
-        few seconds, not data. The embedded broker keeps its
-        topics in memory only, so its death (or a role crash-looping more than
-        max_restarts times in window_s) is fatal: RuntimeError.
+        A restarted shard loads its newest snapshot (or starts empty, with snapshots off)
+        and replays the rest of its partition, so a crash costs freshness for a few
+        seconds, not data. A crash-looping server is left down and said so, in the
+        launcher's log and at the end of the server's own log. The embedded broker's exit
+        raises RuntimeError: its topics were in its memory only.
         """
-        restarted = []
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
+        handled = []
         for name, proc in list(self.procs.items()):
-            if proc.poll() is None:
+            if proc.poll() is None or not self.supervisor.watches(name):
                 continue
-            if name == "broker":
+            verdict = self.supervisor.on_exit(name, now)
+            if verdict.action == "fatal":
                 raise RuntimeError(f"the embedded broker exited with code {proc.returncode}; its topics are gone")
-            recent = [t for t in self._restarts.get(name, []) if now - t < window_s] + [now]
-            if len(recent) > max_restarts:
-                raise RuntimeError(f"{name} exited {len(recent)} times in {window_s:.0f}s:\n{self.log_tail(name)}")
-            self._restarts[name] = recent
-            log.warning("process_exited", process=name, code=proc.returncode, restarts=len(recent))
-            self.start_role(name)
-            restarted.append(name)
-        return restarted
+            path = self.log_dir / f"{name}.log"
+            event = ProcessExit(name, proc.returncode, verdict.action, verdict.exits, path)
+            if verdict.action == "give_up":
+                log.error("process_given_up", process=name, code=proc.returncode, exits=verdict.exits,
+                          window_s=self.supervisor.window_s, log=str(path), consequence=self.consequence(name))
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(f"feedret up: {name} exited {verdict.exits} times within "
+                            f"{self.supervisor.window_s:g} s (last exit code {proc.returncode}); "
+                            "not restarting it again\n")
+            else:
+                log.warning("process_exited", process=name, code=proc.returncode, exits=verdict.exits)
+                self.start_role(name)
+            handled.append(event)
+        return handled
+
+    def consequence(self, name: str) -> str:
+        """What the stack can no longer do while `name` is down, for the message that says so."""
+        if name.startswith("shard-"):
+            shard, _ = parse_shard_name(name)
+            if self.config.replicas > 1:
+                return f"shard {shard} is served by its other replicas"
+            return f"queries answer partial=true, without shard {shard}'s posts"
+        return {
+            "root": "no query is answered (the broker, shards and member keep running)",
+            "member": "member queries fail; vector and --post-id queries still work",
+            "consumer": "new posts are no longer embedded or indexed",
+        }.get(name, "")
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]

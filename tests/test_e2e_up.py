@@ -66,8 +66,9 @@ def test_up_serves_real_retrievals_and_ctrl_c_stops_every_process(tmp_path: Path
 
         # A crashed shard is restarted from its newest snapshot and replays the rest of its
         # partition: everything is searchable again.
-        snapshots = tmp_path / "var" / "snapshots" / "shard-1"
-        assert wait_for(lambda: any(snapshots.glob("*.snap")), timeout=30), "feedret up wrote no shard snapshot"
+        # This run's own directory: the embedded broker starts empty, so no run loads another's.
+        snapshots = tmp_path / "var" / "snapshots"
+        assert wait_for(lambda: any(snapshots.glob("run-*/shard-1/*.snap")), timeout=30), "feedret up wrote no shard snapshot"
         shard_1 = next(p for p in children if p.environ().get("FEEDRET_SHARD_ID") == "1")
         shard_1.kill()
         read_until(proc, r"shard-1 exited; restarted it", timeout=10)
