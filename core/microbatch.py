@@ -43,6 +43,7 @@ class MicroBatcher(Generic[T, R]):
         self._run = run
         self._group = group
         self._queue: deque[tuple[T, Future]] = deque()
+        self._taken = 0  # items the worker holds: taken from the queue, not yet answered
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -52,6 +53,11 @@ class MicroBatcher(Generic[T, R]):
     def pending(self) -> int:
         """Items queued and not yet taken by the worker."""
         return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Items the worker has taken and not yet answered (the batch it is running)."""
+        return self._taken
 
     def submit(self, item: T) -> Future:
         """Queue one item; its future gets the item's result or the batch's error.
@@ -90,6 +96,7 @@ class MicroBatcher(Generic[T, R]):
             batch = []
             while self._queue and len(batch) < self.max_batch:
                 batch.append(self._queue.popleft())
+            self._taken = len(batch)
             return batch
 
     def _loop(self) -> None:
@@ -101,6 +108,7 @@ class MicroBatcher(Generic[T, R]):
                 live = [(item, fut) for item, fut in entries if fut.set_running_or_notify_cancel()]
                 if live:
                     self._answer(live)
+            self._taken = 0
 
     def _answer(self, live: list[tuple[T, Future]]) -> None:
         try:

@@ -67,6 +67,10 @@ class SearchBatcher:
     def pending(self) -> int:
         return self._batcher.pending
 
+    @property
+    def in_flight(self) -> int:
+        return self._batcher.in_flight
+
     def search(self, index: BatchSearchable, query: np.ndarray, k: int, filt: Any = None,
                timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (post ids, scores) of one query, as `index.search` would answer it.

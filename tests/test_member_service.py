@@ -218,7 +218,8 @@ def test_a_failed_pass_fails_every_request_in_it_and_the_service_goes_on(encoder
             stub = pb_grpc.MemberEmbeddingServiceStub(channel)
             futures = [stub.Embed.future(member_request(f"m-{i}", "s", "Alien (1979)"), timeout=120) for i in range(3)]
             assert fake.started.wait(60)
-            wait_until(lambda: servicer.batcher.pending == 2)
+            # The first pass may take one or two of them (they can arrive together); the rest queue.
+            wait_until(lambda: servicer.batcher.pending == 3 - len(fake.passes[0]))
             fake.gate.set()
             for f in futures:
                 with pytest.raises(grpc.RpcError) as err:
