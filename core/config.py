@@ -215,6 +215,11 @@ class ShardConfig(_Settings):
     max_k: int = Field(default=10_000, ge=1)
     apply_batch_max: int = Field(default=512, ge=1)
     grpc_workers: int = Field(default=8, ge=1)
+    # Calls (Search, Lookup, Stats) handled at once; one more is refused at once with
+    # RESOURCE_EXHAUSTED and the root asks another replica, instead of queueing past its
+    # deadline. Above the root's burst (16 workers x up to 2 calls per shard); health checks
+    # and reflection are never refused. 0: no limit.
+    max_concurrent_rpcs: int = Field(default=64, ge=0)
     # Concurrent searches are answered together, up to this many per pass over the torch
     # store's rows (one matmul) or per search of a faiss index's GPU copy; a lone query is
     # never held back. 1: one at a time. Indexes that cannot batch (faiss on the CPU) ignore it.
@@ -286,7 +291,32 @@ class GrpcSecurityConfig(_Settings):
         return self.tls_cert_file is not None
 
 
-class MemberConfig(_Settings):
+class MemberLimits(_Settings):
+    """How large a member query may be. The root checks before it calls the member service
+    and the member service checks again; both read these same variables. Beyond a limit:
+    INVALID_ARGUMENT naming the field, its size and the limit.
+
+    The prompt is cut to FEEDRET_MAX_LENGTH tokens (128: ~500 characters for the demo
+    model) only after all of it is tokenized, so text beyond that costs tokenizer time
+    and changes nothing. With the demo model on a 2-core CPU a sample member took ~3 ms
+    to embed, the largest these defaults allow (32 K characters of profile) ~20 ms, 16 of
+    them tokenizing, and a 5 MB profile 6-10 s, while every member queued behind it waited.
+    """
+
+    max_id_chars: int = Field(default=256, ge=1)  # member_id and session_id, each
+    # The name of a profile field or a feature, and an activity's action.
+    max_name_chars: int = Field(default=128, ge=1)
+    max_profile_fields: int = Field(default=64, ge=0)
+    max_profile_chars: int = Field(default=4096, ge=1)  # one profile field's value
+    max_features: int = Field(default=256, ge=0)
+    # The encoder reads only the newest few (its max_activity, 10 for the demo model).
+    max_activity_items: int = Field(default=100, ge=0)
+    max_activity_chars: int = Field(default=20_000, ge=1)  # one item's text: a post's own limit
+    # Every string of the member together: ids, profile, feature names, activity.
+    max_member_chars: int = Field(default=32_768, ge=1)
+
+
+class MemberConfig(MemberLimits):
     host: str = "127.0.0.1"
     port: int = DEFAULT_MEMBER_PORT
     metrics_port: int = Field(default=DEFAULT_MEMBER_METRICS_PORT, ge=0, le=65535)  # 0: no /metrics
@@ -296,9 +326,15 @@ class MemberConfig(_Settings):
     # Cache misses that arrive while a forward pass runs are embedded together in the
     # next one, up to this many members (benchmarks/member_batching.py); 1: one at a time.
     embed_batch_max: int = Field(default=32, ge=1)
+    # Embed calls handled at once (waiting for or in a forward pass); one more is refused
+    # at once with RESOURCE_EXHAUSTED, and the root tries the member's next pod, instead of
+    # queueing behind passes that outlast its deadline. Health checks and reflection are
+    # never refused and have threads of their own. 0: the worker threads,
+    # max(grpc_workers, 2 x embed_batch_max), 64 by default: two full passes.
+    max_concurrent_rpcs: int = Field(default=0, ge=0)
 
 
-class RootConfig(_Settings):
+class RootConfig(MemberLimits):
     host: str = "127.0.0.1"
     port: int = DEFAULT_ROOT_PORT
     metrics_port: int = Field(default=DEFAULT_ROOT_METRICS_PORT, ge=0, le=65535)  # 0: no /metrics
@@ -337,6 +373,15 @@ class RootConfig(_Settings):
     # Kept back from the caller's deadline for merging and the reply.
     deadline_margin_s: float = Field(default=0.01, ge=0)
     grpc_workers: int = Field(default=16, ge=1)
+    # Calls (Retrieve, Lookup, Stats) handled at once; one more is refused at once with
+    # RESOURCE_EXHAUSTED, so a caller can back off or try another root pod, instead of
+    # queueing past its deadline. Health checks and reflection are never refused and have
+    # threads of their own. 0: grpc_workers (a Retrieve holds its thread until the shards answer).
+    max_concurrent_rpcs: int = Field(default=0, ge=0)
+    # Retrieve's filters, checked here (shards see only what passed): each excluded id is
+    # looked up by every shard, each language compared with every candidate's.
+    max_exclude_post_ids: int = Field(default=10_000, ge=0)
+    max_languages: int = Field(default=32, ge=0)
 
     @field_validator("shard_addresses")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from concurrent import futures
@@ -14,7 +15,8 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from feedret.config import GrpcSecurityConfig
+from feedret import members
+from feedret.config import GrpcSecurityConfig, MemberLimits
 from feedret.indexer.shard_index import SearchFilter
 from feedret.metrics import GrpcMetricsInterceptor
 from feedret.server.grpc_auth import BearerAuthInterceptor, TokenFile
@@ -24,6 +26,9 @@ from feedret.v1 import feedret_pb2 as pb
 log = structlog.get_logger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Threads a server with a concurrency limit has beyond it: they refuse the calls over
+# the limit and answer health checks and reflection without waiting behind the others.
+SPARE_THREADS = 4
 
 
 class InvalidRequest(ValueError):
@@ -64,6 +69,111 @@ class ServerGroup:
         return self.main.wait_for_termination(timeout)
 
 
+class _Undecodable:
+    """A request body that did not parse, carried to the handler so it can say so."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """A body that does not parse as the request gets INVALID_ARGUMENT saying why.
+
+    grpc-python answers a failed deserialisation itself, with INTERNAL "Exception
+    deserializing request!", which reads as a server bug and, counted as one, sets off
+    the wrong alerts. Here the deserializer never raises: the failure reaches the
+    handler, which refuses the call as the caller's mistake. Unary calls only (all of
+    feedret's); health's Watch stream and reflection keep grpc's own handling.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        decode, behavior, method = handler.request_deserializer, handler.unary_unary, handler_call_details.method
+
+        def deserialize(data: bytes):
+            try:
+                return decode(data)
+            except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or a recursion limit
+                return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+        def guarded(request, context):
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request body is not a valid message for {method}: {request.error}")
+            return behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=deserialize, response_serializer=handler.response_serializer
+        )
+
+
+class ConcurrencyLimit(grpc.ServerInterceptor):
+    """At most `limit` calls of `services` handled at once; one more ends at once with RESOURCE_EXHAUSTED.
+
+    Not grpc.server(maximum_concurrent_rpcs=): that counts and refuses every call, so
+    a flood of queries would refuse the kubelet's health checks too and get a busy pod
+    restarted. Here health checks and reflection are neither counted nor refused. A
+    call takes its slot where it starts running and gives it back where it ends, so
+    no path (a caller that gives up while the call is queued, a request that does not
+    parse) leaks one; build_server gives the server SPARE_THREADS threads beyond the
+    limit, so a call over it is refused as it arrives, not after waiting for a thread.
+    """
+
+    def __init__(self, limit: int, services: Sequence[str]) -> None:
+        if limit < 1:
+            raise ValueError(f"a concurrency limit must be at least 1, got {limit}")
+        self.limit = limit
+        self._prefixes = tuple(f"/{name}/" for name in services)
+        self._lock = threading.Lock()
+        self._active = 0
+        self._refused = 0  # since the last log line
+        self._logged_at = -1.0
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        # feedret's methods are all unary; health's Watch stream and reflection pass.
+        if handler is None or handler.unary_unary is None or not method.startswith(self._prefixes):
+            return handler
+        behavior = handler.unary_unary
+
+        def limited(request, context):
+            if not self._enter(method):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server is handling its limit of {self.limit} concurrent calls "
+                    "(FEEDRET_MAX_CONCURRENT_RPCS): retry after a backoff, or on another replica",
+                )
+            try:
+                return behavior(request, context)
+            finally:
+                with self._lock:
+                    self._active -= 1
+
+        return grpc.unary_unary_rpc_method_handler(
+            limited, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+    def _enter(self, method: str) -> bool:
+        with self._lock:
+            if self._active < self.limit:
+                self._active += 1
+                return True
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._logged_at < 1.0:
+                return False
+            refused, self._refused, self._logged_at = self._refused, 0, now
+        # At most a line a second: a flood must not flood the logs too (every refusal is
+        # counted in grpc_server_handled_total{grpc_code="RESOURCE_EXHAUSTED"}).
+        log.warning("load_shed", method=method, refused=refused, limit=self.limit)
+        return False
+
+
 def build_server(
     host: str,
     port: int,
@@ -72,6 +182,7 @@ def build_server(
     service_names: Sequence[str],
     options: Sequence[tuple[str, object]] = (),
     security: GrpcSecurityConfig | None = None,
+    max_concurrent_rpcs: int | None = None,
 ) -> tuple[ServerGroup, health.HealthServicer, int]:
     """A server with our services plus grpc.health.v1 and reflection. Returns the bound port.
 
@@ -79,14 +190,20 @@ def build_server(
     TLS only, and `security.health_port`, when set, serves the same health status in
     plaintext for the kubelet's probes, with no other service on it; with
     `security.auth_tokens_file`, calls need one of its bearer tokens (health and reflection excepted).
+    `max_concurrent_rpcs`: at most that many calls of `service_names` at once, the rest
+    refused with RESOURCE_EXHAUSTED (`ConcurrencyLimit`); None: no limit.
 
     Every RPC is counted and timed for Prometheus (feedret.metrics).
     """
+    limit = None if max_concurrent_rpcs is None else ConcurrencyLimit(max_concurrent_rpcs, service_names)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers),
-        # Metrics first: calls refused for their token are counted too.
+        futures.ThreadPoolExecutor(max_workers=workers if limit is None else max(workers, limit.limit + SPARE_THREADS)),
+        # Metrics first: calls refused for their token or over the limit are counted too.
+        # The limit after the token: callers without one take no slot.
         interceptors=[GrpcMetricsInterceptor()]
-        + ([BearerAuthInterceptor(TokenFile(security.auth_tokens_file))] if security is not None and security.auth_tokens_file else []),
+        + ([BearerAuthInterceptor(TokenFile(security.auth_tokens_file))] if security is not None and security.auth_tokens_file else [])
+        + ([limit] if limit is not None else [])
+        + [DecodeGuard()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -186,9 +303,26 @@ def query_vector(values: Sequence[float], dimension: int, full_dimension: int = 
     return vec
 
 
-def check_filters(filters: pb.Filters) -> None:
+def check_filters(
+    filters: pb.Filters, max_exclude_post_ids: int | None = None, max_languages: int | None = None
+) -> None:
+    """Raise InvalidRequest for a negative age or, where limits are given, too many ids or languages."""
     if filters.max_age_seconds < 0:
         raise InvalidRequest(f"filters.max_age_seconds must be >= 0, got {filters.max_age_seconds}")
+    if max_exclude_post_ids is not None and len(filters.exclude_post_ids) > max_exclude_post_ids:
+        raise InvalidRequest(
+            f"filters.exclude_post_ids has {len(filters.exclude_post_ids)} ids, the limit is {max_exclude_post_ids}"
+        )
+    if max_languages is not None and len(filters.languages) > max_languages:
+        raise InvalidRequest(f"filters.languages has {len(filters.languages)} languages, the limit is {max_languages}")
+
+
+def check_member(member: pb.Member, limits: MemberLimits) -> None:
+    """Raise InvalidRequest unless the member is within `limits`, its numbers finite (feedret.members.check_member)."""
+    try:
+        members.check_member(member, limits)
+    except members.InvalidMember as exc:
+        raise InvalidRequest(str(exc)) from exc
 
 
 def search_filter(filters: pb.Filters, now: float) -> SearchFilter:

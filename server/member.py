@@ -21,7 +21,7 @@ from feedret import metrics
 from feedret.config import GrpcSecurityConfig, MemberConfig
 from feedret.members import MemberProfile
 from feedret.microbatch import MicroBatcher
-from feedret.server.grpc_common import InvalidRequest, RpcFailure, build_server, rpc_scope, set_serving
+from feedret.server.grpc_common import InvalidRequest, RpcFailure, build_server, check_member, rpc_scope, set_serving
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
@@ -67,6 +67,9 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
         with rpc_scope(context, "Embed", request.request_id):
             if not request.HasField("member") or not request.member.member_id:
                 raise InvalidRequest("member.member_id is required")
+            # Before anything is copied or queued: an oversized member would hold up every
+            # member in its forward pass (tokenizing 5 MB took seconds).
+            check_member(request.member, self.config)
             member = MemberProfile.from_proto(request.member)
             started = time.perf_counter()
             vector, how = self._vector(member, context.time_remaining())
@@ -134,19 +137,22 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
 
 def serve(config: MemberConfig, encoder: MemberEmbedder, stop: threading.Event, security: GrpcSecurityConfig | None = None) -> None:
     servicer = MemberServicer(config, encoder)
+    # Handlers mostly wait on the batcher: a full batch can only queue behind a running
+    # one when there are threads for both (with 8, passes alternated at 4 members each).
+    workers = max(config.grpc_workers, 2 * config.embed_batch_max)
     server, health_servicer, port = build_server(
         config.host,
         config.port,
-        # Handlers mostly wait on the batcher: a full batch can only queue behind a running
-        # one when there are threads for both (with 8, passes alternated at 4 members each).
-        max(config.grpc_workers, 2 * config.embed_batch_max),
+        workers,
         [lambda s: pb_grpc.add_MemberEmbeddingServiceServicer_to_server(servicer, s)],
         SERVICE_NAMES,
         security=security,
+        max_concurrent_rpcs=config.max_concurrent_rpcs or workers,
     )
     server.start()
     set_serving(health_servicer, SERVICE_NAMES, True)
-    log.info("member_listening", address=f"{config.host}:{port}", model_version=encoder.model_version)
+    log.info("member_listening", address=f"{config.host}:{port}", model_version=encoder.model_version,
+             max_concurrent_rpcs=config.max_concurrent_rpcs or workers)
     stop.wait()
     set_serving(health_servicer, SERVICE_NAMES, False)
     server.stop(grace=2).wait()

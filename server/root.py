@@ -28,6 +28,7 @@ from feedret.server.grpc_common import (
     build_server,
     check_filters,
     check_k,
+    check_member,
     connection_age_options,
     fill_candidates,
     query_vector,
@@ -129,6 +130,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
     ) -> tuple[np.ndarray, str]:
         if not request.member.member_id:
             raise InvalidRequest("member.member_id is required")
+        check_member(request.member, self.config)  # refused here, not after a call to a member pod
         try:
             reply = self.member.embed(pb.EmbedRequest(member=request.member, request_id=rid), deadline)
         except NoMemberService as exc:
@@ -141,6 +143,8 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidRequest(exc.details()) from exc
             # Without a member vector there is nothing to search with: say why, keep the code.
+            # Member pods shedding load (RESOURCE_EXHAUSTED) are UNAVAILABLE to the caller:
+            # a retry can succeed, and it is not this root that is out of capacity.
             code = exc.code() if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else grpc.StatusCode.UNAVAILABLE
             raise RpcFailure(code, f"member embedding service ({self.config.member_address}) failed: {exc.details()}") from exc
         return np.asarray(reply.vector, dtype=np.float32), reply.model_version
@@ -149,7 +153,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         with rpc_scope(context, "Retrieve", request.request_id) as rid:
             deadline = self._deadline(context)
             check_k(request.k, self.config.max_k)
-            check_filters(request.filters)
+            check_filters(request.filters, self.config.max_exclude_post_ids, self.config.max_languages)
             which = request.WhichOneof("query")
             if which is None:
                 raise InvalidRequest("a query needs either member or vector")
@@ -396,11 +400,13 @@ def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event, securit
         SERVICE_NAMES,
         connection_age_options(config.max_connection_age_s),
         security,
+        max_concurrent_rpcs=config.max_concurrent_rpcs or config.grpc_workers,
     )
     server.start()
     # The root holds no state: it can serve as soon as it listens.
     set_serving(health_servicer, SERVICE_NAMES, True)
-    log.info("root_listening", address=f"{config.host}:{port}", shards=servicer.addresses)
+    log.info("root_listening", address=f"{config.host}:{port}", shards=servicer.addresses,
+             max_concurrent_rpcs=config.max_concurrent_rpcs or config.grpc_workers)
     stop.wait()
     set_serving(health_servicer, SERVICE_NAMES, False)
     server.stop(grace=2).wait()

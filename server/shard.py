@@ -616,6 +616,7 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event, securi
         SERVICE_NAMES,
         connection_age_options(config.max_connection_age_s),
         security,
+        max_concurrent_rpcs=config.max_concurrent_rpcs or None,
     )
     servicer.address = f"{config.host}:{port}"
     fatal: list[str] = []

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class RetrievalServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """A root handling as many calls as FEEDRET_MAX_CONCURRENT_RPCS allows refuses one
+    more with RESOURCE_EXHAUSTED: retry after a backoff, or on another root.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,7 +44,9 @@ class RetrievalServiceStub:
 
 
 class RetrievalServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """A root handling as many calls as FEEDRET_MAX_CONCURRENT_RPCS allows refuses one
+    more with RESOURCE_EXHAUSTED: retry after a backoff, or on another root.
+    """
 
     def Retrieve(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -67,7 +71,9 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RetrievalService:
-    """Missing associated documentation comment in .proto file."""
+    """A root handling as many calls as FEEDRET_MAX_CONCURRENT_RPCS allows refuses one
+    more with RESOURCE_EXHAUSTED: retry after a backoff, or on another root.
+    """
 
     @staticmethod
     def Retrieve(request,
@@ -98,7 +104,9 @@ class RetrievalService:
 
 
 class MemberEmbeddingServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """RESOURCE_EXHAUSTED when the pod is handling FEEDRET_MAX_CONCURRENT_RPCS calls; the
+    root then asks the member's next pod, and answers UNAVAILABLE when none could embed.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -114,7 +122,9 @@ class MemberEmbeddingServiceStub:
 
 
 class MemberEmbeddingServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """RESOURCE_EXHAUSTED when the pod is handling FEEDRET_MAX_CONCURRENT_RPCS calls; the
+    root then asks the member's next pod, and answers UNAVAILABLE when none could embed.
+    """
 
     def Embed(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -139,7 +149,9 @@ def add_MemberEmbeddingServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class MemberEmbeddingService:
-    """Missing associated documentation comment in .proto file."""
+    """RESOURCE_EXHAUSTED when the pod is handling FEEDRET_MAX_CONCURRENT_RPCS calls; the
+    root then asks the member's next pod, and answers UNAVAILABLE when none could embed.
+    """
 
     @staticmethod
     def Embed(request,
