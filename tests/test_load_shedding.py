@@ -33,6 +33,7 @@ from test_request_limits import (
     largest_allowed,
     ordinary,
     retrieve_request,
+    stop_all,
     start_member,
     start_root,
     start_shards,
@@ -205,12 +206,7 @@ def test_a_member_service_that_refuses_fails_the_retrieve_with_unavailable_not_i
         assert len(root_stub.Retrieve(retrieve_request(ordinary("m-2", "s-2")), timeout=30).candidates.post_ids) == 5
     finally:
         gated.gate.set()
-        root_channel.close()
-        root.stop(0)
-        member.stop(0)
-        member_servicer.close()
-        for s in shards:
-            s.stop(0)
+        stop_all(root, root_channel, member, member_servicer, shards)
 
 
 # ---------------------------------------------------------------- issue #14's scene

@@ -205,6 +205,16 @@ def start_root(shard_addresses, member_address: str, **config):
     return server, channel, pb_grpc.RetrievalServiceStub(channel)
 
 
+def stop_all(root, root_channel, member, member_servicer, shards) -> None:
+    """Stop what start_root, start_member and start_shards started."""
+    root_channel.close()
+    root.stop(0)
+    member.stop(0)
+    member_servicer.close()
+    for s in shards:
+        s.stop(0)
+
+
 @pytest.fixture
 def stack(encoder):
     """A member service whose passes wait on a gate, two shards, and a root, all with LIMITS."""
@@ -216,12 +226,7 @@ def stack(encoder):
     yield pb_grpc.MemberEmbeddingServiceStub(member_channel), root_stub, gated, member_servicer
     gated.gate.set()
     member_channel.close()
-    root_channel.close()
-    root.stop(0)
-    member.stop(0)
-    member_servicer.close()
-    for s in shards:
-        s.stop(0)
+    stop_all(root, root_channel, member, member_servicer, shards)
 
 
 # ---------------------------------------------------------------- member limits
@@ -285,12 +290,7 @@ def test_with_the_default_limits_the_issues_5_mb_profile_is_refused_by_both(enco
         assert sum(map(len, largest.profile.values())) + len(largest.profile) * 3 + 2 * 256 == MemberConfig().max_member_chars
         assert len(root_stub.Retrieve(retrieve_request(largest), timeout=30).candidates.post_ids) == 5
     finally:
-        root_channel.close()
-        root.stop(0)
-        member.stop(0)
-        member_servicer.close()
-        for s in shards:
-            s.stop(0)
+        stop_all(root, root_channel, member, member_servicer, shards)
 
 
 def test_both_roles_read_the_limits_from_the_same_variables(monkeypatch):
