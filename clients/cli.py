@@ -218,77 +218,6 @@ def publish(file, bootstrap: str, as_json: bool) -> None:
 # ---------------------------------------------------------------- query
 
 
-def _json_type(value: Any) -> str:
-    """A value's type as JSON names it, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}.get(
-        type(value), type(value).__name__)
-
-
-MEMBER_FIELDS = ("member_id", "session_id", "profile", "features", "recent_activity")
-ACTIVITY_FIELDS = ("post_id", "text", "action", "timestamp")
-
-
-def member_from_json(obj: Any) -> MemberProfile:
-    """A member from JSON, every field's type checked first.
-
-    MemberProfile.from_json converts trusting the types (a string where a list belongs
-    ends in an AttributeError), and the server would accept silent mistakes such as
-    `recent_activities`; here each becomes a ValueError that names the field.
-    """
-    if not isinstance(obj, dict):
-        raise ValueError(f"must be a JSON object, got {_json_type(obj)}")
-    unknown = [k for k in obj if k not in MEMBER_FIELDS]
-    if unknown:
-        raise ValueError(f"unknown field {unknown[0]!r}; the fields are {', '.join(MEMBER_FIELDS)}")
-    if obj.get("member_id") is None:
-        raise ValueError("member_id is required (a non-empty string)")
-    if not isinstance(obj["member_id"], str) or not obj["member_id"]:
-        got = obj["member_id"]
-        raise ValueError(f"member_id must be a non-empty string, got {_json_type(got)} {_shown(got)}")
-    if not isinstance(obj.get("session_id", ""), str):
-        raise ValueError(f"session_id must be a string, got {_json_type(obj['session_id'])}")
-    # null is the same as absent; 0, "" or false where an object belongs are mistakes.
-    profile = {} if obj.get("profile") is None else obj["profile"]
-    if not isinstance(profile, dict):
-        raise ValueError(f"profile must be an object of strings, got {_json_type(profile)}")
-    for key, value in profile.items():
-        if not isinstance(value, str):
-            raise ValueError(f"profile.{key} must be a string, got {_json_type(value)}")
-    features = {} if obj.get("features") is None else obj["features"]
-    if not isinstance(features, dict):
-        raise ValueError(f"features must be an object of numbers, got {_json_type(features)}")
-    for key, value in features.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"features.{key} must be a finite number, got {_json_type(value)} {_shown(value)}")
-    activity = [] if obj.get("recent_activity") is None else obj["recent_activity"]
-    if not isinstance(activity, list):
-        raise ValueError(
-            f"recent_activity must be an array of objects (most recent first), got {_json_type(activity)}")
-    for i, item in enumerate(activity):
-        where = f"recent_activity[{i}]"
-        if not isinstance(item, dict):
-            raise ValueError(f"{where} must be an object with {', '.join(ACTIVITY_FIELDS)}, got {_json_type(item)}")
-        unknown = [k for k in item if k not in ACTIVITY_FIELDS]
-        if unknown:
-            raise ValueError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(ACTIVITY_FIELDS)}")
-        post_id = item.get("post_id", 0)
-        if isinstance(post_id, bool) or not isinstance(post_id, int) or not 0 <= post_id <= MAX_POST_ID:
-            raise ValueError(
-                f"{where}.post_id must be an integer from 0 to 2^63-1, got {_json_type(post_id)} {_shown(post_id)}")
-        for key in ("text", "action"):
-            if not isinstance(item.get(key, ""), str):
-                raise ValueError(f"{where}.{key} must be a string, got {_json_type(item[key])}")
-        stamp = item.get("timestamp", 0.0)
-        if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or not math.isfinite(stamp):
-            raise ValueError(
-                f"{where}.timestamp must be Unix seconds (a number), got {_json_type(stamp)} {_shown(stamp)}")
-    return MemberProfile.from_json(obj)
-
-
 def _load_member(spec: str) -> MemberProfile:
     """MEMBER as given: JSON, @file or '-' (stdin). Every mistake is one line (InputError)."""
     source = "member"
@@ -311,7 +240,7 @@ def _load_member(spec: str) -> MemberProfile:
         hint = "" if spec.lstrip().startswith(("@", "-", "{", "[")) else " (a file is given as @path)"
         raise InputError(f"{source} is not valid JSON: {exc}{hint}") from None
     try:
-        return member_from_json(obj)
+        return MemberProfile.from_json(obj)
     except ValueError as exc:
         raise InputError(f"{source}: {exc}") from None
 
@@ -568,7 +497,7 @@ def _read_members(path: Path) -> list[MemberProfile]:
         if not line.strip():
             continue
         try:
-            members.append(member_from_json(json.loads(line)))
+            members.append(MemberProfile.from_json(json.loads(line)))
         except (ValueError, RecursionError) as exc:
             raise InputError(f"{path} line {n}: not a member: {exc}") from None
     return members

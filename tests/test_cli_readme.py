@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from feedret.clients import cli
+from feedret.members import MemberProfile
 
 from conftest import free_port, free_port_block
 
@@ -186,7 +187,7 @@ def test_bad_member_on_stdin_and_undecodable_files(tmp_path, capsys, monkeypatch
 
 
 def test_the_shipped_member_file_is_a_valid_member():
-    member = cli.member_from_json(json.loads((ROOT / "data" / "sample" / "member.json").read_text()))
+    member = MemberProfile.from_json(json.loads((ROOT / "data" / "sample" / "member.json").read_text()))
     assert member.member_id and member.recent_activity and not member.session_id  # edits are never served cached
 
 

@@ -330,3 +330,16 @@ def test_filters_over_their_limits_are_refused_by_the_root_and_at_them_answered(
         root.stop(0)
         for s in shards:
             s.stop(0)
+
+
+@pytest.mark.parametrize("obj, says", [
+    ({"member_id": "m", "recent_activity": "Alien"}, "recent_activity must be an array"),
+    ({"member_id": "m", "recent_activities": []}, "unknown field 'recent_activities'"),
+    ({"member_id": "m", "features": {"x": "many"}}, "features.x must be a finite number"),
+    ({"member_id": 5}, "member_id must be a non-empty string"),
+])
+def test_member_json_of_the_wrong_shape_names_the_field_for_library_users_too(obj, says):
+    from feedret.members import InvalidMember, MemberProfile
+
+    with pytest.raises(InvalidMember, match=says):
+        MemberProfile.from_json(obj)
