@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
+from typing import Callable
 
 import structlog
 
@@ -47,3 +50,35 @@ def configure_logging(role: str, *, level: str | None = None, json: bool | None 
         # A logging setting never stops a server; it says once that it was not understood.
         structlog.get_logger(__name__).warning("log_format_unknown", FEEDRET_LOG_FORMAT=fmt, formats=list(LOG_FORMATS),
                                                using="json" if json else "console")
+
+
+class Throttle:
+    """At most `per_second` events pass on average (bursts up to that many); the rest are held back.
+
+    For log lines a flood would multiply: a broken model writing NaN vectors at full
+    rate, or a load spike being shed. `allow()` returns None for an event held back,
+    and for one that passes, how many were held back since the last that passed, so
+    the line that does get logged says what it stands for. Thread-safe.
+    """
+
+    def __init__(self, per_second: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_second <= 0:
+            raise ValueError(f"per_second must be positive, got {per_second}")
+        self.rate = per_second
+        self.clock = clock
+        self._tokens = per_second
+        self._at = clock()
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def allow(self) -> int | None:
+        with self._lock:
+            now = self.clock()
+            self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens < 1:
+                self._held += 1
+                return None
+            self._tokens -= 1
+            held, self._held = self._held, 0
+            return held

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from feedret import members
 from feedret.config import GrpcSecurityConfig, MemberLimits
+from feedret.logging import Throttle
 from feedret.indexer.shard_index import SearchFilter
 from feedret.metrics import GrpcMetricsInterceptor
 from feedret.server.grpc_auth import BearerAuthInterceptor, TokenFile
@@ -130,8 +131,7 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
         self._prefixes = tuple(f"/{name}/" for name in services)
         self._lock = threading.Lock()
         self._active = 0
-        self._refused = 0  # since the last log line
-        self._logged_at = -1.0
+        self._log = Throttle(1.0)  # a flood must not flood the logs too
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -163,14 +163,11 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
             if self._active < self.limit:
                 self._active += 1
                 return True
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._logged_at < 1.0:
-                return False
-            refused, self._refused, self._logged_at = self._refused, 0, now
-        # At most a line a second: a flood must not flood the logs too (every refusal is
-        # counted in grpc_server_handled_total{grpc_code="RESOURCE_EXHAUSTED"}).
-        log.warning("load_shed", method=method, refused=refused, limit=self.limit)
+        # At most a line a second; every refusal is counted in
+        # grpc_server_handled_total{grpc_code="RESOURCE_EXHAUSTED"}.
+        held = self._log.allow()
+        if held is not None:
+            log.warning("load_shed", method=method, refused=held + 1, limit=self.limit)
         return False
 
 

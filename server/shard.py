@@ -21,6 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 from feedret import metrics
 from feedret.config import GrpcSecurityConfig, KafkaConfig, ShardConfig
 from feedret.indexer import snapshot as snapshots
+from feedret.logging import Throttle
 from feedret.indexer.shard_index import IndexConfigError, IndexOptions, ShardIndex
 from feedret.indexer.batcher import SearchBatcher
 from feedret.indexer.vectors import UNIT_NORM_TOLERANCE, VectorProblem, check_vectors, norms_of
@@ -65,6 +66,8 @@ class ShardState:
     rejected: int = 0
     # `rejected` by reason (a VectorProblem's value, "undecodable", "no_op"), for logs and counters.
     rejected_reasons: dict[str, int] = field(default_factory=dict)
+    # At most 10 vector_rejected lines a second; the counters count every one.
+    reject_log: Throttle = field(default_factory=lambda: Throttle(10.0))
     model_version: str = ""  # of the latest vector applied; each post keeps its own in the index
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -125,6 +128,9 @@ class ShardState:
                     sound_ids.add(ev.post_id)
                     continue
                 self.count_rejected(problem.value)
+                held = self.reject_log.allow()
+                if held is None:
+                    continue  # counted; a broken writer at full rate must not flood the log too
                 kept = ev.post_id in sound_ids or (self.index is not None and ev.post_id in self.index)
                 detail: dict[str, float] = {}
                 if problem is VectorProblem.WRONG_WIDTH:
@@ -139,6 +145,8 @@ class ShardState:
                     model_version=ev.model_version,
                     # A rejected upsert changes nothing: the post's earlier vector, if any, still serves.
                     earlier_vector="kept" if kept else "none",
+                    # Rejections counted but not logged since the last line (Throttle).
+                    not_logged_before=held,
                     **detail,
                 )
             good = [run[i][1] for i in sound]
