@@ -5,7 +5,9 @@ A dataset is a directory:
 - `items.jsonl`: one post per line: `item_id` (int), `text`, `created_at` (Unix
   seconds), optional `author_id`, `lang`, `features` (name -> number);
 - `interactions.csv`: `member_id,item_id,timestamp,weight`, one engagement per row
-  (weight: any positive strength, e.g. a rating, dwell seconds, 1 for a click);
+  (weight: any positive strength, e.g. a rating, dwell seconds, 1 for a click), and an
+  optional `action` column naming the engagement (`clicked`, `saved`, `to-read`): the
+  member prompt writes it; without it, the prompt says `rated <weight>`;
 - `members.jsonl` (optional): `member_id`, `profile` (name -> text), `features`;
 - `dataset.json` (optional): name, source, licence.
 
@@ -29,6 +31,7 @@ INTERACTIONS = "interactions.csv"
 MEMBERS = "members.jsonl"
 META = "dataset.json"
 INTERACTION_FIELDS = ("member_id", "item_id", "timestamp", "weight")
+OPTIONAL_INTERACTION_FIELDS = ("action",)
 
 
 class DatasetError(ValueError):
@@ -72,6 +75,7 @@ class Interaction:
     item_id: int
     timestamp: float
     weight: float = 1.0
+    action: str = ""  # what the engagement was, in the data's words; "" when the data does not say
 
 
 @dataclass(frozen=True)
@@ -172,8 +176,9 @@ def read_dataset(directory: str | Path) -> Dataset:
             if not member_id:
                 raise DatasetError(f"{where}: member_id is empty")
             weight = _number(row.get("weight") or 1.0, f"{where}: weight")
+            action = " ".join((row.get("action") or "").split())  # one line in the prompt
             interactions.append(
-                Interaction(member_id, item_id, _number(row["timestamp"], f"{where}: timestamp"), weight)
+                Interaction(member_id, item_id, _number(row["timestamp"], f"{where}: timestamp"), weight, action)
             )
     interactions.sort(key=lambda i: (i.timestamp, i.member_id, i.item_id))
 
@@ -205,9 +210,12 @@ def write_dataset(
             f.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
     with (d / INTERACTIONS).open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(INTERACTION_FIELDS)
+        # The action column only when some interaction has one: datasets without stay as they were.
+        with_action = any(i.action for i in interactions)
+        writer.writerow(INTERACTION_FIELDS + (OPTIONAL_INTERACTION_FIELDS if with_action else ()))
         for i in sorted(interactions, key=lambda i: (i.timestamp, i.member_id, i.item_id)):
-            writer.writerow([i.member_id, i.item_id, _compact(i.timestamp), _compact(i.weight)])
+            row = [i.member_id, i.item_id, _compact(i.timestamp), _compact(i.weight)]
+            writer.writerow(row + [i.action] if with_action else row)
     if members:
         with (d / MEMBERS).open("w", encoding="utf-8") as f:
             for m in sorted(members, key=lambda m: m.member_id):

@@ -72,3 +72,22 @@ def test_popularity_candidates_and_sampling():
     assert candidate_mask(ids, created, m).tolist() == [False, False, True, False, False]
     assert sample(list(range(10)), 3, seed=1) == sample(list(range(10)), 3, seed=1)
     assert len(sample(list(range(10)), 3, seed=1)) == 3
+
+
+def test_the_data_names_the_action_and_the_prompt_says_it(tmp_path):
+    """Every activity line said "rated {weight}", whatever the interaction was (a click, a save,
+    a to-read list); an optional `action` column now names it, and data without one reads as before."""
+    from feedret.encoder.prompts import member_prompt
+
+    log = [Interaction("a", 1, 10.0, 1.0, "saved"), Interaction("a", 2, 20.0, 1.0, "clicked"),
+           Interaction("a", 3, 30.0, 4.0)]
+    write_dataset(tmp_path, list(ITEMS.values()), log)
+    ds = read_dataset(tmp_path)
+    assert [i.action for i in ds.interactions] == ["saved", "clicked", ""]
+    state = member_state("a", ds.interactions, ITEMS)
+    assert [a.action for a in state.recent_activity] == ["rated 4", "clicked", "saved"]
+    prompt = member_prompt(state, None)
+    assert "- clicked: item 2" in prompt and "- saved: item 1" in prompt and "- rated 4: item 3" in prompt
+    # A dataset without actions writes no action column: its files, and so its prompts, are unchanged.
+    write_dataset(tmp_path / "plain", list(ITEMS.values()), LOG)
+    assert (tmp_path / "plain" / "interactions.csv").read_text().splitlines()[0] == "member_id,item_id,timestamp,weight"

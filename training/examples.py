@@ -82,8 +82,10 @@ def post_events(items: Mapping[int, Item], features: Mapping[int, Mapping[str, f
     }
 
 
-def _action(weight: float) -> str:
-    return f"rated {weight:g}"
+def _action(interaction: Interaction) -> str:
+    """The engagement as the prompt says it: the data's own word when it has one (a click, a save,
+    a to-read list are not ratings), else the weight."""
+    return interaction.action or f"rated {interaction.weight:g}"
 
 
 def member_state(
@@ -106,7 +108,7 @@ def member_state(
         profile=dict(info.profile) if info else {},
         features=features,
         recent_activity=tuple(
-            ActivityItem(h.item_id, items[h.item_id].text, _action(h.weight), h.timestamp) for h in recent
+            ActivityItem(h.item_id, items[h.item_id].text, _action(h), h.timestamp) for h in recent
         ),
     )
 
