@@ -399,6 +399,9 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--model", "models", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="An encoder directory to evaluate (repeatable); named by its model_version.")
 @click.option("--no-minilm", is_flag=True, help="Skip the zero-shot all-MiniLM-L6-v2 baseline.")
+@click.option("--no-baselines", is_flag=True,
+              help="Skip the collaborative-filtering baselines (cold-start popularity, item-kNN, EASE, ALS); "
+                   "popularity stays.")
 @click.option("--test-fraction", default=0.2, show_default=True, type=float, help="Last fraction of interactions held out.")
 @click.option("--like-threshold", default=4.0, show_default=True, type=float, help="Weight at which an engagement is a like.")
 @click.option("--max-queries", default=3000, show_default=True, type=click.IntRange(min=0),
@@ -411,6 +414,11 @@ def _command_line(ctx: click.Context) -> str:
               help="Matryoshka widths as fractions of each model's dimension.")
 @click.option("--max-recent", default=10, show_default=True, type=click.IntRange(min=1),
               help="Liked items kept in a member's state.")
+@click.option("--fresh-max-age", type=click.FloatRange(min=0),
+              help="Fresh-post segment: also count positives created at most this many seconds before the moment "
+                   "[default: only those created after the split].")
+@click.option("--bootstrap-resamples", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Member bootstrap resamples for the intervals on differences from the best baseline.")
 @click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2), help="Token limit for --model encoders.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
@@ -418,11 +426,12 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Report folder  [default: var/eval/<UTC timestamp>]")
 @json_option
-def eval_(dataset, models, no_minilm, test_fraction, like_threshold, max_queries, seed, ks, ndcg_k, widths,
-          max_recent, max_length, batch_size, device, torch_threads, out, as_json) -> None:
-    """Held-out retrieval quality of encoders vs popularity and MiniLM: results.json, results.md, plots."""
+def eval_(dataset, models, no_minilm, no_baselines, test_fraction, like_threshold, max_queries, seed, ks, ndcg_k,
+          widths, max_recent, fresh_max_age, bootstrap_resamples, max_length, batch_size, device, torch_threads, out,
+          as_json) -> None:
+    """Held-out retrieval quality of encoders vs popularity, CF baselines and MiniLM: results.json, results.md, plots."""
     from feedret.dataprep.format import DatasetError
-    from feedret.evaluation.evaluate import EvalConfig, run_eval
+    from feedret.evaluation.evaluate import BaselinesMissing, EvalConfig, run_eval
     from feedret.evaluation.minilm import MiniLMMissing
     from feedret.logging import configure_logging
 
@@ -438,25 +447,26 @@ def eval_(dataset, models, no_minilm, test_fraction, like_threshold, max_queries
         config = EvalConfig(
             dataset=dataset, test_fraction=test_fraction, like_threshold=like_threshold,
             max_queries=max_queries or None, seed=seed, ks=tuple(ks), ndcg_k=ndcg_k, widths=widths,
-            max_recent=max_recent,
+            max_recent=max_recent, fresh_max_age=fresh_max_age, bootstrap_resamples=bootstrap_resamples,
         )
         results = run_eval(
-            config, models, minilm=not no_minilm, max_length=max_length, batch_size=batch_size, device=device,
-            torch_threads=torch_threads, out=out, command=command,
+            config, models, minilm=not no_minilm, baselines=not no_baselines, max_length=max_length,
+            batch_size=batch_size, device=device, torch_threads=torch_threads, out=out, command=command,
         )
-    except (MiniLMMissing, DatasetError, FileNotFoundError, ValueError) as exc:
+    except (MiniLMMissing, BaselinesMissing, DatasetError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo((Path(out) / "results.json").read_text(encoding="utf-8").rstrip("\n"))
         return
     metric = "recall@100" if 100 in config.ks else f"recall@{config.ks[-1]}"
     segments = results["dataset"]["segments"]
-    click.echo(f"{segments['all']} queries ({segments['cold_start']} cold start); {metric} / ndcg@{config.ndcg_k}:")
+    click.echo(f"{segments['all']} queries ({segments['cold_start']} cold start, {segments['fresh']} with a fresh "
+               f"positive); {metric} / ndcg@{config.ndcg_k}:")
     for s in results["systems"]:
         for w in s["widths"]:
             cells = "  ".join(
                 f"{seg} {w['segments'][seg][metric] or 0:.4f} / {w['segments'][seg][f'ndcg@{config.ndcg_k}'] or 0:.4f}"
-                for seg in ("all", "cold_start")
+                for seg in ("all", "cold_start", "fresh")
             )
             click.echo(f"  {s['name']:<28} {str(w['width'] or '-'):>5}  {cells}")
     click.echo(f"report written to {out}/results.md")

@@ -75,7 +75,8 @@ def test_the_protocol_finds_each_test_moment_with_its_state_candidates_and_posit
         ("a", 300.0, (3,)), ("a", 1500.0, (10,)), ("b", 400.0, (2,)), ("d", 500.0, (1,)), ("w", 200.0, (8, 9)),
     ]
     assert data.cold_start.tolist() == [True, True, True, True, False]
-    assert data.stats["segments"] == {"all": 5, "cold_start": 4, "warm": 1}
+    # Item 10 is created after the split (t=1000): a's positive at t=1500 is the one fresh positive.
+    assert data.stats["segments"] == {"all": 5, "cold_start": 4, "warm": 1, "fresh": 1, "profile_only": 0}
     ids = data.item_ids.tolist()
     # a at t=1500: items 1-4 seen; 10 exists by now.
     assert [ids[c] for c in np.flatnonzero(data.candidates[1])] == [5, 6, 7, 8, 9, 10]
@@ -177,14 +178,15 @@ def test_the_real_encoder_runs_through_the_same_path(data):
     assert [w["width"] for w in result["widths"]] == [128, 64, 32, 16]
     for w in result["widths"]:
         for seg in w["segments"].values():
-            assert 0.0 <= seg["recall@1"] <= seg["recall@5"] <= seg["recall@10"] <= 1.0
+            if seg["queries"]:  # profile_only is empty here: no member profiles
+                assert 0.0 <= seg["recall@1"] <= seg["recall@5"] <= seg["recall@10"] <= 1.0
     assert result["timings"]["distinct_post_prompts"] == 10
 
 
 def test_feedret_eval_writes_the_report(dataset_dir, tmp_path):
     out = tmp_path / "report"
     args = [
-        "eval", "--dataset", str(dataset_dir), "--model", str(TINY), "--no-minilm", "--test-fraction",
+        "eval", "--dataset", str(dataset_dir), "--model", str(TINY), "--no-minilm", "--no-baselines", "--test-fraction",
         str(TEST_FRACTION), "--max-queries", "0", "--k", "1", "--k", "5", "--ndcg-k", "5", "--out", str(out), "--json",
     ]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
@@ -194,7 +196,7 @@ def test_feedret_eval_writes_the_report(dataset_dir, tmp_path):
     assert printed == results
     assert [s["name"] for s in results["systems"]] == ["popularity", "feedret-tiny-llama-v0"]
     assert results["config"]["ks"] == [1, 5] and results["config"]["max_queries"] is None
-    assert results["dataset"]["segments"] == {"all": 5, "cold_start": 4, "warm": 1}
+    assert results["dataset"]["segments"] == {"all": 5, "cold_start": 4, "warm": 1, "fresh": 1, "profile_only": 0}
     assert results["systems"][1]["model"]["model_version"] == "feedret-tiny-llama-v0"
     assert results["versions"]["torch"] and "total_s" in results["timings"]
     assert results["systems"][0]["widths"][0]["segments"]["all"]["recall@5"] == pytest.approx(0.8)
