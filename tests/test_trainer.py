@@ -207,3 +207,29 @@ def test_every_committed_run_config_is_valid(path):
     # The docs' reproduction commands point at these: a field renamed or retyped must not strand them.
     config = TrainConfig.model_validate(json.loads(path.read_text()))
     assert config.out.parts[:2] == ("var", "runs"), f"{path.name} writes outside var/runs: {config.out}"
+
+
+def test_fresh_dropout_shows_posts_as_just_published_in_that_share_of_documents(dataset, tmp_path):
+    """A model trained only on posts that carry training-period engagement counts buries every
+    post that has none, i.e. every fresh one (docs/training.md, 6); fresh_dropout shows that
+    share of each batch's documents as they were when published."""
+    from feedret.encoder.prompts import post_prompt
+    from feedret.training.examples import as_unengaged
+    from feedret.training.trainer import Trainer
+
+    post = post_events({1: Item(1, "red thing", 0.0, features={"size": 2.0})},
+                       {1: {"size": 2.0, "engagements": 37.0, "mean_weight": 4.5}})[1]
+    fresh = as_unengaged(post)
+    assert fresh.features == {"size": 2.0, "engagements": 0.0} and fresh.text == post.text
+    assert "mean_weight" not in post_prompt(fresh, None, "raw") and "engagements: 0" in post_prompt(fresh, None, "raw")
+
+    never = Trainer(config(dataset, tmp_path / "a", epochs=1))
+    always = Trainer(config(dataset, tmp_path / "b", epochs=1, fresh_dropout=1.0))
+    half = Trainer(config(dataset, tmp_path / "c", epochs=1, fresh_dropout=0.5))
+    docs = list(range(len(always.item_tokens)))
+    assert never.fresh_tokens is None and never._doc_tokens(docs) == never.item_tokens
+    assert always._doc_tokens(docs) == always.fresh_tokens != always.item_tokens
+    mixed = half._doc_tokens(docs)
+    shown_fresh = sum(m == f != t for m, f, t in zip(mixed, half.fresh_tokens, half.item_tokens))
+    assert 0 < shown_fresh < len(docs)
+    assert mixed == half._doc_tokens(docs)  # the same draw for the same step: resumable

@@ -76,6 +76,11 @@ class TrainConfig(BaseModel):
     # (docs/training.md: the mixture won on cold-start members with every seed).
     logq_mixture: bool = True
     hard_negatives: int = Field(default=2, ge=0)  # per member; mined with the model after each epoch
+    # The share of each batch's posts shown as they are when just published: no engagement
+    # yet (engagements 0, no mean weight). Engagement counts come from the training period,
+    # so every positive has some, and a model learns to bury any post that has none: every
+    # fresh post (docs/training.md, 6). 0: posts always carry their counts.
+    fresh_dropout: float = Field(default=0.0, ge=0, le=1)
     hard_negative_ranks: tuple[int, int] = (10, 100)  # sampled from this rank window, never seen items
     matryoshka_widths: list[float] = [1.0, 0.5, 0.25, 0.125]  # fractions of the model width
 

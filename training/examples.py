@@ -12,6 +12,8 @@ Pure: no model, no I/O.
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -65,6 +67,16 @@ def item_features(items: Mapping[int, Item], seen: Iterable[Interaction]) -> dic
             features["mean_weight"] = round(total[item_id] / count[item_id], 2)
         out[item_id] = features
     return out
+
+
+ENGAGEMENT_FEATURES = ("engagements", "mean_weight")  # what item_features adds
+
+
+def as_unengaged(post: PostEvent) -> PostEvent:
+    """The post as it is the moment it is published: no engagement yet (item_features' form for it)."""
+    features = {k: v for k, v in post.features.items() if k not in ENGAGEMENT_FEATURES}
+    features["engagements"] = 0.0
+    return dataclasses.replace(post, features=features)
 
 
 def post_events(items: Mapping[int, Item], features: Mapping[int, Mapping[str, float]]) -> dict[int, PostEvent]:

@@ -37,6 +37,7 @@ from feedret.encoder.quantize import FeatureQuantizer
 from feedret.training.config import TrainConfig
 from feedret.training.examples import (
     Example,
+    as_unengaged,
     item_features,
     post_events,
     time_split,
@@ -365,6 +366,11 @@ class Trainer:
         # Tokenize once: every step reuses these.
         prompts = [self.encoder.post_prompt(self.posts[int(i)]) for i in self.data.item_ids]
         self.item_tokens = self.encoder.tokenize(prompts)
+        # The same posts as when just published, for config.fresh_dropout.
+        self.fresh_tokens = (
+            self.encoder.tokenize([self.encoder.post_prompt(as_unengaged(self.posts[int(i)])) for i in self.data.item_ids])
+            if config.fresh_dropout > 0 else None
+        )
         self.member_tokens = self.encoder.tokenize([self.encoder.member_prompt(e.member) for e in self.data.examples])
         post_cut = truncated_share(self.item_tokens, config.max_length)
         if post_cut > 0.01:
@@ -457,6 +463,15 @@ class Trainer:
                     out[e] = rng.choice(unseen or list(range(n_items)), size=k, replace=len(unseen) < k)
         return out
 
+    def _doc_tokens(self, docs_items: Sequence[int]) -> list[list[int]]:
+        """Each document's tokens; with fresh_dropout, some as the post was when just published."""
+        if self.fresh_tokens is None:
+            return [self.item_tokens[j] for j in docs_items]
+        # Seeded by the step, so a resumed run draws what it would have drawn.
+        rng = np.random.default_rng((self.config.seed, self.progress["step"]))
+        fresh = rng.random(len(docs_items)) < self.config.fresh_dropout
+        return [self.fresh_tokens[j] if f else self.item_tokens[j] for j, f in zip(docs_items, fresh)]
+
     def step(self, batch: Sequence[int]) -> float:
         examples = [self.data.examples[i] for i in batch]
         doc_index: dict[int, int] = {}  # item index -> position in docs
@@ -473,7 +488,7 @@ class Trainer:
             [[d in ex.seen for d in doc_ids] for ex in examples], dtype=torch.bool, device=self.device
         )
         q = self._embed([self.member_tokens[i] for i in batch])
-        d = self._embed([self.item_tokens[j] for j in docs_items])
+        d = self._embed(self._doc_tokens(docs_items))
         log_q = self.log_q[torch.tensor(docs_items, device=self.device)] if self.config.logq_correction else None
         loss = self.loss(q.float(), d.float(), labels, exclude, log_q)
         self.opt.zero_grad(set_to_none=True)
