@@ -26,11 +26,11 @@ from feedret.config import (
     REPO_ROOT,
     KafkaConfig,
 )
+from feedret.events import MAX_POST_ID
 from feedret.members import MemberProfile
 
 SAMPLE_POSTS = REPO_ROOT / "data" / "sample" / "posts.jsonl"
 SAMPLE_MEMBERS = REPO_ROOT / "data" / "sample" / "members.jsonl"
-MAX_POST_ID = 2**63 - 1  # post ids are int64 on the wire and never negative (core/events.py)
 
 T = TypeVar("T")
 
@@ -39,12 +39,6 @@ class InputError(click.ClickException):
     """Bad input (a file, a JSON value): one line, exit code 2 like click's own usage errors."""
 
     exit_code = 2
-
-
-def _shown(value: Any) -> str:
-    """A value as the user wrote it in JSON, shortened."""
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _address(ctx, param, value: str) -> str:
