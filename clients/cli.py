@@ -413,7 +413,8 @@ def _command_line(ctx: click.Context) -> str:
                    "[default: only those created after the split].")
 @click.option("--bootstrap-resamples", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Member bootstrap resamples for the intervals on differences from the best baseline.")
-@click.option("--max-length", default=128, show_default=True, type=click.IntRange(min=2), help="Token limit for --model encoders.")
+@click.option("--max-length", default=None, type=click.IntRange(min=8),
+              help="Token limit for --model encoders.  [default: each model's own, from its feedret.json; 128 if it does not say]")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--torch-threads", type=click.IntRange(min=1), help="torch intra-op threads (default: torch's).")

@@ -124,7 +124,8 @@ class EncoderConfig(_Settings):
     backend: str = "torch"
     device: str = "cpu"
     pooling: str = ""  # empty: the model's own feedret.json decides
-    max_length: int = Field(default=128, ge=8)
+    # None: what the model was trained with (its feedret.json), else 128 tokens.
+    max_length: int | None = Field(default=None, ge=8)
     batch_size: int = Field(default=64, ge=1)
     torch_threads: int = Field(default=0, ge=0)  # 0: the backend's default; onnx: intra-op threads
     # Whether idle intra-op threads spin a while for the next piece of work (OpenMP's and
@@ -296,7 +297,7 @@ class MemberLimits(_Settings):
     and the member service checks again; both read these same variables. Beyond a limit:
     INVALID_ARGUMENT naming the field, its size and the limit.
 
-    The prompt is cut to FEEDRET_MAX_LENGTH tokens (128: ~500 characters for the demo
+    The prompt is cut to the model's token limit (128: ~500 characters for the demo
     model) only after all of it is tokenized, so text beyond that costs tokenizer time
     and changes nothing. With the demo model on a 2-core CPU a sample member took ~3 ms
     to embed, the largest these defaults allow (32 K characters of profile) ~20 ms, 16 of

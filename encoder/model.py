@@ -43,6 +43,7 @@ log = structlog.get_logger(__name__)
 
 POOLINGS = ("last", "mean", "cls")
 META_FILE = "feedret.json"
+DEFAULT_MAX_LENGTH = 128  # tokens, for a model whose feedret.json does not say
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class EncoderMeta:
     quantizer: FeatureQuantizer | None = None
     max_activity: int = 10
     activity_chars: int = 0
+    # The token limit the model was trained with; None (older models): DEFAULT_MAX_LENGTH.
+    # Serving it shorter than it was trained cuts the member history it learned from.
+    max_length: int | None = None
 
     @classmethod
     def read(cls, model_dir: Path) -> "EncoderMeta":
@@ -71,6 +75,7 @@ class EncoderMeta:
             quantizer=FeatureQuantizer.from_json(quantizer) if quantizer else None,
             max_activity=int(obj.get("max_activity", 10)),
             activity_chars=int(obj.get("activity_chars", 0)),
+            max_length=int(obj["max_length"]) if obj.get("max_length") else None,
         )
 
 
@@ -151,7 +156,7 @@ class BaseEncoder:
         tokenizer: Any,
         meta: EncoderMeta,
         *,
-        max_length: int = 128,
+        max_length: int | None = None,
         batch_size: int = 64,
         pooling: str | None = None,
         causal: bool = True,
@@ -169,7 +174,9 @@ class BaseEncoder:
             raise ValueError("the tokenizer has no end token; last-token pooling needs one")
         self.tokenizer = tokenizer
         self.meta = meta
-        self.max_length = max_length
+        self.max_length = max_length or meta.max_length or DEFAULT_MAX_LENGTH  # None: the model's own
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
         self.batch_size = batch_size
         self.pooling = pooling
         self.causal = causal
@@ -258,7 +265,7 @@ class Encoder(BaseEncoder):
         meta: EncoderMeta,
         *,
         device: str = "cpu",
-        max_length: int = 128,
+        max_length: int | None = None,
         batch_size: int = 64,
         pooling: str | None = None,
     ) -> None:
@@ -275,7 +282,7 @@ class Encoder(BaseEncoder):
         path: str | Path,
         *,
         device: str = "cpu",
-        max_length: int = 128,
+        max_length: int | None = None,
         batch_size: int = 64,
         torch_threads: int | None = None,
         pooling: str | None = None,

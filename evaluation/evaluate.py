@@ -366,25 +366,42 @@ def _embed_unique(encoder: Any, prompts: Sequence[str]) -> tuple[np.ndarray, int
     return vecs[[where[p] for p in prompts]], len(unique)
 
 
+def truncated_share(encoder: Any, prompts: Sequence[str]) -> float | None:
+    """Share of prompts the encoder's token limit cuts (their tail is lost: the oldest
+    activity of a member, the end of a post's text); None when it cannot tell."""
+    if not prompts or not hasattr(encoder, "tokenize") or not getattr(encoder, "max_length", None):
+        return None
+    ids = encoder.tokenize(prompts)
+    return round(sum(len(t) >= encoder.max_length for t in ids) / len(ids), 4)
+
+
 def embed(encoder: Any, data: EvalData) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Post vectors [N, d], member vectors [Q, d] and timings for any Encoder-like object.
 
     An object with member_prompt/post_prompt/embed_prompts (Encoder, OnnxEncoder)
     gets each distinct prompt embedded once; otherwise embed_posts/embed_members.
+    Timings also carry the share of post and member prompts the token limit cut.
     """
     t0 = time.perf_counter()
     timings: dict[str, Any] = {}
     if all(hasattr(encoder, a) for a in ("post_prompt", "member_prompt", "embed_prompts")):
-        post_vecs, timings["distinct_post_prompts"] = _embed_unique(encoder, [encoder.post_prompt(p) for p in data.posts])
+        post_prompts = [encoder.post_prompt(p) for p in data.posts]
+        post_vecs, timings["distinct_post_prompts"] = _embed_unique(encoder, post_prompts)
         t1 = time.perf_counter()
-        member_vecs, timings["distinct_member_prompts"] = _embed_unique(
-            encoder, [encoder.member_prompt(m) for m in data.members]
-        )
+        member_prompts = [encoder.member_prompt(m) for m in data.members]
+        member_vecs, timings["distinct_member_prompts"] = _embed_unique(encoder, member_prompts)
+        t2 = time.perf_counter()
+        timings["post_prompts_truncated"] = truncated_share(encoder, post_prompts)
+        timings["member_prompts_truncated"] = truncated_share(encoder, member_prompts)
+        for side, share in (("post", timings["post_prompts_truncated"]), ("member", timings["member_prompts_truncated"])):
+            if share and share > 0.05:
+                log.warning("prompts_truncated", side=side, share=share, max_length=encoder.max_length,
+                            model=getattr(encoder, "model_version", None), fix="train with a larger max_length")
     else:
         post_vecs = np.asarray(encoder.embed_posts(data.posts), dtype=np.float32)
         t1 = time.perf_counter()
         member_vecs = np.asarray(encoder.embed_members(data.members), dtype=np.float32)
-    t2 = time.perf_counter()
+        t2 = time.perf_counter()
     timings.update(
         embed_posts_s=round(t1 - t0, 3),
         embed_members_s=round(t2 - t1, 3),
@@ -614,7 +631,7 @@ def run_eval(
     *,
     minilm: bool = True,
     baselines: bool = True,
-    max_length: int = 128,
+    max_length: int | None = None,  # None: each model's own
     batch_size: int = 64,
     device: str = "cpu",
     torch_threads: int | None = None,
@@ -740,6 +757,14 @@ def segment_title(segment: str, config: Mapping[str, Any]) -> str:
 
 def _params(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _cut(timings: Mapping[str, Any]) -> str:
+    """Shares of member and post prompts cut by the token limit, as percentages."""
+    m, p = timings.get("member_prompts_truncated"), timings.get("post_prompts_truncated")
+    if m is None and p is None:
+        return "–"
+    return " / ".join("–" if x is None else f"{100 * x:.1f}%" for x in (m, p))
 
 
 def _date(t: float) -> str:
@@ -883,8 +908,8 @@ def markdown(results: Mapping[str, Any]) -> str:
         "",
         "## Systems",
         "",
-        "| system | model version | dim | pooling | max length | prompt numbers | load or fit s | tune s | embed posts s | embed members s | rank s |",
-        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|",
+        "| system | model version | dim | pooling | max length | members cut / posts cut | prompt numbers | load or fit s | tune s | embed posts s | embed members s | rank s |",
+        "|---|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for s in results["systems"]:
         m, t = s["model"], s["timings"]
@@ -893,11 +918,14 @@ def markdown(results: Mapping[str, Any]) -> str:
         )
         lines.append(
             f"| {s['name']} | {m.get('model_version') or '–'} | {m.get('dim') or '–'} | {m.get('pooling') or '–'} | "
-            f"{m.get('max_length') or '–'} | {numbers} | {t.get('load_s', t.get('fit_s', '–'))} | {t.get('tune_s', '–')} | "
+            f"{m.get('max_length') or '–'} | {_cut(t)} | {numbers} | {t.get('load_s', t.get('fit_s', '–'))} | {t.get('tune_s', '–')} | "
             f"{t.get('embed_posts_s', '–')} | {t.get('embed_members_s', '–')} | {t.get('rank_s', '–')} |"
         )
     v = results["versions"]
     lines += [
+        "",
+        "Members cut / posts cut: the share of member and post prompts that reached the token limit "
+        "(max length) and lost their tail: a member's oldest activity, the end of a post's text.",
         "",
         f"Total {results['timings']['total_s']:.0f} s (data {results['timings']['prepare_s']:.1f} s) on "
         f"{results['settings']['device']}; feedret {v.get('feedret')} (commit {str(v.get('git_commit', '?'))[:10]}"

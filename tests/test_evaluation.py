@@ -183,6 +183,16 @@ def test_the_real_encoder_runs_through_the_same_path(data):
     assert result["timings"]["distinct_post_prompts"] == 10
 
 
+def test_the_report_says_how_many_prompts_the_token_limit_cut(data):
+    # A member history longer than max_length loses its oldest items silently; the report says how often.
+    from feedret.encoder.model import Encoder
+
+    roomy = evaluate_encoder(Encoder.from_pretrained(TINY, batch_size=8), data)["timings"]
+    assert roomy["member_prompts_truncated"] == 0.0 and roomy["post_prompts_truncated"] == 0.0
+    cramped = evaluate_encoder(Encoder.from_pretrained(TINY, batch_size=8, max_length=12), data)["timings"]
+    assert cramped["member_prompts_truncated"] == 1.0 and cramped["post_prompts_truncated"] == 1.0
+
+
 def test_feedret_eval_writes_the_report(dataset_dir, tmp_path):
     out = tmp_path / "report"
     args = [
@@ -206,6 +216,7 @@ def test_feedret_eval_writes_the_report(dataset_dir, tmp_path):
     assert "| popularity | – | 0.7000 | 0.8000 |" in md
     assert "## Cold start (at most 5 prior engagements): 4 queries" in md
     assert "| feedret-tiny-llama-v0 | 16 (1/8) |" in md
+    assert "| 128 | 0.0% / 0.0% |" in md  # the model's own token limit, and no prompt cut by it
     pytest.importorskip("matplotlib")
     for png in ("recall_at_100.png", "recall_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

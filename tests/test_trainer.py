@@ -192,6 +192,14 @@ def test_bf16_autocast_trains_on_cpu(dataset, tmp_path):
     assert Encoder.from_pretrained(model_dir).dim == 32
 
 
+def test_the_model_is_served_with_the_token_limit_it_was_trained_with(trained):
+    # Trained at 96: serving it at the old fixed default (128) or shorter would cut history it learned from.
+    model_dir, _ = trained
+    assert json.loads((model_dir / "feedret.json").read_text())["max_length"] == 96
+    assert Encoder.from_pretrained(model_dir).max_length == 96
+    assert Encoder.from_pretrained(model_dir, max_length=64).max_length == 64  # an explicit limit still wins
+
+
 def test_a_max_length_that_cuts_post_text_is_reported(dataset, tmp_path):
     from structlog.testing import capture_logs
 

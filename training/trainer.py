@@ -239,6 +239,7 @@ def save_model(encoder: Encoder, loss: InfoNCELoss, out: Path, extra: dict[str, 
         "numeric": encoder.meta.numeric,
         "max_activity": encoder.meta.max_activity,
         "activity_chars": encoder.meta.activity_chars,
+        "max_length": encoder.max_length,  # serving and eval use it unless told otherwise
         "temperature": loss.temperature,
         **(extra or {}),
     }
