@@ -116,7 +116,8 @@ def member_prompt(
     max_activity: int = 10,
     activity_chars: int = 0,
 ) -> str:
-    """The prompt the encoder embeds for one member.
+    """The prompt the encoder embeds for one member: its numbers, its profile fields as a
+    section of their own, then its recent activity, newest first.
 
     activity_chars > 0 cuts each engaged post's text to that many characters
     (at a word boundary): the opening of a post says what it is, and the whole
@@ -124,9 +125,13 @@ def member_prompt(
     """
     _check_mode(numeric)
     lines = ["member"]
-    for key in sorted(member.profile):
-        lines.append(f"{clean_text(key)}: {clean_text(str(member.profile[key]))}")
     lines.extend(_feature_lines(member.features, quantizer, numeric))
+    if member.profile:
+        # A section of its own, after the numbers (a profile value may be long text): a profile
+        # field and a feature of one name ("age: 34", "age: <num>3</num>") stay two things.
+        lines.append("profile:")
+        for key in sorted(member.profile):
+            lines.append(f"- {clean_text(key)}: {clean_text(str(member.profile[key]))}")
     items = recent_first(member.recent_activity, max_activity)
     if items:
         lines.append("recent activity:")

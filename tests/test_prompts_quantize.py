@@ -85,10 +85,17 @@ def test_member_prompt_lists_recent_activity_newest_first_and_caps_it():
                          ActivityItem(3, "middle post", "shared", 3.0)],
     )
     text = member_prompt(member, quantizer(), max_activity=2)
-    assert "headline: data engineer" in text
+    assert "profile:\n- headline: data engineer" in text
     assert text.index("new post") < text.index("middle post")
     assert "old post" not in text
     assert "- engaged: new post" in text
+
+
+def test_a_profile_field_and_a_feature_of_one_name_stay_distinct():
+    member = MemberProfile(member_id="m", profile={"age": "34"}, features={"age": 34.0})
+    assert member_prompt(member, None, numeric="raw").split("\n") == ["member", "age: 34", "profile:", "- age: 34"]
+    # No profile, no section: prompts of members without one are what they were.
+    assert member_prompt(MemberProfile(member_id="m", features={"age": 34.0}), None, numeric="raw") == "member\nage: 34"
 
 
 def test_prompts_are_deterministic():
