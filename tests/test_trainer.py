@@ -241,3 +241,22 @@ def test_fresh_dropout_shows_posts_as_just_published_in_that_share_of_documents(
     shown_fresh = sum(m == f != t for m, f, t in zip(mixed, half.fresh_tokens, half.item_tokens))
     assert 0 < shown_fresh < len(docs)
     assert mixed == half._doc_tokens(docs)  # the same draw for the same step: resumable
+
+
+def test_engagement_counts_as_of_the_moment_show_each_post_as_the_member_could_have_seen_it(dataset, tmp_path):
+    """With engagement_counts "split" a positive's prompt carries the whole training period's count,
+    its own engagement and its future included; "moment" shows the count before the example's moment."""
+    from feedret.training.trainer import Trainer
+
+    split = Trainer(config(dataset, tmp_path / "split", epochs=1, numeric="raw"))
+    moment = Trainer(config(dataset, tmp_path / "moment", epochs=1, numeric="raw", engagement_counts="moment"))
+    ex = moment.data.examples[0]
+    j = moment.item_index[ex.positive]
+    want = moment.data.as_of.features(ex.positive, ex.timestamp)
+    assert want["engagements"] < split.posts[ex.positive].features["engagements"]
+    decode = moment.encoder.tokenizer.decode
+    shown = decode(moment._doc_tokens([j], [ex.timestamp])[0])
+    assert f"engagements: {want['engagements']:g}" in shown
+    assert f"engagements: {split.posts[ex.positive].features['engagements']:g}" in decode(split._doc_tokens([j])[0])
+    assert moment._doc_tokens([j], [ex.timestamp]) == moment._doc_tokens([j], [ex.timestamp])  # cached, same tokens
+    assert moment.train().joinpath("feedret.json").exists()  # and a run completes with it

@@ -91,3 +91,16 @@ def test_the_data_names_the_action_and_the_prompt_says_it(tmp_path):
     # A dataset without actions writes no action column: its files, and so its prompts, are unchanged.
     write_dataset(tmp_path / "plain", list(ITEMS.values()), LOG)
     assert (tmp_path / "plain" / "interactions.csv").read_text().splitlines()[0] == "member_id,item_id,timestamp,weight"
+
+
+def test_engagements_as_of_a_moment_count_only_what_came_before_it():
+    # A training example's post must not carry its own engagement or any later one.
+    from feedret.training.examples import EngagementsAsOf
+
+    items = {1: Item(1, "a", 0.0, features={"year": 1999.0}), 2: Item(2, "b", 0.0)}
+    log = [Interaction("x", 1, 10.0, 5.0), Interaction("y", 1, 20.0, 3.0), Interaction("z", 1, 20.0, 4.0)]
+    as_of = EngagementsAsOf(items, log)
+    assert as_of.features(1, 10.0) == {"year": 1999.0, "engagements": 0.0}  # not its own engagement
+    assert as_of.features(1, 15.0) == {"year": 1999.0, "engagements": 1.0, "mean_weight": 5.0}
+    assert as_of.features(1, 20.5) == item_features(items, log)[1] == {"year": 1999.0, "engagements": 3.0, "mean_weight": 4.0}
+    assert as_of.features(2, 1e12) == {"engagements": 0.0} == item_features(items, log)[2]

@@ -81,6 +81,12 @@ class TrainConfig(BaseModel):
     # so every positive has some, and a model learns to bury any post that has none: every
     # fresh post (docs/training.md, 6). 0: posts always carry their counts.
     fresh_dropout: float = Field(default=0.0, ge=0, le=1)
+    # Which engagement counts a training example's posts carry. "split": those of the whole
+    # training period, so a positive's count includes that very engagement and its future (the
+    # model learns popularity from the prompt); "moment": those before the example's moment, as
+    # the member could have seen them (training.examples.EngagementsAsOf). Evaluation and serving
+    # are unchanged: posts carry what is known when they are embedded.
+    engagement_counts: Literal["split", "moment"] = "split"
     hard_negative_ranks: tuple[int, int] = (10, 100)  # sampled from this rank window, never seen items
     matryoshka_widths: list[float] = [1.0, 0.5, 0.25, 0.125]  # fractions of the model width
 

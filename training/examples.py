@@ -72,6 +72,39 @@ def item_features(items: Mapping[int, Item], seen: Iterable[Interaction]) -> dic
 ENGAGEMENT_FEATURES = ("engagements", "mean_weight")  # what item_features adds
 
 
+class EngagementsAsOf:
+    """Each item's engagement features as they stood at any moment: item_features over only
+    the interactions strictly before it.
+
+    item_features over the whole training period gives a training example's positive the
+    count that includes that very engagement and everything after it: the prompt tells the
+    model which posts will be engaged with. As of the example's moment, the post shows what
+    a member could have seen then, as a fresh post does at serving time.
+    """
+
+    def __init__(self, items: Mapping[int, Item], seen: Iterable[Interaction]) -> None:
+        by_item: dict[int, list[tuple[float, float]]] = defaultdict(list)
+        for i in seen:
+            by_item[i.item_id].append((i.timestamp, i.weight))
+        self._items = items
+        self._times: dict[int, np.ndarray] = {}
+        self._weight_sums: dict[int, np.ndarray] = {}
+        for item_id, rows in by_item.items():
+            rows.sort()
+            self._times[item_id] = np.array([t for t, _ in rows], dtype=np.float64)
+            self._weight_sums[item_id] = np.cumsum([w for _, w in rows], dtype=np.float64)
+
+    def features(self, item_id: int, at: float) -> dict[str, float]:
+        """item_features' form for one item, counting only interactions before `at`."""
+        features = dict(self._items[item_id].features)
+        times = self._times.get(item_id)
+        n = 0 if times is None else int(np.searchsorted(times, at, side="left"))
+        features["engagements"] = float(n)
+        if n:
+            features["mean_weight"] = round(float(self._weight_sums[item_id][n - 1]) / n, 2)
+        return features
+
+
 def as_unengaged(post: PostEvent) -> PostEvent:
     """The post as it is the moment it is published: no engagement yet (item_features' form for it)."""
     features = {k: v for k, v in post.features.items() if k not in ENGAGEMENT_FEATURES}
@@ -193,6 +226,7 @@ class Example:
     member: MemberProfile
     positive: int
     seen: frozenset[int]  # never use these as negatives for this member
+    timestamp: float = 0.0  # the moment of the engagement
 
 
 def training_examples(
@@ -211,7 +245,7 @@ def training_examples(
         state = member_state(m.member_id, m.history, items, members.get(m.member_id), max_recent, like_threshold)
         seen = frozenset(h.item_id for h in m.history) | frozenset(m.positives)
         for pos in m.positives:
-            by_member[m.member_id].append(Example(state, pos, seen))
+            by_member[m.member_id].append(Example(state, pos, seen, m.timestamp))
     out: list[Example] = []
     for i, member_id in enumerate(sorted(by_member)):
         out.extend(sample(by_member[member_id], max_per_member, seed + i))

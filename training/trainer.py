@@ -14,6 +14,7 @@ model, loadable by `Encoder.from_pretrained`, goes to `<out>/model`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -37,6 +38,7 @@ from feedret.encoder.quantize import FeatureQuantizer
 from feedret.training.config import TrainConfig
 from feedret.training.examples import (
     Example,
+    EngagementsAsOf,
     as_unengaged,
     item_features,
     post_events,
@@ -61,6 +63,7 @@ class TrainingData:
     created_at: np.ndarray
     quantizer: FeatureQuantizer | None
     cutoff: float
+    as_of: EngagementsAsOf  # posts' engagement features at any moment of the training period
 
 
 def prepare_data(config: TrainConfig) -> tuple[TrainingData, dict]:
@@ -94,6 +97,7 @@ def prepare_data(config: TrainConfig) -> tuple[TrainingData, dict]:
         created_at=created,
         quantizer=quantizer,
         cutoff=split.cutoff,
+        as_of=EngagementsAsOf(dataset.items, split.train),
     ), post_events(dataset.items, feats)
 
 
@@ -372,6 +376,7 @@ class Trainer:
             self.encoder.tokenize([self.encoder.post_prompt(as_unengaged(self.posts[int(i)])) for i in self.data.item_ids])
             if config.fresh_dropout > 0 else None
         )
+        self._prompt_tokens: dict[str, list[int]] = {}  # engagement_counts "moment": tokens by prompt
         self.member_tokens = self.encoder.tokenize([self.encoder.member_prompt(e.member) for e in self.data.examples])
         post_cut = truncated_share(self.item_tokens, config.max_length)
         if post_cut > 0.01:
@@ -464,24 +469,51 @@ class Trainer:
                     out[e] = rng.choice(unseen or list(range(n_items)), size=k, replace=len(unseen) < k)
         return out
 
-    def _doc_tokens(self, docs_items: Sequence[int]) -> list[list[int]]:
-        """Each document's tokens; with fresh_dropout, some as the post was when just published."""
-        if self.fresh_tokens is None:
-            return [self.item_tokens[j] for j in docs_items]
-        # Seeded by the step, so a resumed run draws what it would have drawn.
-        rng = np.random.default_rng((self.config.seed, self.progress["step"]))
-        fresh = rng.random(len(docs_items)) < self.config.fresh_dropout
-        return [self.fresh_tokens[j] if f else self.item_tokens[j] for j, f in zip(docs_items, fresh)]
+    def _doc_tokens(self, docs_items: Sequence[int], times: Sequence[float] = ()) -> list[list[int]]:
+        """Each document's tokens: the post with the engagement counts config.engagement_counts
+        says (as of `times`, one per document, for "moment"); with fresh_dropout, some as the
+        post was when just published."""
+        fresh = np.zeros(len(docs_items), dtype=bool)
+        if self.fresh_tokens is not None:
+            # Seeded by the step, so a resumed run draws what it would have drawn.
+            rng = np.random.default_rng((self.config.seed, self.progress["step"]))
+            fresh = rng.random(len(docs_items)) < self.config.fresh_dropout
+        if self.config.engagement_counts == "split":
+            return [self.fresh_tokens[j] if f else self.item_tokens[j] for j, f in zip(docs_items, fresh)]
+        if len(times) != len(docs_items):
+            raise ValueError(f"engagement_counts 'moment' needs one time per document, got {len(times)} for {len(docs_items)}")
+        out: list[list[int] | None] = [None] * len(docs_items)
+        missing: dict[str, list[int]] = {}
+        for k, (j, t, f) in enumerate(zip(docs_items, times, fresh)):
+            if f:
+                out[k] = self.fresh_tokens[j]
+                continue
+            item_id = int(self.data.item_ids[j])
+            post = dataclasses.replace(self.posts[item_id], features=self.data.as_of.features(item_id, t))
+            prompt = self.encoder.post_prompt(post)
+            if prompt in self._prompt_tokens:
+                out[k] = self._prompt_tokens[prompt]
+            else:
+                missing.setdefault(prompt, []).append(k)
+        # Buckets change a few times in a post's life: each distinct prompt is tokenized once.
+        for prompt, tokens in zip(missing, self.encoder.tokenize(list(missing)) if missing else ()):
+            self._prompt_tokens[prompt] = tokens
+            for k in missing[prompt]:
+                out[k] = tokens
+        return out  # type: ignore[return-value]
 
     def step(self, batch: Sequence[int]) -> float:
         examples = [self.data.examples[i] for i in batch]
         doc_index: dict[int, int] = {}  # item index -> position in docs
+        doc_times: list[float] = []  # the moment each document is shown as of: its first example's
         for ex in examples:
-            doc_index.setdefault(self.item_index[ex.positive], len(doc_index))
+            if doc_index.setdefault(self.item_index[ex.positive], len(doc_index)) == len(doc_times):
+                doc_times.append(ex.timestamp)
         if self.negatives is not None and self.config.hard_negatives:
             for i in batch:
                 for j in self.negatives[i]:
-                    doc_index.setdefault(int(j), len(doc_index))
+                    if doc_index.setdefault(int(j), len(doc_index)) == len(doc_times):
+                        doc_times.append(self.data.examples[i].timestamp)
         docs_items = list(doc_index)
         labels = torch.tensor([doc_index[self.item_index[ex.positive]] for ex in examples], device=self.device)
         doc_ids = [int(self.data.item_ids[j]) for j in docs_items]
@@ -489,7 +521,7 @@ class Trainer:
             [[d in ex.seen for d in doc_ids] for ex in examples], dtype=torch.bool, device=self.device
         )
         q = self._embed([self.member_tokens[i] for i in batch])
-        d = self._embed(self._doc_tokens(docs_items))
+        d = self._embed(self._doc_tokens(docs_items, doc_times))
         log_q = self.log_q[torch.tensor(docs_items, device=self.device)] if self.config.logq_correction else None
         loss = self.loss(q.float(), d.float(), labels, exclude, log_q)
         self.opt.zero_grad(set_to_none=True)
