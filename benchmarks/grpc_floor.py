@@ -44,8 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 from benchlib import DataSpec, pct  # noqa: E402
 
+from feedret.grpc_client import MAX_MESSAGE_BYTES  # noqa: E402
+
 METHOD = "/floor.Floor/Search"
-OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.so_reuseport", 0)]
+OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
 
 
 # ------------------------------------------------------------------ wire: raw bytes, no protobuf

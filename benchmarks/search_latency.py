@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 from benchlib import DataSpec, pct  # noqa: E402
 
+from feedret.grpc_client import MAX_MESSAGE_BYTES  # noqa: E402
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -100,7 +102,7 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
         log(f"[{factory}] stack up in {time.monotonic() - started:.1f}s")
         result["stack_start_s"] = round(time.monotonic() - started, 1)
         client = FeedretClient(stack.config.root_address)
-        opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         shard_stubs = [pb_grpc.ShardServiceStub(grpc.insecure_channel(stack.config.shard_address(i), options=opts))
                        for i in range(args.shards)]
         result["shard_rss_mib"] = [benchlib.rss_mib(stack.procs[f"shard-{i}"].pid) for i in range(args.shards)]

@@ -15,14 +15,14 @@ from typing import Callable, Sequence
 import grpc
 import numpy as np
 
+from feedret.grpc_client import MAX_MESSAGE_BYTES, with_token
 from feedret.members import MemberProfile
-from feedret.server.grpc_auth import with_token
 from feedret.shard_targets import ROUND_ROBIN
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
 DEFAULT_ROOT_ADDRESS = "127.0.0.1:50051"
-_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 def channel_options(address: str) -> list[tuple[str, object]]:

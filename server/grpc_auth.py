@@ -1,4 +1,5 @@
-"""Bearer tokens on gRPC calls: a server interceptor that checks them, a client one that sends them.
+"""Bearer tokens on gRPC calls: the server interceptor that checks them (the client side that
+sends them is feedret.grpc_client, which clients import without any server code).
 
 Tokens live in files (a mounted Secret), read again whenever the file changes, so a
 rotated Secret takes effect without a restart. Health checks and reflection stay open:
@@ -11,7 +12,7 @@ import hmac
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import grpc
 import structlog
@@ -105,36 +106,3 @@ def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -
     make = kinds[(handler.request_streaming, handler.response_streaming)]
     return make(abort, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, details, metadata) -> None:
-        self.method = details.method
-        self.timeout = details.timeout
-        self.metadata = metadata
-        self.credentials = details.credentials
-        self.wait_for_ready = getattr(details, "wait_for_ready", None)
-        self.compression = getattr(details, "compression", None)
-
-
-class BearerTokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call; the token is asked for per call (rotation)."""
-
-    def __init__(self, token: Callable[[], str]) -> None:
-        self.token = token
-
-    def _with_token(self, details):
-        metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
-        metadata.append(("authorization", f"Bearer {self.token()}"))
-        return _Details(details, metadata)
-
-    def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._with_token(client_call_details), request)
-
-    def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._with_token(client_call_details), request)
-
-
-def with_token(channel: grpc.Channel, token: Callable[[], str] | None) -> grpc.Channel:
-    """`channel` sending `token()` on every call; unchanged when token is None."""
-    return channel if token is None else grpc.intercept_channel(channel, BearerTokenClientInterceptor(token))

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from feedret import members
 from feedret.config import GrpcSecurityConfig, MemberLimits
+from feedret.grpc_client import MESSAGE_SIZE_OPTIONS
 from feedret.logging import Throttle
 from feedret.indexer.shard_index import SearchFilter
 from feedret.metrics import GrpcMetricsInterceptor
@@ -26,7 +27,6 @@ from feedret.v1 import feedret_pb2 as pb
 
 log = structlog.get_logger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Threads a server with a concurrency limit has beyond it: they refuse the calls over
 # the limit and answer health checks and reflection without waiting behind the others.
 SPARE_THREADS = 4
@@ -202,8 +202,7 @@ def build_server(
         + ([limit] if limit is not None else [])
         + [DecodeGuard()],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *MESSAGE_SIZE_OPTIONS,
             ("grpc.so_reuseport", 0),
             *options,
         ],

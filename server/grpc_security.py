@@ -7,7 +7,8 @@ from typing import Sequence
 import grpc
 
 from feedret.config import GrpcSecurityConfig
-from feedret.server.grpc_auth import TokenFile, with_token
+from feedret.grpc_client import with_token
+from feedret.server.grpc_auth import TokenFile
 
 
 def server_credentials(security: GrpcSecurityConfig) -> grpc.ServerCredentials:

@@ -16,6 +16,7 @@ import structlog
 
 from feedret import metrics
 from feedret.config import GrpcSecurityConfig, KafkaConfig, RootConfig
+from feedret.grpc_client import MAX_MESSAGE_BYTES
 from feedret.merge import ShardHits, merge_topk, shard_depth
 from feedret.routing import shard_of
 from feedret.server.grpc_security import open_channel
@@ -85,7 +86,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         self.config = config
         self.addresses = config.shard_list()  # per shard, its replicas joined by "|"
         targets = config.shard_replicas()
-        opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
         # TLS to shards and member pods when this root serves TLS (one internal PKI).
         channels = [[open_channel(t, security, shard_channel_options(t)) for t in replicas] for replicas in targets]
         self.search_stubs = [[pb_grpc.ShardServiceStub(c) for c in chans] for chans in channels]
@@ -336,7 +337,7 @@ def shard_channel_options(target: str) -> list[tuple[str, object]]:
     restarted replica is asked again soon after it listens.
     """
     options: list[tuple[str, object]] = [
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", 2000),
     ]

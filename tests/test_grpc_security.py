@@ -24,7 +24,8 @@ from feedret.server import root as root_server
 from feedret.server import shard as shard_server
 from feedret.server.grpc_common import build_server, set_serving
 from feedret.clients.client import AsyncFeedretClient
-from feedret.server.grpc_auth import TokenFile, with_token
+from feedret.grpc_client import with_token
+from feedret.server.grpc_auth import TokenFile
 from feedret.server.grpc_security import channel_credentials
 from feedret.server.shard import ShardServicer, ShardState
 from feedret.v1 import feedret_pb2 as pb

@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 
 from feedret.clients.client import FeedretClient
 from feedret.config import RootConfig
+from feedret.grpc_client import MESSAGE_SIZE_OPTIONS
 from feedret.members import MemberProfile
 from feedret.routing import shard_of
 from feedret.v1 import feedret_pb2 as pb
@@ -362,7 +363,7 @@ def fuzzed(tmp_path_factory):
     try:
         stack = running.stack
         pids = {name: proc.pid for name, proc in stack.procs.items()}
-        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        options = MESSAGE_SIZE_OPTIONS
         channels = {name: grpc.insecure_channel(address, options=options)
                     for name, address in stack.addresses().items()}
         # Raw calls: bytes in, bytes out, so a body need not be a message at all.

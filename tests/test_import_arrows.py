@@ -1,0 +1,18 @@
+"""Imports run one way, with the data: a feed backend installs the client library without the
+servers, and the client must not drag server, index or model code in (#16)."""
+
+import subprocess
+import sys
+
+
+def loaded_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_the_client_library_imports_only_protos_and_the_shared_core():
+    modules = loaded_after("import feedret.clients.client")
+    reach_backs = sorted(m for m in modules if m.split(".")[:2] in (["feedret", "server"], ["feedret", "indexer"]))
+    heavy = sorted(m for m in ("faiss", "torch", "transformers", "kafka") if m in modules)
+    assert not reach_backs and not heavy, f"the client pulls in {reach_backs + heavy}"
