@@ -19,7 +19,6 @@ from feedret import members
 from feedret.config import GrpcSecurityConfig, MemberLimits
 from feedret.grpc_client import MESSAGE_SIZE_OPTIONS
 from feedret.logging import Throttle
-from feedret.indexer.shard_index import SearchFilter
 from feedret.metrics import GrpcMetricsInterceptor
 from feedret.server.grpc_auth import BearerAuthInterceptor, TokenFile
 from feedret.server.grpc_security import server_credentials
@@ -319,15 +318,6 @@ def check_member(member: pb.Member, limits: MemberLimits) -> None:
         members.check_member(member, limits)
     except members.InvalidMember as exc:
         raise InvalidRequest(str(exc)) from exc
-
-
-def search_filter(filters: pb.Filters, now: float) -> SearchFilter:
-    check_filters(filters)
-    return SearchFilter(
-        exclude_post_ids=tuple(filters.exclude_post_ids),
-        min_created_at=(now - filters.max_age_seconds) if filters.max_age_seconds else None,
-        languages=tuple(l.lower() for l in filters.languages),
-    )
 
 
 def _varint(n: int) -> bytes:

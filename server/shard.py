@@ -22,18 +22,18 @@ from feedret import metrics
 from feedret.config import GrpcSecurityConfig, KafkaConfig, ShardConfig
 from feedret.indexer import snapshot as snapshots
 from feedret.logging import Throttle
-from feedret.indexer.shard_index import IndexConfigError, IndexOptions, ShardIndex
+from feedret.indexer.shard_index import IndexConfigError, IndexOptions, SearchFilter, ShardIndex
 from feedret.indexer.batcher import SearchBatcher
 from feedret.indexer.vectors import UNIT_NORM_TOLERANCE, VectorProblem, check_vectors, norms_of
 from feedret.server.grpc_common import (
     RpcFailure,
     build_server,
+    check_filters,
     check_k,
     connection_age_options,
     fill_candidates,
     query_vector,
     rpc_scope,
-    search_filter,
     set_serving,
 )
 from feedret.v1 import feedret_pb2 as pb
@@ -482,6 +482,16 @@ class Snapshotter(threading.Thread):
             return True
         log.info("snapshot_none", directory=str(self.directory))
         return False
+
+
+def search_filter(filters: pb.Filters, now: float) -> SearchFilter:
+    """A request's filters as the index takes them (checked: INVALID_ARGUMENT otherwise)."""
+    check_filters(filters)
+    return SearchFilter(
+        exclude_post_ids=tuple(filters.exclude_post_ids),
+        min_created_at=(now - filters.max_age_seconds) if filters.max_age_seconds else None,
+        languages=tuple(l.lower() for l in filters.languages),
+    )
 
 
 class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):

@@ -16,3 +16,11 @@ def test_the_client_library_imports_only_protos_and_the_shared_core():
     reach_backs = sorted(m for m in modules if m.split(".")[:2] in (["feedret", "server"], ["feedret", "indexer"]))
     heavy = sorted(m for m in ("faiss", "torch", "transformers", "kafka") if m in modules)
     assert not reach_backs and not heavy, f"the client pulls in {reach_backs + heavy}"
+
+
+def test_the_root_and_the_member_service_start_without_the_index_library():
+    # Neither holds an index: they must not need faiss (nor the shard's code) to start.
+    for server in ("root", "member"):
+        modules = loaded_after(f"import feedret.server.{server}")
+        pulled = sorted(m for m in modules if m == "faiss" or m.startswith("feedret.indexer"))
+        assert not pulled, f"feedret.server.{server} pulls in {pulled}"
