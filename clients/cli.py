@@ -427,7 +427,7 @@ def eval_(dataset, models, no_minilm, no_baselines, test_fraction, like_threshol
     """Held-out retrieval quality of encoders vs popularity, CF baselines and MiniLM: results.json, results.md, plots."""
     from feedret.dataprep.format import DatasetError
     from feedret.evaluation.evaluate import BaselinesMissing, EvalConfig, run_eval
-    from feedret.evaluation.minilm import MiniLMMissing
+    from feedret.encoder.minilm import MiniLMMissing
     from feedret.logging import configure_logging
 
     configure_logging("eval", json=False)

@@ -145,7 +145,7 @@ def build_posts(
     for movie_id in most_rated(ratings, n_posts):
         movie, rs = movies[movie_id], by_movie[movie_id]
         features: dict[str, float] = {
-            # The names training uses (feedret.training.examples.item_features), so a
+            # The names training uses (feedret.dataprep.protocol.item_features), so a
             # trained model's quantizer knows them.
             "engagements": len(rs),
             "mean_weight": round(sum(r.rating for r in rs) / len(rs), 2),

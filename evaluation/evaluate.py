@@ -1,6 +1,6 @@
 """`feedret eval`: held-out retrieval quality of dual encoders against baselines, with a report.
 
-The protocol is training's (feedret.training.examples), applied to the period
+The protocol is training's (feedret.dataprep.protocol), applied to the period
 after the time split:
 
 - the last `test_fraction` of interactions (by time) evaluate, the rest train;
@@ -58,7 +58,7 @@ from feedret.dataprep.format import Dataset, Interaction, read_dataset
 from feedret.evaluation.intervals import LEVEL, MemberBootstrap
 from feedret.evaluation.metrics import ndcg_matrix, recall_curve, recall_matrix, relevance, topk
 from feedret.members import MemberProfile
-from feedret.training.examples import (
+from feedret.dataprep.protocol import (
     Moment,
     candidate_mask,
     item_features,
@@ -645,7 +645,7 @@ def run_eval(
     started = time.perf_counter()
     minilm_path = None
     if minilm:
-        from feedret.evaluation.minilm import minilm_dir
+        from feedret.encoder.minilm import minilm_dir
 
         minilm_path = minilm_dir()  # fail before the slow part when it is not installed
     if baselines:
@@ -669,7 +669,7 @@ def run_eval(
         systems.append(result)
         del encoder
     if minilm_path is not None:
-        from feedret.evaluation.minilm import MINILM_MAX_LENGTH, MINILM_NAME, minilm_version
+        from feedret.encoder.minilm import MINILM_MAX_LENGTH, MINILM_NAME, minilm_version
 
         t = time.perf_counter()
         encoder = Encoder.from_pretrained(
@@ -1043,6 +1043,6 @@ def write_report(results: Mapping[str, Any], out: str | Path) -> list[Path]:
 
 
 def _minilm_max_length() -> int:
-    from feedret.evaluation.minilm import MINILM_MAX_LENGTH
+    from feedret.encoder.minilm import MINILM_MAX_LENGTH
 
     return MINILM_MAX_LENGTH

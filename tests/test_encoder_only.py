@@ -121,7 +121,7 @@ def test_encoder_only_detection():
 
 
 def test_minilm_from_pypi_loads_with_mean_pooling_and_384_dims():
-    from feedret.evaluation.minilm import MiniLMMissing, minilm_dir
+    from feedret.encoder.minilm import MiniLMMissing, minilm_dir
 
     try:
         path = minilm_dir()
@@ -136,7 +136,7 @@ def test_minilm_from_pypi_loads_with_mean_pooling_and_384_dims():
 def test_minilm_dir_missing_says_how_to_install(monkeypatch):
     import importlib.util
 
-    from feedret.evaluation import minilm
+    from feedret.encoder import minilm
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(minilm.MiniLMMissing, match=r"pip install -e '\.\[eval\]'"):

@@ -24,3 +24,8 @@ def test_the_root_and_the_member_service_start_without_the_index_library():
         modules = loaded_after(f"import feedret.server.{server}")
         pulled = sorted(m for m in modules if m == "faiss" or m.startswith("feedret.indexer"))
         assert not pulled, f"feedret.server.{server} pulls in {pulled}"
+
+
+def test_training_and_evaluation_share_the_protocol_without_importing_each_other():
+    assert not any(m.startswith("feedret.evaluation") for m in loaded_after("import feedret.training.trainer"))
+    assert not any(m.startswith("feedret.training") for m in loaded_after("import feedret.evaluation.evaluate"))

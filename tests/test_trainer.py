@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from feedret.dataprep.format import Interaction, Item, read_dataset, write_dataset
 from feedret.encoder.model import Encoder
 from feedret.training.config import TrainConfig
-from feedret.training.examples import item_features, member_state, post_events
+from feedret.dataprep.protocol import item_features, member_state, post_events
 from feedret.training.trainer import train
 
 COLOURS = ("red", "blue")
@@ -222,7 +222,7 @@ def test_fresh_dropout_shows_posts_as_just_published_in_that_share_of_documents(
     post that has none, i.e. every fresh one (docs/training.md, 6); fresh_dropout shows that
     share of each batch's documents as they were when published."""
     from feedret.encoder.prompts import post_prompt
-    from feedret.training.examples import as_unengaged
+    from feedret.dataprep.protocol import as_unengaged
     from feedret.training.trainer import Trainer
 
     post = post_events({1: Item(1, "red thing", 0.0, features={"size": 2.0})},

@@ -84,7 +84,7 @@ class TrainConfig(BaseModel):
     # Which engagement counts a training example's posts carry. "split": those of the whole
     # training period, so a positive's count includes that very engagement and its future (the
     # model learns popularity from the prompt); "moment": those before the example's moment, as
-    # the member could have seen them (training.examples.EngagementsAsOf). Evaluation and serving
+    # the member could have seen them (dataprep.protocol.EngagementsAsOf). Evaluation and serving
     # are unchanged: posts carry what is known when they are embedded.
     engagement_counts: Literal["split", "moment"] = "split"
     hard_negative_ranks: tuple[int, int] = (10, 100)  # sampled from this rank window, never seen items

