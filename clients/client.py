@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import grpc
 import numpy as np
 
-from feedret.grpc_client import MAX_MESSAGE_BYTES, with_token
+from feedret.grpc_client import MAX_MESSAGE_BYTES, AioBearerToken, with_token
 from feedret.members import MemberProfile
 from feedret.shard_targets import ROUND_ROBIN
 from feedret.v1 import feedret_pb2 as pb
@@ -56,18 +56,6 @@ def _token_source(token: str | Callable[[], str] | None) -> Callable[[], str] | 
     if token is None or callable(token):
         return token
     return lambda: token
-
-
-class _AioBearerToken(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, token: Callable[[], str]) -> None:
-        self.token = token
-
-    async def intercept_unary_unary(self, continuation, details, request):
-        metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
-        metadata.append(("authorization", f"Bearer {self.token()}"))
-        details = grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                             details.wait_for_ready)
-        return await continuation(details, request)
 
 
 @dataclass(frozen=True)
@@ -206,7 +194,7 @@ class AsyncFeedretClient:
     ) -> None:
         self.address = address
         source = _token_source(token)
-        interceptors = [_AioBearerToken(source)] if source is not None else None
+        interceptors = [AioBearerToken(source)] if source is not None else None
         self._channel = _open(grpc.aio, address, credentials, server_name, interceptors)
         self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
         self._admin = pb_grpc.IndexAdminStub(self._channel)

@@ -49,3 +49,17 @@ class BearerTokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryS
 def with_token(channel: grpc.Channel, token: Callable[[], str] | None) -> grpc.Channel:
     """`channel` sending `token()` on every call; unchanged when token is None."""
     return channel if token is None else grpc.intercept_channel(channel, BearerTokenClientInterceptor(token))
+
+
+class AioBearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """with_token's interceptor for grpc.aio channels, which take interceptors when built."""
+
+    def __init__(self, token: Callable[[], str]) -> None:
+        self.token = token
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
+        metadata.append(("authorization", f"Bearer {self.token()}"))
+        details = grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                             details.wait_for_ready)
+        return await continuation(details, request)
