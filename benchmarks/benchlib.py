@@ -311,9 +311,9 @@ def shard_snapshots(
     """
     from feedret.config import ShardConfig
     from feedret.indexer import snapshot as snapshots
+    from feedret.indexer.replica import ShardState
     from feedret.indexer.shard_index import ShardIndex
     from feedret.routing import shards_of
-    from feedret.server.shard import ShardState
 
     directory = cache / f"snap-{spec.key}-{_slug(factory)}-x{num_shards}"
     info_path = directory / "info.json"

@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 from feedret.config import ShardConfig  # noqa: E402
+from feedret.indexer.replica import ShardState  # noqa: E402
 from feedret.server import shard as shard_server  # noqa: E402
 from feedret.server.grpc_common import build_server  # noqa: E402
-from feedret.server.shard import ShardServicer, ShardState  # noqa: E402
+from feedret.server.shard import ShardServicer  # noqa: E402
 from feedret.v1 import feedret_pb2 as pb  # noqa: E402
 from feedret.v1 import feedret_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
     command = "python benchmarks/shard_batching.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     config = ShardConfig(index_backend="torch", index_device=args.device)
     state = ShardState(config=config, topic="post-vectors")
-    state._ensure_index(args.dim)
+    state.ensure_index(args.dim)
     rng = np.random.default_rng(0)
     t = time.perf_counter()
     for start in range(0, args.n, 1 << 17):

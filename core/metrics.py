@@ -21,12 +21,15 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import grpc
 import structlog
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:  # a type only: importing it would load faiss into every process, root and member too
+    from feedret.indexer.replica import ShardState
 
 log = structlog.get_logger(__name__)
 
@@ -270,14 +273,14 @@ class _ShardCollector:
     """Reads every watched shard's state at scrape time: no metric calls on the write path."""
 
     def __init__(self) -> None:
-        self._states: dict[int, Any] = {}
+        self._states: dict[int, ShardState] = {}
         self._lock = threading.Lock()
 
-    def watch(self, state: Any) -> None:
+    def watch(self, state: ShardState) -> None:
         with self._lock:
             self._states[state.config.shard_id] = state
 
-    def unwatch(self, state: Any) -> None:
+    def unwatch(self, state: ShardState) -> None:
         with self._lock:
             if self._states.get(state.config.shard_id) is state:
                 del self._states[state.config.shard_id]
@@ -371,12 +374,12 @@ _shards = _ShardCollector()
 REGISTRY.register(_shards)
 
 
-def watch_shard(state: Any) -> None:
-    """Export a shard's index size, offsets and counters (a feedret.server.shard.ShardState)."""
+def watch_shard(state: ShardState) -> None:
+    """Export a shard's index size, offsets and counters, read from its state when scraped."""
     _shards.watch(state)
 
 
-def unwatch_shard(state: Any) -> None:
+def unwatch_shard(state: ShardState) -> None:
     _shards.unwatch(state)
 
 

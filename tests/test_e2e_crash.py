@@ -108,7 +108,7 @@ def partition_ends(bootstrap: str, topic: str, partitions: int, timeout: float =
     """The true end (high watermark) of each partition, from fetch answers.
 
     ListOffsets alone is not enough: the embedded broker answers it with where the last
-    batch starts (see feedret.server.shard.CatchUp). So read from there to the end.
+    batch starts (see feedret.indexer.applier.CatchUp). So read from there to the end.
     """
     tps = [TopicPartition(topic, p) for p in range(partitions)]
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,

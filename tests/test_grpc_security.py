@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from feedret.clients.client import FeedretClient
 from feedret.config import GrpcSecurityConfig, KafkaConfig, RootConfig, ShardConfig
+from feedret.indexer.replica import ShardState
 from feedret.server import root as root_server
 from feedret.server import shard as shard_server
 from feedret.server.grpc_common import build_server, set_serving
@@ -27,7 +28,7 @@ from feedret.clients.client import AsyncFeedretClient
 from feedret.grpc_client import with_token
 from feedret.server.grpc_auth import TokenFile
 from feedret.server.grpc_security import channel_credentials
-from feedret.server.shard import ShardServicer, ShardState
+from feedret.server.shard import ShardServicer
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 

@@ -8,7 +8,9 @@ import numpy as np
 
 from feedret.config import ShardConfig
 from feedret.indexer import snapshot as snapshots
-from feedret.server.shard import ShardServicer, ShardState, Snapshotter
+from feedret.indexer.replica import ShardState
+from feedret.indexer.upkeep import Snapshotter
+from feedret.server.shard import ShardServicer
 from feedret.v1 import feedret_pb2 as pb
 
 D = 8

@@ -81,8 +81,8 @@ def test_vectors_of_another_width_on_the_topic_are_rejected_not_truncated():
 
 def test_a_serve_dimension_wider_than_the_vectors_is_fatal():
     from feedret.config import ShardConfig
+    from feedret.indexer.replica import ShardState
     from feedret.indexer.shard_index import IndexConfigError
-    from feedret.server.shard import ShardState
 
     state = ShardState(config=ShardConfig(serve_dimension=64), topic="t")
     with pytest.raises(IndexConfigError, match="serve_dimension 64"):

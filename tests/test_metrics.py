@@ -16,13 +16,14 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feedret.config import KafkaConfig, MemberConfig, RootConfig, ShardConfig
+from feedret.indexer.replica import ShardState
 from feedret.members import ActivityItem, MemberProfile
 from feedret.metrics import METRICS_PATH, start_metrics_server
 from feedret.server import member as member_server
 from feedret.server import root as root_server
 from feedret.server import shard as shard_server
 from feedret.server.grpc_common import build_server
-from feedret.server.shard import ShardServicer, ShardState
+from feedret.server.shard import ShardServicer
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 

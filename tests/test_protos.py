@@ -27,3 +27,13 @@ def test_services_are_in_package_feedret_v1():
         "ShardService",
         "IndexAdmin",
     }
+
+
+def test_the_shard_replica_reads_the_schemas_vector_ops():
+    # feedret.indexer.replica applies decoded PostVectorEvents without importing the protos.
+    from feedret.indexer.replica import VectorOp
+    from feedret.v1 import feedret_pb2 as pb
+
+    assert {op.name: op.value for op in VectorOp} == {
+        name.removeprefix("OP_"): value for name, value in pb.PostVectorEvent.Op.items()
+    }

@@ -16,13 +16,14 @@ import pytest
 
 from feedret.config import KafkaConfig, MemberConfig, MemberLimits, RootConfig, ShardConfig
 from feedret.encoder.model import Encoder
+from feedret.indexer.replica import ShardState
 from feedret.members import ActivityItem, MemberProfile
 from feedret.server import root as root_server
 from feedret.server import shard as shard_server
 from feedret.server.grpc_common import build_server
 from feedret.server.member import SERVICE_NAMES as MEMBER_SERVICES
 from feedret.server.member import MemberServicer
-from feedret.server.shard import ShardServicer, ShardState
+from feedret.server.shard import ShardServicer
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 

@@ -15,10 +15,11 @@ import pytest
 
 from feedret import metrics
 from feedret.config import KafkaConfig, RootConfig, ShardConfig
+from feedret.indexer.replica import ShardState
 from feedret.server import root as root_server
 from feedret.server import shard as shard_server
 from feedret.server.grpc_common import build_server
-from feedret.server.shard import ShardServicer, ShardState
+from feedret.server.shard import ShardServicer
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 

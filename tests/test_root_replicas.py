@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from feedret.config import KafkaConfig, RootConfig, ShardConfig
+from feedret.indexer.replica import ShardState
 from feedret.routing import shard_of
 from feedret.server import root as root_server
 from feedret.server import shard as shard_server
 from feedret.server.grpc_common import build_server, connection_age_options
-from feedret.server.shard import ShardServicer, ShardState
+from feedret.server.shard import ShardServicer
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 

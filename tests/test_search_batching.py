@@ -11,10 +11,11 @@ import pytest
 
 from feedret.config import ShardConfig
 from feedret.indexer.batcher import SearchBatcher
+from feedret.indexer.replica import ShardState
 from feedret.indexer.shard_index import IndexOptions, SearchFilter, ShardIndex
 from feedret.server import shard as shard_server
 from feedret.server.grpc_common import build_server
-from feedret.server.shard import ShardServicer, ShardState
+from feedret.server.shard import ShardServicer
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
@@ -144,7 +145,7 @@ def test_the_shard_server_batches_concurrent_searches_and_answers_each_right():
     rng = np.random.default_rng(3)
     config = ShardConfig(index_backend="torch", index_device="cpu", search_batch_max=16)
     state = ShardState(config=config, topic="post-vectors")
-    state._ensure_index(D)
+    state.ensure_index(D)
     vecs = unit(rng, 2000)
     state.index.upsert(list(range(2000)), vecs, created_at=[1.0] * 2000, langs=["en"] * 2000, indexed_at=1.0,
                        model_versions=["m1"] * 2000)

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from feedret.config import KafkaConfig, ShardConfig
+from feedret.indexer.applier import CatchUp
+from feedret.indexer.replica import ShardState
 from feedret.server.grpc_common import RpcFailure
-from feedret.server.shard import CatchUp, PartitionApplier, ShardServicer, ShardState
+from feedret.indexer.applier import PartitionApplier
+from feedret.server.shard import ShardServicer
 from feedret.v1 import feedret_pb2 as pb
 
 from conftest import tansu_broker

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from feedret.config import ShardConfig
-from feedret.server.shard import ShardServicer, ShardState
+from feedret.indexer.replica import ShardState
+from feedret.server.shard import ShardServicer
 from feedret.v1 import feedret_pb2 as pb
 
 

@@ -11,9 +11,10 @@ import pytest
 
 from feedret.config import ShardConfig
 from feedret.indexer import snapshot as snapshots
+from feedret.indexer.replica import ShardState
 from feedret.indexer.rwlock import RWLock
 from feedret.indexer.shard_index import IndexConfigError, IndexOptions, SearchFilter, ShardIndex
-from feedret.server.shard import ShardState, Snapshotter
+from feedret.indexer.upkeep import Snapshotter
 from feedret.v1 import feedret_pb2 as pb
 
 from test_index_types import D, KINDS, Reference, check, unit
@@ -210,7 +211,7 @@ class FakeConsumer:
 )
 def test_a_snapshot_whose_last_record_is_not_on_the_partition_is_dropped(tmp_path, partition, kept):
     from feedret.config import KafkaConfig
-    from feedret.server.shard import PartitionApplier
+    from feedret.indexer.applier import PartitionApplier
 
     Snapshotter(shard_state(tmp_path)).take("test")  # ends on offset 299, post 309
     fresh = ShardState(config=ShardConfig(snapshot_dir=str(tmp_path)), topic="post-vectors")

@@ -12,10 +12,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from feedret.config import KafkaConfig, ShardConfig
+from feedret.indexer.replica import ShardState
 from feedret.indexer.vectors import UNIT_NORM_TOLERANCE, VectorProblem, check_vector, check_vectors
 from feedret.merge import ShardHits, merge_topk
 from feedret.server.grpc_common import fill_candidates
-from feedret.server.shard import ShardServicer, ShardState
+from feedret.server.shard import ShardServicer
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 

@@ -6,8 +6,8 @@ import numpy as np
 from structlog.testing import capture_logs
 
 from feedret.config import ShardConfig
+from feedret.indexer.replica import ShardState
 from feedret.logging import Throttle
-from feedret.server.shard import ShardState
 from feedret.v1 import feedret_pb2 as pb
 
 

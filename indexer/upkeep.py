@@ -1,0 +1,120 @@
+"""A replica's two background chores, each a daemon thread beside the applier.
+
+`Sweeper`: every sweep_interval_s, evicts posts past retention and starts the
+index rebuilds that are due (ShardIndex.maintain). `Snapshotter`: every
+snapshot_interval_s, writes the replica's index and position to snapshot_dir
+when anything was applied since the last (feedret.indexer.snapshot holds the
+format), and at start restores the newest one that fits, so a restarted replica
+replays only the partition's tail. A failed round is logged and the next one
+tries again; the replica keeps serving either way. Both stop when their
+`stop_event` is set.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from feedret import metrics
+from feedret.indexer import snapshot as snapshots
+from feedret.indexer.replica import ShardState
+from feedret.indexer.shard_index import IndexConfigError
+
+log = structlog.get_logger(__name__)
+
+
+class Sweeper(threading.Thread):
+    """Every sweep_interval_s: evict posts past retention, start index rebuilds that are due."""
+
+    def __init__(self, state: ShardState) -> None:
+        super().__init__(name=f"sweeper-{state.config.shard_id}", daemon=True)
+        self.state = state
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.state.config.sweep_interval_s):
+            index = self.state.index
+            if index is None:
+                continue
+            try:
+                evicted = index.maintain(time.time())
+            except Exception:  # noqa: BLE001 - the next sweep tries again
+                log.exception("sweep_failed")
+                continue
+            if evicted:
+                log.info("retention_evicted", evicted=evicted, indexed=len(index))
+
+
+class Snapshotter(threading.Thread):
+    """Writes a snapshot every snapshot_interval_s when the shard applied anything since the last."""
+
+    def __init__(self, state: ShardState) -> None:
+        super().__init__(name=f"snapshotter-{state.config.shard_id}", daemon=True)
+        self.state = state
+        self.directory = Path(state.config.snapshot_dir)
+        self.stop_event = threading.Event()
+        self.last_offset = -1
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.state.config.snapshot_interval_s):
+            try:
+                self.take("scheduled")
+            except Exception:  # noqa: BLE001 - the next one tries again; the shard keeps serving
+                metrics.SHARD_SNAPSHOT_FAILURES.labels(shard=str(self.state.config.shard_id)).inc()
+                log.exception("snapshot_failed")
+
+    def take(self, reason: str) -> Path | None:
+        """Write one now unless nothing changed since the last. The path written, or None."""
+        with self._lock:
+            if self.state.applied_offset == self.last_offset:
+                return None
+            started = time.monotonic()
+            captured = self.state.capture()
+            if captured is None:
+                return None
+            offset, header, sections = captured
+            cfg = self.state.config
+            path = snapshots.write_snapshot(self.directory, cfg.shard_id, offset, header, sections)
+            snapshots.prune(self.directory, cfg.shard_id, cfg.snapshot_keep)
+            self.last_offset = offset
+            metrics.observe_snapshot(cfg.shard_id, time.monotonic() - started, path.stat().st_size)
+            log.info(
+                "snapshot_written",
+                reason=reason,
+                path=str(path),
+                offset=offset,
+                posts=header["index"]["indexed"],
+                bytes=path.stat().st_size,
+                seconds=round(time.monotonic() - started, 3),
+            )
+            return path
+
+    def load_newest(self) -> bool:
+        """Restore the newest intact snapshot that fits this shard; False when there is none."""
+        cfg = self.state.config
+        for path in snapshots.remove_temporaries(self.directory, cfg.shard_id):
+            log.warning("snapshot_temporary_removed", path=str(path))
+        for path in snapshots.list_snapshots(self.directory, cfg.shard_id):
+            started = time.monotonic()
+            try:
+                header, sections = snapshots.read_snapshot(path)
+                self.state.restore(header, sections)
+            except (snapshots.CorruptSnapshot, IndexConfigError, KeyError, ValueError, OSError) as exc:
+                log.warning("snapshot_skipped", path=str(path), reason=str(exc))
+                self.state.index = None
+                continue
+            self.last_offset = self.state.applied_offset
+            log.info(
+                "snapshot_loaded",
+                path=str(path),
+                offset=self.state.applied_offset,
+                posts=len(self.state.index),
+                seconds=round(time.monotonic() - started, 3),
+            )
+            return True
+        log.info("snapshot_none", directory=str(self.directory))
+        return False
