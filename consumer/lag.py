@@ -16,7 +16,7 @@ import structlog
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from feedret import metrics
+from feedret.consumer import metrics
 
 log = structlog.get_logger(__name__)
 

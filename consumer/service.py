@@ -18,7 +18,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from feedret import metrics
+from feedret.consumer import metrics
 from feedret.config import ConsumerConfig, KafkaConfig
 from feedret.consumer.batch import (
     Bad,

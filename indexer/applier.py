@@ -18,7 +18,7 @@ from typing import Any, Callable
 import structlog
 from kafka import KafkaConsumer, TopicPartition
 
-from feedret import metrics
+from feedret.indexer import metrics
 from feedret.config import KafkaConfig
 from feedret.indexer.replica import ShardState, VectorEvent
 from feedret.indexer.shard_index import IndexConfigError

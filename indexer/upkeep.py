@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from feedret import metrics
+from feedret.indexer import metrics
 from feedret.indexer import snapshot as snapshots
 from feedret.indexer.replica import ShardState
 from feedret.indexer.shard_index import IndexConfigError

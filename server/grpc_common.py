@@ -19,7 +19,7 @@ from feedret import members
 from feedret.config import GrpcSecurityConfig, MemberLimits
 from feedret.grpc_client import MESSAGE_SIZE_OPTIONS
 from feedret.logging import Throttle
-from feedret.metrics import GrpcMetricsInterceptor
+from feedret.server.grpc_metrics import GrpcMetricsInterceptor
 from feedret.server.grpc_auth import BearerAuthInterceptor, TokenFile
 from feedret.server.grpc_security import server_credentials
 from feedret.v1 import feedret_pb2 as pb
@@ -189,7 +189,7 @@ def build_server(
     `max_concurrent_rpcs`: at most that many calls of `service_names` at once, the rest
     refused with RESOURCE_EXHAUSTED (`ConcurrencyLimit`); None: no limit.
 
-    Every RPC is counted and timed for Prometheus (feedret.metrics).
+    Every RPC is counted and timed for Prometheus (feedret.server.grpc_metrics).
     """
     limit = None if max_concurrent_rpcs is None else ConcurrencyLimit(max_concurrent_rpcs, service_names)
     server = grpc.server(

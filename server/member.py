@@ -17,7 +17,7 @@ import numpy as np
 import structlog
 from cachetools import TTLCache
 
-from feedret import metrics
+from feedret.server import member_metrics
 from feedret.config import GrpcSecurityConfig, MemberConfig
 from feedret.members import MemberProfile
 from feedret.microbatch import MicroBatcher
@@ -58,7 +58,7 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
         self.batcher: MicroBatcher[MemberProfile, list[float]] = MicroBatcher(
             self._embed, config.embed_batch_max, name="member-embed"
         )
-        metrics.MEMBER_CACHE_ENTRIES.set_function(lambda: len(self._cache))
+        member_metrics.MEMBER_CACHE_ENTRIES.set_function(lambda: len(self._cache))
 
     def close(self) -> None:
         self.batcher.close()
@@ -73,7 +73,7 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
             member = MemberProfile.from_proto(request.member)
             started = time.perf_counter()
             vector, how = self._vector(member, context.time_remaining())
-            metrics.observe_member_cache(hit=how == "hit", cacheable=bool(member.session_id))
+            member_metrics.observe_member_cache(hit=how == "hit", cacheable=bool(member.session_id))
             if how == "hit":
                 log.debug("member_cache_hit", member_id=member.member_id)
             else:
@@ -129,9 +129,9 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
             raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the member was not embedded before the deadline") from exc
 
     def _embed(self, members: list[MemberProfile]) -> list[list[float]]:
-        with metrics.MEMBER_EMBED_SECONDS.time():
+        with member_metrics.MEMBER_EMBED_SECONDS.time():
             vectors = self.encoder.embed_members(members)
-        metrics.MEMBER_EMBED_BATCH.observe(len(members))
+        member_metrics.MEMBER_EMBED_BATCH.observe(len(members))
         return vectors.astype(np.float32).tolist()
 
 

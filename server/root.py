@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import structlog
 
-from feedret import metrics
+from feedret.server import root_metrics
 from feedret.config import GrpcSecurityConfig, KafkaConfig, RootConfig
 from feedret.grpc_client import MAX_MESSAGE_BYTES
 from feedret.merge import ShardHits, merge_topk, shard_depth
@@ -182,7 +182,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                     hits = [fuller.get(h.shard, h) for h in hits]
                     merged = merge_topk(hits, request.k)
                     for shard in again:
-                        metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard=str(shard)).inc()
+                        root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard=str(shard)).inc()
                     log.info("shards_asked_again", shards=again, depth=depth, k=request.k, answered=len(more))
             if not hits:
                 # No shard answered: an empty list would read as "nothing to show".
@@ -197,7 +197,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 request_id=rid,
             )
             fill_candidates(resp.candidates, merged.post_ids, merged.scores, merged.shards)
-            metrics.observe_retrieve(len(merged.post_ids), failed)
+            root_metrics.observe_retrieve(len(merged.post_ids), failed)
             log.info(
                 "retrieved",
                 query=which,
@@ -239,16 +239,16 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         failed: list[int] = []
         why: list[str] = []  # per failed shard, its status code: the caller sees it when no shard answered
         for shard, outcome in zip(shards, outcomes):
-            metrics.observe_replica_attempts(shard, outcome.attempts)
+            root_metrics.observe_replica_attempts(shard, outcome.attempts)
             if outcome.hedge_denied:
-                metrics.ROOT_HEDGES_DENIED.labels(shard=str(shard)).inc()
+                root_metrics.ROOT_HEDGES_DENIED.labels(shard=str(shard)).inc()
             if outcome.hedged or outcome.failed_over:
                 log.info("shard_replicas_tried", shard=shard, attempts=self._attempts(shard, outcome))
             if not outcome.ok:
                 code = _failure_code(outcome)
                 failed.append(shard)
                 why.append(code)
-                metrics.ROOT_SHARD_FAILURES.labels(shard=str(shard), code=code).inc()
+                root_metrics.ROOT_SHARD_FAILURES.labels(shard=str(shard), code=code).inc()
                 log.warning("shard_failed", shard=shard, code=code, attempts=self._attempts(shard, outcome),
                             details=_failure_details(outcome))
                 continue

@@ -15,7 +15,7 @@ import time
 import grpc
 import structlog
 
-from feedret import metrics
+from feedret.indexer import metrics
 from feedret.config import GrpcSecurityConfig, KafkaConfig, ShardConfig
 from feedret.indexer.applier import PartitionApplier
 from feedret.indexer.batcher import SearchBatcher

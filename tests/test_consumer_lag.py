@@ -15,9 +15,9 @@ import pytest
 from kafka import TopicPartition
 from prometheus_client import REGISTRY
 
-from feedret import metrics
 from feedret.clients.publish import publish_lines
 from feedret.config import ConsumerConfig, KafkaConfig
+from feedret.consumer import metrics
 from feedret.consumer.service import EmbeddingConsumer, _ForgetRevokedLag
 from feedret.topics import ensure_topics
 

@@ -235,7 +235,7 @@ def test_a_cpu_shard_never_imports_torch():
 def test_metrics_say_where_a_shard_searches_and_what_its_gpu_copy_answered():
     from types import SimpleNamespace
 
-    from feedret.metrics import _ShardCollector
+    from feedret.indexer.metrics import _ShardCollector
 
     ix, ref, ids, vecs, rng = filled()
     ix.search(vecs[0], 10)

@@ -1111,10 +1111,14 @@ def _exported_metrics() -> dict[str, set[str]]:
     from prometheus_client.metrics import MetricWrapperBase
 
     from feedret import metrics
+    from feedret.consumer import metrics as consumer_metrics
+    from feedret.indexer import metrics as shard_metrics
+    from feedret.server import grpc_metrics, member_metrics, root_metrics
 
+    modules = (metrics, grpc_metrics, root_metrics, shard_metrics, member_metrics, consumer_metrics)
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",), "info": ("_info",)}
     out: dict[str, set[str]] = {}
-    for obj in vars(metrics).values():
+    for obj in (obj for module in modules for obj in vars(module).values()):
         if isinstance(obj, MetricWrapperBase):
             for suffix in suffixes.get(obj._type, ("",)):
                 out[obj._name + suffix] = set(obj._labelnames) | ({"le"} if suffix == "_bucket" else set())

@@ -6,6 +6,7 @@ so every check compares a scrape before and after the calls it makes.
 
 from __future__ import annotations
 
+import importlib
 import socket
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_shard_state_is_read_when_scraped(metrics_url, shard):
 
 
 def test_rejected_post_vectors_are_counted_by_reason(metrics_url):
-    from feedret import metrics
+    from feedret.indexer import metrics
 
     state = ShardState(config=ShardConfig(shard_id=7, num_shards=8), topic="post-vectors")
     unit = np.ones(DIM, np.float32) / np.sqrt(DIM)
@@ -239,8 +240,15 @@ def test_metrics_path_is_the_conventional_one():
     assert METRICS_PATH == "/metrics"
 
 
+# Where each role's metrics live; they register when imported.
+ROLE_METRICS = {"root": "feedret.server.root_metrics", "shard": "feedret.indexer.metrics",
+                "member": "feedret.server.member_metrics", "consumer": "feedret.consumer.metrics"}
+
+
 @pytest.mark.parametrize("role", ["root", "shard", "member", "consumer"])
 def test_a_process_exports_its_own_roles_metrics_not_every_roles_at_zero(role):
+    for module in ROLE_METRICS.values():  # every role's registered, as in a process hosting several
+        importlib.import_module(module)
     server = start_metrics_server("127.0.0.1", free_port(), role=role)
     assert server is not None
     try:

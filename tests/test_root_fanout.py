@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 import pytest
 
-from feedret import metrics
 from feedret.config import KafkaConfig, RootConfig, ShardConfig
 from feedret.indexer.replica import ShardState
 from feedret.server import root as root_server
+from feedret.server import root_metrics
 from feedret.server import shard as shard_server
 from feedret.server.grpc_common import build_server
 from feedret.server.shard import ShardServicer
@@ -140,8 +140,8 @@ def test_each_shard_is_asked_for_its_share_and_one_that_may_hold_more_is_asked_a
     # (Shards of similar size rarely need a second round: see the next test.)
     rng = np.random.default_rng(3)
     servers, addresses, shards, vectors = recording_shards(rng, (20, 300))
-    asked_before = metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard="1")._value.get()
-    asked_before_0 = metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard="0")._value.get()
+    asked_before = root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard="1")._value.get()
+    asked_before_0 = root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard="0")._value.get()
     root, address = start_root(addresses)
     try:
         query = rng.normal(size=DIM).astype(np.float32)
@@ -160,8 +160,8 @@ def test_each_shard_is_asked_for_its_share_and_one_that_may_hold_more_is_asked_a
         # in the merged top 40, so it may hold more of them: it is asked again, and the answer stays exact.
         assert list(reply_small.candidates.post_ids) == exact[:40].tolist()
         assert shards[0].ks[1:] == [36] and shards[1].ks[2:] == [36, 40]
-        assert metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard="1")._value.get() - asked_before == 2
-        assert metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard="0")._value.get() == asked_before_0
+        assert root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard="1")._value.get() - asked_before == 2
+        assert root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard="0")._value.get() == asked_before_0
     finally:
         root.stop(0)
         for server in servers:
