@@ -23,14 +23,15 @@ from feedret.config import (
     DEFAULT_ROOT_METRICS_PORT,
     DEFAULT_ROOT_PORT,
     DEFAULT_SHARD_BASE_PORT,
-    REPO_ROOT,
+    SAMPLE_DIR,
+    WORK_ROOT,
     KafkaConfig,
 )
 from feedret.events import MAX_POST_ID
 from feedret.members import MemberProfile
 
-SAMPLE_POSTS = REPO_ROOT / "data" / "sample" / "posts.jsonl"
-SAMPLE_MEMBERS = REPO_ROOT / "data" / "sample" / "members.jsonl"
+SAMPLE_POSTS = SAMPLE_DIR / "posts.jsonl"
+SAMPLE_MEMBERS = SAMPLE_DIR / "members.jsonl"
 
 T = TypeVar("T")
 
@@ -326,7 +327,7 @@ def stats(root: str, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=REPO_ROOT / "training" / "configs" / "movielens-tiny.json", show_default=True,
+              default=WORK_ROOT / "training" / "configs" / "movielens-tiny.json", show_default=True,
               help="Run configuration (JSON or YAML); the options below override it.")
 @click.option("--dataset", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset directory.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (checkpoint/, model/, config.json).")
@@ -388,7 +389,7 @@ def _command_line(ctx: click.Context) -> str:
 
 @cli.command("eval")
 @click.option("--dataset", type=click.Path(file_okay=False, path_type=Path),
-              default=REPO_ROOT / "var" / "datasets" / "movielens", show_default=True,
+              default=WORK_ROOT / "var" / "datasets" / "movielens", show_default=True,
               help="Dataset directory (python -m feedret.dataprep.movielens --format dataset makes one).")
 @click.option("--model", "models", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="An encoder directory to evaluate (repeatable); named by its model_version.")
@@ -437,7 +438,7 @@ def eval_(dataset, models, no_minilm, no_baselines, test_fraction, like_threshol
             "--ml-dir <ml-latest-small> --format dataset --out var/datasets/movielens"
         )
     command = _command_line(click.get_current_context())
-    out = out or REPO_ROOT / "var" / "eval" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = out or WORK_ROOT / "var" / "eval" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     try:
         config = EvalConfig(
             dataset=dataset, test_fraction=test_fraction, like_threshold=like_threshold,

@@ -16,9 +16,24 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feedret.shard_targets import parse_member_targets, parse_shard_targets
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent  # a checkout's root; for an installed wheel, site-packages
+IN_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file()
+# Where runs, reports and `feedret up`'s work go by default: var/ of the checkout, else of the
+# directory the command runs in (never inside site-packages).
+WORK_ROOT = REPO_ROOT if IN_CHECKOUT else Path.cwd()
+
+
+def _shipped(in_checkout: Path, in_package: Path) -> Path:
+    """A file feedret ships: the checkout's copy when run from one, else the copy installed
+    inside the package (pyproject's package-data)."""
+    return in_checkout if IN_CHECKOUT else in_package
+
+
 # Trained on MovieLens by `feedret train --config training/configs/movielens-tiny.json`.
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "feedret-movielens-tiny"
+DEFAULT_MODEL_DIR = _shipped(REPO_ROOT / "models" / "feedret-movielens-tiny", PACKAGE_DIR / "models" / "feedret-movielens-tiny")
+# The sample feed `feedret up` publishes (MovieLens-derived; research use only, see its NOTICE.md).
+SAMPLE_DIR = _shipped(REPO_ROOT / "data" / "sample", PACKAGE_DIR / "sample")
 
 DEFAULT_ROOT_PORT = 50051
 DEFAULT_MEMBER_PORT = 50052

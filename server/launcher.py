@@ -39,7 +39,7 @@ from feedret.config import (
     DEFAULT_ROOT_PORT,
     DEFAULT_SHARD_BASE_PORT,
     DEFAULT_SHARD_METRICS_BASE_PORT,
-    REPO_ROOT,
+    WORK_ROOT,
     GrpcSecurityConfig,
     KafkaConfig,
 )
@@ -278,7 +278,7 @@ class Stack:
         self.config = config
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
-        # The children run in the repository (cwd=REPO_ROOT): every path handed to them
+        # The children run in the checkout (cwd=WORK_ROOT): every path handed to them
         # must not depend on the directory the user started from.
         self.workdir = Path(config.workdir).absolute()
         self.log_dir = self.workdir / "logs"
@@ -315,7 +315,7 @@ class Stack:
             # each answers health on its own (TLS) port, as the readiness checks expect.
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1", "FEEDRET_HEALTH_PORT": "0"},
             preexec_fn=_die_with_parent,
-            cwd=REPO_ROOT,
+            cwd=WORK_ROOT,
             # This process may hold gRPC channels (health checks, the demo's client, a
             # benchmark's). With close_fds=True the child closed gRPC's epoll fd before exec
             # while gRPC's fork handler restarted its poller on it: the child aborted with

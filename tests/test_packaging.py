@@ -43,3 +43,27 @@ def test_a_missing_build_says_which_extra_to_install():
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0
         assert f"{module} is not installed" in proc.stderr and "feedret[cpu]" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_an_installed_wheel_finds_its_default_model_and_sample_feed_without_a_checkout(tmp_path):
+    # Built and installed outside the checkout, feedret must still serve its default model and
+    # publish the sample feed (`feedret up`): both ship inside the package.
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel")], check=True, timeout=300, cwd=tmp_path)
+    wheel = next((tmp_path / "wheel").glob("feedret-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                    str(tmp_path / "site"), str(wheel)], check=True, timeout=300, cwd=tmp_path)
+    code = ("import feedret.config as c; from feedret.encoder.model import EncoderMeta; "
+            "print(c.IN_CHECKOUT, c.DEFAULT_MODEL_DIR, c.SAMPLE_DIR, c.WORK_ROOT); "
+            "print(EncoderMeta.read(c.DEFAULT_MODEL_DIR).model_version, "
+            "sum(1 for _ in open(c.SAMPLE_DIR / 'posts.jsonl')))")
+    env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, meta = out.stdout.splitlines()
+    in_checkout, model_dir, sample_dir, work_root = where.split()
+    assert in_checkout == "False" and model_dir.startswith(str(tmp_path / "site")) and sample_dir.startswith(str(tmp_path / "site"))
+    assert work_root == str(tmp_path)  # runs and reports go where the command runs, not into site-packages
+    assert meta == "feedret-movielens-tiny-v2 3000"
