@@ -343,7 +343,7 @@ def shard_snapshots(
         snapshots.write_snapshot(tmp, shard, offset, header, sections)
         counts.append(len(mine))
         seconds.append(round(time.monotonic() - started, 1))
-        log(f"  shard {shard}: {len(mine):,} posts, {index.info()['state']}, built in {seconds[-1]}s")
+        log(f"  shard {shard}: {len(mine):,} posts, {index.info().state}, built in {seconds[-1]}s")
         del index, state, sections
     info = {"counts": counts, "build_seconds": seconds, "factory": factory}
     (tmp / "info.json").write_text(json.dumps(info))

@@ -187,16 +187,17 @@ class ConsumerConfig(_Settings):
     lag_refresh_ms: int = Field(default=1000, ge=0)
 
 
-class ShardConfig(_Settings):
-    shard_id: int = Field(default=0, ge=0)
-    num_shards: int = Field(default=2, ge=1)
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_SHARD_BASE_PORT
-    metrics_port: int = Field(default=DEFAULT_SHARD_METRICS_BASE_PORT, ge=0, le=65535)  # 0: no /metrics
-    dimension: int = Field(default=0, ge=0)  # 0: learn it from the first vector
-    # Matryoshka: serve the first N dimensions of every vector and query, re-normalised;
-    # queries must be N or the full width wide. 0: the full width.
-    serve_dimension: int = Field(default=0, ge=0)
+def is_exact(index_factory: str) -> bool:
+    """Whether a faiss index-factory string is the exact index, Flat (or FlatIP; any case or
+    spacing): searched by brute force, trained on nothing, and the one the torch backend serves."""
+    return index_factory.strip().replace(" ", "").lower() in ("flat", "flatip")
+
+
+class IndexSettings(_Settings):
+    """How a shard indexes, declared once: each field is a FEEDRET_* variable of ShardConfig,
+    which is an IndexSettings, and feedret.indexer.shard_index.IndexOptions is made from
+    these fields (index_backend and index_device are its backend and device)."""
+
     # Any faiss index-factory string, always inner product: Flat, IVF4096,Flat,
     # IVF4096,PQ32, HNSW32, SQ8, ... (feedret.indexer.shard_index).
     index_factory: str = "Flat"
@@ -207,6 +208,9 @@ class ShardConfig(_Settings):
     # GPU (auto: when faiss-gpu sees one), Flat through the torch store on it (auto: when
     # faiss and torch see one); others stay on the CPU (auto) or refuse to start (cuda).
     index_device: str = "auto"
+    # Matryoshka: serve the first N dimensions of every vector and query, re-normalised;
+    # queries must be N or the full width wide. 0: the full width.
+    serve_dimension: int = Field(default=0, ge=0)
     # Vectors an index that needs training (IVF, PQ) trains on, searched exactly meanwhile;
     # 0: 40 per centroid (nlist or PQ codebook size), at least 1000.
     train_size: int = Field(default=0, ge=0)
@@ -222,6 +226,33 @@ class ShardConfig(_Settings):
     # A filter passing fewer than this fraction of the shard's posts is searched exactly.
     exact_filter_fraction: float = Field(default=0.05, ge=0, le=1)
     retention_s: float = Field(default=0.0, ge=0)  # evict posts created longer ago; 0: keep forever
+
+    @field_validator("index_backend")
+    @classmethod
+    def _index_backend(cls, value: str) -> str:
+        if value not in ("faiss", "torch"):
+            raise ValueError(f"unknown index backend {value!r}; available: faiss, torch")
+        return value
+
+    @model_validator(mode="after")
+    def _index_combination(self) -> "IndexSettings":
+        if self.index_backend == "torch" and not is_exact(self.index_factory):
+            raise ValueError(f"index_backend torch searches exactly: index_factory must be Flat, not {self.index_factory!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.index_device):
+            raise ValueError(f"index_device {self.index_device!r}: one of auto, cpu, cuda, cuda:N")
+        return self
+
+
+class ShardConfig(IndexSettings):
+    shard_id: int = Field(default=0, ge=0)
+    num_shards: int = Field(default=2, ge=1)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_SHARD_BASE_PORT
+    metrics_port: int = Field(default=DEFAULT_SHARD_METRICS_BASE_PORT, ge=0, le=65535)  # 0: no /metrics
+    dimension: int = Field(default=0, ge=0)  # 0: learn it from the first vector
+    # The index settings (index_factory, index_backend, index_device, serve_dimension,
+    # train_size, nprobe, ef_search, search_threads, rebuild_fraction, exact_filter_fraction,
+    # retention_s) are IndexSettings' fields, above.
     sweep_interval_s: float = Field(default=1.0, gt=0)  # retention sweep and rebuild check
     # Snapshots of the index, its ids and attributes and the applied offset, so a restart
     # loads the newest intact one and replays only the partition's tail. Empty: off.
@@ -245,19 +276,8 @@ class ShardConfig(_Settings):
     # re-resolves only when a connection ends. 0: never.
     max_connection_age_s: float = Field(default=60.0, ge=0)
 
-    @field_validator("index_backend")
-    @classmethod
-    def _index_backend(cls, value: str) -> str:
-        if value not in ("faiss", "torch"):
-            raise ValueError(f"unknown index backend {value!r}; available: faiss, torch")
-        return value
-
     @model_validator(mode="after")
-    def _index_combination(self) -> "ShardConfig":
-        if self.index_backend == "torch" and self.index_factory.strip().lower() != "flat":
-            raise ValueError(f"index_backend torch searches exactly: index_factory must be Flat, not {self.index_factory!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.index_device):
-            raise ValueError(f"index_device {self.index_device!r}: one of auto, cpu, cuda, cuda:N")
+    def _widths(self) -> "ShardConfig":
         if self.dimension and self.serve_dimension > self.dimension:
             raise ValueError(f"serve_dimension {self.serve_dimension} exceeds dimension {self.dimension}")
         return self

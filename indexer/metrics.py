@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from feedret.indexer.replica import ShardState
+from feedret.indexer.shard_index import IndexInfo
 from feedret.metrics import LATENCY_BUCKETS
 
 SHARD_APPLY_SECONDS = Histogram(
@@ -144,27 +145,27 @@ class _ShardCollector:
         for state in states:
             shard = [str(state.config.shard_id)]
             index = state.index
-            stats = index.info() if index is not None else {}
-            indexed.add_metric(shard, stats.get("indexed", 0))
+            stats = index.info() if index is not None else IndexInfo()
+            indexed.add_metric(shard, stats.indexed)
             dimension.add_metric(shard, state.dimension)
             vector_dimension.add_metric(shard, state.vector_dimension)
             applied.add_metric(shard, state.applied_offset)
             if state.end_offset is not None:
                 end.add_metric(shard, state.end_offset)
                 lag.add_metric(shard, max(state.end_offset - state.applied_offset, 0))
-            buffered.add_metric(shard, stats.get("buffered", 0))
-            tombstones.add_metric(shard, stats.get("tombstones", 0))
+            buffered.add_metric(shard, stats.buffered)
+            tombstones.add_metric(shard, stats.tombstones)
             upserts.add_metric(shard, state.upserts)
             deletes.add_metric(shard, state.deletes)
             for reason, count in sorted(state.rejected_reasons.items()):
                 rejected.add_metric([*shard, reason], count)
-            evicted.add_metric(shard, stats.get("evicted", 0))
-            rebuilds.add_metric(shard, stats.get("rebuilds", 0))
+            evicted.add_metric(shard, stats.evicted)
+            rebuilds.add_metric(shard, stats.rebuilds)
             if index is not None:
-                info.add_metric([*shard, stats["index_type"], stats["state"], stats["index_device"], state.model_version], 1)
-                if stats["gpu_searches"] or stats["gpu_declined"]:
-                    gpu.add_metric([*shard, "answered"], stats["gpu_searches"])
-                    gpu.add_metric([*shard, "declined"], stats["gpu_declined"])
+                info.add_metric([*shard, stats.index_type, stats.state, stats.index_device, state.model_version], 1)
+                if stats.gpu_searches or stats.gpu_declined:
+                    gpu.add_metric([*shard, "answered"], stats.gpu_searches)
+                    gpu.add_metric([*shard, "declined"], stats.gpu_declined)
         yield from (indexed, dimension, vector_dimension, applied, end, lag, buffered, tombstones)
         yield from (upserts, deletes, rejected, evicted, rebuilds, info, gpu)
 

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, make_dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
 import structlog
 
+from feedret.config import IndexSettings, is_exact
 from feedret.indexer import faiss_ann
 from feedret.indexer.faiss_ann import Ann, IndexConfigError
 from feedret.indexer.rwlock import RWLock
@@ -54,7 +55,7 @@ _ANN_ADD_STEP = 16
 _CATCH_UP_UNDER_LOCK = 1024
 _BUILD_CHUNK = 65536
 
-__all__ = ["IndexConfigError", "IndexOptions", "PostRecord", "SearchFilter", "ShardIndex"]
+__all__ = ["IndexConfigError", "IndexInfo", "IndexOptions", "PostRecord", "SearchFilter", "ShardIndex"]
 
 
 @dataclass(frozen=True)
@@ -78,43 +79,61 @@ class PostRecord:
     vector: np.ndarray | None = None
 
 
+# IndexOptions' names for the IndexSettings fields named after their variable (FEEDRET_INDEX_BACKEND).
+_OPTION_NAMES = {"index_backend": "backend", "index_device": "device"}
+
+
+def _from_config(cls, config: IndexSettings) -> "IndexOptions":
+    """The options a shard's FEEDRET_* variables ask for (a ShardConfig, or any IndexSettings)."""
+    return cls(**{_OPTION_NAMES.get(name, name): getattr(config, name) for name in IndexSettings.model_fields})
+
+
+# A frozen dataclass made from IndexSettings' fields, so each is declared once, in feedret.config
+# (its type, default, limits and meaning, and the FEEDRET_* variable that sets it): index_factory,
+# backend, device, serve_dimension, train_size, nprobe, ef_search, search_threads,
+# rebuild_fraction, exact_filter_fraction, retention_s. `from_config` maps a ShardConfig onto it.
+# IndexOptions(...) itself validates nothing: ShardIndex refuses what cannot work (IndexConfigError).
+IndexOptions = make_dataclass(
+    "IndexOptions",
+    [
+        (_OPTION_NAMES.get(name, name), info.annotation, field(default=info.default))
+        for name, info in IndexSettings.model_fields.items()
+    ]
+    + [
+        ("background", bool, field(default=True)),  # build in a thread (tests may build inline)
+        ("torch_chunk_rows", int, field(default=1 << 20)),  # torch store rows searched per matmul
+    ],
+    namespace={
+        "__module__": __name__,
+        "__doc__": "How a shard indexes: IndexSettings' fields (index_backend and index_device as backend "
+        "and device), and background and torch_chunk_rows.",
+        "from_config": classmethod(_from_config),
+    },
+    frozen=True,
+)
+
+
 @dataclass(frozen=True)
-class IndexOptions:
-    """How a shard indexes; `from_config` maps `ShardConfig` (FEEDRET_* variables) onto it."""
+class IndexInfo:
+    """What `ShardIndex.info()` reports; all zero and empty for a shard that has no index yet."""
 
-    index_factory: str = "Flat"
-    backend: str = "faiss"  # "torch": exact brute force in torch (index_factory must be Flat)
-    device: str = "auto"  # torch backend: auto (CUDA when available), cpu, cuda, cuda:N
-    serve_dimension: int = 0  # Matryoshka: serve the first N dimensions, re-normalised; 0 = full width
-    train_size: int = 0  # vectors to train on; 0 = ~40 per centroid
-    nprobe: int = 16  # IVF lists probed per search
-    ef_search: int = 64  # HNSW candidate list (raised to k per search)
-    search_threads: int = 1  # faiss OpenMP threads per search (on the searching thread only)
-    rebuild_fraction: float = 0.2  # tombstones / index size that triggers a background rebuild
-    exact_filter_fraction: float = 0.05  # a filter passing fewer posts than this fraction is searched exactly
-    retention_s: float = 0.0  # posts created longer ago are evicted; 0 = keep forever
-    background: bool = True  # build in a thread (tests may build inline)
-    torch_chunk_rows: int = 1 << 20
-
-    @classmethod
-    def from_config(cls, config) -> "IndexOptions":
-        return cls(
-            index_factory=config.index_factory,
-            backend=config.index_backend,
-            device=config.index_device,
-            serve_dimension=config.serve_dimension,
-            train_size=config.train_size,
-            nprobe=config.nprobe,
-            ef_search=config.ef_search,
-            search_threads=config.search_threads,
-            rebuild_fraction=config.rebuild_fraction,
-            exact_filter_fraction=config.exact_filter_fraction,
-            retention_s=config.retention_s,
-        )
-
-
-def is_flat(factory: str) -> bool:
-    return factory.strip().replace(" ", "").lower() in ("flat", "flatip")
+    index_type: str = ""  # Flat, the factory string, or the torch store's kind
+    index_device: str = ""  # where searches run (ShardIndex.device)
+    gpu_searches: int = 0  # searches answered by a GPU copy of the index
+    gpu_declined: int = 0  # searches a GPU copy declined to the CPU index
+    state: str = ""  # exact | buffering | training | ready | rebuilding | failed
+    error: str = ""  # why the last build failed
+    indexed: int = 0  # live posts
+    dimension: int = 0  # the served width
+    input_dimension: int = 0  # the vectors' full width
+    buffered: int = 0  # live posts not in the approximate index (searched exactly)
+    train_size: int = 0
+    tombstones: int = 0
+    ann_entries: int = 0
+    slots: int = 0
+    store_rows: int = 0
+    evicted: int = 0
+    rebuilds: int = 0
 
 
 class _Interned:
@@ -215,22 +234,24 @@ class ShardIndex:
         self._train_size = 0
         self._gpu: int | None = None  # the GPU a faiss IVF index's search mirror lives on
         self.gpu_searches = faiss_ann.MirrorCounts()  # over every mirror this index has had
+        # Flat (feedret.config.is_exact): the store is the whole index, searched exactly, never trained.
+        self.exact_only = is_exact(opts.index_factory)
         if opts.backend == "torch":
-            if not is_flat(opts.index_factory):
+            if not self.exact_only:
                 raise IndexConfigError(
                     f"the torch backend is exact brute force: index factory must be Flat, not {opts.index_factory!r}"
                 )
             self._store = TorchStore(self.dimension, opts.device, opts.torch_chunk_rows)
             self.index_type = self._store.kind
-        elif is_flat(opts.index_factory) and self._flat_on_gpu():
+        elif self.exact_only and self._flat_on_gpu():
             # Exact search on a GPU is the torch store's: any k, filters inside the search,
             # deletes in place, none of which a faiss GPU Flat index offers.
             self._store = TorchStore(self.dimension, opts.device, opts.torch_chunk_rows)
             self.index_type = "Flat"
         else:
             self._store = FaissFlatStore(self.dimension)
-            self.index_type = opts.index_factory if not is_flat(opts.index_factory) else "Flat"
-            if not is_flat(opts.index_factory):
+            self.index_type = "Flat" if self.exact_only else opts.index_factory
+            if not self.exact_only:
                 probe = faiss_ann.new_index(opts.index_factory, self.dimension)
                 self._gpu = self._mirror_gpu(probe)
                 if probe.is_trained:
@@ -243,7 +264,6 @@ class ShardIndex:
                         raise IndexConfigError(
                             f"train_size {self._train_size} is below the {nlist} lists of {opts.index_factory!r}"
                         )
-        self.exact_only = opts.backend == "torch" or is_flat(opts.index_factory)
 
         self._slots = _Slots()
         self._next_slot = 0
@@ -1014,27 +1034,27 @@ class ShardIndex:
             return "training" if self._build is not None else "buffering"
         return "rebuilding" if self._build is not None else "ready"
 
-    def info(self) -> dict:
+    def info(self) -> IndexInfo:
         with self._lock.read():
             n = self._next_slot
             s = self._slots
             buffered = 0 if self.exact_only else int(np.count_nonzero(s.alive[:n] & ~s.in_ann[:n]))
-            return {
-                "index_type": self.index_type,
-                "index_device": self.device,
-                "gpu_searches": self.gpu_searches.answered,
-                "gpu_declined": self.gpu_searches.declined,
-                "state": self.state,
-                "error": self._failed,
-                "indexed": len(self._slot_of),
-                "dimension": self.dimension,
-                "input_dimension": self.input_dimension,
-                "buffered": buffered,
-                "train_size": self._train_size,
-                "tombstones": self.tombstones,
-                "ann_entries": self._ann.ntotal if self._ann is not None else 0,
-                "slots": n,
-                "store_rows": self._store.capacity,
-                "evicted": self.evicted,
-                "rebuilds": self.rebuilds,
-            }
+            return IndexInfo(
+                index_type=self.index_type,
+                index_device=self.device,
+                gpu_searches=self.gpu_searches.answered,
+                gpu_declined=self.gpu_searches.declined,
+                state=self.state,
+                error=self._failed,
+                indexed=len(self._slot_of),
+                dimension=self.dimension,
+                input_dimension=self.input_dimension,
+                buffered=buffered,
+                train_size=self._train_size,
+                tombstones=self.tombstones,
+                ann_entries=self._ann.ntotal if self._ann is not None else 0,
+                slots=n,
+                store_rows=self._store.capacity,
+                evicted=self.evicted,
+                rebuilds=self.rebuilds,
+            )

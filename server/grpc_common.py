@@ -263,6 +263,16 @@ def rpc_scope(context: grpc.ServicerContext, method: str, request_id: str = "") 
             log.debug("rpc_done", ms=round((time.perf_counter() - started) * 1000, 3))
 
 
+# gRPC reports a call without a deadline as one ~9.2e18 s away (INT64_MAX); a real one is never this far.
+_NO_DEADLINE_S = 1e6
+
+
+def deadline_remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the caller's deadline, or None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE_S else remaining
+
+
 def check_k(k: int, max_k: int) -> int:
     if k < 1 or k > max_k:
         raise InvalidRequest(f"k must be between 1 and {max_k}, got {k}")

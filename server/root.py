@@ -31,6 +31,7 @@ from feedret.server.grpc_common import (
     check_k,
     check_member,
     connection_age_options,
+    deadline_remaining,
     fill_candidates,
     query_vector,
     rpc_scope,
@@ -121,8 +122,8 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
     # ------------------------------------------------------------ Retrieve
 
     def _deadline(self, context: grpc.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        if remaining is None or remaining > 1e6:  # no deadline set by the caller
+        remaining = deadline_remaining(context)
+        if remaining is None:
             remaining = self.config.default_timeout_s
         return time.monotonic() + max(remaining - self.config.deadline_margin_s, 0.0)
 

@@ -20,7 +20,7 @@ from feedret.config import GrpcSecurityConfig, KafkaConfig, ShardConfig
 from feedret.indexer.applier import PartitionApplier
 from feedret.indexer.batcher import SearchBatcher
 from feedret.indexer.replica import ShardState
-from feedret.indexer.shard_index import SearchFilter
+from feedret.indexer.shard_index import IndexInfo, SearchFilter
 from feedret.indexer.upkeep import Snapshotter, Sweeper
 from feedret.server.grpc_common import (
     RpcFailure,
@@ -28,6 +28,7 @@ from feedret.server.grpc_common import (
     check_filters,
     check_k,
     connection_age_options,
+    deadline_remaining,
     fill_candidates,
     query_vector,
     rpc_scope,
@@ -102,10 +103,10 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
             if index is None:
                 return resp
             if self.batcher is not None and index.batches_searches:
-                remaining = context.time_remaining()
+                # No deadline, or one already past (0 s left: the caller has stopped waiting): no timeout.
+                timeout = deadline_remaining(context) or None
                 try:
-                    ids, scores = self.batcher.search(index, vec, request.k, filt,
-                                                      timeout=remaining if remaining and remaining < 1e6 else None)
+                    ids, scores = self.batcher.search(index, vec, request.k, filt, timeout=timeout)
                 except TimeoutError as exc:
                     raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "the search did not finish before the deadline") from exc
             else:
@@ -139,28 +140,28 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
         state = self.state
         with rpc_scope(context, "Stats"):
             cfg = state.config
-            info = state.index.info() if state.index is not None else {}
+            info = state.index.info() if state.index is not None else IndexInfo()
             shard = pb.ShardStats(
                 shard=cfg.shard_id,
                 address=self.address,
                 reachable=True,
-                indexed=info.get("indexed", 0),
+                indexed=info.indexed,
                 dimension=state.dimension,
                 vector_dimension=state.vector_dimension,
-                index_type=info.get("index_type")
+                index_type=info.index_type
                 or (cfg.index_factory if cfg.index_backend == "faiss" else f"{cfg.index_backend}-exact"),
-                index_state=info.get("state", ""),
-                index_device=info.get("index_device", ""),
-                buffered=info.get("buffered", 0),
-                tombstones=info.get("tombstones", 0),
-                evicted=info.get("evicted", 0),
-                rebuilds=info.get("rebuilds", 0),
+                index_state=info.state,
+                index_device=info.index_device,
+                buffered=info.buffered,
+                tombstones=info.tombstones,
+                evicted=info.evicted,
+                rebuilds=info.rebuilds,
                 retention_s=cfg.retention_s,
                 upserts=state.upserts,
                 deletes=state.deletes,
                 rejected=state.rejected,
                 model_version=state.model_version,
-                error=info.get("error", ""),
+                error=info.error,
                 searches=self.searches,
                 ready=self.ready.is_set(),
                 end_offset=state.end_offset or 0,

@@ -58,7 +58,7 @@ def mirror(ix: ShardIndex) -> faiss_ann.Mirror:
 
 def test_the_gpu_copy_answers_and_deletes_replacements_and_filters_still_hold():
     ix, ref, ids, vecs, rng = filled()
-    assert ix.state == "ready" and ix.device == ix.info()["index_device"] == "cuda:0"
+    assert ix.state == "ready" and ix.device == ix.info().index_device == "cuda:0"
     m = ix.gpu_searches
     assert mirror(ix).index.ntotal == ix._ann.ntotal == 2000, "the copy got every add"
     for q in unit(rng, 5):
@@ -142,7 +142,7 @@ def test_a_failing_gpu_copy_is_dropped_and_the_cpu_index_serves():
     for q in unit(rng, 3):
         check(ix, ref, q, 50, min_recall=0.5)
     assert "illegal memory access" in mirror(ix).failed
-    assert ix.info()["index_device"] == "cpu"
+    assert ix.info().index_device == "cpu"
     ref.upsert(ix, [1, 2], unit(rng, 2), [0.0, 0.0], ["en", "en"])
     check(ix, ref, unit(rng, 1)[0], 50, min_recall=0.5)
 
@@ -151,17 +151,17 @@ def test_a_rebuild_drops_the_tombstones_from_both_and_reuses_their_slots():
     ix, ref, ids, vecs, rng = filled(replace(IVF, rebuild_fraction=0.2))
     old = mirror(ix)
     ref.delete(ix, ids[:500])
-    assert ix.tombstones == 500 and ix.info()["slots"] == 2000
+    assert ix.tombstones == 500 and ix.info().slots == 2000
     ix.maintain()  # 500 >= 0.2 * 2000: rebuilt inline
     info = ix.info()
-    assert info["tombstones"] == 0 and info["rebuilds"] == 2 and info["ann_entries"] == 1500
+    assert info.tombstones == 0 and info.rebuilds == 2 and info.ann_entries == 1500
     assert mirror(ix) is not old and mirror(ix).index.ntotal == 1500
     ref.upsert(ix, ids[:500], vecs[:500], [1.0] * 500, ["en"] * 500)
-    assert ix.info()["slots"] == 2000, "freed slots are reused after the rebuild"
+    assert ix.info().slots == 2000, "freed slots are reused after the rebuild"
     for q in [*unit(rng, 4), *vecs[:500:100]]:
         check(ix, ref, q, 50, min_recall=0.5)
     assert ix.gpu_searches.answered >= 9 and mirror(ix).counts is ix.gpu_searches, "counted across rebuilds"
-    assert ix.info()["gpu_searches"] == ix.gpu_searches.answered
+    assert ix.info().gpu_searches == ix.gpu_searches.answered
 
 
 def test_a_restored_snapshot_gets_a_gpu_copy_of_what_it_loaded():
@@ -261,7 +261,7 @@ def test_searches_writes_and_background_rebuilds_run_together_on_the_gpu_copy():
     gone = churn_while_searching(ix, pause=0.005)
     assert ix.wait_idle(60)
     info = ix.info()
-    assert len(ix) == 6000 - len(gone) == info["ann_entries"] - info["tombstones"] and info["buffered"] == 0
+    assert len(ix) == 6000 - len(gone) == info.ann_entries - info.tombstones and info.buffered == 0
     assert ix.device == "cuda:0" and mirror(ix).index.ntotal == ix._ann.ntotal
     assert ix.gpu_searches.answered > 0
 

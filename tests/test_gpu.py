@@ -118,7 +118,7 @@ def test_the_faiss_gpu_copy_matches_the_cpu_index():
         out[device] = [[ix.search(q, k, f)[0].tolist() for f in filters] for q in vecs[:5] for k in (100, 2000, 3000)]
         if device != "cpu":
             info = ix.info()
-            assert info["gpu_searches"] > 0 and info["gpu_declined"] > 0  # k=3,000 goes to the CPU index
+            assert info.gpu_searches > 0 and info.gpu_declined > 0  # k=3,000 goes to the CPU index
             # Concurrent searches go to the GPU as one search, with the answers each gets alone.
             assert ix.batches_searches
             cases = [(q, k, f) for q in vecs[5:9] for k in (100, 2000) for f in filters]

@@ -160,7 +160,7 @@ def test_an_index_that_needs_training_serves_exactly_until_trained_and_searches_
     ids = np.arange(1600, dtype=np.int64)
     try:
         ref.upsert(ix, ids[:999], vecs[:999], [0.0] * 999, ["en"] * 999)
-        assert ix.state == "buffering" and ix.info()["buffered"] == 999
+        assert ix.state == "buffering" and ix.info().buffered == 999
         q = unit(rng, 1)[0]
         assert check(ix, ref, q, 20).tolist() == ref.exact(q, 20)  # exact while buffering
 
@@ -180,10 +180,10 @@ def test_an_index_that_needs_training_serves_exactly_until_trained_and_searches_
         release.set()
     assert ix.wait_idle(60)
     info = ix.info()
-    assert info["state"] == "ready" and info["buffered"] == 0 and info["rebuilds"] == 1
-    assert info["ann_entries"] == len(ref.posts) == len(ix)
+    assert info.state == "ready" and info.buffered == 0 and info.rebuilds == 1
+    assert info.ann_entries == len(ref.posts) == len(ix)
     ref.upsert(ix, ids[1300:], vecs[1300:], [0.0] * 300, ["en"] * 300)  # added to the trained index directly
-    assert ix.info()["buffered"] == 0
+    assert ix.info().buffered == 0
     for q in [*unit(rng, 5), *vecs[:100:10]]:
         check(ix, ref, q, 30, min_recall=RECALL.get(kind, 0.5))
 
@@ -199,16 +199,16 @@ def test_hnsw_deletes_are_tombstones_that_never_come_back_until_a_rebuild_drops_
     # Replacing a post tombstones its old entry too.
     ref.upsert(ix, ids[400:500], unit(rng, 100), [1.0] * 100, ["en"] * 100)
     assert ix.tombstones == 500
-    slots_before = ix.info()["slots"]
+    slots_before = ix.info().slots
     assert slots_before == 2100, "tombstoned slots are not reused before a rebuild"
     ix.maintain()  # 500 tombstones >= 0.22 * 2100 entries: rebuild (inline here)
     info = ix.info()
-    assert info["tombstones"] == 0 and info["rebuilds"] == 1 and info["ann_entries"] == len(ref.posts) == 1600
+    assert info.tombstones == 0 and info.rebuilds == 1 and info.ann_entries == len(ref.posts) == 1600
     for q in [*vecs[:500:20], *unit(rng, 5)]:
         check(ix, ref, q, 50, min_recall=0.8)
     # The freed slots are reused.
     ref.upsert(ix, ids[:400], vecs[:400], [2.0] * 400, ["en"] * 400)
-    assert ix.info()["slots"] == slots_before
+    assert ix.info().slots == slots_before
 
 
 def test_writes_during_a_background_rebuild_are_kept(monkeypatch):
@@ -241,7 +241,7 @@ def test_writes_during_a_background_rebuild_are_kept(monkeypatch):
     assert ix.wait_idle(60) and ix.state == "ready"
     info = ix.info()
     # What was deleted or replaced during the build is a tombstone of the new index.
-    assert info["ann_entries"] - info["tombstones"] == len(ref.posts) == len(ix)
+    assert info.ann_entries - info.tombstones == len(ref.posts) == len(ix)
     for q in [*unit(rng, 5), *vecs[300:400:10]]:
         check(ix, ref, q, 40, min_recall=0.8)
     for pid in extra_ids[10:20]:

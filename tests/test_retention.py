@@ -41,7 +41,7 @@ def test_index_size_stays_flat_under_a_stream_of_inserts(kind, background):
             oldest_live = next_id - int(RETENTION + 1) * PER_TICK
             assert got.min() >= oldest_live, "an expired post came back"
             info = ix.info()
-            sizes.append((info["indexed"], info["slots"], info["store_rows"], info["ann_entries"]))
+            sizes.append((info.indexed, info.slots, info.store_rows, info.ann_entries))
     window = int(RETENTION + 1) * PER_TICK
     indexed, slots, rows, entries = (np.array(c) for c in zip(*sizes))
     assert indexed.max() <= window and indexed[-1] >= window - PER_TICK

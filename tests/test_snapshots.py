@@ -45,7 +45,7 @@ def test_a_restored_index_answers_like_the_original_and_keeps_working(kind, tmp_
 
     restored = round_trip(ix, tmp_path)
     for key in ("index_type", "state", "indexed", "dimension", "buffered", "tombstones", "ann_entries", "slots"):
-        assert restored.info()[key] == ix.info()[key], key
+        assert getattr(restored.info(), key) == getattr(ix.info(), key), key
     filt = SearchFilter(languages=["de", "fr"], exclude_post_ids=ids[1:50].tolist())
     for q in unit(rng, 4):
         for f in (None, filt):
@@ -58,7 +58,7 @@ def test_a_restored_index_answers_like_the_original_and_keeps_working(kind, tmp_
     np.testing.assert_allclose(rec.vector, ix.lookup(int(ids[6]), include_vector=True).vector)
 
     # It goes on taking writes: deletes stay deleted, freed slots are reused, builds still run.
-    slots = restored.info()["slots"]
+    slots = restored.info().slots
     ref.upsert(restored, ids[::5][:100], unit(rng, 100), [8.0] * 100, ["en"] * 100)
     ref.delete(restored, ids[2:400:5])
     restored.maintain()
@@ -66,7 +66,7 @@ def test_a_restored_index_answers_like_the_original_and_keeps_working(kind, tmp_
     for q in unit(rng, 4):
         check(restored, ref, q, 40, min_recall=0.5)
     if kind in ("flat", "torch", "ivf-flat", "ivf-buffering"):
-        assert restored.info()["slots"] == slots
+        assert restored.info().slots == slots
 
 
 def test_a_snapshot_of_another_configuration_is_refused(tmp_path):

@@ -47,8 +47,8 @@ def test_deletes_free_rows_for_reuse_and_never_come_back():
     got, _ = ix.search(vecs[0], 300)
     assert sorted(got.tolist()) == list(range(1, 300, 2))
     ix.upsert(list(range(1000, 1150)), unit(rng, 150, 8), [0.0] * 150, ["en"] * 150, 0, model_versions=["m1"] * 150)
-    assert ix.info()["slots"] == 300  # deleted rows were reused
-    assert ix.info()["index_type"] == "torch-exact(cpu)" and ix.state == "exact"
+    assert ix.info().slots == 300  # deleted rows were reused
+    assert ix.info().index_type == "torch-exact(cpu)" and ix.state == "exact"
 
 
 def test_device_auto_picks_cuda_only_when_there_is_one():
