@@ -21,7 +21,15 @@ from feedret.server import member_metrics
 from feedret.config import GrpcSecurityConfig, MemberConfig
 from feedret.members import MemberProfile
 from feedret.microbatch import MicroBatcher
-from feedret.server.grpc_common import InvalidRequest, RpcFailure, build_server, check_member, rpc_scope, set_serving
+from feedret.server.grpc_common import (
+    InvalidRequest,
+    RpcFailure,
+    build_server,
+    check_member,
+    deadline_remaining,
+    rpc_scope,
+    set_serving,
+)
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
@@ -72,7 +80,7 @@ class MemberServicer(pb_grpc.MemberEmbeddingServiceServicer):
             check_member(request.member, self.config)
             member = MemberProfile.from_proto(request.member)
             started = time.perf_counter()
-            vector, how = self._vector(member, context.time_remaining())
+            vector, how = self._vector(member, deadline_remaining(context))
             member_metrics.observe_member_cache(hit=how == "hit", cacheable=bool(member.session_id))
             if how == "hit":
                 log.debug("member_cache_hit", member_id=member.member_id)

@@ -55,6 +55,15 @@ def test_embed_returns_the_encoders_unit_vector(member_stub, encoder):
     assert reply.model_version == encoder.model_version and not reply.cached
 
 
+def test_a_caller_without_a_deadline_gets_its_vector(member_stub, encoder):
+    # gRPC reports "no deadline" as ~9e18 s left, which no wait accepts as a timeout.
+    stub, _ = member_stub
+    for session in ("", "s-no-deadline"):  # the uncached path and the session path
+        reply = stub.Embed(request(session))
+        expected = encoder.embed_members([MemberProfile.from_proto(request(session).member)])[0]
+        np.testing.assert_allclose(reply.vector, expected, atol=1e-5)
+
+
 def test_vector_is_cached_per_member_and_session_until_the_ttl(member_stub):
     stub, _ = member_stub
     first = stub.Embed(request("s2"), timeout=10)
