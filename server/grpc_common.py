@@ -238,6 +238,28 @@ def set_serving(health_servicer: health.HealthServicer, service_names: Sequence[
         health_servicer.set(name, status)
 
 
+# Seconds a stopping server gives calls in flight, after it has said NOT_SERVING.
+STOP_GRACE_S = 2.0
+
+
+@contextlib.contextmanager
+def serving(
+    server: "ServerGroup", health_servicer: health.HealthServicer, service_names: Sequence[str], *, ready: bool = True
+) -> Iterator[None]:
+    """The life of every feedret gRPC server, around the block that runs it (typically
+    until a stop event): started, SERVING at once when `ready` (a shard says it later,
+    once it has caught up, with set_serving), and on leaving NOT_SERVING, so that
+    balancers and the root stop sending, then stopped with STOP_GRACE_S for calls in flight."""
+    server.start()
+    if ready:
+        set_serving(health_servicer, service_names, True)
+    try:
+        yield
+    finally:
+        set_serving(health_servicer, service_names, False)
+        server.stop(grace=STOP_GRACE_S).wait()
+
+
 @contextlib.contextmanager
 def rpc_scope(context: grpc.ServicerContext, method: str, request_id: str = "") -> Iterator[str]:
     """Binds the request id to every log line; maps failures to gRPC status codes.

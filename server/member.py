@@ -28,7 +28,7 @@ from feedret.server.grpc_common import (
     check_member,
     deadline_remaining,
     rpc_scope,
-    set_serving,
+    serving,
 )
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
@@ -157,12 +157,9 @@ def serve(config: MemberConfig, encoder: MemberEmbedder, stop: threading.Event, 
         security=security,
         max_concurrent_rpcs=config.max_concurrent_rpcs or workers,
     )
-    server.start()
-    set_serving(health_servicer, SERVICE_NAMES, True)
-    log.info("member_listening", address=f"{config.host}:{port}", model_version=encoder.model_version,
-             max_concurrent_rpcs=config.max_concurrent_rpcs or workers)
-    stop.wait()
-    set_serving(health_servicer, SERVICE_NAMES, False)
-    server.stop(grace=2).wait()
+    with serving(server, health_servicer, SERVICE_NAMES):
+        log.info("member_listening", address=f"{config.host}:{port}", model_version=encoder.model_version,
+                 max_concurrent_rpcs=config.max_concurrent_rpcs or workers)
+        stop.wait()
     servicer.close()
     log.info("member_stopped")

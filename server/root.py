@@ -35,7 +35,7 @@ from feedret.server.grpc_common import (
     fill_candidates,
     query_vector,
     rpc_scope,
-    set_serving,
+    serving,
 )
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
@@ -404,12 +404,8 @@ def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event, securit
         security,
         max_concurrent_rpcs=config.max_concurrent_rpcs or config.grpc_workers,
     )
-    server.start()
-    # The root holds no state: it can serve as soon as it listens.
-    set_serving(health_servicer, SERVICE_NAMES, True)
-    log.info("root_listening", address=f"{config.host}:{port}", shards=servicer.addresses,
-             max_concurrent_rpcs=config.max_concurrent_rpcs or config.grpc_workers)
-    stop.wait()
-    set_serving(health_servicer, SERVICE_NAMES, False)
-    server.stop(grace=2).wait()
+    with serving(server, health_servicer, SERVICE_NAMES):  # no state: it serves as soon as it listens
+        log.info("root_listening", address=f"{config.host}:{port}", shards=servicer.addresses,
+                 max_concurrent_rpcs=config.max_concurrent_rpcs or config.grpc_workers)
+        stop.wait()
     log.info("root_stopped")

@@ -32,6 +32,7 @@ from feedret.server.grpc_common import (
     fill_candidates,
     query_vector,
     rpc_scope,
+    serving,
     set_serving,
 )
 from feedret.v1 import feedret_pb2 as pb
@@ -223,26 +224,24 @@ def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event, securi
 
     applier = PartitionApplier(kafka, state, on_caught_up=on_caught_up, on_fatal=on_fatal)
     sweeper = Sweeper(state)
-    server.start()
-    applier.start()
-    sweeper.start()
-    if snapshotter is not None:
-        snapshotter.start()
-    log.info(
-        "shard_listening",
-        address=servicer.address,
-        partition=config.shard_id,
-        topic=kafka.vectors_topic,
-        index_factory=config.index_factory,
-        index_backend=config.index_backend,
-        serve_dimension=config.serve_dimension,
-        retention_s=config.retention_s,
-    )
-    stop.wait()
-    set_serving(health_servicer, SERVICE_NAMES, False)
-    applier.stop_event.set()
-    sweeper.stop_event.set()
-    server.stop(grace=2).wait()
+    with serving(server, health_servicer, SERVICE_NAMES, ready=False):  # SERVING once caught up
+        applier.start()
+        sweeper.start()
+        if snapshotter is not None:
+            snapshotter.start()
+        log.info(
+            "shard_listening",
+            address=servicer.address,
+            partition=config.shard_id,
+            topic=kafka.vectors_topic,
+            index_factory=config.index_factory,
+            index_backend=config.index_backend,
+            serve_dimension=config.serve_dimension,
+            retention_s=config.retention_s,
+        )
+        stop.wait()
+        applier.stop_event.set()
+        sweeper.stop_event.set()
     if servicer.batcher is not None:
         servicer.batcher.close()
     applier.join(timeout=5)
