@@ -207,6 +207,9 @@ def test_a_max_length_that_cuts_post_text_is_reported(dataset, tmp_path):
         train(config(dataset, tmp_path, epochs=1, numeric="quantized", max_length=48))
     warning = [e for e in logs if e["event"] == "post_prompts_truncated"]
     assert warning and warning[0]["share"] == 1.0 and warning[0]["log_level"] == "warning"
+    # Member prompts too: half of them lose their oldest activity at 48 tokens.
+    members = [e for e in logs if e["event"] == "member_prompts_truncated"]
+    assert members and members[0]["share"] > 0.2 and members[0]["log_level"] == "warning"
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "training" / "configs").glob("*.json")),
