@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -122,7 +122,22 @@ def to_result(resp: pb.RetrieveResponse) -> RetrieveResult:
     )
 
 
-class FeedretClient:
+class _RootCalls:
+    """What both faces share: the stubs on one channel to the root, and every request they
+    send. The faces differ only in how a call is made (blocking, or awaited)."""
+
+    def __init__(self, address: str, channel: Any) -> None:
+        self.address = address
+        self._channel = channel
+        self._retrieval = pb_grpc.RetrievalServiceStub(channel)
+        self._admin = pb_grpc.IndexAdminStub(channel)
+
+    @staticmethod
+    def _lookup_request(post_id: int, include_vector: bool) -> pb.LookupRequest:
+        return pb.LookupRequest(post_id=post_id, include_vector=include_vector)
+
+
+class FeedretClient(_RootCalls):
     """Blocking client for the root server (RetrievalService and IndexAdmin)."""
 
     def __init__(
@@ -137,10 +152,7 @@ class FeedretClient:
         """`credentials`: TLS to a root that serves it (`grpc.ssl_channel_credentials(ca, key, cert)`);
         `server_name`: the name to expect in the root's certificate when the address's host is not in it;
         `token`: a bearer token sent with every call (or a function returning the current one)."""
-        self.address = address
-        self._channel = with_token(channel or _open(grpc, address, credentials, server_name), _token_source(token))
-        self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
-        self._admin = pb_grpc.IndexAdminStub(self._channel)
+        super().__init__(address, with_token(channel or _open(grpc, address, credentials, server_name), _token_source(token)))
 
     def retrieve(
         self,
@@ -154,19 +166,12 @@ class FeedretClient:
         timeout: float | None = 1.0,
         request_id: str = "",
     ) -> RetrieveResult:
-        req = build_request(
-            member=member,
-            vector=vector,
-            k=k,
-            exclude_post_ids=exclude_post_ids,
-            max_age_seconds=max_age_seconds,
-            languages=languages,
-            request_id=request_id,
-        )
+        req = build_request(member=member, vector=vector, k=k, exclude_post_ids=exclude_post_ids,
+                            max_age_seconds=max_age_seconds, languages=languages, request_id=request_id)
         return to_result(self._retrieval.Retrieve(req, timeout=timeout))
 
     def lookup(self, post_id: int, *, include_vector: bool = False, timeout: float | None = 2.0) -> pb.LookupResponse:
-        return self._admin.Lookup(pb.LookupRequest(post_id=post_id, include_vector=include_vector), timeout=timeout)
+        return self._admin.Lookup(self._lookup_request(post_id, include_vector), timeout=timeout)
 
     def stats(self, *, timeout: float | None = 5.0) -> pb.StatsResponse:
         return self._admin.Stats(pb.StatsRequest(), timeout=timeout)
@@ -181,7 +186,7 @@ class FeedretClient:
         self.close()
 
 
-class AsyncFeedretClient:
+class AsyncFeedretClient(_RootCalls):
     """asyncio client with the same methods, for grpc.aio-based backends."""
 
     def __init__(
@@ -192,12 +197,9 @@ class AsyncFeedretClient:
         server_name: str | None = None,
         token: str | Callable[[], str] | None = None,
     ) -> None:
-        self.address = address
         source = _token_source(token)
         interceptors = [AioBearerToken(source)] if source is not None else None
-        self._channel = _open(grpc.aio, address, credentials, server_name, interceptors)
-        self._retrieval = pb_grpc.RetrievalServiceStub(self._channel)
-        self._admin = pb_grpc.IndexAdminStub(self._channel)
+        super().__init__(address, _open(grpc.aio, address, credentials, server_name, interceptors))
 
     async def retrieve(
         self,
@@ -211,21 +213,12 @@ class AsyncFeedretClient:
         timeout: float | None = 1.0,
         request_id: str = "",
     ) -> RetrieveResult:
-        req = build_request(
-            member=member,
-            vector=vector,
-            k=k,
-            exclude_post_ids=exclude_post_ids,
-            max_age_seconds=max_age_seconds,
-            languages=languages,
-            request_id=request_id,
-        )
+        req = build_request(member=member, vector=vector, k=k, exclude_post_ids=exclude_post_ids,
+                            max_age_seconds=max_age_seconds, languages=languages, request_id=request_id)
         return to_result(await self._retrieval.Retrieve(req, timeout=timeout))
 
     async def lookup(self, post_id: int, *, include_vector: bool = False, timeout: float | None = 2.0) -> pb.LookupResponse:
-        return await self._admin.Lookup(
-            pb.LookupRequest(post_id=post_id, include_vector=include_vector), timeout=timeout
-        )
+        return await self._admin.Lookup(self._lookup_request(post_id, include_vector), timeout=timeout)
 
     async def stats(self, *, timeout: float | None = 5.0) -> pb.StatsResponse:
         return await self._admin.Stats(pb.StatsRequest(), timeout=timeout)
