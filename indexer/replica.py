@@ -15,7 +15,6 @@ write it.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -73,7 +72,6 @@ class ShardState:
     # At most 10 vector_rejected lines a second; the counters count every one.
     reject_log: Throttle = field(default_factory=lambda: Throttle(10.0))
     model_version: str = ""  # of the latest vector applied; each post keeps its own in the index
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def dimension(self) -> int:
