@@ -263,3 +263,20 @@ def test_engagement_counts_as_of_the_moment_show_each_post_as_the_member_could_h
     assert f"engagements: {split.posts[ex.positive].features['engagements']:g}" in decode(split._doc_tokens([j])[0])
     assert moment._doc_tokens([j], [ex.timestamp]) == moment._doc_tokens([j], [ex.timestamp])  # cached, same tokens
     assert moment.train().joinpath("feedret.json").exists()  # and a run completes with it
+
+
+def test_max_length_auto_keeps_the_member_history_whole_and_travels_with_the_model(dataset, tmp_path):
+    # At 48 tokens half of these member prompts lose their oldest activity; "auto" sizes the limit to the data.
+    from structlog.testing import capture_logs
+
+    from feedret.training.trainer import fitting_length
+
+    assert fitting_length([10, 20, 30], [5], limit=512) == 32 and fitting_length([300] * 20, [5], limit=256) == 256
+    with capture_logs() as logs:
+        model_dir = train(config(dataset, tmp_path, epochs=1, max_length="auto"))
+    chosen = json.loads((model_dir / "feedret.json").read_text())["max_length"]
+    assert isinstance(chosen, int) and chosen % 32 == 0
+    ready = next(e for e in logs if e["event"] == "training_ready")
+    assert ready["member_prompts_truncated"] <= 0.05 and ready["post_prompts_truncated"] == 0.0
+    assert not [e for e in logs if e["event"] in ("member_prompts_truncated", "post_prompts_truncated")]
+    assert Encoder.from_pretrained(model_dir).max_length == chosen

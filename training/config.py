@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -53,7 +53,9 @@ class TrainConfig(BaseModel):
     model_version: str = "feedret-movielens"
     pooling: Literal["last", "mean", "cls"] = "last"
     numeric: Literal["quantized", "raw", "none"] = "quantized"
-    max_length: int = Field(default=128, ge=16)
+    # Tokens per prompt; "auto": the shortest multiple of 32 that keeps 95% of member prompts
+    # and 99% of post prompts whole, within the model's positions (feedret.json records it).
+    max_length: Annotated[int, Field(ge=16)] | Literal["auto"] = 128
 
     # Optimisation
     seed: int = 0

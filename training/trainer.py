@@ -116,7 +116,7 @@ def build_tiny(config: TrainConfig, texts: Sequence[str]):
         num_hidden_layers=t.num_hidden_layers,
         num_attention_heads=t.num_attention_heads,
         num_key_value_heads=t.num_key_value_heads,
-        max_position_embeddings=max(512, config.max_length),
+        max_position_embeddings=max(512, config.max_length if isinstance(config.max_length, int) else 0),
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -279,6 +279,16 @@ def save_checkpoint(
 # ------------------------------------------------------------------ the loop
 
 
+def fitting_length(member_tokens: Sequence[int], post_tokens: Sequence[int], limit: int, step: int = 32) -> int:
+    """max_length "auto": the shortest multiple of `step` that keeps 95% of member prompts and
+    99% of post prompts whole (token counts without the end token, which is added), at most `limit`."""
+    need = max(
+        float(np.quantile(member_tokens, 0.95)) if len(member_tokens) else 0.0,
+        float(np.quantile(post_tokens, 0.99)) if len(post_tokens) else 0.0,
+    ) + 1
+    return int(min(limit, max(step, step * math.ceil(need / step))))
+
+
 # Above this share of member prompts cut by max_length, training warns (MovieLens at 128 tokens: 95%).
 MEMBER_CUT_WARN = 0.2
 
@@ -315,6 +325,13 @@ class Trainer:
                 f"{resume} is a checkpoint of a run {'with' if state.get('lora') else 'without'} LoRA; "
                 "resume it with the same config, or use a new --out"
             )
+        from feedret.encoder.prompts import member_prompt, post_prompt
+
+        post_texts = [post_prompt(p, self.data.quantizer, config.numeric) for p in self.posts.values()]
+        member_texts = [
+            member_prompt(e.member, self.data.quantizer, config.numeric, config.max_recent, config.activity_chars)
+            for e in self.data.examples[:: max(1, len(self.data.examples) // 5000)]
+        ]
         if state is not None and not state.get("lora"):
             from transformers import AutoModel, AutoTokenizer
 
@@ -323,26 +340,25 @@ class Trainer:
         else:
             # Fresh, or LoRA resuming: rebuild the same frozen base (a seeded tiny
             # model is rebuilt bit for bit), then load the adapters below.
-            from feedret.encoder.prompts import member_prompt, post_prompt
-
-            texts = [post_prompt(p, self.data.quantizer, config.numeric) for p in self.posts.values()]
-            texts += [
-                member_prompt(e.member, self.data.quantizer, config.numeric, config.max_recent, config.activity_chars)
-                for e in self.data.examples[:: max(1, len(self.data.examples) // 5000)]
-            ]
-            model, tokenizer = load_base(config, texts, self.device)
+            model, tokenizer = load_base(config, post_texts + member_texts, self.device)
             if state is not None:
                 adapter = load_file(str(resume / "adapter.safetensors"))
                 params = dict(model.named_parameters())
                 with torch.no_grad():
                     for name, value in adapter.items():
                         params[name].copy_(value)
+        self.max_length = config.max_length
+        if self.max_length == "auto":
+            count = lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]  # noqa: E731
+            limit = int(getattr(model.config, "max_position_embeddings", 512) or 512)
+            self.max_length = fitting_length(count(member_texts), count(post_texts), limit)
+            log.info("max_length_auto", max_length=self.max_length, model_positions=limit)
         meta = EncoderMeta(
             config.model_version, config.pooling, config.numeric, self.data.quantizer, config.max_recent,
             config.activity_chars,
         )
         self.encoder = Encoder(
-            model, tokenizer, meta, device=self.device, max_length=config.max_length,
+            model, tokenizer, meta, device=self.device, max_length=self.max_length,
             batch_size=config.batch_size * 4, pooling=config.pooling,
         )
         dim = self.encoder.dim
@@ -382,16 +398,16 @@ class Trainer:
         )
         self._prompt_tokens: dict[str, list[int]] = {}  # engagement_counts "moment": tokens by prompt
         self.member_tokens = self.encoder.tokenize([self.encoder.member_prompt(e.member) for e in self.data.examples])
-        post_cut = truncated_share(self.item_tokens, config.max_length)
+        post_cut = truncated_share(self.item_tokens, self.max_length)
         if post_cut > 0.01:
             # A post prompt ends with its text, so a cut post loses its text first; when the
             # header alone fills max_length, posts differ only by their numbers and collapse.
-            log.warning("post_prompts_truncated", share=round(post_cut, 3), max_length=config.max_length,
+            log.warning("post_prompts_truncated", share=round(post_cut, 3), max_length=self.max_length,
                         fix="raise max_length")
-        member_cut = truncated_share(self.member_tokens, config.max_length)
+        member_cut = truncated_share(self.member_tokens, self.max_length)
         if member_cut > MEMBER_CUT_WARN:
             # A member prompt ends with its oldest activity: what the limit cuts, the model never sees.
-            log.warning("member_prompts_truncated", share=round(member_cut, 3), max_length=config.max_length,
+            log.warning("member_prompts_truncated", share=round(member_cut, 3), max_length=self.max_length,
                         fix="raise max_length, or lower max_recent or activity_chars")
         log.info(
             "training_ready",
