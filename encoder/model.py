@@ -79,6 +79,12 @@ class EncoderMeta:
         )
 
 
+def truncated_share(token_lists: Sequence[Sequence[int]], max_length: int) -> float:
+    """Share of prompts that reached the token limit, so lost their tail to truncation (a
+    member's oldest activity, the end of a post's text). Training and evaluation both report it."""
+    return sum(len(t) >= max_length for t in token_lists) / max(1, len(token_lists))
+
+
 def pick_device(device: str) -> str:
     import torch
 

@@ -366,13 +366,13 @@ def _embed_unique(encoder: Any, prompts: Sequence[str]) -> tuple[np.ndarray, int
     return vecs[[where[p] for p in prompts]], len(unique)
 
 
-def truncated_share(encoder: Any, prompts: Sequence[str]) -> float | None:
-    """Share of prompts the encoder's token limit cuts (their tail is lost: the oldest
-    activity of a member, the end of a post's text); None when it cannot tell."""
+def prompts_cut(encoder: Any, prompts: Sequence[str]) -> float | None:
+    """truncated_share of these prompts under the encoder's token limit; None when it cannot tell."""
     if not prompts or not hasattr(encoder, "tokenize") or not getattr(encoder, "max_length", None):
         return None
-    ids = encoder.tokenize(prompts)
-    return round(sum(len(t) >= encoder.max_length for t in ids) / len(ids), 4)
+    from feedret.encoder.model import truncated_share
+
+    return round(truncated_share(encoder.tokenize(prompts), encoder.max_length), 4)
 
 
 def embed(encoder: Any, data: EvalData) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -391,8 +391,8 @@ def embed(encoder: Any, data: EvalData) -> tuple[np.ndarray, np.ndarray, dict[st
         member_prompts = [encoder.member_prompt(m) for m in data.members]
         member_vecs, timings["distinct_member_prompts"] = _embed_unique(encoder, member_prompts)
         t2 = time.perf_counter()
-        timings["post_prompts_truncated"] = truncated_share(encoder, post_prompts)
-        timings["member_prompts_truncated"] = truncated_share(encoder, member_prompts)
+        timings["post_prompts_truncated"] = prompts_cut(encoder, post_prompts)
+        timings["member_prompts_truncated"] = prompts_cut(encoder, member_prompts)
         for side, share in (("post", timings["post_prompts_truncated"]), ("member", timings["member_prompts_truncated"])):
             if share and share > 0.05:
                 log.warning("prompts_truncated", side=side, share=share, max_length=encoder.max_length,

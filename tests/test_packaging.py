@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,13 @@ def test_an_installed_wheel_finds_its_default_model_and_sample_feed_without_a_ch
     # Built and installed outside the checkout, feedret must still serve its default model and
     # publish the sample feed (`feedret up`): both ship inside the package.
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "wheel")], check=True, timeout=300, cwd=tmp_path)
+    had_build = (root / "build").exists()
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path / "wheel")], check=True, timeout=300, cwd=tmp_path)
+    finally:
+        if not had_build:  # setuptools builds in the source tree: leave no stale copy of the code there
+            shutil.rmtree(root / "build", ignore_errors=True)
     wheel = next((tmp_path / "wheel").glob("feedret-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
                     str(tmp_path / "site"), str(wheel)], check=True, timeout=300, cwd=tmp_path)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from feedret.dataprep.format import read_dataset
-from feedret.encoder.model import Encoder, EncoderMeta, pick_device, share_model_dir
+from feedret.encoder.model import Encoder, EncoderMeta, pick_device, share_model_dir, truncated_share
 from feedret.encoder.prompts import NUM_CLOSE, NUM_OPEN
 from feedret.encoder.quantize import FeatureQuantizer
 from feedret.training.config import TrainConfig
@@ -291,11 +291,6 @@ def fitting_length(member_tokens: Sequence[int], post_tokens: Sequence[int], lim
 
 # Above this share of member prompts cut by max_length, training warns (MovieLens at 128 tokens: 95%).
 MEMBER_CUT_WARN = 0.2
-
-
-def truncated_share(token_lists: Sequence[Sequence[int]], max_length: int) -> float:
-    """Share of prompts that reached the token limit, so lost their tail to truncation."""
-    return sum(len(t) >= max_length for t in token_lists) / max(1, len(token_lists))
 
 
 class Trainer:
