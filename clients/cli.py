@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -297,13 +298,19 @@ def lookup(post_id: int, vector: bool, root: str, as_json: bool) -> None:
 
 @cli.command()
 @root_option
+@click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=f"127.0.0.1:{DEFAULT_BROKER_PORT}", show_default=True,
+              help="Kafka, asked for the embedding consumer group's committed offsets.")
 @json_option
-def stats(root: str, as_json: bool) -> None:
-    """Posts per shard and consumer offsets."""
+def stats(root: str, bootstrap: str, as_json: bool) -> None:
+    """Posts per shard (from the root) and the consumer's committed offsets (from Kafka)."""
+    from feedret.topics import group_offsets  # kafka-python: only for the commands that talk to Kafka
+
     with _client(root) as client:
         reply = _grpc_call(client.stats)
+    # The root answers for the index only; the consumer group's offsets are Kafka's to tell.
+    offsets = group_offsets(KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap))
     if as_json:
-        _dump(_proto_dict(reply))
+        _dump({**_proto_dict(reply), "consumer_offsets": [dataclasses.asdict(o) for o in offsets]})
         return
     click.echo(f"total indexed: {reply.total_indexed}  model: {reply.model_version or '-'}")
     for s in reply.shards:
@@ -318,8 +325,8 @@ def stats(root: str, as_json: bool) -> None:
                 status = ("ready" if r.ready else "catching up") if r.reachable else f"DOWN ({r.error})"
                 at = ", ".join(str(o.offset) for o in r.applied) or "-"
                 click.echo(f"    replica {r.address:<21} {status:<11} indexed {r.indexed:>9}  searches {r.searches}  applied {at}")
-    offsets = ", ".join(f"{o.topic}[{o.partition}]@{o.offset}" for o in reply.consumer_offsets)
-    click.echo(f"  consumer offsets: {offsets or '-'}")
+    shown = ", ".join(f"{o.topic}[{o.partition}]@{o.offset}" for o in offsets)
+    click.echo(f"  consumer offsets: {shown or '-'}")
 
 
 # ---------------------------------------------------------------- train

@@ -1,6 +1,8 @@
-"""Creating the Kafka topics feedret needs, idempotently."""
+"""Creating the Kafka topics feedret needs, idempotently, and reading a consumer group's offsets."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import structlog
 from kafka import KafkaAdminClient
@@ -46,3 +48,44 @@ def ensure_topics(kafka: KafkaConfig, num_shards: int, replication_factor: int =
             )
     finally:
         admin.close()
+
+
+@dataclass(frozen=True)
+class GroupOffset:
+    """A consumer group's committed offset on one partition."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+def group_offsets(kafka: KafkaConfig, group: str | None = None, timeout_s: float = 3.0) -> list[GroupOffset]:
+    """The committed offsets of `group` (default: the embedding consumer's), by topic and partition.
+
+    For operators (`feedret stats`), not for the serving path: the root answers for
+    the index only and never reads Kafka; the consumer exports its lag as a metric.
+    An unreachable broker gives [] within about `timeout_s` (kafka-python >= 2.1
+    would otherwise wait 30 s for it).
+    """
+    group = group or kafka.consumer_group
+    timeout_ms = int(timeout_s * 1000)
+    fast = {"bootstrap_timeout_ms": timeout_ms} if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG else {}
+    try:
+        admin = KafkaAdminClient(**kafka.client_options(), client_id="feedret-offsets",
+                                 request_timeout_ms=timeout_ms, **fast)
+    except Exception as exc:  # noqa: BLE001 - offsets are informational: no broker, none to show
+        log.warning("group_offsets_unavailable", group=group, error=str(exc))
+        return []
+    try:
+        answer = admin.list_group_offsets(group)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("group_offsets_unavailable", group=group, error=str(exc))
+        return []
+    finally:
+        admin.close()
+    # kafka-python >= 2.3 answers {group: {partition: offset}}; earlier ones, the inner dict.
+    committed = answer.get(group, answer) if isinstance(answer, dict) else {}
+    return sorted(
+        (GroupOffset(tp.topic, tp.partition, om.offset) for tp, om in committed.items()),
+        key=lambda o: (o.topic, o.partition),
+    )

@@ -94,8 +94,8 @@ def run(role: str) -> None:
         raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
     configure_logging(role)
     stop = _stop_on_signals()
-    # The member service never talks to Kafka: it must start whatever Kafka's security settings are.
-    kafka = KafkaConfig() if role != "member" else None
+    # The root and the member service never talk to Kafka: they must start whatever Kafka's settings are.
+    kafka = KafkaConfig() if role in ("shard", "consumer") else None
     config = {"shard": ShardConfig, "root": RootConfig, "member": MemberConfig, "consumer": ConsumerConfig}[role]()
     security = GrpcSecurityConfig() if role != "consumer" else None  # the consumer serves no gRPC
     # First, so a process still loading its model or replaying its partition is already visible.
@@ -107,7 +107,7 @@ def run(role: str) -> None:
     elif role == "root":
         from feedret.server.root import serve as serve_root
 
-        serve_root(kafka, config, stop, security)
+        serve_root(config, stop, security)
     elif role == "member":
         from feedret.server.member import serve as serve_member
 

@@ -15,7 +15,7 @@ import numpy as np
 import structlog
 
 from feedret.server import root_metrics
-from feedret.config import GrpcSecurityConfig, KafkaConfig, RootConfig
+from feedret.config import GrpcSecurityConfig, RootConfig
 from feedret.grpc_client import MAX_MESSAGE_BYTES
 from feedret.merge import ShardHits, merge_topk, shard_depth
 from feedret.routing import shard_of
@@ -47,43 +47,8 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name,
 )
 
-class ConsumerOffsets:
-    """Committed offsets of the embedding consumer group, read through the Kafka admin API."""
-
-    def __init__(self, kafka: KafkaConfig) -> None:
-        self.kafka = kafka
-        self._admin = None
-        self._lock = threading.Lock()
-
-    def read(self) -> list[pb.PartitionOffset]:
-        from kafka import KafkaAdminClient  # imported late: Stats is rare, start-up is not
-
-        with self._lock:
-            try:
-                if self._admin is None:
-                    # kafka-python (>= 2.1) waits 30 s for an unreachable broker by default,
-                    # and Stats would hang that long; offsets are optional, so give up fast.
-                    fast = {"bootstrap_timeout_ms": 3000} if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG else {}
-                    self._admin = KafkaAdminClient(
-                        **self.kafka.client_options(),
-                        client_id="feedret-root-admin",
-                        request_timeout_ms=3000,
-                        **fast,
-                    )
-                offsets = self._admin.list_group_offsets(self.kafka.consumer_group)
-            except Exception as exc:  # noqa: BLE001 - Stats degrades, it does not fail
-                log.warning("consumer_offsets_unavailable", error=str(exc))
-                self._admin = None
-                return []
-        group = offsets.get(self.kafka.consumer_group, offsets) if isinstance(offsets, dict) else {}
-        return [
-            pb.PartitionOffset(topic=tp.topic, partition=tp.partition, offset=om.offset)
-            for tp, om in sorted(group.items(), key=lambda kv: (kv[0].topic, kv[0].partition))
-        ]
-
-
 class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer):
-    def __init__(self, config: RootConfig, kafka: KafkaConfig, security: GrpcSecurityConfig | None = None) -> None:
+    def __init__(self, config: RootConfig, security: GrpcSecurityConfig | None = None) -> None:
         self.config = config
         self.addresses = config.shard_list()  # per shard, its replicas joined by "|"
         targets = config.shard_replicas()
@@ -100,7 +65,6 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         self.hedge_budget = HedgeBudget(config.hedge_budget, config.hedge_burst)
         self.member = MemberPool(config.member_address, opts, resolve_interval_s=config.member_resolve_interval_s,
                                  open_channel=lambda target, options: open_channel(target, security, options))
-        self.consumer_offsets = ConsumerOffsets(kafka)
         # Shard calls are blocking calls made on these long-lived threads. A grpc future
         # (`stub.Search.future`) on a channel with no call in flight starts a new polling
         # thread and waits for it to run, i.e. a thread per shard per request: on a busy
@@ -323,7 +287,6 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 resp.shards.append(entry)
                 resp.total_indexed += entry.indexed
                 resp.model_version = resp.model_version or entry.model_version
-            resp.consumer_offsets.extend(self.consumer_offsets.read())
             return resp
 
 
@@ -389,8 +352,8 @@ def _failure_details(outcome: Outcome) -> str:
     return (details() if callable(details) else None) or str(outcome.error)
 
 
-def serve(kafka: KafkaConfig, config: RootConfig, stop: threading.Event, security: GrpcSecurityConfig | None = None) -> None:
-    servicer = RootServicer(config, kafka, security)
+def serve(config: RootConfig, stop: threading.Event, security: GrpcSecurityConfig | None = None) -> None:
+    servicer = RootServicer(config, security)
     server, health_servicer, port = build_server(
         config.host,
         config.port,

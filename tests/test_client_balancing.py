@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from feedret.clients.client import AsyncFeedretClient, FeedretClient, channel_options
-from feedret.config import KafkaConfig, RootConfig
+from feedret.config import RootConfig
 from feedret.server import root as root_server
 from feedret.server.grpc_common import build_server
 from feedret.v1 import feedret_pb2 as pb
@@ -84,9 +84,8 @@ def test_a_root_ends_its_callers_connections_after_the_max_age():
     # other root pods over time instead of staying on the first one forever.
     port = free_port()
     config = RootConfig(port=port, metrics_port=0, max_connection_age_s=0.3, shard_addresses="127.0.0.1:1")
-    kafka = KafkaConfig(bootstrap_servers="127.0.0.1:1")
     stop = threading.Event()
-    thread = threading.Thread(target=root_server.serve, args=(kafka, config, stop), daemon=True)
+    thread = threading.Thread(target=root_server.serve, args=(config, stop), daemon=True)
     thread.start()
     seen: list[grpc.ChannelConnectivity] = []
     try:

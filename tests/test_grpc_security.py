@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from feedret.clients.client import FeedretClient
-from feedret.config import GrpcSecurityConfig, KafkaConfig, RootConfig, ShardConfig
+from feedret.config import GrpcSecurityConfig, RootConfig, ShardConfig
 from feedret.indexer.replica import ShardState
 from feedret.server import root as root_server
 from feedret.server import shard as shard_server
@@ -148,7 +148,7 @@ def test_the_root_calls_its_shards_with_tls_and_a_client_reaches_it_by_its_certi
     security = tls_config(pki, tls_server_name="feedret.internal")
     shards = [start_shard(i, security) for i in range(2)]
     servicer = root_server.RootServicer(
-        RootConfig(shard_addresses=",".join(a for _, a in shards), member_address=""), KafkaConfig(), security
+        RootConfig(shard_addresses=",".join(a for _, a in shards), member_address=""), security
     )
     root, _, port = build_server("127.0.0.1", 0, 4, [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
                                  root_server.SERVICE_NAMES, security=security)
@@ -268,12 +268,12 @@ def test_the_root_checks_callers_tokens_and_sends_its_own_to_the_shards(tmp_path
     root_security = GrpcSecurityConfig(auth_tokens_file=tokens_file(tmp_path / "root-tokens", "backend"),
                                        auth_token_file=tokens_file(tmp_path / "root-token", "root-to-shards"))
     config = RootConfig(shard_addresses=",".join(a for _, a in shards), member_address="")
-    servicer = root_server.RootServicer(config, KafkaConfig(), root_security)
+    servicer = root_server.RootServicer(config, root_security)
     root, _, port = build_server("127.0.0.1", 0, 4, [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
                                  root_server.SERVICE_NAMES, security=root_security)
     root.start()
     # The same shards behind a root that has no token of its own: they refuse it.
-    tokenless = root_server.RootServicer(config, KafkaConfig(), GrpcSecurityConfig())
+    tokenless = root_server.RootServicer(config, GrpcSecurityConfig())
     bare, _, bare_port = build_server("127.0.0.1", 0, 4, [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(tokenless, s)],
                                       root_server.SERVICE_NAMES)
     bare.start()

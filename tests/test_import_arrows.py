@@ -1,8 +1,10 @@
 """Imports run one way, with the data: a feed backend installs the client library without the
 servers, and the client must not drag server, index or model code in (#16)."""
 
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 
 def loaded_after(statement: str) -> set[str]:
@@ -24,6 +26,14 @@ def test_the_root_and_the_member_service_start_without_the_index_library():
         modules = loaded_after(f"import feedret.server.{server}")
         pulled = sorted(m for m in modules if m == "faiss" or m.startswith("feedret.indexer"))
         assert not pulled, f"feedret.server.{server} pulls in {pulled}"
+
+
+def test_the_root_answers_for_the_index_without_reading_kafka():
+    # Kafka is upstream of the shards: the root reads neither a topic nor a consumer group's offsets.
+    assert not any(m == "kafka" or m.startswith("kafka.") for m in loaded_after("import feedret.server.root"))
+    # Not even late, inside a method (Stats once built a KafkaAdminClient there).
+    source = Path(importlib.util.find_spec("feedret.server.root").origin).read_text()
+    assert "kafka" not in source.lower(), "feedret.server.root talks to Kafka"
 
 
 def test_training_and_evaluation_share_the_protocol_without_importing_each_other():

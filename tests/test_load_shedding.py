@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
-from feedret.config import KafkaConfig, MemberConfig, RootConfig
+from feedret.config import MemberConfig, RootConfig
 from feedret.server import member as member_server
 from feedret.server import root as root_server
 from feedret.server.shard import ShardServicer
@@ -135,7 +135,7 @@ def test_the_root_refuses_calls_over_its_limit_and_serves_after(encoder):
                         max_concurrent_rpcs=2, hedge_after_ms=0)
     query = pb.QueryVector(values=np.random.default_rng(2).normal(size=encoder.dim).tolist())
     try:
-        with serving(root_server.serve, KafkaConfig(), config), \
+        with serving(root_server.serve, config), \
                 grpc.insecure_channel(f"127.0.0.1:{config.port}") as channel:
             wait_serving(channel)
             stub = pb_grpc.RetrievalServiceStub(channel)
@@ -247,7 +247,7 @@ def test_ordinary_member_queries_succeed_while_two_clients_send_the_heaviest_mem
                 warmed[client].set()
 
     try:
-        with serving(member_server.serve, member_config, encoder), serving(root_server.serve, KafkaConfig(), root_config), \
+        with serving(member_server.serve, member_config, encoder), serving(root_server.serve, root_config), \
                 grpc.insecure_channel(f"127.0.0.1:{root_config.port}") as channel:
             wait_serving(channel)
             with grpc.insecure_channel(f"127.0.0.1:{member_config.port}") as member_channel:

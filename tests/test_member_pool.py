@@ -225,13 +225,12 @@ def test_a_root_without_a_member_service_says_member_queries_cannot_be_answered(
     import threading
 
     from feedret.clients.client import FeedretClient
-    from feedret.config import KafkaConfig
     from feedret.server import root as root_server
 
     port = free_port()
     config = RootConfig(port=port, metrics_port=0, shard_addresses="127.0.0.1:1", member_address="")
     stop = threading.Event()
-    thread = threading.Thread(target=root_server.serve, args=(KafkaConfig(bootstrap_servers="127.0.0.1:1"), config, stop),
+    thread = threading.Thread(target=root_server.serve, args=(config, stop),
                               daemon=True)
     thread.start()
     try:

@@ -16,7 +16,7 @@ import pytest
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from feedret.config import KafkaConfig, MemberConfig, RootConfig, ShardConfig
+from feedret.config import MemberConfig, RootConfig, ShardConfig
 from feedret.indexer.replica import ShardState
 from feedret.members import ActivityItem, MemberProfile
 from feedret.metrics import METRICS_PATH, start_metrics_server
@@ -142,7 +142,7 @@ def test_root_counts_partial_replies_failed_shards_and_candidates(metrics_url, s
     address, vecs = shard
     dead = f"127.0.0.1:{free_port()}"  # nothing listens: the second shard is down
     servicer = root_server.RootServicer(
-        RootConfig(shard_addresses=f"{address},{dead}", member_address=dead), KafkaConfig()
+        RootConfig(shard_addresses=f"{address},{dead}", member_address=dead)
     )
     server, _, port = build_server(
         "127.0.0.1", 0, 4, [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],

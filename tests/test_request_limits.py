@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from feedret.config import KafkaConfig, MemberConfig, MemberLimits, RootConfig, ShardConfig
+from feedret.config import MemberConfig, MemberLimits, RootConfig, ShardConfig
 from feedret.encoder.model import Encoder
 from feedret.indexer.replica import ShardState
 from feedret.members import ActivityItem, MemberProfile
@@ -196,7 +196,6 @@ def start_root(shard_addresses, member_address: str, **config):
     """(server, stub) of a root over the shards and the member service."""
     servicer = root_server.RootServicer(
         RootConfig(shard_addresses=",".join(shard_addresses), member_address=member_address, hedge_after_ms=0, **config),
-        KafkaConfig(),
     )
     server, _, port = build_server("127.0.0.1", 0, 8,
                                    [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from feedret.config import KafkaConfig, RootConfig, ShardConfig
+from feedret.config import RootConfig, ShardConfig
 from feedret.indexer.replica import ShardState
 from feedret.server import root as root_server
 from feedret.server import root_metrics
@@ -39,7 +39,7 @@ def two_shards():
 
 def start_root(addresses: list[str]):
     servicer = root_server.RootServicer(
-        RootConfig(shard_addresses=",".join(addresses), member_address=f"127.0.0.1:{free_port()}"), KafkaConfig()
+        RootConfig(shard_addresses=",".join(addresses), member_address=f"127.0.0.1:{free_port()}")
     )
     server, _, port = build_server("127.0.0.1", 0, 4,
                                    [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],

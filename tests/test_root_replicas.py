@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from feedret.config import KafkaConfig, RootConfig, ShardConfig
+from feedret.config import RootConfig, ShardConfig
 from feedret.indexer.replica import ShardState
 from feedret.routing import shard_of
 from feedret.server import root as root_server
@@ -83,9 +83,7 @@ def root_for():
     def start(shard_addresses: str, **config):
         servicer = root_server.RootServicer(
             RootConfig(shard_addresses=shard_addresses, member_address=f"127.0.0.1:{free_port()}", **config),
-            KafkaConfig(),
         )
-        servicer.consumer_offsets.read = lambda: []  # no broker here: Stats would wait for one
         server, _, port = build_server("127.0.0.1", 0, 4,
                                        [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s),
                                         lambda s: pb_grpc.add_IndexAdminServicer_to_server(servicer, s)],

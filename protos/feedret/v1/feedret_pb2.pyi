@@ -240,16 +240,14 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shards", "consumer_offsets", "total_indexed", "model_version")
+    __slots__ = ("shards", "total_indexed", "model_version")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
-    CONSUMER_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_INDEXED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[ShardStats]
-    consumer_offsets: _containers.RepeatedCompositeFieldContainer[PartitionOffset]
     total_indexed: int
     model_version: str
-    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., consumer_offsets: _Optional[_Iterable[_Union[PartitionOffset, _Mapping]]] = ..., total_indexed: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., total_indexed: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class PostVectorEvent(_message.Message):
     __slots__ = ("post_id", "op", "vector", "created_at", "lang", "model_version", "source_partition", "source_offset", "embedded_at")
