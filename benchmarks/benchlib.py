@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -245,19 +244,6 @@ def index_options(factory: str, nprobe: int, ef_search: int):
     return IndexOptions(index_factory=factory, nprobe=nprobe, ef_search=ef_search, background=False)
 
 
-def search_breadth(factory: str, nprobe: int, ef_search: int, trained, per_index: int, k: int) -> tuple[int, int]:
-    """(nprobe, efSearch) a feedret shard holding `per_index` posts uses for a top-k search.
-
-    Calls `ShardIndex.search_breadth` itself, so the raw-faiss baseline searches as
-    broadly as each shard does.
-    """
-    from feedret.indexer.shard_index import ShardIndex
-
-    fake_self = SimpleNamespace(options=index_options(factory, nprobe, ef_search))
-    fake_ann = SimpleNamespace(index=trained, ntotal=per_index)
-    return ShardIndex.search_breadth(fake_self, fake_ann, k, 1.0)
-
-
 def faiss_params(index, nprobe: int, ef_search: int):
     from feedret.indexer import faiss_ann
 
@@ -337,8 +323,7 @@ def shard_snapshots(
                          ["en"] * len(chunk), indexed_at=now, model_versions=["bench"] * len(chunk))
         index.wait_idle(3600)
         state = ShardState(config=ShardConfig(shard_id=shard, num_shards=num_shards, index_factory=factory),
-                           topic=topic)
-        state.index, state.upserts = index, len(mine)
+                           topic=topic, index=index, upserts=len(mine))
         offset, header, sections = state.capture()
         snapshots.write_snapshot(tmp, shard, offset, header, sections)
         counts.append(len(mine))
@@ -372,30 +357,11 @@ def link_snapshots(source: Path, run_dir: Path) -> Path:
 
 
 def search_stack(workdir: Path, num_shards: int, env: dict[str, str], ready_timeout_s: float = 600.0):
-    """A `Stack` that starts the broker, the shards and the root only (queries carry raw vectors)."""
-    from feedret.server.launcher import Stack, StackConfig, free_port_block, tansu_binary, wait_for_port
-    from feedret.topics import ensure_topics
-
-    class SearchStack(Stack):
-        def start(self) -> "SearchStack":
-            c = self.config
-            try:
-                url = f"tcp://{c.host}:{c.broker_port}"
-                self._spawn("broker", [tansu_binary(), "broker", "--listener-url", url,
-                                       "--advertised-listener-url", url], {})
-                wait_for_port(c.host, c.broker_port, 30)
-                ensure_topics(self.kafka, c.num_shards)
-                shards = [f"shard-{i}" for i in range(c.num_shards)]
-                for name in [*shards, "root"]:
-                    self.start_role(name)
-                self.wait_serving([*shards, "root"], c.ready_timeout_s)
-            except BaseException:
-                self.stop()
-                raise
-            return self
+    """A `Stack` of the broker, the shards and the root only (queries carry raw vectors)."""
+    from feedret.server.launcher import Stack, StackConfig, free_port_block
 
     base = free_port_block(2 + num_shards)
-    config = StackConfig(
+    return Stack(StackConfig(
         num_shards=num_shards,
         broker_port=base,
         root_port=base + 1,
@@ -404,8 +370,8 @@ def search_stack(workdir: Path, num_shards: int, env: dict[str, str], ready_time
         workdir=workdir,
         env=env,
         ready_timeout_s=ready_timeout_s,
-    )
-    return SearchStack(config)
+        embedders=False,
+    ))
 
 
 def shard_env(factory: str, snapshot_dir: Path, nprobe: int, ef_search: int) -> dict[str, str]:

@@ -223,6 +223,7 @@ def measure(args, spec: DataSpec) -> dict:
 
     from feedret.clients.client import FeedretClient
     from feedret.config import RootConfig
+    from feedret.indexer import faiss_ann
     from feedret.indexer import snapshot as snapshots
     from feedret.merge import shard_depth
     from feedret.server.launcher import free_port_block, wait_for_port
@@ -259,7 +260,7 @@ def measure(args, spec: DataSpec) -> dict:
             floor_threads = grpc.insecure_channel(f"127.0.0.1:{threads_port}", options=OPTIONS).unary_unary(METHOD)
             floor_asyncio = grpc.insecure_channel(f"127.0.0.1:{asyncio_port}", options=OPTIONS).unary_unary(METHOD)
             hop = grpc.insecure_channel(shard_addrs[0], options=OPTIONS).unary_unary(METHOD)
-            nprobe, ef = benchlib.search_breadth(args.index, args.nprobe, args.ef_search, raw, spec.n, args.k)
+            nprobe, ef = faiss_ann.search_breadth(raw, spec.n, args.k, 1.0, args.nprobe, args.ef_search)
             params, _keep = benchlib.faiss_params(raw, nprobe, ef)
 
             def raw_faiss(q, k):

@@ -81,6 +81,7 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
     import faiss
     import grpc
 
+    from feedret.indexer import faiss_ann
     from feedret.clients.client import FeedretClient
     from feedret.config import RootConfig
     from feedret.merge import shard_depth
@@ -141,8 +142,8 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
             # its own posts and the depth the root asks of it (shard_depth: its share of k), so
             # together the shards probe about what the single index does, at about its recall.
             depth = shard_depth(k, args.shards, RootConfig().shard_depth_sigmas)
-            nprobe, ef = benchlib.search_breadth(factory, args.nprobe, args.ef_search, raw, spec.n, k)
-            shard_nprobe, shard_ef = benchlib.search_breadth(factory, args.nprobe, args.ef_search, raw, counts[0], depth)
+            nprobe, ef = faiss_ann.search_breadth(raw, spec.n, k, 1.0, args.nprobe, args.ef_search)
+            shard_nprobe, shard_ef = faiss_ann.search_breadth(raw, counts[0], depth, 1.0, args.nprobe, args.ef_search)
             params, keep = benchlib.faiss_params(raw, nprobe, ef)
 
             def raw_faiss(q, k, params=params):

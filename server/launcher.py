@@ -78,6 +78,9 @@ class StackConfig:
     # crash-looping: it is left down (Supervisor), the rest of the stack keeps serving.
     max_restarts: int = 5
     restart_window_s: float = 60.0
+    # False: no consumer and no member service, only the broker, the shards and the
+    # root, queried with vectors (the search benchmarks: nothing there loads a model).
+    embedders: bool = True
 
     @property
     def root_address(self) -> str:
@@ -85,8 +88,8 @@ class StackConfig:
 
     @property
     def member_address(self) -> str:
-        # Port 0: a stack without the member service (vector queries only); "" tells the root so.
-        return f"{self.host}:{self.member_port}" if self.member_port else ""
+        # Port 0 or no embedders: a stack without the member service (vector queries only); "" tells the root so.
+        return f"{self.host}:{self.member_port}" if self.member_port and self.embedders else ""
 
     def shard_address(self, shard: int, replica: int = 0) -> str:
         # Replica 0 of every shard first, so one replica per shard keeps the old ports.
@@ -363,14 +366,14 @@ class Stack:
 
     def addresses(self) -> dict[str, str]:
         c = self.config
-        out = {"root": c.root_address, "member": c.member_address}
+        out = {"root": c.root_address, **({"member": c.member_address} if c.embedders else {})}
         out.update({name: c.shard_address(*parse_shard_name(name)) for name in c.shard_names()})
         return out
 
     def metrics_urls(self) -> dict[str, str]:
         """Each process's Prometheus endpoint (none when metrics_base_port is 0)."""
         out = {}
-        for name in [*self.addresses(), "consumer"]:
+        for name in [*self.addresses(), *(["consumer"] if self.config.embedders else [])]:
             port = int(self.role_env(name)[1]["FEEDRET_METRICS_PORT"])
             if port:
                 out[name] = f"http://{self.config.host}:{port}/metrics"
@@ -423,10 +426,11 @@ class Stack:
             ensure_topics(self.kafka, c.num_shards)
             shards = c.shard_names()
             # Embedding roles load torch and the model: start them first, they take longest.
-            for name in ["member", "consumer", *shards, "root"]:
+            embedders = ["member", "consumer"] if c.embedders else []
+            for name in [*embedders, *shards, "root"]:
                 self.start_role(name)
-            self.wait_serving(["member", *shards, "root"], c.ready_timeout_s)
-            if self.procs["consumer"].poll() is not None:
+            self.wait_serving([*embedders[:1], *shards, "root"], c.ready_timeout_s)
+            if c.embedders and self.procs["consumer"].poll() is not None:
                 raise RuntimeError(f"consumer exited:\n{self.log_tail('consumer')}")
         except BaseException:
             self.stop()

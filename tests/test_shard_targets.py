@@ -88,3 +88,13 @@ def test_feedret_up_gives_every_replica_its_own_port_and_the_root_all_of_them():
     assert stack.role_env("root")[1]["FEEDRET_SHARD_ADDRESSES"] == config.shard_addresses
     # One replica, the default: the addresses `make run` always used.
     assert StackConfig().shard_addresses == "127.0.0.1:50061,127.0.0.1:50062"
+
+
+def test_a_stack_without_embedders_has_no_member_or_consumer_and_tells_the_root_so():
+    # The search benchmarks' stack: broker, shards and root only; queries carry vectors.
+    from feedret.server.launcher import Stack, StackConfig
+
+    stack = Stack(StackConfig(num_shards=2, embedders=False))
+    assert set(stack.addresses()) == {"root", "shard-0", "shard-1"}
+    assert "consumer" not in stack.metrics_urls() and "member" not in stack.metrics_urls()
+    assert stack.role_env("root")[1]["FEEDRET_MEMBER_ADDRESS"] == ""
