@@ -117,24 +117,11 @@ def git_describe() -> str:
 
 
 def wide_model(base: Path, out: Path = CACHE / "member-wide-model") -> Path:
-    """The base model's tokenizer, prompts and feedret.json on a wider random Llama (seed 0):
-    hidden 512, MLP 1376, 4 layers, 8 heads. Still far smaller than a production model, but
-    one whose forward pass, not the per-call overhead, dominates a request."""
-    if (out / "config.json").exists():
-        return out
-    import torch
-    from transformers import AutoConfig, AutoModel
+    """The base model's inputs on the "small" shape (hidden 512, MLP 1376, 4 layers, 8 heads):
+    a model whose forward pass, not the per-call overhead, dominates a request. Cached."""
+    from feedret.encoder.build_tiny import reshape
 
-    config = AutoConfig.from_pretrained(base)
-    config.update(dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=4))
-    torch.manual_seed(0)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "onnx", "config.json"))
-    AutoModel.from_config(config).eval().save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    return out if (out / "config.json").exists() else reshape(base, out, "small")
 
 
 # ------------------------------------------------------------------ data

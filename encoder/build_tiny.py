@@ -91,10 +91,14 @@ def wrap_tokenizer(tok):
     )
 
 
-# Transformer shapes: the committed tiny model, and Meta's Llama 3.2 1B and 3B (their
+# Transformer shapes: the committed tiny model; "small", still far from a production
+# model but one whose forward pass, not the per-call overhead, dominates a CPU request
+# (the member and encoder benchmarks); and Meta's Llama 3.2 1B and 3B (their
 # config.json: hidden size, MLP width, layers, attention and key-value heads).
 SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8),
     "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
@@ -118,7 +122,27 @@ def build_model(tokenizer, shape: str = "tiny", device: str = "cpu"):
     torch.manual_seed(SEED)
     with torch.device(device):  # a 3B model initialises in seconds on a GPU, minutes on a CPU
         model = LlamaForCausalLM(config).eval()
-    return model if shape == "tiny" else model.to(torch.bfloat16)
+    # The production shapes in bfloat16, as they are served on a GPU; the CPU-sized ones in float32.
+    return model.to(torch.bfloat16) if shape.startswith("llama") else model
+
+
+def reshape(base: Path, out: Path, shape: str, device: str = "cpu") -> Path:
+    """`base`'s tokenizer, prompts and feedret.json on a random Llama of `shape` (seed 0), at `out`.
+
+    For measurements that need a model of a given size with the base's exact inputs.
+    Written to a temporary directory first, so `out` is complete or absent.
+    """
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "onnx", "config.json"))
+    build_model(AutoTokenizer.from_pretrained(base), shape, device).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def build(posts_path: Path, members_path: Path, out: Path, shape: str = "tiny", device: str = "cpu") -> None:
