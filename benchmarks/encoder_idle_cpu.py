@@ -50,7 +50,7 @@ def child(args: argparse.Namespace) -> None:
     from feedret.config import EncoderConfig
     from feedret.events import PostEvent
     from feedret.members import ActivityItem, MemberProfile
-    from feedret.server.roles import load_encoder
+    from feedret.encoder.loader import load_encoder
 
     backend, spin = args.child.split(":")
     encoder = load_encoder(EncoderConfig(backend=backend, model_dir=args.model_dir, spin_wait=spin == "spin"))

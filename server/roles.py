@@ -6,9 +6,7 @@ handlers that stop it cleanly, and runs until stopped.
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import threading
 
 import structlog
@@ -42,42 +40,11 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def openmp_wait_policy(spin: bool) -> None:
-    """Set how torch's idle OpenMP threads wait.
-
-    Sleeping sets OMP_WAIT_POLICY=PASSIVE; spinning leaves OpenMP's default, a bounded spin
-    (ACTIVE would spin on through an idle spell). OpenMP reads the variable once, when torch
-    loads it, so this must run before torch is imported; an operator's own OMP_WAIT_POLICY wins.
-    """
-    if not spin:
-        if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-            log.warning("openmp_wait_policy_too_late", wanted="PASSIVE", reason="torch was imported before the encoder")
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def load_encoder(config: EncoderConfig):  # -> feedret.encoder.model.BaseEncoder
-    """The encoder the config asks for: torch (`Encoder`) or onnxruntime (`OnnxEncoder`),
-    its idle threads spinning or sleeping as `config.spin_wait` says."""
-    openmp_wait_policy(config.spin_wait)
-    kwargs = dict(
-        device=config.device,
-        max_length=config.max_length,
-        batch_size=config.batch_size,
-        torch_threads=config.torch_threads or None,
-    )
-    if config.pooling:
-        kwargs["pooling"] = config.pooling
-    # Imported only by the roles that embed, so shards and the root start fast; the
-    # onnx backend imports no torch once its export exists.
-    if config.backend == "onnx":
-        from feedret.encoder.onnx_backend import OnnxEncoder
+    """The encoder the config asks for (feedret.encoder.loader), announced on /metrics and in the log."""
+    from feedret.encoder.loader import load_encoder as load
 
-        encoder = OnnxEncoder.from_pretrained(config.model_dir, onnx_path=config.onnx_path,
-                                              spin_wait=config.spin_wait, **kwargs)
-    else:
-        from feedret.encoder.model import Encoder
-
-        encoder = Encoder.from_pretrained(config.model_dir, **kwargs)
+    encoder = load(config)
     MODEL_INFO.labels(model_version=encoder.model_version, backend=config.backend, device=config.device).set(1)
     log.info(
         "encoder_loaded",

@@ -29,7 +29,7 @@ from feedret.encoder.onnx_backend import (
 )
 from feedret.events import parse_post_event
 from feedret.members import MemberProfile
-from feedret.server.roles import load_encoder
+from feedret.encoder.loader import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "feedret-tiny-llama"
@@ -187,7 +187,7 @@ def test_idle_threads_spin_unless_sleeping_is_asked_for(model_dir, monkeypatch):
             "import os, sys\n"
             "import feedret.server.member, feedret.consumer.service\n"
             "from feedret.config import EncoderConfig\n"
-            "from feedret.server.roles import load_encoder\n"
+            "from feedret.encoder.loader import load_encoder\n"
             f"load_encoder(EncoderConfig(backend='torch', model_dir={str(model_dir)!r}))\n"
             "assert 'torch' in sys.modules\n"
             "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))\n"
