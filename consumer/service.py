@@ -185,15 +185,16 @@ class EmbeddingConsumer:
         now = self.clock()
         futures = []
         partitions = [route(g.event.post_id, self.config.num_shards) for g in good]
-        # Produce in source order so a post's upsert and delete keep their order.
+        # Produce in source order so a post's upsert and delete keep their order. A delete
+        # is a tombstone (no value): compaction then drops the post from the topic altogether.
         for g, partition in zip(good, partitions):
-            vec = vectors[id(g)] if g.event.op == "upsert" else None
-            msg = vector_event(g, vec, self.encoder.model_version, now)
+            upsert = g.event.op == "upsert"
+            value = vector_event(g, vectors[id(g)], self.encoder.model_version, now).SerializeToString() if upsert else None
             futures.append(
                 self._producer.send(
                     self.kafka.vectors_topic,
                     key=str(g.event.post_id).encode(),
-                    value=msg.SerializeToString(),
+                    value=value,
                     partition=partition,
                 )
             )

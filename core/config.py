@@ -259,6 +259,11 @@ class ShardConfig(IndexSettings):
     snapshot_dir: str = ""
     snapshot_interval_s: float = Field(default=300.0, gt=0)  # also one at shutdown
     snapshot_keep: int = Field(default=2, ge=1)  # newest snapshots kept per shard
+    # A snapshot older than this is not restored (the shard replays its partition instead):
+    # it could predate a delete whose tombstone compaction has dropped since (the topic keeps
+    # tombstones 7 days, feedret.topics.DELETE_RETENTION_MS), and would bring that post back.
+    # Keep it below the post-vector topic's delete.retention.ms. 0: any age.
+    snapshot_max_age_s: float = Field(default=6 * 24 * 3600.0, ge=0)
     max_k: int = Field(default=10_000, ge=1)
     apply_batch_max: int = Field(default=512, ge=1)
     grpc_workers: int = Field(default=8, ge=1)

@@ -14,6 +14,19 @@ from feedret.config import KafkaConfig
 log = structlog.get_logger(__name__)
 
 
+# How long Kafka keeps a post's tombstone after compaction has dropped the post's earlier
+# records: a replica restoring a snapshot older than this could miss the tombstone and keep
+# the deleted post, so shards ignore older snapshots (ShardConfig.snapshot_max_age_s: 6 days).
+DELETE_RETENTION_MS = 7 * 24 * 3600 * 1000
+# The post-vector topic: compacted (a post's newest record is its whole state; deletes are
+# tombstones), never expiring by age. k8s/base/kafka-topics.yaml says the same for Strimzi.
+VECTORS_TOPIC_CONFIG = {
+    "cleanup.policy": "compact",
+    "retention.ms": "-1",
+    "delete.retention.ms": str(DELETE_RETENTION_MS),
+}
+
+
 def required_topics(kafka: KafkaConfig, num_shards: int) -> dict[str, int]:
     """Topic name -> partitions. The post-vector topic has exactly one partition per shard."""
     return {
@@ -30,7 +43,8 @@ def ensure_topics(kafka: KafkaConfig, num_shards: int, replication_factor: int =
     try:
         existing = set(admin.list_topics())
         missing = [
-            NewTopic(name, partitions, replication_factor)
+            NewTopic(name, partitions, replication_factor,
+                     topic_configs=VECTORS_TOPIC_CONFIG if name == kafka.vectors_topic else {})
             for name, partitions in wanted.items()
             if name not in existing
         ]

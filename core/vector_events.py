@@ -1,6 +1,11 @@
 """Reading the `post-vectors` topic: its records are PostVectorEvent messages (feedret.proto,
 the one definition both ends share), built by the consumer (feedret.consumer.batch.vector_event)
 and decoded here for a shard replica. Protobuf only, no gRPC.
+
+A delete is a Kafka tombstone: the post id as key, no value. On a compacted topic
+(cleanup.policy=compact) Kafka then drops the post's earlier records and, after the
+topic's delete.retention.ms, the tombstone itself, so a replay reads live posts only.
+A delete written as a PostVectorEvent with op DELETE (before tombstones) still decodes.
 """
 
 from __future__ import annotations
@@ -12,6 +17,17 @@ from feedret.v1 import feedret_pb2 as pb
 
 class UndecodableRecord(ValueError):
     """A record's value is not a PostVectorEvent; the replica skips it."""
+
+
+def decode_record(key: bytes | None, value: bytes | None) -> pb.PostVectorEvent:
+    """A post-vector record as a PostVectorEvent: a tombstone (no value) deletes the post its key names."""
+    if value is None:
+        try:
+            post_id = int((key or b"").decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise UndecodableRecord(f"a tombstone whose key is not a post id: {key[:32] if key else key!r}") from None
+        return pb.PostVectorEvent(post_id=post_id, op=pb.PostVectorEvent.DELETE)
+    return decode(value)
 
 
 def decode(value: bytes) -> pb.PostVectorEvent:

@@ -4,9 +4,10 @@ The partition is read by manual assignment (no consumer group): a shard owns
 exactly one partition, and every replica of it reads the whole of it, from the
 replica's applied offset (0, or a restored snapshot's) to the end and on.
 
-Records are decoded by `decode` (feedret.vector_events.decode, the consumer's own
-format, unless told otherwise) into a `VectorEvent` (feedret.indexer.replica); one
-that raises `UndecodableRecord` is counted as rejected and skipped, never retried.
+Records are decoded by `decode(key, value)` (feedret.vector_events.decode_record, the
+consumer's own format, tombstones as deletes, unless told otherwise) into a `VectorEvent`
+(feedret.indexer.replica); one that raises `UndecodableRecord` is counted as rejected and
+skipped, never retried.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from feedret.indexer import metrics
 from feedret.config import KafkaConfig
 from feedret.indexer.replica import ShardState, VectorEvent
 from feedret.indexer.shard_index import IndexConfigError
-from feedret.vector_events import UndecodableRecord, decode as decode_vector_event
+from feedret.vector_events import UndecodableRecord, decode_record
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +67,7 @@ class PartitionApplier(threading.Thread):
         on_caught_up: Callable[[], None],
         on_fatal: Callable[[str], None] = lambda reason: None,
         *,
-        decode: Callable[[bytes], VectorEvent] = decode_vector_event,
+        decode: Callable[[bytes | None, bytes | None], VectorEvent] = decode_record,
     ) -> None:
         super().__init__(name=f"applier-{state.config.shard_id}", daemon=True)
         self.kafka = kafka
@@ -131,7 +132,7 @@ class PartitionApplier(threading.Thread):
             records = consumer.poll(timeout_ms=200).get(tp, [])
             if records:
                 try:
-                    found = (records[0].offset, self.decode(records[0].value or b"").post_id)
+                    found = (records[0].offset, self.decode(records[0].key, records[0].value).post_id)
                 except UndecodableRecord:
                     found = (records[0].offset, None)
         if found == (offset - 1, post_id):
@@ -152,7 +153,7 @@ class PartitionApplier(threading.Thread):
             events: list[tuple[int, VectorEvent]] = []
             for rec in records:
                 try:
-                    ev = self.decode(rec.value or b"")
+                    ev = self.decode(rec.key, rec.value)
                 except UndecodableRecord as exc:
                     self.state.count_rejected("undecodable")
                     log.error("vector_record_undecodable", offset=rec.offset, error=str(exc))

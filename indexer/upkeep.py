@@ -102,6 +102,12 @@ class Snapshotter(threading.Thread):
             started = time.monotonic()
             try:
                 header, sections = snapshots.read_snapshot(path)
+                age = time.time() - float(header.get("written_at", 0))
+                if cfg.snapshot_max_age_s and age > cfg.snapshot_max_age_s:
+                    # Older ones are older still: replay the partition from its start.
+                    log.warning("snapshot_too_old", path=str(path), age_s=round(age),
+                                max_age_s=cfg.snapshot_max_age_s, reason="deletes may have been compacted away since")
+                    break
                 self.state.restore(header, sections)
             except (snapshots.CorruptSnapshot, IndexConfigError, KeyError, ValueError, OSError) as exc:
                 log.warning("snapshot_skipped", path=str(path), reason=str(exc))

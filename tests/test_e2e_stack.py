@@ -52,6 +52,25 @@ def test_upsert_replaces_the_vector_and_delete_removes_the_post_within_5s(runnin
     assert wait_for(lambda: not running_stack.found(post_id), timeout=5)
     assert post_id not in client.retrieve(vector=vector, k=50).post_ids
 
+    # On post-vectors the delete is a tombstone (key, no value), so compaction can drop the
+    # post's records from every later replay. (The embedded broker neither compacts nor
+    # describes topic configs; test_k8s checks the topic settings match feedret.topics.)
+    kafka = running_stack.stack.kafka
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest",
+                             max_partition_fetch_bytes=4 << 20)
+    tp = TopicPartition(kafka.vectors_topic, shard_of(post_id, 2))
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    ours = []
+    deadline = time.monotonic() + 10
+    while len(ours) < 3 and time.monotonic() < deadline:
+        for rec in consumer.poll(timeout_ms=500).get(tp, []):
+            if rec.key == str(post_id).encode():
+                ours.append(rec.value)
+    consumer.close()
+    assert len(ours) == 3 and ours[0] and ours[1] and ours[2] is None
+
+
 
 def test_malformed_messages_go_to_the_dead_letter_topic_and_good_ones_around_them_are_indexed(running_stack):
     good = [9_100_000_010, 9_100_000_011, 9_100_000_012]

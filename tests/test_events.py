@@ -3,6 +3,8 @@ import json
 import pytest
 
 from feedret.events import InvalidEvent, parse_post_event
+from feedret.v1 import feedret_pb2 as pb
+from feedret.vector_events import UndecodableRecord, decode_record
 
 GOOD = {
     "post_id": 42,
@@ -99,3 +101,13 @@ def test_the_limits_are_the_callers_to_choose():
 
     raw = json.dumps({**GOOD, "author_id": "x" * 300}).encode()
     assert parse_post_event(raw, EventLimits(max_author_id_chars=300)).author_id == "x" * 300
+
+
+def test_a_tombstone_on_post_vectors_deletes_the_post_its_key_names():
+    ev = decode_record(b"123456789012", None)
+    assert ev.post_id == 123456789012 and ev.op == pb.PostVectorEvent.DELETE
+    upsert = pb.PostVectorEvent(post_id=7, op=pb.PostVectorEvent.UPSERT, vector=[0.5, 0.5])
+    assert decode_record(b"7", upsert.SerializeToString()) == upsert
+    for key in (None, b"", b"not-a-number", b"\xff\xfe"):
+        with pytest.raises(UndecodableRecord):
+            decode_record(key, None)

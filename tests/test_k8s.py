@@ -42,6 +42,7 @@ from feedret.encoder.onnx_backend import ONNX_DIR
 from feedret.metrics import METRICS_PATH
 from feedret.server.roles import ROLES
 from feedret.shard_targets import host_port, is_pool, parse_member_targets
+from feedret.topics import VECTORS_TOPIC_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -511,6 +512,18 @@ def test_shards_topic_and_root_agree(docs):
     assert set(topics) >= {kafka.posts_topic, kafka.vectors_topic, kafka.dlq_topic}, f"KafkaTopics: {sorted(topics)}"
     assert topics[kafka.vectors_topic]["spec"]["partitions"] == num_shards
     assert topics[kafka.posts_topic]["spec"]["partitions"] == kafka.posts_partitions
+    # The post-vector topic as feedret.topics creates it: compacted, deletes as tombstones kept
+    # long enough that no shard restores a snapshot from before a tombstone that is gone.
+    vectors_config = {k: str(v) for k, v in topics[kafka.vectors_topic]["spec"].get("config", {}).items()}
+    for key, value in VECTORS_TOPIC_CONFIG.items():
+        assert vectors_config.get(key) == value, f"{kafka.vectors_topic} {key}={vectors_config.get(key)}, not {value}"
+    for shard_id, sts in by_id.items():
+        tpl = _pod_template(sts)
+        env, _ = _resolve_env(docs, tpl, tpl["spec"]["containers"][0])
+        max_age = _build_configs(env, "shard")[ShardConfig].snapshot_max_age_s
+        assert 0 < max_age * 1000 < int(vectors_config["delete.retention.ms"]), (
+            f"shard {shard_id} restores snapshots up to {max_age}s old, longer than tombstones are kept"
+        )
 
     # The root lists exactly the shards' headless Services, in shard order, each as a
     # dns: pool, so it spreads queries over (and hedges between) every ready replica.

@@ -109,7 +109,7 @@ class ScriptedConsumer:
     def __init__(self, n: int, script: list, listed_end: int) -> None:
         from types import SimpleNamespace
 
-        self.records = [SimpleNamespace(offset=i, value=upsert(i).SerializeToString()) for i in range(n)]
+        self.records = [SimpleNamespace(offset=i, key=str(i).encode(), value=upsert(i).SerializeToString()) for i in range(n)]
         self.script, self.listed_end = list(script), listed_end
         self.at, self.hw = 0, None
 

@@ -132,6 +132,18 @@ def test_the_newest_intact_snapshot_is_loaded_and_older_ones_are_pruned(tmp_path
     assert loader.last_offset == 301
 
 
+def test_a_snapshot_older_than_the_tombstones_are_kept_is_not_restored(tmp_path):
+    # Compaction may since have dropped a delete's tombstone, so restoring it and replaying
+    # the rest could bring a deleted post back: the replica replays its partition whole.
+    Snapshotter(shard_state(tmp_path)).take("test")
+    within = ShardState(config=ShardConfig(snapshot_dir=str(tmp_path)), topic="post-vectors")
+    assert Snapshotter(within).load_newest() and within.applied_offset == 300
+    too_old = ShardState(config=ShardConfig(snapshot_dir=str(tmp_path), snapshot_max_age_s=1e-6), topic="post-vectors")
+    assert not Snapshotter(too_old).load_newest()
+    assert too_old.index is None and too_old.applied_offset == 0
+    assert snapshots.list_snapshots(tmp_path, 0), "kept on disk: a later config may accept it"
+
+
 def test_snapshots_of_another_shard_or_width_are_skipped(tmp_path):
     Snapshotter(shard_state(tmp_path)).take("test")
     for config in ({"shard_id": 1}, {"num_shards": 3}, {"serve_dimension": 8}, {"dimension": 64}):
@@ -185,7 +197,7 @@ class FakeConsumer:
     def __init__(self, post_ids):
         from types import SimpleNamespace
 
-        self.records = [SimpleNamespace(offset=i, value=pb.PostVectorEvent(post_id=p).SerializeToString())
+        self.records = [SimpleNamespace(offset=i, key=str(p).encode(), value=pb.PostVectorEvent(post_id=p).SerializeToString())
                         for i, p in enumerate(post_ids)]
         self.at = 0
 
