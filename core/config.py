@@ -255,11 +255,17 @@ class ShardConfig(IndexSettings):
     # retention_s) are IndexSettings' fields, above.
     sweep_interval_s: float = Field(default=1.0, gt=0)  # retention sweep and rebuild check
     # Snapshots of the index, its ids and attributes and the applied offset, so a restart
-    # loads the newest intact one and replays only the partition's tail. Empty: off.
+    # loads the newest intact one and replays only the partition's tail. A local directory,
+    # or an fsspec URL (s3://bucket/prefix) that every replica of every shard shares, so a
+    # replica on a new node starts from its shard's newest snapshot. Empty: off.
     snapshot_dir: str = ""
+    # Where a snapshot for a remote snapshot_dir is staged while written or read: room for
+    # one snapshot. Empty: the system's temporary directory.
+    snapshot_staging_dir: str = ""
     snapshot_interval_s: float = Field(default=300.0, gt=0)  # also one at shutdown
     snapshot_keep: int = Field(default=2, ge=1)  # newest snapshots kept per shard
-    # A snapshot older than this is not restored (the shard replays its partition instead):
+    # A snapshot older than this is not restored (the shard replays its partition instead)
+    # and is pruned:
     # it could predate a delete whose tombstone compaction has dropped since (the topic keeps
     # tombstones 7 days, feedret.topics.DELETE_RETENTION_MS), and would bring that post back.
     # Keep it below the post-vector topic's delete.retention.ms. 0: any age.

@@ -11,6 +11,12 @@ place, so a crash mid-write leaves a temporary file (ignored and removed),
 never a half-written snapshot under a real name. A file whose checksum does
 not match (torn by the disk, truncated, bit-flipped) is refused with
 CorruptSnapshot, and the loader moves on to the next-newest.
+
+`SnapshotStore` keeps them in a local directory or at any fsspec URL (s3://bucket/prefix,
+gs://..., with the filesystem's package installed): a remote snapshot is written to a
+local staging file first, checksummed as above, then uploaded in one PUT, which object
+stores make visible whole or not at all; it is downloaded to staging to be read. So a
+replica with an empty disk restores its shard from the bucket and replays only the tail.
 """
 
 from __future__ import annotations
@@ -21,9 +27,15 @@ import mmap
 import os
 import re
 import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 MAGIC = b"FEEDRET-SNAPSHOT-1\n"
 _DIGEST = 32
@@ -144,3 +156,152 @@ def prune(directory: Path, shard_id: int, keep: int) -> list[Path]:
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+@dataclass(frozen=True)
+class StoredSnapshot:
+    """One snapshot in a store: where it is, the offset it resumes from, when it was stored."""
+
+    location: str  # a path in the store's filesystem (a local path, or bucket/key)
+    offset: int
+    modified: float | None  # unix seconds; None when the store does not say
+
+    @property
+    def name(self) -> str:
+        return self.location.rstrip("/").rsplit("/", 1)[-1]
+
+
+class SnapshotStore:
+    """A shard's snapshots in a local directory or at an fsspec URL (S3 through s3fs).
+
+    Credentials and endpoint come from the filesystem's own settings; for S3 the usual
+    AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an
+    S3-compatible server) or the pod's IAM role. `staging_dir` holds a remote snapshot
+    while it is written or read (empty: the system's temporary directory): it needs room
+    for one snapshot.
+    """
+
+    def __init__(self, location: str, staging_dir: str = "") -> None:
+        self.url = location
+        self.fs, self.root = fsspec.core.url_to_fs(location)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        # One directory per process: replicas of a shard on one host stage the same names.
+        self.staging_root = Path(staging_dir or tempfile.gettempdir())
+        self.staging = self.staging_root / f"feedret-snapshots-{os.getpid()}"
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore({self.url!r})"
+
+    def _key(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def entries(self, shard_id: int) -> list[StoredSnapshot]:
+        """This shard's snapshots, newest (highest applied offset) first."""
+        if self.local:
+            return [StoredSnapshot(str(p), int(_NAME.match(p.name).group(2)), _mtime(p))
+                    for p in list_snapshots(Path(self.root), shard_id)]
+        self.fs.invalidate_cache(self.root)  # other replicas write and prune here too
+        try:
+            listed = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+        found = []
+        for info in listed:
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            m = _NAME.match(name)
+            if m and int(m.group(1)) == shard_id:
+                found.append(StoredSnapshot(info["name"], int(m.group(2)), _modified(info)))
+        return sorted(found, key=lambda e: e.offset, reverse=True)
+
+    def write(self, shard_id: int, offset: int, header: dict, sections: dict[str, np.ndarray]) -> tuple[str, int]:
+        """Store one snapshot; its location and size in bytes."""
+        if self.local:
+            path = write_snapshot(Path(self.root), shard_id, offset, header, sections)
+            return str(path), path.stat().st_size
+        staged = write_snapshot(self.staging, shard_id, offset, header, sections)
+        try:
+            key = self._key(staged.name)
+            self.fs.put_file(str(staged), key)
+            return key, staged.stat().st_size
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def read(self, location: str) -> tuple[dict, dict[str, np.ndarray]]:
+        """Header and sections of an intact snapshot; CorruptSnapshot, or OSError when it is gone."""
+        if self.local:
+            return read_snapshot(Path(location))
+        self.staging.mkdir(parents=True, exist_ok=True)
+        staged = self.staging / f".{location.rsplit('/', 1)[-1]}.tmp{os.getpid()}"
+        try:
+            self.fs.get_file(location, str(staged))
+            return read_snapshot(staged)
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def prune(self, shard_id: int, keep: int, max_age_s: float = 0.0) -> list[str]:
+        """Delete all but the newest `keep` of this shard's snapshots, and all but the newest of
+        those older than max_age_s (0: no age limit), which no replica would restore anyway."""
+        now = time.time()
+        removed = []
+        for i, entry in enumerate(self.entries(shard_id)):
+            too_old = max_age_s > 0 and entry.modified is not None and now - entry.modified > max_age_s
+            if i >= max(keep, 1) or (i > 0 and too_old):
+                try:
+                    self.fs.rm_file(entry.location)
+                except FileNotFoundError:
+                    pass  # another replica of this shard pruned it first
+                removed.append(entry.location)
+        return removed
+
+    def remove_temporaries(self, shard_id: int) -> list[Path]:
+        """Temporary files a crash left mid-write: in the directory, or for a remote store the
+        staging files of this process (a restarted container has the same pid) and of
+        processes no longer running. `shard_id` picks the files in a local directory."""
+        if self.local:
+            return remove_temporaries(Path(self.root), shard_id)
+        removed = []
+        for directory in self.staging_root.glob("feedret-snapshots-*"):
+            pid = directory.name.rsplit("-", 1)[-1]
+            if directory != self.staging and (not pid.isdigit() or _alive(int(pid))):
+                continue
+            for path in directory.iterdir():  # one process stages one shard's files only
+                path.unlink(missing_ok=True)
+                removed.append(path)
+            if directory != self.staging:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _modified(info: dict) -> float | None:
+    """A listing entry's modification time: S3 says LastModified, local and others mtime."""
+    value = info.get("LastModified", info.get("mtime", info.get("updated")))
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None

@@ -3,8 +3,8 @@
 `Sweeper`: every sweep_interval_s, evicts posts past retention and starts the
 index rebuilds that are due (ShardIndex.maintain). `Snapshotter`: every
 snapshot_interval_s, writes the replica's index and position to snapshot_dir
-when anything was applied since the last (feedret.indexer.snapshot holds the
-format), and at start restores the newest one that fits, so a restarted replica
+(a directory or an object store URL) when anything was applied since the last
+(feedret.indexer.snapshot holds the format and the store), and at start restores the newest one that fits, so a restarted replica
 replays only the partition's tail. A failed round is logged and the next one
 tries again; the replica keeps serving either way. Both stop when their
 `stop_event` is set.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import structlog
 
@@ -54,7 +53,7 @@ class Snapshotter(threading.Thread):
     def __init__(self, state: ShardState) -> None:
         super().__init__(name=f"snapshotter-{state.config.shard_id}", daemon=True)
         self.state = state
-        self.directory = Path(state.config.snapshot_dir)
+        self.store = snapshots.SnapshotStore(state.config.snapshot_dir, state.config.snapshot_staging_dir)
         self.stop_event = threading.Event()
         self.last_offset = -1
         self._lock = threading.Lock()
@@ -67,8 +66,8 @@ class Snapshotter(threading.Thread):
                 metrics.SHARD_SNAPSHOT_FAILURES.labels(shard=str(self.state.config.shard_id)).inc()
                 log.exception("snapshot_failed")
 
-    def take(self, reason: str) -> Path | None:
-        """Write one now unless nothing changed since the last. The path written, or None."""
+    def take(self, reason: str) -> str | None:
+        """Write one now unless nothing changed since the last. Where it was stored, or None."""
         with self._lock:
             if self.state.applied_offset == self.last_offset:
                 return None
@@ -78,49 +77,66 @@ class Snapshotter(threading.Thread):
                 return None
             offset, header, sections = captured
             cfg = self.state.config
-            path = snapshots.write_snapshot(self.directory, cfg.shard_id, offset, header, sections)
-            snapshots.prune(self.directory, cfg.shard_id, cfg.snapshot_keep)
+            location, size = self.store.write(cfg.shard_id, offset, header, sections)
             self.last_offset = offset
-            metrics.observe_snapshot(cfg.shard_id, time.monotonic() - started, path.stat().st_size)
+            metrics.observe_snapshot(cfg.shard_id, time.monotonic() - started, size)
             log.info(
                 "snapshot_written",
                 reason=reason,
-                path=str(path),
+                path=location,
                 offset=offset,
                 posts=header["index"]["indexed"],
-                bytes=path.stat().st_size,
+                bytes=size,
                 seconds=round(time.monotonic() - started, 3),
             )
-            return path
+            for old in self.store.prune(cfg.shard_id, cfg.snapshot_keep, cfg.snapshot_max_age_s):
+                log.info("snapshot_pruned", path=old)
+            return location
 
     def load_newest(self) -> bool:
         """Restore the newest intact snapshot that fits this shard; False when there is none."""
         cfg = self.state.config
-        for path in snapshots.remove_temporaries(self.directory, cfg.shard_id):
+        for path in self.store.remove_temporaries(cfg.shard_id):
             log.warning("snapshot_temporary_removed", path=str(path))
-        for path in snapshots.list_snapshots(self.directory, cfg.shard_id):
+        try:
+            entries = self.store.entries(cfg.shard_id)
+        except OSError as exc:  # an unreachable store: serve from a full replay rather than not at all
+            log.error("snapshot_store_unreadable", store=self.store.url, error=str(exc))
+            entries = []
+        for entry in entries:
             started = time.monotonic()
             try:
-                header, sections = snapshots.read_snapshot(path)
-                age = time.time() - float(header.get("written_at", 0))
-                if cfg.snapshot_max_age_s and age > cfg.snapshot_max_age_s:
-                    # Older ones are older still: replay the partition from its start.
-                    log.warning("snapshot_too_old", path=str(path), age_s=round(age),
-                                max_age_s=cfg.snapshot_max_age_s, reason="deletes may have been compacted away since")
+                if self._too_old(entry.location, entry.modified):
+                    break  # older ones are older still: replay the partition from its start
+                header, sections = self.store.read(entry.location)
+                if self._too_old(entry.location, float(header.get("written_at", 0))):
                     break
                 self.state.restore(header, sections)
             except (snapshots.CorruptSnapshot, IndexConfigError, KeyError, ValueError, OSError) as exc:
-                log.warning("snapshot_skipped", path=str(path), reason=str(exc))
+                log.warning("snapshot_skipped", path=entry.location, reason=str(exc))
                 self.state.index = None
                 continue
             self.last_offset = self.state.applied_offset
             log.info(
                 "snapshot_loaded",
-                path=str(path),
+                path=entry.location,
                 offset=self.state.applied_offset,
                 posts=len(self.state.index),
                 seconds=round(time.monotonic() - started, 3),
             )
             return True
-        log.info("snapshot_none", directory=str(self.directory))
+        log.info("snapshot_none", store=self.store.url)
         return False
+
+    def _too_old(self, location: str, written_at: float | None) -> bool:
+        """Older than snapshot_max_age_s: it could predate a delete whose tombstone compaction
+        has dropped since, and restoring it would bring that post back."""
+        max_age = self.state.config.snapshot_max_age_s
+        if not max_age or written_at is None:
+            return False
+        age = time.time() - written_at
+        if age <= max_age:
+            return False
+        log.warning("snapshot_too_old", path=location, age_s=round(age), max_age_s=max_age,
+                    reason="deletes may have been compacted away since")
+        return True

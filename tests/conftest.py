@@ -43,6 +43,44 @@ def tansu_broker() -> Iterator[str]:
             proc.wait()
 
 
+@contextlib.contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (moto's server mode) in its own process on a free loopback
+    port: yields the AWS environment that points s3fs at it."""
+    import os
+    import shutil
+    import sys
+
+    port = free_port()
+    binary = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        yield {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "feedret-test",
+            "AWS_SECRET_ACCESS_KEY": "feedret-test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """The S3 server for this test session, its environment set in this process too (s3fs reads it)."""
+    with s3_server() as env, pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env
+
+
 def stack_config(tmp: Path, num_shards: int = 2, replicas: int = 1) -> StackConfig:
     # One block: broker, root, member, then the shards (replica 0 of each, then replica 1, ...).
     base = free_port_block(3 + num_shards * replicas)

@@ -1,5 +1,8 @@
 """Snapshots and recovery on a real stack: a shard SIGKILLed mid-stream restarts from its newest
-snapshot, replays only the partition's tail, and ends with exactly the posts it should hold."""
+snapshot, replays only the partition's tail, and ends with exactly the posts it should hold.
+
+The snapshots live in a bucket on a real S3-compatible server (moto, its own process): a
+restarted shard has nothing on disk, as a replica on a new node would not."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import signal
 import threading
 import time
 
+import fsspec
 import pytest
 
 from feedret.indexer import snapshot as snapshots
@@ -22,17 +26,23 @@ N_POSTS = 300
 
 
 @pytest.fixture(scope="module")
-def snapshotting(tmp_path_factory):
+def snapshotting(tmp_path_factory, s3):
     tmp = tmp_path_factory.mktemp("snapshots")
+    fs, _ = fsspec.core.url_to_fs("s3://feedret-e2e")
+    fs.mkdir("feedret-e2e")
+    url = "s3://feedret-e2e/snapshots/run-1"
     config = stack_config(tmp)
     config.env.update(
-        FEEDRET_SNAPSHOT_DIR=str(tmp / "snapshots"),
+        s3,
+        FEEDRET_SNAPSHOT_DIR=url,
+        FEEDRET_SNAPSHOT_STAGING_DIR=str(tmp / "staging"),
         FEEDRET_SNAPSHOT_INTERVAL_S="0.5",
         FEEDRET_INDEX_FACTORY="HNSW16",  # the graph is snapshotted too, tombstones and all
     )
     with Stack(config) as stack:
         running = RunningStack(stack)
-        running.snapshot_dir = tmp / "snapshots"
+        running.store = snapshots.SnapshotStore(url)
+        running.staging = tmp / "staging"
         running.publish(sample_lines(N_POSTS))
         assert wait_for(lambda: running.indexed() >= N_POSTS, timeout=120, interval=0.2)
         yield running
@@ -57,7 +67,7 @@ def shard_stats(running: RunningStack, shard: int):
 
 def test_a_shard_killed_mid_stream_recovers_from_its_snapshot_with_the_same_posts(snapshotting):
     running, stack = snapshotting, snapshotting.stack
-    assert wait_for(lambda: snapshots.list_snapshots(running.snapshot_dir, 0), timeout=10)
+    assert wait_for(lambda: running.store.entries(0), timeout=10)
 
     sample_ids = [json.loads(line)["post_id"] for line in sample_lines(N_POSTS)]
     new_ids = [9_500_000_000 + i for i in range(300)]
@@ -83,6 +93,7 @@ def test_a_shard_killed_mid_stream_recovers_from_its_snapshot_with_the_same_post
 
     loaded = log_events(stack, "shard-0", "snapshot_loaded")
     assert loaded and loaded[-1]["offset"] > 0, "the restarted shard did not start from a snapshot"
+    assert loaded[-1]["path"].startswith("feedret-e2e/snapshots/run-1/shard-0-"), loaded[-1]["path"]
 
     expected = {p for p in set(sample_ids + new_ids) - set(deleted) if shard_of(p, 2) == 0}
     gone = {p for p in deleted if shard_of(p, 2) == 0}
@@ -100,8 +111,10 @@ def test_a_clean_stop_writes_a_final_snapshot_and_the_restart_replays_nothing(sn
     before = shard_stats(running, 1)
     offset = before.applied[0].offset
     stack.kill("shard-1", signal.SIGTERM)
-    newest = snapshots.list_snapshots(running.snapshot_dir, 1)[0]
-    assert newest.name == snapshots.snapshot_path(running.snapshot_dir, 1, offset).name
+    newest = running.store.entries(1)[0]
+    assert newest.offset == offset and newest.name == snapshots.snapshot_path(".", 1, offset).name
+    # Staged files go once uploaded or read: nothing of the shards' is left on local disk.
+    assert not [p for p in running.staging.rglob("*") if p.is_file()]
     stack.start_role("shard-1")
     stack.wait_serving(["shard-1"], 60)
     assert log_events(stack, "shard-1", "snapshot_loaded")[-1]["offset"] == offset

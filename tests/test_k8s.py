@@ -1040,6 +1040,30 @@ def test_kafka_tls_scram_component_gives_every_kafka_client_the_ca_and_its_passw
     assert roles == {"consumer", "shard"}
 
 
+def test_snapshots_s3_component_puts_every_shards_snapshots_in_one_bucket(tmp_path):
+    (tmp_path / "overlay").mkdir()
+    docs = _render_with_component(tmp_path / "overlay", "prod", "snapshots-s3")
+    assert not _schema_failures(docs, OLDEST_KUBERNETES)
+    urls = set()
+    for obj, tpl, c, role in _feedret_containers(docs):
+        env, _ = _resolve_env(docs, tpl, c)
+        if role != "shard":
+            assert "FEEDRET_SNAPSHOT_DIR" not in env, _name(obj)
+            continue
+        cfg = _build_configs(env, "shard")[ShardConfig]
+        urls.add(cfg.snapshot_dir)
+        assert cfg.snapshot_dir.startswith("s3://"), _name(obj)
+        # Staging lies on the pod's snapshot volume, not the 1 GiB /tmp (room for one snapshot).
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        claims = {t["metadata"]["name"] for t in obj["spec"]["volumeClaimTemplates"]}
+        assert mounts.get(cfg.snapshot_staging_dir) in claims, _name(obj)
+        # It still reads the shared settings, and the bucket's credentials only if they exist.
+        sources = [next(iter(src.values()))["name"] for src in c["envFrom"]]
+        assert any(n.startswith("feedret-config") for n in sources) and "feedret-snapshots-s3" in sources
+        assert all(src.get("secretRef", {}).get("optional", True) for src in c["envFrom"])
+    assert len(urls) == 1, f"shards disagree on the bucket: {urls}"
+
+
 def test_grpc_tls_component_serves_tls_with_probes_on_the_plaintext_health_port(tmp_path):
     (tmp_path / "overlay").mkdir()
     docs = _render_with_component(tmp_path / "overlay", "prod", "grpc-tls")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,12 +108,12 @@ def shard_state(tmp_path, n=300, **config) -> ShardState:
 def test_the_newest_intact_snapshot_is_loaded_and_older_ones_are_pruned(tmp_path):
     state = shard_state(tmp_path, snapshot_keep=2)
     taker = Snapshotter(state)
-    first = taker.take("test")
+    first = Path(taker.take("test"))
     assert taker.take("test") is None  # nothing applied since
     state.apply([(300, pb.PostVectorEvent(post_id=10, op=pb.PostVectorEvent.DELETE))], now=0.0)
-    second = taker.take("test")
+    second = Path(taker.take("test"))
     state.apply([(301, pb.PostVectorEvent(post_id=11, op=pb.PostVectorEvent.DELETE))], now=0.0)
-    third = taker.take("test")
+    third = Path(taker.take("test"))
     assert snapshots.list_snapshots(tmp_path, 0) == [third, second]  # the first was pruned
     assert not first.exists()
 
@@ -235,3 +236,68 @@ def test_a_snapshot_whose_last_record_is_not_on_the_partition_is_dropped(tmp_pat
         assert fresh.applied_offset == 300 and len(fresh.index) == 300
     else:
         assert fresh.index is None and fresh.applied_offset == 0 and fresh.upserts == 0
+
+
+# ---------------------------------------------------------------- object storage
+
+
+def _bucket(name: str) -> str:
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(f"s3://{name}")
+    fs.mkdir(name)
+    return f"s3://{name}/feedret/snapshots"
+
+
+def test_snapshots_in_an_s3_bucket_restore_a_replica_that_has_no_disk_of_its_own(s3, tmp_path):
+    url = _bucket("restore")
+    state = shard_state(tmp_path / "writer", snapshot_keep=2)
+    state.config = ShardConfig(snapshot_dir=url, snapshot_keep=2, snapshot_staging_dir=str(tmp_path / "stage-a"))
+    taker = Snapshotter(state)
+    first = taker.take("test")
+    state.apply([(300, pb.PostVectorEvent(post_id=10, op=pb.PostVectorEvent.DELETE))], now=0.0)
+    taker.take("test")
+    state.apply([(301, pb.PostVectorEvent(post_id=11, op=pb.PostVectorEvent.DELETE))], now=0.0)
+    third = taker.take("test")
+    store = snapshots.SnapshotStore(url)
+    assert [e.offset for e in store.entries(0)] == [302, 301]  # the first was pruned from the bucket
+    assert first.startswith("restore/feedret/snapshots/") and third.endswith("shard-0-00000000000000000302.snap")
+    assert not [p for p in (tmp_path / "stage-a").rglob("*") if p.is_file()], "staging is emptied after upload"
+
+    # A replica elsewhere: its own (empty) staging, the shared bucket.
+    fresh = ShardState(config=ShardConfig(snapshot_dir=url, snapshot_staging_dir=str(tmp_path / "stage-b")),
+                       topic="post-vectors")
+    assert Snapshotter(fresh).load_newest()
+    assert fresh.applied_offset == 302 and len(fresh.index) == 298
+    assert 10 not in fresh.index and 11 not in fresh.index and 12 in fresh.index
+    assert not [p for p in (tmp_path / "stage-b").rglob("*") if p.is_file()]
+
+
+def test_a_corrupt_object_is_skipped_for_the_next_newest_and_old_ones_are_pruned_by_age(s3, tmp_path):
+    import fsspec
+
+    url = _bucket("corrupt")
+    state = shard_state(tmp_path, snapshot_keep=5)
+    state.config = ShardConfig(snapshot_dir=url, snapshot_keep=5)
+    taker = Snapshotter(state)
+    good = taker.take("test")
+    state.apply([(300, pb.PostVectorEvent(post_id=10, op=pb.PostVectorEvent.DELETE))], now=0.0)
+    newest = taker.take("test")
+    fs, _ = fsspec.core.url_to_fs(url)
+    data = bytearray(fs.cat_file(newest))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(newest, bytes(data))
+
+    fresh = ShardState(config=ShardConfig(snapshot_dir=url), topic="post-vectors")
+    assert Snapshotter(fresh).load_newest() and fresh.applied_offset == 300 and 10 in fresh.index
+
+    # Past snapshot_max_age_s none would be restored: pruning keeps only the newest.
+    store = snapshots.SnapshotStore(url)
+    assert store.prune(0, keep=5, max_age_s=1e-6) == [good]
+    assert [e.location for e in store.entries(0)] == [newest]
+
+
+def test_an_unreachable_bucket_means_a_full_replay_not_a_shard_that_will_not_start(s3, tmp_path):
+    fresh = ShardState(config=ShardConfig(snapshot_dir="s3://no-such-bucket/x"), topic="post-vectors")
+    assert not Snapshotter(fresh).load_newest()
+    assert fresh.index is None and fresh.applied_offset == 0
