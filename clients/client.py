@@ -97,12 +97,14 @@ def build_request(
     max_age_seconds: int = 0,
     languages: Sequence[str] = (),
     request_id: str = "",
+    model_version: str = "",
 ) -> pb.RetrieveRequest:
     req = pb.RetrieveRequest(k=k, request_id=request_id or uuid.uuid4().hex[:16])
     if member is not None:
         member.fill_proto(req.member)
     if vector is not None:
         req.vector.values.extend(np.asarray(vector, dtype=np.float32).tolist())
+        req.vector.model_version = model_version  # only shards of this model are merged
     req.filters.exclude_post_ids.extend(int(p) for p in exclude_post_ids)
     req.filters.max_age_seconds = int(max_age_seconds)
     req.filters.languages.extend(languages)
@@ -165,9 +167,11 @@ class FeedretClient(_RootCalls):
         languages: Sequence[str] = (),
         timeout: float | None = 1.0,
         request_id: str = "",
+        model_version: str = "",
     ) -> RetrieveResult:
         req = build_request(member=member, vector=vector, k=k, exclude_post_ids=exclude_post_ids,
-                            max_age_seconds=max_age_seconds, languages=languages, request_id=request_id)
+                            max_age_seconds=max_age_seconds, languages=languages, request_id=request_id,
+                            model_version=model_version)
         return to_result(self._retrieval.Retrieve(req, timeout=timeout))
 
     def lookup(self, post_id: int, *, include_vector: bool = False, timeout: float | None = 2.0) -> pb.LookupResponse:
@@ -212,9 +216,11 @@ class AsyncFeedretClient(_RootCalls):
         languages: Sequence[str] = (),
         timeout: float | None = 1.0,
         request_id: str = "",
+        model_version: str = "",
     ) -> RetrieveResult:
         req = build_request(member=member, vector=vector, k=k, exclude_post_ids=exclude_post_ids,
-                            max_age_seconds=max_age_seconds, languages=languages, request_id=request_id)
+                            max_age_seconds=max_age_seconds, languages=languages, request_id=request_id,
+                            model_version=model_version)
         return to_result(await self._retrieval.Retrieve(req, timeout=timeout))
 
     async def lookup(self, post_id: int, *, include_vector: bool = False, timeout: float | None = 2.0) -> pb.LookupResponse:

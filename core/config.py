@@ -250,6 +250,10 @@ class ShardConfig(IndexSettings):
     port: int = DEFAULT_SHARD_BASE_PORT
     metrics_port: int = Field(default=DEFAULT_SHARD_METRICS_BASE_PORT, ge=0, le=65535)  # 0: no /metrics
     dimension: int = Field(default=0, ge=0)  # 0: learn it from the first vector
+    # The one model whose vectors this shard indexes: an index never mixes two models' vector
+    # spaces, so upserts embedded by any other are rejected (reason other_model) and a snapshot
+    # of another model is not restored. Empty: the model of the first vector applied.
+    model_version: str = ""
     # The index settings (index_factory, index_backend, index_device, serve_dimension,
     # train_size, nprobe, ef_search, search_threads, rebuild_fraction, exact_filter_fraction,
     # retention_s) are IndexSettings' fields, above.

@@ -124,7 +124,8 @@ class _ShardCollector:
         deletes = CounterMetricFamily("feedret_shard_deletes", "Deletes applied.", labels=labels)
         rejected = CounterMetricFamily(
             "feedret_shard_rejected",
-            "Post-vector records rejected, by reason: undecodable, no_op, or an unsound vector "
+            "Post-vector records rejected, by reason: undecodable, no_op, other_model (embedded by "
+            "another model than the shard indexes), or an unsound vector "
             "(wrong_width, non_finite, zero, not_unit_norm; feedret.indexer.vectors).",
             labels=["shard", "reason"],
         )
@@ -162,7 +163,7 @@ class _ShardCollector:
             evicted.add_metric(shard, stats.evicted)
             rebuilds.add_metric(shard, stats.rebuilds)
             if index is not None:
-                info.add_metric([*shard, stats.index_type, stats.state, stats.index_device, state.model_version], 1)
+                info.add_metric([*shard, stats.index_type, stats.state, stats.index_device, state.serving_model], 1)
                 if stats.gpu_searches or stats.gpu_declined:
                     gpu.add_metric([*shard, "answered"], stats.gpu_searches)
                     gpu.add_metric([*shard, "declined"], stats.gpu_declined)

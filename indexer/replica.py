@@ -67,11 +67,13 @@ class ShardState:
     upserts: int = 0
     deletes: int = 0
     rejected: int = 0
-    # `rejected` by reason (a VectorProblem's value, "undecodable", "no_op"), for logs and counters.
+    # `rejected` by reason (a VectorProblem's value, "undecodable", "no_op", "other_model"), for logs and counters.
     rejected_reasons: dict[str, int] = field(default_factory=dict)
     # At most 10 vector_rejected lines a second; the counters count every one.
     reject_log: Throttle = field(default_factory=lambda: Throttle(10.0))
-    model_version: str = ""  # of the latest vector applied; each post keeps its own in the index
+    # The model of every vector in the index (config.model_version, or the first vector's):
+    # one index never mixes two models' vector spaces. Each post also keeps its own, for Lookup.
+    model_version: str = ""
 
     @property
     def dimension(self) -> int:
@@ -104,6 +106,11 @@ class ShardState:
             )
         return self.index
 
+    @property
+    def serving_model(self) -> str:
+        """The model whose vectors this shard indexes and answers with ("" until known)."""
+        return self.config.model_version or self.model_version
+
     def count_rejected(self, reason: str) -> None:
         self.rejected += 1
         self.rejected_reasons[reason] = self.rejected_reasons.get(reason, 0) + 1
@@ -113,6 +120,8 @@ class ShardState:
 
         Only sound vectors are indexed (feedret.indexer.vectors): anything can write the
         topic, and one NaN, infinite or unnormalised vector would top every result list.
+        Only the serving model's vectors are indexed: another model's vector space is not
+        comparable (`other_model`; a vector that names no model is taken as the serving one's).
         The rest are counted as rejected, logged and skipped; a post keeps its earlier vector.
         """
         run: list[tuple[int, VectorEvent]] = []
@@ -130,25 +139,33 @@ class ShardState:
             sound_ids: set[int] = set()  # posts given a sound vector earlier in this run
             for i, (offset, ev) in enumerate(run):
                 problem = problems[row_of[i]] if i in row_of else VectorProblem.WRONG_WIDTH
-                if problem is None:
+                reason = problem.value if problem is not None else None
+                if reason is None and ev.model_version:
+                    if not self.serving_model:
+                        self.model_version = ev.model_version  # the first vector pins the model
+                    elif ev.model_version != self.serving_model:
+                        reason = "other_model"
+                if reason is None:
                     sound.append(i)
                     sound_ids.add(ev.post_id)
                     continue
-                self.count_rejected(problem.value)
+                self.count_rejected(reason)
                 held = self.reject_log.allow()
                 if held is None:
                     continue  # counted; a broken writer at full rate must not flood the log too
                 kept = ev.post_id in sound_ids or (self.index is not None and ev.post_id in self.index)
-                detail: dict[str, float] = {}
+                detail: dict[str, object] = {}
                 if problem is VectorProblem.WRONG_WIDTH:
                     detail = {"width": len(ev.vector), "expected": width}
                 elif problem is VectorProblem.NOT_UNIT:  # (a NaN norm would not be valid JSON in the log)
                     detail = {"norm": float(norms_of(vectors[row_of[i]][None])[0]), "tolerance": UNIT_NORM_TOLERANCE}
+                elif reason == "other_model":
+                    detail = {"serving_model": self.serving_model}
                 log.error(
                     "vector_rejected",
                     post_id=ev.post_id,
                     offset=offset,
-                    reason=problem.value,
+                    reason=reason,
                     model_version=ev.model_version,
                     # A rejected upsert changes nothing: the post's earlier vector, if any, still serves.
                     earlier_vector="kept" if kept else "none",
@@ -173,7 +190,7 @@ class ShardState:
                 model_versions=[e.model_version for e in good],
             )
             self.upserts += len(good)
-            self.model_version = good[-1].model_version
+            self.model_version = self.serving_model
 
         for offset, ev in events:
             if ev.op == VectorOp.UPSERT:
@@ -206,7 +223,7 @@ class ShardState:
         offset, last_post_id = self.position
         counters = {"upserts": self.upserts, "deletes": self.deletes, "rejected": self.rejected,
                     "rejected_reasons": dict(self.rejected_reasons)}
-        model_version = self.model_version
+        model_version = self.serving_model
         meta, sections = index.export_state()
         cfg = self.config
         header = {
@@ -237,6 +254,8 @@ class ShardState:
         if made_for != (cfg.num_shards, self.topic, cfg.shard_id):
             raise IndexConfigError(f"snapshot of (num_shards, topic, partition) {made_for}")
         meta = header["index"]
+        if cfg.model_version and header.get("model_version") and header["model_version"] != cfg.model_version:
+            raise IndexConfigError(f"snapshot of model {header['model_version']!r}, this shard serves {cfg.model_version!r}")
         if cfg.dimension and cfg.dimension != meta["input_dimension"]:
             raise IndexConfigError(f"snapshot of {meta['input_dimension']}-d vectors, configured {cfg.dimension}")
         # A snapshot from before model versions were kept per post holds them all as its header's.

@@ -125,14 +125,17 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 raise InvalidRequest("a query needs either member or vector")
             if which == "vector":
                 vec = query_vector(request.vector.values, self.dimension, self.vector_dimension)
-                model_version = self.model_version
+                model_version = request.vector.model_version
             else:
                 vec, model_version = self._member_vector(request, rid, deadline, context)
                 vec = query_vector(vec, self.dimension, self.vector_dimension)
             if self.dimension and len(vec) > self.dimension:
                 vec = vec[: self.dimension]  # full width, the shards serve a prefix (they re-normalise)
             depth = shard_depth(request.k, len(self.replica_sets), self.config.shard_depth_sigmas)
-            hits, failed, why = self._fan_out(vec, request, rid, deadline, depth)
+            hits, failed, why, models = self._fan_out(vec, request, rid, deadline, depth)
+            # One model's scores only: a shard serving another is left out as if it had failed.
+            model_version = pick_model(model_version, models, self.model_version)
+            hits = self._one_model(hits, models, model_version, failed, why)
             merged = merge_topk(hits, request.k)
             if depth < request.k:
                 # A shard that returned all it was asked for, down to a score that still makes
@@ -142,23 +145,32 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 again = [h.shard for h in hits if len(h.post_ids) >= depth and (
                     len(merged.post_ids) < request.k or h.scores[-1] >= merged.scores[-1])]
                 if again and time.monotonic() < deadline:
-                    more, _, _ = self._fan_out(vec, request, rid, deadline, request.k, again)
+                    more, _, _, again_models = self._fan_out(vec, request, rid, deadline, request.k, again)
+                    more = [h for h in more if again_models[h.shard] in ("", model_version)]
                     fuller = {h.shard: h for h in more}
                     hits = [fuller.get(h.shard, h) for h in hits]
                     merged = merge_topk(hits, request.k)
                     for shard in again:
                         root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard=str(shard)).inc()
                     log.info("shards_asked_again", shards=again, depth=depth, k=request.k, answered=len(more))
+            if not hits and why and set(why) == {OTHER_MODEL}:
+                raise RpcFailure(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"no shard serves model {model_version!r}, the query vector's: they serve "
+                    f"{', '.join(sorted({m for m in models.values() if m}))}",
+                )
             if not hits:
                 # No shard answered: an empty list would read as "nothing to show".
                 raise RpcFailure(
                     grpc.StatusCode.UNAVAILABLE if time.monotonic() < deadline else grpc.StatusCode.DEADLINE_EXCEEDED,
                     f"no shard answered ({'; '.join(f'shard {sh}: {w}' for sh, w in zip(failed, why))})",
                 )
+            if model_version:
+                self.model_version = model_version
             resp = pb.RetrieveResponse(
                 partial=bool(failed),
-                model_version=model_version or self.model_version,
-                failed_shards=failed,
+                model_version=model_version,
+                failed_shards=sorted(failed),
                 request_id=rid,
             )
             fill_candidates(resp.candidates, merged.post_ids, merged.scores, merged.shards)
@@ -184,8 +196,9 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
     def _fan_out(
         self, vec: np.ndarray, request: pb.RetrieveRequest, rid: str, deadline: float, k: int,
         shards: list[int] | None = None,
-    ) -> tuple[list[ShardHits], list[int], list[str]]:
-        """Search `shards` (default: all) for `k` each; (answers, failed shards, their codes)."""
+    ) -> tuple[list[ShardHits], list[int], list[str], dict[int, str]]:
+        """Search `shards` (default: all) for `k` each; (answers, failed shards, their codes,
+        the model each answering shard serves)."""
         shards = list(range(len(self.replica_sets))) if shards is None else shards
         search = pb.SearchRequest(k=k, filters=request.filters, request_id=rid)
         search.vector.extend(vec.tolist())
@@ -201,6 +214,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         except Fatal as exc:
             raise InvalidRequest(exc.error.details()) from exc
         hits: list[ShardHits] = []
+        models: dict[int, str] = {}
         failed: list[int] = []
         why: list[str] = []  # per failed shard, its status code: the caller sees it when no shard answered
         for shard, outcome in zip(shards, outcomes):
@@ -221,8 +235,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             if reply.dimension:
                 self.dimension = reply.dimension
                 self.vector_dimension = reply.vector_dimension
-            if reply.model_version:
-                self.model_version = reply.model_version
+            models[shard] = reply.model_version
             hits.append(
                 ShardHits(
                     shard=shard,
@@ -230,7 +243,22 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                     scores=np.asarray(reply.candidates.scores, dtype=np.float32),
                 )
             )
-        return hits, failed, why
+        return hits, failed, why, models
+
+    def _one_model(self, hits: list[ShardHits], models: dict[int, str], model_version: str,
+                   failed: list[int], why: list[str]) -> list[ShardHits]:
+        """`hits` of shards serving `model_version` (or none yet); the others join `failed`."""
+        kept = []
+        for h in hits:
+            served = models.get(h.shard, "")
+            if not served or not model_version or served == model_version:
+                kept.append(h)
+                continue
+            failed.append(h.shard)
+            why.append(OTHER_MODEL)
+            root_metrics.ROOT_SHARD_FAILURES.labels(shard=str(h.shard), code=OTHER_MODEL).inc()
+            log.warning("shard_other_model", shard=h.shard, shard_model=served, query_model=model_version)
+        return kept
 
     def _attempts(self, shard: int, outcome: Outcome) -> list[str]:
         """The attempts for a log line: "target kind result"."""
@@ -288,6 +316,28 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 resp.total_indexed += entry.indexed
                 resp.model_version = resp.model_version or entry.model_version
             return resp
+
+
+# The code a shard serving another model than the query's is counted and reported under.
+OTHER_MODEL = "OTHER_MODEL"
+
+
+def pick_model(stated: str, served: dict[int, str], learned: str) -> str:
+    """The model a query's candidates must come from.
+
+    The query's own (the member service's model, or the one a vector query names) when
+    it has one; else the model most answering shards serve, ties going to the one the
+    root served last (`learned`), then to the name. "" when nothing names a model.
+    """
+    if stated:
+        return stated
+    counts: dict[str, int] = {}
+    for model in served.values():
+        if model:
+            counts[model] = counts.get(model, 0) + 1
+    if not counts:
+        return learned
+    return max(counts, key=lambda m: (counts[m], m == learned, m))
 
 
 def shard_channel_options(target: str) -> list[tuple[str, object]]:

@@ -98,7 +98,7 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
             index = state.index
             vec = query_vector(request.vector, state.dimension, state.vector_dimension)
             filt = search_filter(request.filters, time.time())
-            resp = pb.SearchResponse(shard=state.config.shard_id, model_version=state.model_version)
+            resp = pb.SearchResponse(shard=state.config.shard_id, model_version=state.serving_model)
             with self._searches_lock:
                 self.searches += 1
             if index is None:
@@ -161,14 +161,14 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
                 upserts=state.upserts,
                 deletes=state.deletes,
                 rejected=state.rejected,
-                model_version=state.model_version,
+                model_version=state.serving_model,
                 error=info.error,
                 searches=self.searches,
                 ready=self.ready.is_set(),
                 end_offset=state.end_offset or 0,
             )
             shard.applied.add(topic=state.topic, partition=state.config.shard_id, offset=state.applied_offset)
-            return pb.StatsResponse(shards=[shard], total_indexed=shard.indexed, model_version=state.model_version)
+            return pb.StatsResponse(shards=[shard], total_indexed=shard.indexed, model_version=state.serving_model)
 
 
 def serve(kafka: KafkaConfig, config: ShardConfig, stop: threading.Event, security: GrpcSecurityConfig | None = None) -> None:

@@ -243,7 +243,7 @@ def test_metrics_say_where_a_shard_searches_and_what_its_gpu_copy_answered():
     ix.search(vecs[0], 10)  # above the GPU's k: declined
     state = SimpleNamespace(config=SimpleNamespace(shard_id=3), index=ix, dimension=D, vector_dimension=D,
                             applied_offset=0, end_offset=None, upserts=0, deletes=0, rejected=0, rejected_reasons={},
-                            model_version="m")
+                            model_version="m", serving_model="m")
     collector = _ShardCollector()
     collector.watch(state)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in collector.collect() for s in f.samples}

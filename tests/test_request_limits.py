@@ -5,6 +5,8 @@ without waiting for (or costing) a forward pass. Issue #14, finding 4.
 
 from __future__ import annotations
 
+import json
+
 import random
 import string
 import threading
@@ -28,6 +30,8 @@ from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "feedret-tiny-llama"
+# The shards' posts must be of the member model's version, or the root will not merge them.
+MODEL_VERSION = json.loads((MODEL / "feedret.json").read_text())["model_version"]
 
 # Small limits, so that each case is a few characters over one.
 LIMITS = dict(
@@ -178,7 +182,7 @@ def start_shards(dim: int, sizes=(100, 100), servicer_class=ShardServicer, limit
         vecs = rng.normal(size=(n, dim)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         state.apply([(i, pb.PostVectorEvent(post_id=1000 * shard + i, op=pb.PostVectorEvent.UPSERT, vector=v.tolist(),
-                                            created_at=1e9, lang="en", model_version="m1")) for i, v in enumerate(vecs)],
+                                            created_at=1e9, lang="en", model_version=MODEL_VERSION)) for i, v in enumerate(vecs)],
                     now=2e9)
         servicer = servicer_class(state, "in-process")
         server, _, port = build_server(

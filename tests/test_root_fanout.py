@@ -94,15 +94,17 @@ def test_a_dead_shard_makes_the_reply_partial_and_a_bad_request_is_refused(two_s
         server.stop(0)
 
 
-def recording_shards(rng, sizes):
-    """In-process shard servers holding sizes[i] random posts (ids 1000·i + j), recording each Search's k."""
+def recording_shards(rng, sizes, models=None):
+    """In-process shard servers holding sizes[i] random posts (ids 1000·i + j), embedded by
+    models[i] (default "m1"), recording each Search's k."""
     servers, addresses, shards, vectors = [], [], [], {}
     for shard, n in enumerate(sizes):
+        model = models[shard] if models else "m1"
         state = ShardState(config=ShardConfig(shard_id=shard, num_shards=2), topic="post-vectors")
         vecs = rng.normal(size=(n, DIM)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         state.apply([(i, pb.PostVectorEvent(post_id=1000 * shard + i, op=pb.PostVectorEvent.UPSERT, vector=v.tolist(),
-                                            created_at=1e9, lang="en", model_version="m1")) for i, v in enumerate(vecs)],
+                                            created_at=1e9, lang="en", model_version=model)) for i, v in enumerate(vecs)],
                     now=2e9)
         vectors.update({1000 * shard + i: v for i, v in enumerate(vecs)})
         servicer = RecordingShard(state, "in-process")
@@ -186,3 +188,40 @@ def test_shards_of_similar_size_are_asked_once_for_their_share_and_the_answer_is
         root.stop(0)
         for server in servers:
             server.stop(0)
+
+
+def test_no_reply_merges_two_models_and_a_query_of_a_model_no_shard_serves_is_refused():
+    # Shard 1 was rebuilt with another model (say, mid-rollout): its scores are not comparable.
+    servers, addresses, _, vectors = recording_shards(np.random.default_rng(4), (100, 100, 100), ("m1", "m2", "m1"))
+    root, address = start_root(addresses)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.RetrievalServiceStub(channel)
+            q = vectors[1005]  # a shard-1 post: its own top neighbour, were shard 1 merged
+
+            def retrieve(model=""):
+                return stub.Retrieve(pb.RetrieveRequest(k=20, vector=pb.QueryVector(values=q.tolist(), model_version=model)),
+                                     timeout=5)
+
+            for model in ("m1", ""):  # stated, or the model most shards serve
+                reply = retrieve(model)
+                assert reply.model_version == "m1" and reply.partial and list(reply.failed_shards) == [1]
+                assert set(reply.candidates.shards) == {0, 2} and 1005 not in reply.candidates.post_ids
+            reply = retrieve("m2")
+            assert reply.model_version == "m2" and list(reply.failed_shards) == [0, 2]
+            assert set(reply.candidates.shards) == {1} and reply.candidates.post_ids[0] == 1005
+            with pytest.raises(grpc.RpcError) as err:
+                retrieve("m3")
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "'m3'" in err.value.details() and "m1, m2" in err.value.details()
+    finally:
+        root.stop(0)
+        for server in servers:
+            server.stop(0)
+
+
+def test_the_model_of_a_query_that_names_none_is_the_one_most_shards_serve():
+    assert root_server.pick_model("m9", {0: "m1", 1: "m1"}, "m1") == "m9"
+    assert root_server.pick_model("", {0: "m1", 1: "m2", 2: "m2"}, "m1") == "m2"
+    assert root_server.pick_model("", {0: "m1", 1: "m2"}, "m2") == "m2"  # a tie: the one served last
+    assert root_server.pick_model("", {0: "", 1: ""}, "m1") == "m1"  # empty shards name none

@@ -58,10 +58,12 @@ class Filters(_message.Message):
     def __init__(self, exclude_post_ids: _Optional[_Iterable[int]] = ..., max_age_seconds: _Optional[int] = ..., languages: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class QueryVector(_message.Message):
-    __slots__ = ("values",)
+    __slots__ = ("values", "model_version")
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, values: _Optional[_Iterable[float]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Candidates(_message.Message):
     __slots__ = ("post_ids", "scores", "shards")
