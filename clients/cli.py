@@ -211,6 +211,60 @@ def publish(file, bootstrap: str, as_json: bool) -> None:
         click.echo(f"published {report.sent} event{'' if report.sent == 1 else 's'} to {bootstrap}")
 
 
+@cli.command("import-vectors")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model-version", default="", help="The model that embedded the vectors (else the file's model_version).")
+@click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=f"127.0.0.1:{DEFAULT_BROKER_PORT}", show_default=True)
+@click.option("--topic", default="", help="The post-vector topic (default: FEEDRET_VECTORS_TOPIC, post-vectors).")
+@json_option
+def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, as_json: bool) -> None:
+    """Import post vectors embedded elsewhere from FILE (.npz: post_id, vector, created_at[, lang]).
+
+    Each sound row goes to the post-vector topic as the upsert the embedding consumer
+    would write, on its shard's partition; rows that are not sound are counted and not
+    sent. The shards take the vectors only if they index this model at this width.
+    """
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+    from tqdm import tqdm
+
+    from feedret.consumer.vector_import import ImportFileError, import_vectors as send, read_vector_file
+    from feedret.logging import configure_logging
+    from feedret.topics import topic_partitions
+
+    configure_logging("import", json=False)  # to stderr: stdout holds the report
+    kafka = KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap)
+    topic = topic or kafka.vectors_topic
+    try:
+        f = read_vector_file(file)
+        model_version = model_version or f.model_version
+        if not model_version:
+            raise ImportFileError(f"{file} names no model_version: pass --model-version (the model that embedded it)")
+    except ImportFileError as exc:
+        raise InputError(str(exc)) from None
+    try:
+        partitions = topic_partitions(kafka, topic)
+        if partitions is None:
+            raise InputError(f"topic {topic!r} does not exist at {bootstrap}: start the stack (or its consumer) first")
+        producer = KafkaProducer(**kafka.client_options(), acks="all", linger_ms=20, batch_size=1 << 20,
+                                 max_request_size=16 << 20, client_id="feedret-import")
+        try:
+            with tqdm(total=len(f), unit="post", disable=as_json, file=sys.stderr) as bar:
+                report = send(f, model_version, producer, topic, partitions, progress=bar.update)
+        finally:
+            producer.close()
+    except KafkaError as exc:
+        raise click.ClickException(f"could not import to Kafka at {bootstrap}: {exc}") from None
+    rejected = ", ".join(f"{reason} {n}" for reason, n in report.rejected.most_common())
+    if as_json:
+        _dump({"sent": report.sent, "rejected": dict(report.rejected), "topic": topic, "partitions": partitions,
+               "model_version": model_version, "dimension": f.dimension, "posts_per_s": round(report.posts_per_s, 1)})
+    else:
+        click.echo(f"imported {report.sent} of {len(f)} vectors ({f.dimension}-d, model {model_version}) to {topic} "
+                   f"({partitions} partitions)" + (f"; not sent: {rejected}" if rejected else ""))
+
+
+# ---------------------------------------------------------------- query
 # ---------------------------------------------------------------- query
 
 

@@ -64,6 +64,18 @@ def ensure_topics(kafka: KafkaConfig, num_shards: int, replication_factor: int =
         admin.close()
 
 
+def topic_partitions(kafka: KafkaConfig, topic: str) -> int | None:
+    """How many partitions `topic` has; None when it does not exist (it is not created)."""
+    admin = KafkaAdminClient(**kafka.client_options(), client_id="feedret-topics")
+    try:
+        if topic not in set(admin.list_topics()):
+            return None
+        described = {d.get("name", d.get("topic")): len(d["partitions"]) for d in admin.describe_topics([topic])}
+        return described.get(topic)
+    finally:
+        admin.close()
+
+
 @dataclass(frozen=True)
 class GroupOffset:
     """A consumer group's committed offset on one partition."""

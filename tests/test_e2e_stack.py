@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -327,3 +331,46 @@ def test_every_process_serves_prometheus_metrics_that_match_the_stack(running_st
     assert delta("member", "feedret_member_cache_lookups_total", result="hit") == 1
     assert delta("member", "feedret_member_embed_seconds_count") == 1
     assert sample(after["member"], "feedret_model_info", model_version=DEFAULT_MODEL_VERSION, backend="torch", device="cpu") == 1
+
+
+def test_vectors_embedded_elsewhere_are_imported_and_another_models_are_refused_by_the_shards(running_stack, tmp_path):
+    # A batch embedded by another model first: the shards index one model and reject it.
+    rng = np.random.default_rng(11)
+    vecs = rng.normal(size=(40, 128))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = np.arange(9_300_000_000, 9_300_000_040)
+    np.savez(tmp_path / "other.npz", post_id=ids[:20], vector=vecs[:20], created_at=np.full(20, time.time()))
+    bad = vecs[20:].copy()
+    bad[0] = np.nan
+    np.savez(tmp_path / "ours.npz", post_id=ids[20:], vector=bad, created_at=np.full(20, time.time()),
+             lang=np.array(["en"] * 20), model_version=np.array(DEFAULT_MODEL_VERSION))
+    env = {"KAFKA_BOOTSTRAP_SERVERS": running_stack.stack.kafka.bootstrap_servers}
+    other = feedret_cli("import-vectors", str(tmp_path / "other.npz"), "--model-version", "elsewhere-v9", "--json", env=env)
+    assert other.returncode == 0, other.stderr
+    ours = feedret_cli("import-vectors", str(tmp_path / "ours.npz"), "--json", env=env)
+    assert ours.returncode == 0, ours.stderr
+    report = json.loads(ours.stdout)
+    assert (report["sent"], report["rejected"], report["model_version"]) == (19, {"non_finite": 1}, DEFAULT_MODEL_VERSION)
+
+    assert wait_for(lambda: all(running_stack.found(int(p)) for p in ids[21:]), timeout=10)
+    client = running_stack.client
+    result = client.retrieve(vector=vecs[25], k=3)
+    assert result.ids[0] == ids[25] and result.model_version == DEFAULT_MODEL_VERSION and not result.partial
+    # Applied before ours on the same partitions, and refused: the shards hold one model only.
+    assert not any(running_stack.found(int(p)) for p in ids[:21])
+    assert client.lookup(int(ids[30])).model_version == DEFAULT_MODEL_VERSION
+
+
+def test_the_readmes_import_example_runs_as_written_with_the_output_it_shows(running_stack, tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("**Vectors embedded elsewhere**"):]
+    commands = section.split("```sh\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    shown = section.split("```sh\n", 1)[1].split("```", 1)[1].split("```\n", 1)[1].split("```", 1)[0].strip()
+    (tmp_path / "var").mkdir()
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": running_stack.stack.kafka.bootstrap_servers,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    outputs = [subprocess.run(["bash", "-c", c], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+               for c in commands]
+    assert all(o.returncode == 0 for o in outputs), [o.stderr for o in outputs]
+    assert outputs[-1].stdout.strip() == shown.replace("feedret-movielens-tiny-v2", DEFAULT_MODEL_VERSION)
+    assert wait_for(lambda: running_stack.found(9_100_000_999), timeout=10)
