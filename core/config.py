@@ -393,6 +393,10 @@ class RootConfig(MemberLimits):
     # separated by `|`; a dns:///name:port entry is a pool whose resolved addresses
     # are the replicas (feedret.shard_targets): "a:1|a:2,b:1|b:2", "dns:///svc-0:50061,...".
     shard_addresses: str = f"127.0.0.1:{DEFAULT_SHARD_BASE_PORT},127.0.0.1:{DEFAULT_SHARD_BASE_PORT + 1}"
+    # During a model rollout, the next generation's shards (same syntax, any shard count):
+    # each query goes to the shards of its vector's model (feedret.server.generations).
+    # Empty: one generation.
+    next_shard_addresses: str = ""
     # A shard's replica that has not answered after this long gets the same request
     # sent to a second replica; the first answer wins. About the shards' p95; 0: never hedge.
     hedge_after_ms: float = Field(default=50.0, ge=0)
@@ -440,6 +444,13 @@ class RootConfig(MemberLimits):
         parse_shard_targets(value)  # a malformed list fails at start, naming the bad entry
         return value
 
+    @field_validator("next_shard_addresses")
+    @classmethod
+    def _next_shard_addresses(cls, value: str) -> str:
+        if value.strip():
+            parse_shard_targets(value)
+        return value.strip()
+
     @field_validator("member_address")
     @classmethod
     def _member_address(cls, value: str) -> str:
@@ -449,6 +460,10 @@ class RootConfig(MemberLimits):
     def shard_replicas(self) -> list[list[str]]:
         """Per shard, in shard order, its replicas' gRPC targets."""
         return parse_shard_targets(self.shard_addresses)
+
+    def next_shard_replicas(self) -> list[list[str]]:
+        """The next generation's shards, as shard_replicas; [] when there is none."""
+        return parse_shard_targets(self.next_shard_addresses) if self.next_shard_addresses else []
 
     def shard_list(self) -> list[str]:
         """Per shard, its entry as written (replicas joined by `|`): for Stats and logs."""

@@ -21,6 +21,7 @@ from feedret.merge import ShardHits, merge_topk, shard_depth
 from feedret.routing import shard_of
 from feedret.server.grpc_security import open_channel
 from feedret.server.member_pool import DeadlineBeforeCall, MemberPool, NoMemberPods, NoMemberService
+from feedret.server.generations import fleets_to_ask
 from feedret.server.replicas import MAX_IN_FLIGHT, Fatal, HedgeBudget, Outcome, ReplicaSet, call_replicas
 from feedret.shard_targets import ROUND_ROBIN, is_pool
 from feedret.server.grpc_common import (
@@ -47,19 +48,43 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name,
 )
 
-class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer):
-    def __init__(self, config: RootConfig, security: GrpcSecurityConfig | None = None) -> None:
-        self.config = config
-        self.addresses = config.shard_list()  # per shard, its replicas joined by "|"
-        targets = config.shard_replicas()
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        # TLS to shards and member pods when this root serves TLS (one internal PKI).
+class ShardFleet:
+    """One generation's shards as the root calls them: per shard, its replicas' stubs and
+    rotation, and what the root has learned from their answers (width, model)."""
+
+    def __init__(self, name: str, targets: list[list[str]], cooldown_s: float,
+                 security: GrpcSecurityConfig | None) -> None:
+        self.name = name
+        self.addresses = ["|".join(replicas) for replicas in targets]  # per shard, for Stats and logs
+        # TLS to shards when this root serves TLS (one internal PKI).
         channels = [[open_channel(t, security, shard_channel_options(t)) for t in replicas] for replicas in targets]
         self.search_stubs = [[pb_grpc.ShardServiceStub(c) for c in chans] for chans in channels]
         self.admin_stubs = [[pb_grpc.IndexAdminStub(c) for c in chans] for chans in channels]
-        self.replica_sets = [
-            ReplicaSet(shard, replicas, cooldown_s=config.replica_cooldown_s) for shard, replicas in enumerate(targets)
-        ]
+        self.replica_sets = [ReplicaSet(shard, replicas, cooldown_s=cooldown_s) for shard, replicas in enumerate(targets)]
+        # Learned from shard answers so wrong-width vectors are refused before fan-out:
+        # the width the shards serve, and the model's full width when they serve a
+        # Matryoshka prefix of it (such queries are truncated here, before fan-out);
+        # and the model they serve, so a query goes to the fleet of its model.
+        self.dimension = 0
+        self.vector_dimension = 0
+        self.model_version = ""
+
+    def __len__(self) -> int:
+        return len(self.replica_sets)
+
+
+class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer):
+    def __init__(self, config: RootConfig, security: GrpcSecurityConfig | None = None) -> None:
+        self.config = config
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        # The serving generation's shards and, during a model rollout, the next one's: a
+        # query goes to the fleet serving its vector's model (feedret.server.generations).
+        self.fleets = [ShardFleet("serving", config.shard_replicas(), config.replica_cooldown_s, security)]
+        if config.next_shard_addresses:
+            self.fleets.append(ShardFleet("next", config.next_shard_replicas(), config.replica_cooldown_s, security))
+        serving = self.fleets[0]
+        self.addresses, self.replica_sets = serving.addresses, serving.replica_sets
+        self.search_stubs, self.admin_stubs = serving.search_stubs, serving.admin_stubs
         self.hedge_after_s = config.hedge_after_ms / 1000
         # One budget for all Searches: hedges add at most hedge_budget extra calls per first call.
         self.hedge_budget = HedgeBudget(config.hedge_budget, config.hedge_burst)
@@ -73,15 +98,9 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         # overtaken by a hedge cannot be interrupted (blocking calls cannot); its answer is
         # dropped and it ends by its own deadline.
         self._shard_calls = ThreadPoolExecutor(
-            max_workers=max(4, config.grpc_workers * len(self.addresses) * MAX_IN_FLIGHT),
+            max_workers=max(4, config.grpc_workers * max(len(f) for f in self.fleets) * MAX_IN_FLIGHT),
             thread_name_prefix="shard-call",
         )
-        # Learned from shard answers so wrong-width vectors are refused before fan-out:
-        # the width the shards serve, and the model's full width when they serve a
-        # Matryoshka prefix of it (such queries are truncated here, before fan-out).
-        self.dimension = 0
-        self.vector_dimension = 0
-        self.model_version = ""
 
     # ------------------------------------------------------------ Retrieve
 
@@ -124,66 +143,85 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             if which is None:
                 raise InvalidRequest("a query needs either member or vector")
             if which == "vector":
-                vec = query_vector(request.vector.values, self.dimension, self.vector_dimension)
-                model_version = request.vector.model_version
+                raw, model_version = np.asarray(request.vector.values, dtype=np.float32), request.vector.model_version
             else:
-                vec, model_version = self._member_vector(request, rid, deadline, context)
-                vec = query_vector(vec, self.dimension, self.vector_dimension)
-            if self.dimension and len(vec) > self.dimension:
-                vec = vec[: self.dimension]  # full width, the shards serve a prefix (they re-normalise)
-            depth = shard_depth(request.k, len(self.replica_sets), self.config.shard_depth_sigmas)
-            hits, failed, why, models = self._fan_out(vec, request, rid, deadline, depth)
-            # One model's scores only: a shard serving another is left out as if it had failed.
-            model_version = pick_model(model_version, models, self.model_version)
-            hits = self._one_model(hits, models, model_version, failed, why)
-            merged = merge_topk(hits, request.k)
-            if depth < request.k:
-                # A shard that returned all it was asked for, down to a score that still makes
-                # the merged top k (or the merge came up short), may hold more of the top k:
-                # ask it again for k. Rare with shards of similar size (shard_depth's margin);
-                # what keeps the answer exact when they are not.
-                again = [h.shard for h in hits if len(h.post_ids) >= depth and (
-                    len(merged.post_ids) < request.k or h.scores[-1] >= merged.scores[-1])]
-                if again and time.monotonic() < deadline:
-                    more, _, _, again_models = self._fan_out(vec, request, rid, deadline, request.k, again)
-                    more = [h for h in more if again_models[h.shard] in ("", model_version)]
-                    fuller = {h.shard: h for h in more}
-                    hits = [fuller.get(h.shard, h) for h in hits]
-                    merged = merge_topk(hits, request.k)
-                    for shard in again:
-                        root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard=str(shard)).inc()
-                    log.info("shards_asked_again", shards=again, depth=depth, k=request.k, answered=len(more))
-            if not hits and why and set(why) == {OTHER_MODEL}:
-                raise RpcFailure(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"no shard serves model {model_version!r}, the query vector's: they serve "
-                    f"{', '.join(sorted({m for m in models.values() if m}))}",
-                )
-            if not hits:
-                # No shard answered: an empty list would read as "nothing to show".
-                raise RpcFailure(
-                    grpc.StatusCode.UNAVAILABLE if time.monotonic() < deadline else grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"no shard answered ({'; '.join(f'shard {sh}: {w}' for sh, w in zip(failed, why))})",
-                )
-            if model_version:
-                self.model_version = model_version
-            resp = pb.RetrieveResponse(
-                partial=bool(failed),
-                model_version=model_version,
-                failed_shards=sorted(failed),
-                request_id=rid,
+                raw, model_version = self._member_vector(request, rid, deadline, context)
+            order = fleets_to_ask(model_version, [f.model_version for f in self.fleets])
+            if not order:
+                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(model_version))
+            for position, i in enumerate(order):
+                try:
+                    return self._retrieve_from(self.fleets[i], raw, model_version, request, rid, deadline, which)
+                except OtherModel:
+                    if position == len(order) - 1:
+                        raise
+                    # Its model was not known yet, and is not the query's: the next fleet may serve it.
+                    log.info("fleet_other_model", fleet=self.fleets[i].name, query_model=model_version)
+            raise AssertionError("unreachable")  # the last fleet returns or raises
+
+    def _no_fleet(self, model_version: str) -> str:
+        serving = ", ".join(f"{f.name} {f.model_version!r}" for f in self.fleets)
+        return f"no shards serve model {model_version!r}, the query vector's (shards: {serving})"
+
+    def _retrieve_from(self, fleet: ShardFleet, raw: np.ndarray, model_version: str, request: pb.RetrieveRequest,
+                       rid: str, deadline: float, which: str) -> pb.RetrieveResponse:
+        """The query answered by one fleet's shards; OtherModel when none of them serves its model."""
+        vec = query_vector(raw, fleet.dimension, fleet.vector_dimension)
+        if fleet.dimension and len(vec) > fleet.dimension:
+            vec = vec[: fleet.dimension]  # full width, the shards serve a prefix (they re-normalise)
+        depth = shard_depth(request.k, len(fleet), self.config.shard_depth_sigmas)
+        hits, failed, why, models = self._fan_out(fleet, vec, request, rid, deadline, depth)
+        # One model's scores only: a shard serving another is left out as if it had failed.
+        fleet.model_version = pick_model("", models, fleet.model_version)
+        if model_version and fleet.model_version and model_version != fleet.model_version:
+            # The fleet serves another model (most of its shards say so): not this query's fleet.
+            raise OtherModel(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(model_version))
+        model_version = model_version or fleet.model_version
+        hits = self._one_model(hits, models, model_version, failed, why)
+        merged = merge_topk(hits, request.k)
+        if depth < request.k:
+            # A shard that returned all it was asked for, down to a score that still makes
+            # the merged top k (or the merge came up short), may hold more of the top k:
+            # ask it again for k. Rare with shards of similar size (shard_depth's margin);
+            # what keeps the answer exact when they are not.
+            again = [h.shard for h in hits if len(h.post_ids) >= depth and (
+                len(merged.post_ids) < request.k or h.scores[-1] >= merged.scores[-1])]
+            if again and time.monotonic() < deadline:
+                more, _, _, again_models = self._fan_out(fleet, vec, request, rid, deadline, request.k, again)
+                more = [h for h in more if again_models[h.shard] in ("", model_version)]
+                fuller = {h.shard: h for h in more}
+                hits = [fuller.get(h.shard, h) for h in hits]
+                merged = merge_topk(hits, request.k)
+                for shard in again:
+                    root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard=str(shard)).inc()
+                log.info("shards_asked_again", shards=again, depth=depth, k=request.k, answered=len(more))
+        if not hits and why and set(why) == {OTHER_MODEL}:
+            raise OtherModel(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(model_version))
+        if not hits:
+            # No shard answered: an empty list would read as "nothing to show".
+            raise RpcFailure(
+                grpc.StatusCode.UNAVAILABLE if time.monotonic() < deadline else grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no shard answered ({'; '.join(f'shard {sh}: {w}' for sh, w in zip(failed, why))})",
             )
-            fill_candidates(resp.candidates, merged.post_ids, merged.scores, merged.shards)
-            root_metrics.observe_retrieve(len(merged.post_ids), failed)
-            log.info(
-                "retrieved",
-                query=which,
-                k=request.k,
-                returned=len(merged.post_ids),
-                partial=bool(failed),
-                failed_shards=failed,
-            )
-            return resp
+        resp = pb.RetrieveResponse(
+            partial=bool(failed),
+            model_version=model_version,
+            failed_shards=sorted(failed),
+            request_id=rid,
+        )
+        fill_candidates(resp.candidates, merged.post_ids, merged.scores, merged.shards)
+        root_metrics.observe_retrieve(len(merged.post_ids), failed)
+        log.info(
+            "retrieved",
+            query=which,
+            k=request.k,
+            returned=len(merged.post_ids),
+            partial=bool(failed),
+            failed_shards=failed,
+            fleet=fleet.name,
+            model_version=model_version,
+        )
+        return resp
 
     def _submit(self, call, request, timeout: float) -> Future:
         """A blocking shard call started on the pool; the future's result() raises grpc.RpcError as the call would.
@@ -194,18 +232,18 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         return self._shard_calls.submit(lambda: call(request, timeout=max(deadline - time.monotonic(), 0.001)))
 
     def _fan_out(
-        self, vec: np.ndarray, request: pb.RetrieveRequest, rid: str, deadline: float, k: int,
+        self, fleet: ShardFleet, vec: np.ndarray, request: pb.RetrieveRequest, rid: str, deadline: float, k: int,
         shards: list[int] | None = None,
     ) -> tuple[list[ShardHits], list[int], list[str], dict[int, str]]:
         """Search `shards` (default: all) for `k` each; (answers, failed shards, their codes,
         the model each answering shard serves)."""
-        shards = list(range(len(self.replica_sets))) if shards is None else shards
+        shards = list(range(len(fleet))) if shards is None else shards
         search = pb.SearchRequest(k=k, filters=request.filters, request_id=rid)
         search.vector.extend(vec.tolist())
         try:
             outcomes = call_replicas(
-                [self.replica_sets[s] for s in shards],
-                lambda shard, replica, timeout: self._submit(self.search_stubs[shard][replica].Search, search, timeout),
+                [fleet.replica_sets[s] for s in shards],
+                lambda shard, replica, timeout: self._submit(fleet.search_stubs[shard][replica].Search, search, timeout),
                 deadline,
                 self.hedge_after_s,
                 fatal=_is_invalid_argument,
@@ -222,19 +260,19 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             if outcome.hedge_denied:
                 root_metrics.ROOT_HEDGES_DENIED.labels(shard=str(shard)).inc()
             if outcome.hedged or outcome.failed_over:
-                log.info("shard_replicas_tried", shard=shard, attempts=self._attempts(shard, outcome))
+                log.info("shard_replicas_tried", shard=shard, attempts=self._attempts(fleet, shard, outcome))
             if not outcome.ok:
                 code = _failure_code(outcome)
                 failed.append(shard)
                 why.append(code)
                 root_metrics.ROOT_SHARD_FAILURES.labels(shard=str(shard), code=code).inc()
-                log.warning("shard_failed", shard=shard, code=code, attempts=self._attempts(shard, outcome),
+                log.warning("shard_failed", shard=shard, code=code, attempts=self._attempts(fleet, shard, outcome),
                             details=_failure_details(outcome))
                 continue
             reply: pb.SearchResponse = outcome.reply
             if reply.dimension:
-                self.dimension = reply.dimension
-                self.vector_dimension = reply.vector_dimension
+                fleet.dimension = reply.dimension
+                fleet.vector_dimension = reply.vector_dimension
             models[shard] = reply.model_version
             hits.append(
                 ShardHits(
@@ -260,9 +298,9 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             log.warning("shard_other_model", shard=h.shard, shard_model=served, query_model=model_version)
         return kept
 
-    def _attempts(self, shard: int, outcome: Outcome) -> list[str]:
+    def _attempts(self, fleet: ShardFleet, shard: int, outcome: Outcome) -> list[str]:
         """The attempts for a log line: "target kind result"."""
-        targets = self.replica_sets[shard].targets
+        targets = fleet.replica_sets[shard].targets
         return [f"{targets[r]} {kind} {how}" for r, kind, how in outcome.attempts]
 
     # ------------------------------------------------------------ IndexAdmin
@@ -320,6 +358,10 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
 
 # The code a shard serving another model than the query's is counted and reported under.
 OTHER_MODEL = "OTHER_MODEL"
+
+
+class OtherModel(RpcFailure):
+    """No shard of a fleet serves the query's model (FAILED_PRECONDITION unless another fleet does)."""
 
 
 def pick_model(stated: str, served: dict[int, str], learned: str) -> str:

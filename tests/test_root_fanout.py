@@ -94,19 +94,19 @@ def test_a_dead_shard_makes_the_reply_partial_and_a_bad_request_is_refused(two_s
         server.stop(0)
 
 
-def recording_shards(rng, sizes, models=None):
-    """In-process shard servers holding sizes[i] random posts (ids 1000·i + j), embedded by
-    models[i] (default "m1"), recording each Search's k."""
+def recording_shards(rng, sizes, models=None, id_base=0):
+    """In-process shard servers holding sizes[i] random posts (ids id_base + 1000·i + j),
+    embedded by models[i] (default "m1"), recording each Search's k."""
     servers, addresses, shards, vectors = [], [], [], {}
     for shard, n in enumerate(sizes):
         model = models[shard] if models else "m1"
         state = ShardState(config=ShardConfig(shard_id=shard, num_shards=2), topic="post-vectors")
         vecs = rng.normal(size=(n, DIM)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        state.apply([(i, pb.PostVectorEvent(post_id=1000 * shard + i, op=pb.PostVectorEvent.UPSERT, vector=v.tolist(),
+        state.apply([(i, pb.PostVectorEvent(post_id=id_base + 1000 * shard + i, op=pb.PostVectorEvent.UPSERT, vector=v.tolist(),
                                             created_at=1e9, lang="en", model_version=model)) for i, v in enumerate(vecs)],
                     now=2e9)
-        vectors.update({1000 * shard + i: v for i, v in enumerate(vecs)})
+        vectors.update({id_base + 1000 * shard + i: v for i, v in enumerate(vecs)})
         servicer = RecordingShard(state, "in-process")
         server, _, port = build_server("127.0.0.1", 0, 4, [lambda s, sv=servicer: pb_grpc.add_ShardServiceServicer_to_server(sv, s)],
                                        shard_server.SERVICE_NAMES)
@@ -190,7 +190,7 @@ def test_shards_of_similar_size_are_asked_once_for_their_share_and_the_answer_is
             server.stop(0)
 
 
-def test_no_reply_merges_two_models_and_a_query_of_a_model_no_shard_serves_is_refused():
+def test_no_reply_merges_two_models_and_a_query_of_a_model_the_shards_do_not_serve_is_refused():
     # Shard 1 was rebuilt with another model (say, mid-rollout): its scores are not comparable.
     servers, addresses, _, vectors = recording_shards(np.random.default_rng(4), (100, 100, 100), ("m1", "m2", "m1"))
     root, address = start_root(addresses)
@@ -207,13 +207,12 @@ def test_no_reply_merges_two_models_and_a_query_of_a_model_no_shard_serves_is_re
                 reply = retrieve(model)
                 assert reply.model_version == "m1" and reply.partial and list(reply.failed_shards) == [1]
                 assert set(reply.candidates.shards) == {0, 2} and 1005 not in reply.candidates.post_ids
-            reply = retrieve("m2")
-            assert reply.model_version == "m2" and list(reply.failed_shards) == [0, 2]
-            assert set(reply.candidates.shards) == {1} and reply.candidates.post_ids[0] == 1005
-            with pytest.raises(grpc.RpcError) as err:
-                retrieve("m3")
-            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "'m3'" in err.value.details() and "m1, m2" in err.value.details()
+            # The fleet serves m1 (most of its shards do): a query of another model is refused.
+            for model in ("m2", "m3"):
+                with pytest.raises(grpc.RpcError) as err:
+                    retrieve(model)
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert f"'{model}'" in err.value.details() and "serving 'm1'" in err.value.details()
     finally:
         root.stop(0)
         for server in servers:
@@ -225,3 +224,51 @@ def test_the_model_of_a_query_that_names_none_is_the_one_most_shards_serve():
     assert root_server.pick_model("", {0: "m1", 1: "m2", 2: "m2"}, "m1") == "m2"
     assert root_server.pick_model("", {0: "m1", 1: "m2"}, "m2") == "m2"  # a tie: the one served last
     assert root_server.pick_model("", {0: "", 1: ""}, "m1") == "m1"  # empty shards name none
+
+
+def test_during_a_rollout_each_query_goes_to_the_shards_of_its_vectors_model():
+    # Generation A: 2 shards of model m1. Generation B, being rolled out: 3 shards of m2, its own posts.
+    a_servers, a_addresses, _, a_vectors = recording_shards(np.random.default_rng(5), (100, 100), ("m1", "m1"))
+    b_servers, b_addresses, _, b_vectors = recording_shards(np.random.default_rng(6), (80, 80, 80), ("m2",) * 3,
+                                                            id_base=100_000)
+    servicer = root_server.RootServicer(RootConfig(
+        shard_addresses=",".join(a_addresses), next_shard_addresses=",".join(b_addresses),
+        member_address=f"127.0.0.1:{free_port()}"))
+    server, _, port = build_server("127.0.0.1", 0, 4, [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
+                                   root_server.SERVICE_NAMES)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.RetrievalServiceStub(channel)
+
+            def retrieve(q, model):
+                return stub.Retrieve(pb.RetrieveRequest(k=10, vector=pb.QueryVector(values=q.tolist(), model_version=model)),
+                                     timeout=5)
+
+            for _ in range(2):  # the first m2 query finds its fleet by asking; the second goes straight there
+                for model, vectors, post in (("m2", b_vectors, 101_005), ("m1", a_vectors, 1005)):
+                    reply = retrieve(vectors[post], model)
+                    assert reply.model_version == model and not reply.partial
+                    assert reply.candidates.post_ids[0] == post
+                    assert set(reply.candidates.post_ids) <= set(vectors)  # never the other generation's posts
+            assert [f.model_version for f in servicer.fleets] == ["m1", "m2"]
+            # A vector that names no model: the serving generation.
+            assert set(retrieve(b_vectors[101_005], "").candidates.post_ids) <= set(a_vectors)
+            with pytest.raises(grpc.RpcError) as err:
+                retrieve(a_vectors[5], "m3")
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "serving 'm1'" in err.value.details() and "next 'm2'" in err.value.details()
+    finally:
+        server.stop(0)
+        for s in a_servers + b_servers:
+            s.stop(0)
+
+
+def test_a_fleet_known_to_serve_another_model_is_never_asked():
+    from feedret.server.generations import fleets_to_ask
+
+    assert fleets_to_ask("m2", ["m1", "m2"]) == [1]
+    assert fleets_to_ask("m2", ["m1", ""]) == [1]  # not known yet: asked, and learned from its answer
+    assert fleets_to_ask("m2", ["", ""]) == [0, 1]
+    assert fleets_to_ask("m3", ["m1", "m2"]) == []
+    assert fleets_to_ask("", ["m1", "m2"]) == [0]  # a vector that names no model: the serving fleet
