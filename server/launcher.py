@@ -13,6 +13,7 @@ that one server is left down and everything else keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import grpc
 import structlog
@@ -193,6 +194,23 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def listening(cmd: list[str], port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> Iterator[subprocess.Popen]:
+    """A helper server (a broker, an S3 server) run from `cmd` for the block, once it listens on host:port;
+    terminated (killed after 10 s) when the block ends. Its output is discarded."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(host, port, timeout)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def is_serving(address: str, timeout: float = 0.5, security: GrpcSecurityConfig | None = None) -> bool:

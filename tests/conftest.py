@@ -13,7 +13,7 @@ import pytest
 
 from feedret.clients.client import FeedretClient
 from feedret.clients.publish import publish_lines
-from feedret.server.launcher import Stack, StackConfig, free_port_block, tansu_binary, wait_for_port
+from feedret.server.launcher import Stack, StackConfig, free_port_block, listening, tansu_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_POSTS = ROOT / "data" / "sample" / "posts.jsonl"
@@ -29,47 +29,26 @@ def tansu_broker() -> Iterator[str]:
     """The embedded Kafka-protocol broker alone, on a free port: yields its bootstrap address."""
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port("127.0.0.1", port, 30)
+    with listening([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url], port):
         yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager
 def s3_server() -> Iterator[dict[str, str]]:
     """A real S3-compatible server (moto's server mode) in its own process on a free loopback
     port: yields the AWS environment that points s3fs at it."""
-    import os
     import shutil
     import sys
 
     port = free_port()
     binary = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port("127.0.0.1", port, 30)
+    with listening([binary, "-H", "127.0.0.1", "-p", str(port)], port):
         yield {
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
             "AWS_ACCESS_KEY_ID": "feedret-test",
             "AWS_SECRET_ACCESS_KEY": "feedret-test",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")
