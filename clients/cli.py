@@ -264,6 +264,92 @@ def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, a
                    f"({partitions} partitions)" + (f"; not sent: {rejected}" if rejected else ""))
 
 
+@cli.group()
+def rollout() -> None:
+    """A model rollout: a next generation (model, vectors topic, shards) beside the serving one."""
+
+
+@rollout.command("status")
+@click.option("--next-shards", envvar="FEEDRET_NEXT_SHARD_ADDRESSES", required=True,
+              help="The next generation's shards, as FEEDRET_SHARD_ADDRESSES (default: FEEDRET_NEXT_SHARD_ADDRESSES).")
+@click.option("--next-group", required=True, help="The next generation's consumer group (its FEEDRET_CONSUMER_GROUP).")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 60),
+              help="Seconds between the two looks at the group's offsets that give its rate.")
+@root_option
+@click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=f"127.0.0.1:{DEFAULT_BROKER_PORT}", show_default=True)
+@json_option
+def rollout_status(next_shards: str, next_group: str, interval: float, root: str, bootstrap: str, as_json: bool) -> None:
+    """How far the next generation is, and whether it holds every live post (ready to promote)."""
+    from feedret.clients.rollout import posts_left, readiness
+    from feedret.shard_targets import parse_shard_targets
+    from feedret.topics import end_offsets, group_offsets
+
+    try:
+        targets = parse_shard_targets(next_shards)
+    except ValueError as exc:
+        raise InputError(f"--next-shards: {exc}") from None
+    with _client(root) as client:
+        serving = list(_grpc_call(lambda: client.stats()).shards)
+    kafka = KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap)
+
+    def committed() -> dict[int, int] | None:
+        offsets = group_offsets(kafka, next_group)
+        return {o.partition: o.offset for o in offsets if o.topic == kafka.posts_topic} if offsets else None
+
+    first = committed()
+    time.sleep(interval)
+    second = committed()
+    try:
+        ends = end_offsets(kafka, kafka.posts_topic) or None
+    except Exception as exc:  # noqa: BLE001 - an unreachable broker: readiness says offsets are unknown
+        click.echo(f"warning: could not read {kafka.posts_topic}'s end offsets at {bootstrap}: {exc}", err=True)
+        ends = None
+    verdict = readiness(serving, [_shard_stats(i, replicas) for i, replicas in enumerate(targets)], second, ends)
+    rate = (sum(second.values()) - sum(first.values())) / interval if first and second else 0.0
+    eta = verdict.to_embed / rate if verdict.to_embed and rate > 0 else None
+    if as_json:
+        _dump({"ready": verdict.ready, "reasons": list(verdict.reasons),
+               "serving": dataclasses.asdict(verdict.serving), "next": dataclasses.asdict(verdict.next),
+               "to_embed": verdict.to_embed, "embedding_per_s": round(rate, 1), "eta_s": eta})
+        return
+    for name, fleet in (("serving", verdict.serving), ("next", verdict.next)):
+        share = f" ({fleet.indexed / verdict.serving.indexed:.1%})" if name == "next" and verdict.serving.indexed else ""
+        click.echo(f"{name:8} model {fleet.model or '/'.join(fleet.models) or '-'}, {fleet.reachable}/{fleet.shards} "
+                   f"shards answering, {fleet.indexed} posts{share}")
+    if verdict.to_embed is not None:
+        click.echo(f"embedding: {verdict.to_embed} posts events left, {rate:.0f}/s"
+                   + (f", about {math.ceil(eta)} s" if eta is not None else ""))
+    click.echo(f"ready to promote: {'yes' if verdict.ready else 'no'}")
+    for reason in verdict.reasons:
+        click.echo(f"  - {reason}")
+
+
+def _shard_stats(shard: int, replicas: list[str]):
+    """A next-generation shard's Stats from its most caught-up replica (unreachable when none answers)."""
+    from feedret.config import GrpcSecurityConfig
+    from feedret.server.grpc_security import client_security, open_channel
+    from feedret.v1 import feedret_pb2 as pb
+    from feedret.v1 import feedret_pb2_grpc as pb_grpc
+
+    security = GrpcSecurityConfig()
+    token = client_security(security)["token"]
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    best = pb.ShardStats(shard=shard, address="|".join(replicas), reachable=False)
+    for target in replicas:
+        with open_channel(target, security) as channel:
+            try:
+                part = pb_grpc.IndexAdminStub(channel).Stats(pb.StatsRequest(), timeout=3, metadata=metadata).shards[0]
+            except grpc.RpcError as exc:
+                best.error = exc.details() or exc.code().name
+                continue
+        offset = part.applied[0].offset if part.applied else -1
+        if not best.reachable or offset > (best.applied[0].offset if best.applied else -1):
+            best = part
+            best.shard, best.address = shard, target
+    return best
+
+
+# ---------------------------------------------------------------- query
 # ---------------------------------------------------------------- query
 # ---------------------------------------------------------------- query
 

@@ -76,6 +76,21 @@ def topic_partitions(kafka: KafkaConfig, topic: str) -> int | None:
         admin.close()
 
 
+def end_offsets(kafka: KafkaConfig, topic: str) -> dict[int, int]:
+    """Each partition's end offset ({} when the topic does not exist). The embedded broker
+    answers ListOffsets with where the last record batch starts, which can be short of the end."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**kafka.client_options(), group_id=None, enable_auto_commit=False,
+                             client_id="feedret-offsets")
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in partitions]) if partitions else {}
+        return {tp.partition: offset for tp, offset in ends.items()}
+    finally:
+        consumer.close()
+
+
 @dataclass(frozen=True)
 class GroupOffset:
     """A consumer group's committed offset on one partition."""

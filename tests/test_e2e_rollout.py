@@ -22,7 +22,7 @@ from feedret.topics import ensure_topics
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
-from conftest import ROOT, RunningStack, post_line, sample_lines, stack_config, wait_for
+from conftest import ROOT, RunningStack, feedret_cli, post_line, sample_lines, stack_config, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -113,6 +113,23 @@ def test_mid_rollout_each_query_is_answered_by_its_models_generation_and_both_ke
         finally:
             stop.set()
             publisher.join(30)
+
+        # `feedret rollout status` checks that B holds every live post before it says ready.
+        env = {"KAFKA_BOOTSTRAP_SERVERS": stack.kafka.bootstrap_servers, "FEEDRET_ROOT_ADDRESS": config.root_address}
+
+        def status() -> dict:
+            proc = feedret_cli("rollout", "status", "--next-shards", ",".join(b_shards), "--next-group",
+                               "feedret-embedder-b", "--interval", "0.2", "--json", env=env)
+            assert proc.returncode == 0, proc.stderr
+            return json.loads(proc.stdout)
+
+        assert wait_for(lambda: status()["ready"], timeout=60, interval=0.5), status()
+        final = status()
+        assert (final["serving"]["models"], final["next"]["models"]) == ([version_a], [VERSION_B])
+        assert final["to_embed"] == 0 and final["next"]["indexed"] >= final["serving"]["indexed"]
+        text = feedret_cli("rollout", "status", "--next-shards", ",".join(b_shards), "--next-group",
+                           "feedret-embedder-b", env=env).stdout
+        assert "ready to promote: yes" in text and f"next     model {VERSION_B}, 2/2 shards answering" in text
 
         # Both generations end with every live post: the sample's, and those published meanwhile.
         live = (set(sample_ids) - set(deleted)) | set(new_ids)
