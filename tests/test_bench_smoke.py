@@ -194,3 +194,14 @@ def test_model_shapes_are_the_production_models_without_their_vocabulary():
         outside = sum(p.numel() for n, p in model.model.named_parameters() if "embed_tokens" not in n)
         assert abs(outside / want - 1) < 0.01, (shape, outside)
         assert next(model.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.bench
+def test_replica_bootstrap_smoke(tmp_path):
+    out = tmp_path / "bootstrap.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replica_bootstrap.py"), "--n", "3000",
+                           "--out", str(out), "--json", str(tmp_path / "raw.json")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [line for line in out.read_text().splitlines() if line.startswith("| 3,000 |")]
+    assert "| 30 |" in row and "(3,030)" in row  # both replicas end with every post
