@@ -1,5 +1,5 @@
-"""A model rollout on a real stack, mid-way: generation A (the shipped model) serves; generation B
-(another model: its own consumer, vectors topic and shards) is brought up beside it under
+"""A model rollout on a real stack, mid-way: generation A (the shipped model, 2 shards) serves;
+generation B (another model and 3 shards: its own consumer, vectors topic and shards) is brought up beside it under
 continuous publishing; a root holds both fleets while the member service runs one pod of
 each model. Every query is answered whole by the fleet of its member vector's model, and
 both generations end with every live post, those published during the rollout included."""
@@ -58,15 +58,16 @@ def test_mid_rollout_each_query_is_answered_by_its_models_generation_and_both_ke
         assert wait_for(lambda: running.indexed() >= N_POSTS, timeout=120, interval=0.2)
         version_a = running.client.stats().model_version
 
-        # Generation B beside A: its own topic, consumer group, model and shards.
+        # Generation B beside A: its own topic, consumer group, model and shard count (a reshard too).
         ensure_topics(KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=stack.kafka.bootstrap_servers,
-                                  vectors_topic="post-vectors-b"), 2)
-        port = free_port_block(4)
-        b_shards = [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]
-        member_b, root_ab = f"127.0.0.1:{port + 2}", f"127.0.0.1:{port + 3}"
-        generation_b = {"FEEDRET_VECTORS_TOPIC": "post-vectors-b", "FEEDRET_MODEL_VERSION": VERSION_B}
+                                  vectors_topic="post-vectors-b"), 3)
+        port = free_port_block(5)
+        b_shards = [f"127.0.0.1:{port + i}" for i in range(3)]
+        member_b, root_ab = f"127.0.0.1:{port + 3}", f"127.0.0.1:{port + 4}"
+        generation_b = {"FEEDRET_VECTORS_TOPIC": "post-vectors-b", "FEEDRET_MODEL_VERSION": VERSION_B,
+                        "FEEDRET_NUM_SHARDS": "3"}
         serve(stack, "consumer-b", "consumer", {"FEEDRET_MODEL_DIR": str(MODEL_B), "FEEDRET_VECTORS_TOPIC": "post-vectors-b",
-                                               "FEEDRET_CONSUMER_GROUP": "feedret-embedder-b"})
+                                               "FEEDRET_CONSUMER_GROUP": "feedret-embedder-b", "FEEDRET_NUM_SHARDS": "3"})
         for i, address in enumerate(b_shards):
             serve(stack, f"shard-b-{i}", "shard", {**generation_b, "FEEDRET_SHARD_ID": str(i),
                                                    "FEEDRET_PORT": address.rsplit(":", 1)[1]})
@@ -129,7 +130,7 @@ def test_mid_rollout_each_query_is_answered_by_its_models_generation_and_both_ke
         assert final["to_embed"] == 0 and final["next"]["indexed"] >= final["serving"]["indexed"]
         text = feedret_cli("rollout", "status", "--next-shards", ",".join(b_shards), "--next-group",
                            "feedret-embedder-b", env=env).stdout
-        assert "ready to promote: yes" in text and f"next     model {VERSION_B}, 2/2 shards answering" in text
+        assert "ready to promote: yes" in text and f"next     model {VERSION_B}, 3/3 shards answering" in text
 
         # Both generations end with every live post: the sample's, and those published meanwhile.
         live = (set(sample_ids) - set(deleted)) | set(new_ids)
