@@ -211,6 +211,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         )
         fill_candidates(resp.candidates, merged.post_ids, merged.scores, merged.shards)
         root_metrics.observe_retrieve(len(merged.post_ids), failed)
+        root_metrics.ROOT_FLEET_REPLIES.labels(fleet=fleet.name, model_version=model_version).inc()
         log.info(
             "retrieved",
             query=which,

@@ -49,6 +49,14 @@ ROOT_HEDGES_DENIED = Counter(
 )
 
 
+ROOT_FLEET_REPLIES = Counter(
+    "feedret_root_fleet_replies_total",
+    "Retrieve replies by the shard fleet that answered (serving, or next during a model rollout: "
+    "FEEDRET_NEXT_SHARD_ADDRESSES) and the model of the query vector and its candidates.",
+    ["fleet", "model_version"],
+)
+
+
 def observe_replica_attempts(shard: int, attempts: Iterable[tuple[int, str, str]]) -> None:
     for _replica, kind, result in attempts:
         ROOT_REPLICA_ATTEMPTS.labels(shard=str(shard), kind=kind, result=result).inc()

@@ -252,6 +252,9 @@ def test_during_a_rollout_each_query_goes_to_the_shards_of_its_vectors_model():
                     assert reply.candidates.post_ids[0] == post
                     assert set(reply.candidates.post_ids) <= set(vectors)  # never the other generation's posts
             assert [f.model_version for f in servicer.fleets] == ["m1", "m2"]
+            answered = {(m.labels["fleet"], m.labels["model_version"]): m.value
+                        for m in root_metrics.ROOT_FLEET_REPLIES.collect()[0].samples if m.name.endswith("_total")}
+            assert answered[("serving", "m1")] >= 2 and answered[("next", "m2")] >= 2
             # A vector that names no model: the serving generation.
             assert set(retrieve(b_vectors[101_005], "").candidates.post_ids) <= set(a_vectors)
             with pytest.raises(grpc.RpcError) as err:
