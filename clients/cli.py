@@ -216,8 +216,9 @@ def publish(file, bootstrap: str, as_json: bool) -> None:
 @click.option("--model-version", default="", help="The model that embedded the vectors (else the file's model_version).")
 @click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=f"127.0.0.1:{DEFAULT_BROKER_PORT}", show_default=True)
 @click.option("--topic", default="", help="The post-vector topic (default: FEEDRET_VECTORS_TOPIC, post-vectors).")
+@root_option
 @json_option
-def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, as_json: bool) -> None:
+def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, root: str, as_json: bool) -> None:
     """Import post vectors embedded elsewhere from FILE (.npz: post_id, vector, created_at[, lang]).
 
     Each sound row goes to the post-vector topic as the upsert the embedding consumer
@@ -242,6 +243,7 @@ def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, a
             raise ImportFileError(f"{file} names no model_version: pass --model-version (the model that embedded it)")
     except ImportFileError as exc:
         raise InputError(str(exc)) from None
+    _warn_other_model(root, model_version, f.dimension, topic == KafkaConfig().vectors_topic)
     try:
         partitions = topic_partitions(kafka, topic)
         if partitions is None:
@@ -262,6 +264,25 @@ def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, a
     else:
         click.echo(f"imported {report.sent} of {len(f)} vectors ({f.dimension}-d, model {model_version}) to {topic} "
                    f"({partitions} partitions)" + (f"; not sent: {rejected}" if rejected else ""))
+
+
+def _warn_other_model(root: str, model_version: str, dimension: int, serving_topic: bool) -> None:
+    """Say so when the serving shards index another model or width: they would reject every row.
+    Best effort (the import needs no root); only for the serving generation's topic."""
+    if not serving_topic:
+        return
+    try:
+        with _client(root) as client:
+            stats = client.stats(timeout=2)
+    except grpc.RpcError:
+        return
+    if stats.model_version and stats.model_version != model_version:
+        click.echo(f"warning: the shards at {root} index model {stats.model_version}, not {model_version}: "
+                   "they will reject these vectors (other_model)", err=True)
+    widths = {s.vector_dimension for s in stats.shards if s.reachable and s.vector_dimension}
+    if widths and dimension not in widths:
+        click.echo(f"warning: the shards at {root} take {'/'.join(map(str, sorted(widths)))}-d vectors, not {dimension}-d: "
+                   "they will reject these (wrong_width)", err=True)
 
 
 @cli.group()
