@@ -216,9 +216,11 @@ def publish(file, bootstrap: str, as_json: bool) -> None:
 @click.option("--model-version", default="", help="The model that embedded the vectors (else the file's model_version).")
 @click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=f"127.0.0.1:{DEFAULT_BROKER_PORT}", show_default=True)
 @click.option("--topic", default="", help="The post-vector topic (default: FEEDRET_VECTORS_TOPIC, post-vectors).")
+@click.option("--force", is_flag=True, help="Send even when the serving shards index another model or width.")
 @root_option
 @json_option
-def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, root: str, as_json: bool) -> None:
+def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, force: bool, root: str,
+                   as_json: bool) -> None:
     """Import post vectors embedded elsewhere from FILE (.npz: post_id, vector, created_at[, lang]).
 
     Each sound row goes to the post-vector topic as the upsert the embedding consumer
@@ -243,7 +245,8 @@ def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, r
             raise ImportFileError(f"{file} names no model_version: pass --model-version (the model that embedded it)")
     except ImportFileError as exc:
         raise InputError(str(exc)) from None
-    _warn_other_model(root, model_version, f.dimension, topic == KafkaConfig().vectors_topic)
+    if not force:
+        _refuse_other_model(root, model_version, f.dimension, topic == KafkaConfig().vectors_topic)
     try:
         partitions = topic_partitions(kafka, topic)
         if partitions is None:
@@ -266,9 +269,10 @@ def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, r
                    f"({partitions} partitions)" + (f"; not sent: {rejected}" if rejected else ""))
 
 
-def _warn_other_model(root: str, model_version: str, dimension: int, serving_topic: bool) -> None:
-    """Say so when the serving shards index another model or width: they would reject every row.
-    Best effort (the import needs no root); only for the serving generation's topic."""
+def _refuse_other_model(root: str, model_version: str, dimension: int, serving_topic: bool) -> None:
+    """Refuse an import the serving shards would reject, another model's or width's: on the compacted
+    topic each record would also replace the post's good one, and a later replay would lose the post.
+    Asked of the root, best effort (the import needs no root); only for the serving generation's topic."""
     if not serving_topic:
         return
     try:
@@ -276,13 +280,15 @@ def _warn_other_model(root: str, model_version: str, dimension: int, serving_top
             stats = client.stats(timeout=2)
     except grpc.RpcError:
         return
+    why = ("on the compacted topic they would also replace these posts' current vectors; "
+           "import into the next generation's topic (--topic), or --force")
     if stats.model_version and stats.model_version != model_version:
-        click.echo(f"warning: the shards at {root} index model {stats.model_version}, not {model_version}: "
-                   "they will reject these vectors (other_model)", err=True)
+        raise InputError(f"the shards at {root} index model {stats.model_version}, not {model_version}: "
+                         f"they would reject these vectors, and {why}")
     widths = {s.vector_dimension for s in stats.shards if s.reachable and s.vector_dimension}
     if widths and dimension not in widths:
-        click.echo(f"warning: the shards at {root} take {'/'.join(map(str, sorted(widths)))}-d vectors, not {dimension}-d: "
-                   "they will reject these (wrong_width)", err=True)
+        raise InputError(f"the shards at {root} take {'/'.join(map(str, sorted(widths)))}-d vectors, not "
+                         f"{dimension}-d: they would reject these vectors, and {why}")
 
 
 @cli.group()

@@ -19,6 +19,8 @@ other vector; a later upsert of the same post, from either, replaces it.
 from __future__ import annotations
 
 import time
+import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +77,7 @@ def read_vector_file(path: Path) -> VectorFile:
     """The file's rows; ImportFileError when it is not a readable import file."""
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         # np.load takes anything without an npy/npz header for a pickle, and says so.
         why = "" if "pickle" in str(exc) else f": {exc}"
         raise ImportFileError(f"{path} is not a NumPy .npz file{why}") from None
@@ -90,7 +92,7 @@ def read_vector_file(path: Path) -> VectorFile:
             post_ids, vectors, created_at = (data[name] for name in REQUIRED)
             langs = data["lang"] if "lang" in data.files else None
             model = data["model_version"] if "model_version" in data.files else None
-        except ValueError as exc:  # an object array (pickled) or a damaged member
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # pickled, truncated, bad CRC
             raise ImportFileError(f"{path}: {exc}") from None
     n = len(post_ids) if post_ids.ndim == 1 else -1
     if n < 0 or not np.issubdtype(post_ids.dtype, np.integer):
@@ -113,9 +115,13 @@ def read_vector_file(path: Path) -> VectorFile:
         post_ids=post_ids.astype(np.int64),
         vectors=np.ascontiguousarray(vectors, dtype=np.float32),
         created_at=created_at.astype(np.float64),
-        langs=langs.astype(str),
-        model_version=str(model) if model is not None else "",
+        langs=np.char.decode(langs, "utf-8") if langs.dtype.kind == "S" else langs.astype(str),
+        model_version=_text(model.item()) if model is not None else "",
     )
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def checked_rows(f: VectorFile, chunk: int = 8192) -> Iterator[tuple[np.ndarray, Counter]]:

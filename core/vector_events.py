@@ -10,6 +10,8 @@ A delete written as a PostVectorEvent with op DELETE (before tombstones) still d
 
 from __future__ import annotations
 
+import re
+
 from google.protobuf.message import DecodeError
 
 from feedret.v1 import feedret_pb2 as pb
@@ -19,14 +21,16 @@ class UndecodableRecord(ValueError):
     """A record's value is not a PostVectorEvent; the replica skips it."""
 
 
+_POST_ID_KEY = re.compile(rb"\d{1,19}")
+_MAX_POST_ID = 2**63 - 1
+
+
 def decode_record(key: bytes | None, value: bytes | None) -> pb.PostVectorEvent:
     """A post-vector record as a PostVectorEvent: a tombstone (no value) deletes the post its key names."""
     if value is None:
-        try:
-            post_id = int((key or b"").decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            raise UndecodableRecord(f"a tombstone whose key is not a post id: {key[:32] if key else key!r}") from None
-        return pb.PostVectorEvent(post_id=post_id, op=pb.PostVectorEvent.DELETE)
+        if key is None or not _POST_ID_KEY.fullmatch(key) or int(key) > _MAX_POST_ID:
+            raise UndecodableRecord(f"a tombstone whose key is not a post id (decimal, 0 to 2^63-1): {key[:32] if key else key!r}")
+        return pb.PostVectorEvent(post_id=int(key), op=pb.PostVectorEvent.DELETE)
     return decode(value)
 
 

@@ -26,6 +26,7 @@ import json
 import mmap
 import os
 import re
+import socket
 import struct
 import tempfile
 import time
@@ -185,9 +186,10 @@ class SnapshotStore:
         self.url = location
         self.fs, self.root = fsspec.core.url_to_fs(location)
         self.local = isinstance(self.fs, LocalFileSystem)
-        # One directory per process: replicas of a shard on one host stage the same names.
+        # One directory per host and process: replicas of a shard on one host stage the same
+        # names, and pods sharing a staging volume are all pid 1.
         self.staging_root = Path(staging_dir or tempfile.gettempdir())
-        self.staging = self.staging_root / f"feedret-snapshots-{os.getpid()}"
+        self.staging = self.staging_root / f"feedret-snapshots-{socket.gethostname()}-{os.getpid()}"
 
     def __repr__(self) -> str:
         return f"SnapshotStore({self.url!r})"
@@ -260,7 +262,8 @@ class SnapshotStore:
         if self.local:
             return remove_temporaries(Path(self.root), shard_id)
         removed = []
-        for directory in self.staging_root.glob("feedret-snapshots-*"):
+        # Only this host's: another host's pids mean nothing here.
+        for directory in self.staging_root.glob(f"feedret-snapshots-{socket.gethostname()}-*"):
             pid = directory.name.rsplit("-", 1)[-1]
             if directory != self.staging and (not pid.isdigit() or _alive(int(pid))):
                 continue

@@ -56,6 +56,7 @@ class Snapshotter(threading.Thread):
         self.store = snapshots.SnapshotStore(state.config.snapshot_dir, state.config.snapshot_staging_dir)
         self.stop_event = threading.Event()
         self.last_offset = -1
+        self.last_written_at = 0.0  # unix seconds, of the snapshot last written or restored
         self._lock = threading.Lock()
 
     def run(self) -> None:
@@ -67,9 +68,13 @@ class Snapshotter(threading.Thread):
                 log.exception("snapshot_failed")
 
     def take(self, reason: str) -> str | None:
-        """Write one now unless nothing changed since the last. Where it was stored, or None."""
+        """Write one now unless nothing changed since the last, and it is not half way to
+        snapshot_max_age_s (a quiet shard's only snapshot would otherwise age out of use and
+        every restart replay the whole partition). Where it was stored, or None."""
         with self._lock:
-            if self.state.applied_offset == self.last_offset:
+            max_age = self.state.config.snapshot_max_age_s
+            fresh = not max_age or time.time() - self.last_written_at < max_age / 2
+            if self.state.applied_offset == self.last_offset and fresh:
                 return None
             started = time.monotonic()
             captured = self.state.capture()
@@ -78,7 +83,7 @@ class Snapshotter(threading.Thread):
             offset, header, sections = captured
             cfg = self.state.config
             location, size = self.store.write(cfg.shard_id, offset, header, sections)
-            self.last_offset = offset
+            self.last_offset, self.last_written_at = offset, header["written_at"]
             metrics.observe_snapshot(cfg.shard_id, time.monotonic() - started, size)
             log.info(
                 "snapshot_written",
@@ -89,8 +94,11 @@ class Snapshotter(threading.Thread):
                 bytes=size,
                 seconds=round(time.monotonic() - started, 3),
             )
-            for old in self.store.prune(cfg.shard_id, cfg.snapshot_keep, cfg.snapshot_max_age_s):
-                log.info("snapshot_pruned", path=old)
+            try:
+                for old in self.store.prune(cfg.shard_id, cfg.snapshot_keep, cfg.snapshot_max_age_s):
+                    log.info("snapshot_pruned", path=old)
+            except Exception as exc:  # noqa: BLE001 - written all the same (no delete permission, say)
+                log.warning("snapshot_prune_failed", store=self.store.url, error=f"{type(exc).__name__}: {exc}")
             return location
 
     def load_newest(self) -> bool:
@@ -100,8 +108,9 @@ class Snapshotter(threading.Thread):
             log.warning("snapshot_temporary_removed", path=str(path))
         try:
             entries = self.store.entries(cfg.shard_id)
-        except OSError as exc:  # an unreachable store: serve from a full replay rather than not at all
-            log.error("snapshot_store_unreadable", store=self.store.url, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - an unreachable store (no route, no credentials: botocore
+            # raises its own errors): serve from a full replay rather than not at all
+            log.error("snapshot_store_unreadable", store=self.store.url, error=f"{type(exc).__name__}: {exc}")
             entries = []
         for entry in entries:
             started = time.monotonic()
@@ -112,8 +121,10 @@ class Snapshotter(threading.Thread):
                 if self._too_old(entry.location, float(header.get("written_at", 0))):
                     break
                 self.state.restore(header, sections)
-            except (snapshots.CorruptSnapshot, IndexConfigError, KeyError, ValueError, OSError) as exc:
-                log.warning("snapshot_skipped", path=entry.location, reason=str(exc))
+                self.last_written_at = float(header.get("written_at", 0))
+            except Exception as exc:  # noqa: BLE001 - corrupt, of another configuration, or unreadable
+                # (a store error mid-download): the next-newest, or a full replay
+                log.warning("snapshot_skipped", path=entry.location, reason=f"{type(exc).__name__}: {exc}")
                 self.state.index = None
                 continue
             self.last_offset = self.state.applied_offset

@@ -149,15 +149,18 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             order = fleets_to_ask(model_version, [f.model_version for f in self.fleets])
             if not order:
                 raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(model_version))
-            for position, i in enumerate(order):
+            errors: list[Exception] = []
+            for i in order:
                 try:
                     return self._retrieve_from(self.fleets[i], raw, model_version, request, rid, deadline, which)
-                except OtherModel:
-                    if position == len(order) - 1:
-                        raise
-                    # Its model was not known yet, and is not the query's: the next fleet may serve it.
-                    log.info("fleet_other_model", fleet=self.fleets[i].name, query_model=model_version)
-            raise AssertionError("unreachable")  # the last fleet returns or raises
+                except (RpcFailure, InvalidRequest) as exc:
+                    # Another model (learned just now), another width, or down: the next fleet in
+                    # the order may serve the query's model. Only the last error is not worth saying.
+                    errors.append(exc)
+                    log.info("fleet_declined", fleet=self.fleets[i].name, query_model=model_version,
+                             error=str(exc), other_model=isinstance(exc, OtherModel))
+            # Every fleet declined: say why the one most likely meant for it did.
+            raise next((e for e in errors if not isinstance(e, OtherModel)), errors[-1])
 
     def _no_fleet(self, model_version: str) -> str:
         serving = ", ".join(f"{f.name} {f.model_version!r}" for f in self.fleets)

@@ -346,13 +346,15 @@ def test_vectors_embedded_elsewhere_are_imported_and_another_models_are_refused_
              lang=np.array(["en"] * 20), model_version=np.array(DEFAULT_MODEL_VERSION))
     env = {"KAFKA_BOOTSTRAP_SERVERS": running_stack.stack.kafka.bootstrap_servers,
            "FEEDRET_ROOT_ADDRESS": running_stack.stack.config.root_address}
-    other = feedret_cli("import-vectors", str(tmp_path / "other.npz"), "--model-version", "elsewhere-v9", "--json", env=env)
+    # Refused: the root says the shards index another model (the records would also replace good ones).
+    refused = feedret_cli("import-vectors", str(tmp_path / "other.npz"), "--model-version", "elsewhere-v9", env=env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"index model {DEFAULT_MODEL_VERSION}, not elsewhere-v9: they would reject" in refused.stderr
+    other = feedret_cli("import-vectors", str(tmp_path / "other.npz"), "--model-version", "elsewhere-v9", "--force",
+                        "--json", env=env)
     assert other.returncode == 0, other.stderr
-    # Sent (the import does not judge models), with a warning: the root says the shards index another.
-    assert f"index model {DEFAULT_MODEL_VERSION}, not elsewhere-v9: they will reject these vectors" in other.stderr
     ours = feedret_cli("import-vectors", str(tmp_path / "ours.npz"), "--json", env=env)
     assert ours.returncode == 0, ours.stderr
-    assert "warning" not in ours.stderr
     report = json.loads(ours.stdout)
     assert (report["sent"], report["rejected"], report["model_version"]) == (19, {"non_finite": 1}, DEFAULT_MODEL_VERSION)
 

@@ -104,10 +104,12 @@ def test_the_limits_are_the_callers_to_choose():
 
 
 def test_a_tombstone_on_post_vectors_deletes_the_post_its_key_names():
+    assert decode_record(b"9223372036854775807", None).post_id == 2**63 - 1
     ev = decode_record(b"123456789012", None)
     assert ev.post_id == 123456789012 and ev.op == pb.PostVectorEvent.DELETE
     upsert = pb.PostVectorEvent(post_id=7, op=pb.PostVectorEvent.UPSERT, vector=[0.5, 0.5])
     assert decode_record(b"7", upsert.SerializeToString()) == upsert
-    for key in (None, b"", b"not-a-number", b"\xff\xfe"):
+    for key in (None, b"", b"not-a-number", b"\xff\xfe", b"-3", b" 7 ", b"1_000", b"99999999999999999999999",
+                b"9223372036854775808"):
         with pytest.raises(UndecodableRecord):
             decode_record(key, None)

@@ -94,14 +94,14 @@ def test_a_dead_shard_makes_the_reply_partial_and_a_bad_request_is_refused(two_s
         server.stop(0)
 
 
-def recording_shards(rng, sizes, models=None, id_base=0):
+def recording_shards(rng, sizes, models=None, id_base=0, dim=DIM):
     """In-process shard servers holding sizes[i] random posts (ids id_base + 1000·i + j),
     embedded by models[i] (default "m1"), recording each Search's k."""
     servers, addresses, shards, vectors = [], [], [], {}
     for shard, n in enumerate(sizes):
         model = models[shard] if models else "m1"
         state = ShardState(config=ShardConfig(shard_id=shard, num_shards=2), topic="post-vectors")
-        vecs = rng.normal(size=(n, DIM)).astype(np.float32)
+        vecs = rng.normal(size=(n, dim)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         state.apply([(i, pb.PostVectorEvent(post_id=id_base + 1000 * shard + i, op=pb.PostVectorEvent.UPSERT, vector=v.tolist(),
                                             created_at=1e9, lang="en", model_version=model)) for i, v in enumerate(vecs)],
@@ -275,3 +275,31 @@ def test_a_fleet_known_to_serve_another_model_is_never_asked():
     assert fleets_to_ask("m2", ["", ""]) == [0, 1]
     assert fleets_to_ask("m3", ["m1", "m2"]) == []
     assert fleets_to_ask("", ["m1", "m2"]) == [0]  # a vector that names no model: the serving fleet
+
+
+def test_a_fleet_whose_model_is_not_known_yet_and_cannot_answer_hands_the_query_to_the_next():
+    # A fresh root: neither fleet's model is known. B's vectors are wider than A's, so A's shards refuse
+    # B's query for its width, before any answer could teach the root A's model; and then A goes down.
+    a_servers, a_addresses, _, _ = recording_shards(np.random.default_rng(7), (50, 50), ("m1", "m1"))
+    b_servers, b_addresses, _, b_vectors = recording_shards(np.random.default_rng(8), (50, 50), ("m2", "m2"),
+                                                            id_base=100_000, dim=24)
+    servicer = root_server.RootServicer(RootConfig(
+        shard_addresses=",".join(a_addresses), next_shard_addresses=",".join(b_addresses),
+        member_address=f"127.0.0.1:{free_port()}"))
+    server, _, port = build_server("127.0.0.1", 0, 4, [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
+                                   root_server.SERVICE_NAMES)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.RetrievalServiceStub(channel)
+            q = b_vectors[100_003]
+            request = pb.RetrieveRequest(k=5, vector=pb.QueryVector(values=q.tolist(), model_version="m2"))
+            reply = stub.Retrieve(request, timeout=5)
+            assert reply.candidates.post_ids[0] == 100_003 and reply.model_version == "m2" and not reply.partial
+            for s in a_servers:
+                s.stop(0)
+            assert stub.Retrieve(request, timeout=5).candidates.post_ids[0] == 100_003
+    finally:
+        server.stop(0)
+        for s in b_servers:
+            s.stop(0)

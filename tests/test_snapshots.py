@@ -145,6 +145,18 @@ def test_a_snapshot_older_than_the_tombstones_are_kept_is_not_restored(tmp_path)
     assert snapshots.list_snapshots(tmp_path, 0), "kept on disk: a later config may accept it"
 
 
+def test_a_quiet_shard_writes_its_snapshot_again_before_it_ages_out_of_use(tmp_path):
+    state = shard_state(tmp_path, snapshot_max_age_s=0.2)
+    taker = Snapshotter(state)
+    first = taker.take("test")
+    assert taker.take("test") is None  # nothing applied, and still young
+    time.sleep(0.15)  # past half of snapshot_max_age_s
+    again = taker.take("test")
+    assert again == first  # the same offset, written again: a restart can still restore it
+    assert Snapshotter(ShardState(config=ShardConfig(snapshot_dir=str(tmp_path), snapshot_max_age_s=0.2),
+                                  topic="post-vectors")).load_newest()
+
+
 def test_snapshots_of_another_shard_or_width_are_skipped(tmp_path):
     Snapshotter(shard_state(tmp_path)).take("test")
     for config in ({"shard_id": 1}, {"num_shards": 3}, {"serve_dimension": 8}, {"dimension": 64}):
@@ -195,15 +207,17 @@ def test_a_snapshot_copy_does_not_make_searches_queue_behind_a_waiting_writer():
 class FakeConsumer:
     """Serves a partition (a list of post ids, one record each) to PartitionApplier's position check."""
 
-    def __init__(self, post_ids):
+    def __init__(self, post_ids, dropped=()):
         from types import SimpleNamespace
 
+        # `dropped`: offsets compaction removed (their posts were written again later).
         self.records = [SimpleNamespace(offset=i, key=str(p).encode(), value=pb.PostVectorEvent(post_id=p).SerializeToString())
-                        for i, p in enumerate(post_ids)]
+                        for i, p in enumerate(post_ids) if i not in dropped]
         self.at = 0
 
     def seek(self, tp, offset):
-        self.at = offset if offset < len(self.records) else 0  # out of range: auto_offset_reset earliest
+        after = [i for i, r in enumerate(self.records) if r.offset >= offset]
+        self.at = after[0] if after else 0  # out of range: auto_offset_reset earliest
 
     def poll(self, timeout_ms):
         batch = self.records[self.at : self.at + 5]
@@ -219,8 +233,9 @@ class FakeConsumer:
         ([99] * 400, False),  # recreated and refilled past the snapshot's offset
         ([99] * 20, False),  # recreated, shorter than the snapshot's offset
         ([], False),  # recreated, empty
+        ((list(range(10, 310)) + [309, 400], (299,)), True),  # compacted: post 309 written again at 300
     ],
-    ids=["grown", "same", "recreated-longer", "recreated-shorter", "recreated-empty"],
+    ids=["grown", "same", "recreated-longer", "recreated-shorter", "recreated-empty", "compacted"],
 )
 def test_a_snapshot_whose_last_record_is_not_on_the_partition_is_dropped(tmp_path, partition, kept):
     from feedret.config import KafkaConfig
@@ -230,7 +245,8 @@ def test_a_snapshot_whose_last_record_is_not_on_the_partition_is_dropped(tmp_pat
     fresh = ShardState(config=ShardConfig(snapshot_dir=str(tmp_path)), topic="post-vectors")
     assert Snapshotter(fresh).load_newest() and fresh.position == (300, 309) and fresh.verify_position
     applier = PartitionApplier(KafkaConfig(), fresh, on_caught_up=lambda: None)
-    assert applier.verify_snapshot_position(FakeConsumer(partition), "tp", timeout_s=0.5) is kept
+    consumer = FakeConsumer(*partition) if isinstance(partition, tuple) else FakeConsumer(partition)
+    assert applier.verify_snapshot_position(consumer, "tp", timeout_s=0.5) is kept
     assert not fresh.verify_position
     if kept:
         assert fresh.applied_offset == 300 and len(fresh.index) == 300
@@ -297,7 +313,21 @@ def test_a_corrupt_object_is_skipped_for_the_next_newest_and_old_ones_are_pruned
     assert [e.location for e in store.entries(0)] == [newest]
 
 
-def test_an_unreachable_bucket_means_a_full_replay_not_a_shard_that_will_not_start(s3, tmp_path):
+def test_an_unreachable_bucket_means_a_full_replay_not_a_shard_that_will_not_start(s3, tmp_path, monkeypatch):
     fresh = ShardState(config=ShardConfig(snapshot_dir="s3://no-such-bucket/x"), topic="post-vectors")
     assert not Snapshotter(fresh).load_newest()
     assert fresh.index is None and fresh.applied_offset == 0
+    # Nothing listening at the endpoint: botocore's own error, not an OSError.
+    import s3fs
+
+    from conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        nowhere = ShardState(config=ShardConfig(snapshot_dir="s3://restore/feedret/snapshots"), topic="post-vectors")
+        assert not Snapshotter(nowhere).load_newest()
+        assert nowhere.index is None
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # the other tests' filesystems point at the server again

@@ -21,9 +21,9 @@ def test_a_file_is_read_with_its_optional_arrays_and_each_row_becomes_the_consum
     path = tmp_path / "v.npz"
     vecs = unit_rows(4).astype(np.float16)  # a half-precision export is widened, as a float16 model's are
     np.savez_compressed(path, post_id=np.array([7, 8, 9, 10]), vector=vecs, created_at=np.full(4, 1.7e9),
-                        lang=np.array(["en", "de", "", "fr"]), model_version=np.array("enc-v2"))
+                        lang=np.array([b"en", b"de", b"", b"fr"]), model_version=np.array(b"enc-v2"))  # bytes, too
     f = read_vector_file(path)
-    assert (len(f), f.dimension, f.model_version) == (4, 8, "enc-v2")
+    assert (len(f), f.dimension, f.model_version, f.langs[1]) == (4, 8, "enc-v2", "de")
     rec = decode_record(b"9", vector_record(f, 2, "enc-v2", 5.0).SerializeToString())
     assert (rec.post_id, rec.lang, rec.created_at, rec.model_version, rec.embedded_at) == (9, "", 1.7e9, "enc-v2", 5.0)
     np.testing.assert_allclose(rec.vector, vecs[2].astype(np.float32))
@@ -59,8 +59,11 @@ def test_a_malformed_file_is_refused_saying_what_is_wrong(tmp_path, arrays, says
 
 def test_the_cli_refuses_a_bad_file_in_one_line_before_reaching_kafka(tmp_path):
     (tmp_path / "notes.npz").write_text("not numpy")
+    np.savez_compressed(tmp_path / "whole.npz", post_id=np.arange(500), vector=unit_rows(500), created_at=np.zeros(500))
+    (tmp_path / "torn.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:-200])  # a copy cut short
     np.savez(tmp_path / "nomodel.npz", post_id=np.arange(2), vector=unit_rows(2), created_at=np.zeros(2))
-    for name, says in (("notes.npz", "is not a NumPy .npz file"), ("nomodel.npz", "pass --model-version")):
+    for name, says in (("notes.npz", "is not a NumPy .npz file"), ("nomodel.npz", "pass --model-version"),
+                       ("torn.npz", "torn.npz")):
         proc = feedret_cli("import-vectors", str(tmp_path / name), "--bootstrap", "127.0.0.1:1")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         (line,) = proc.stderr.strip().splitlines()
