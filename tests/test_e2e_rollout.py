@@ -2,11 +2,13 @@
 generation B (another model and 3 shards: its own consumer, vectors topic and shards) is brought up beside it under
 continuous publishing; a root holds both fleets while the member service runs one pod of
 each model. Every query is answered whole by the fleet of its member vector's model, and
-both generations end with every live post, those published during the rollout included."""
+both generations end with every live post, those published during the rollout included. Then B
+is promoted (a root serving it alone, A's processes stopped) and goes on taking new posts."""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 import time
@@ -143,3 +145,19 @@ def test_mid_rollout_each_query_is_answered_by_its_models_generation_and_both_ke
             in_b = any(found(a, post) for a in b_shards)
             assert in_a == in_b == (post in live), post
         client.close()
+
+        # Promote, as the Deployments' updates would: a root serving B alone (its member pods all on
+        # B's model), then generation A's processes retired. B keeps taking new posts.
+        root_b = f"127.0.0.1:{free_port_block(1)}"
+        serve(stack, "root-b", "root", {"FEEDRET_PORT": root_b.rsplit(":", 1)[1], "FEEDRET_SHARD_ADDRESSES": ",".join(b_shards),
+                                        "FEEDRET_MEMBER_ADDRESS": member_b})
+        assert wait_for(lambda: is_serving(root_b), timeout=60, interval=0.2), stack.log_tail("root-b")
+        for name in ("consumer", "member", "shard-0", "shard-1", "root-ab"):
+            stack.kill(name, signal.SIGTERM)
+        with FeedretClient(root_b) as promoted:
+            for member in members:
+                result = promoted.retrieve(member=member, k=20, timeout=5)
+                assert not result.partial and result.model_version == VERSION_B
+            running.publish([post_line(9_600_001_000, "a post published after the promotion")])
+            assert wait_for(lambda: promoted.lookup(9_600_001_000).found, timeout=30)
+            assert promoted.stats().model_version == VERSION_B
