@@ -50,7 +50,7 @@ INVALID_VECTORS = {"zeros", "subnormal", "nan", "inf", "overflowing", "too short
 @pytest.fixture(scope="module")
 def root():
     servers, addresses, _, vectors = recording_shards(np.random.default_rng(1), (200, 200))
-    server, address = start_root(addresses)
+    server, address, _ = start_root(addresses)
     channel = grpc.insecure_channel(address)
     yield pb_grpc.RetrievalServiceStub(channel), vectors
     channel.close()

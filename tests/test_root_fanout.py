@@ -37,22 +37,24 @@ def two_shards():
         server.stop(0)
 
 
-def start_root(addresses: list[str]):
+def start_root(addresses: list[str], next_addresses: list[str] = ()):
+    """A root over the shards (and a rollout's next fleet): (server, address, servicer)."""
     servicer = root_server.RootServicer(
-        RootConfig(shard_addresses=",".join(addresses), member_address=f"127.0.0.1:{free_port()}")
+        RootConfig(shard_addresses=",".join(addresses), next_shard_addresses=",".join(next_addresses),
+                   member_address=f"127.0.0.1:{free_port()}")
     )
     server, _, port = build_server("127.0.0.1", 0, 4,
                                    [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
                                    root_server.SERVICE_NAMES)
     server.start()
-    return server, f"127.0.0.1:{port}"
+    return server, f"127.0.0.1:{port}", servicer
 
 
 def test_the_root_merges_both_shards_exactly_and_starts_no_thread_per_request(two_shards, monkeypatch):
     addresses, vectors = two_shards
     ids = np.array(sorted(vectors))
     matrix = np.stack([vectors[i] for i in ids])
-    server, root = start_root(addresses)
+    server, root, _ = start_root(addresses)
     try:
         with grpc.insecure_channel(root) as channel:
             stub = pb_grpc.RetrievalServiceStub(channel)
@@ -80,7 +82,7 @@ def test_the_root_merges_both_shards_exactly_and_starts_no_thread_per_request(tw
 
 def test_a_dead_shard_makes_the_reply_partial_and_a_bad_request_is_refused(two_shards):
     addresses, vectors = two_shards
-    server, root = start_root([addresses[0], f"127.0.0.1:{free_port()}"])
+    server, root, _ = start_root([addresses[0], f"127.0.0.1:{free_port()}"])
     try:
         with grpc.insecure_channel(root) as channel:
             stub = pb_grpc.RetrievalServiceStub(channel)
@@ -144,7 +146,7 @@ def test_each_shard_is_asked_for_its_share_and_one_that_may_hold_more_is_asked_a
     servers, addresses, shards, vectors = recording_shards(rng, (20, 300))
     asked_before = root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard="1")._value.get()
     asked_before_0 = root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard="0")._value.get()
-    root, address = start_root(addresses)
+    root, address, _ = start_root(addresses)
     try:
         query = rng.normal(size=DIM).astype(np.float32)
         with grpc.insecure_channel(address) as channel:
@@ -173,7 +175,7 @@ def test_each_shard_is_asked_for_its_share_and_one_that_may_hold_more_is_asked_a
 def test_shards_of_similar_size_are_asked_once_for_their_share_and_the_answer_is_exact():
     rng = np.random.default_rng(4)
     servers, addresses, shards, vectors = recording_shards(rng, (400, 400))
-    root, address = start_root(addresses)
+    root, address, _ = start_root(addresses)
     try:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.RetrievalServiceStub(channel)
@@ -193,7 +195,7 @@ def test_shards_of_similar_size_are_asked_once_for_their_share_and_the_answer_is
 def test_no_reply_merges_two_models_and_a_query_of_a_model_the_shards_do_not_serve_is_refused():
     # Shard 1 was rebuilt with another model (say, mid-rollout): its scores are not comparable.
     servers, addresses, _, vectors = recording_shards(np.random.default_rng(4), (100, 100, 100), ("m1", "m2", "m1"))
-    root, address = start_root(addresses)
+    root, address, _ = start_root(addresses)
     try:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.RetrievalServiceStub(channel)
@@ -231,14 +233,9 @@ def test_during_a_rollout_each_query_goes_to_the_shards_of_its_vectors_model():
     a_servers, a_addresses, _, a_vectors = recording_shards(np.random.default_rng(5), (100, 100), ("m1", "m1"))
     b_servers, b_addresses, _, b_vectors = recording_shards(np.random.default_rng(6), (80, 80, 80), ("m2",) * 3,
                                                             id_base=100_000)
-    servicer = root_server.RootServicer(RootConfig(
-        shard_addresses=",".join(a_addresses), next_shard_addresses=",".join(b_addresses),
-        member_address=f"127.0.0.1:{free_port()}"))
-    server, _, port = build_server("127.0.0.1", 0, 4, [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
-                                   root_server.SERVICE_NAMES)
-    server.start()
+    server, address, servicer = start_root(a_addresses, b_addresses)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.RetrievalServiceStub(channel)
 
             def retrieve(q, model):
@@ -283,14 +280,9 @@ def test_a_fleet_whose_model_is_not_known_yet_and_cannot_answer_hands_the_query_
     a_servers, a_addresses, _, _ = recording_shards(np.random.default_rng(7), (50, 50), ("m1", "m1"))
     b_servers, b_addresses, _, b_vectors = recording_shards(np.random.default_rng(8), (50, 50), ("m2", "m2"),
                                                             id_base=100_000, dim=24)
-    servicer = root_server.RootServicer(RootConfig(
-        shard_addresses=",".join(a_addresses), next_shard_addresses=",".join(b_addresses),
-        member_address=f"127.0.0.1:{free_port()}"))
-    server, _, port = build_server("127.0.0.1", 0, 4, [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
-                                   root_server.SERVICE_NAMES)
-    server.start()
+    server, address, servicer = start_root(a_addresses, b_addresses)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.RetrievalServiceStub(channel)
             q = b_vectors[100_003]
             request = pb.RetrieveRequest(k=5, vector=pb.QueryVector(values=q.tolist(), model_version="m2"))
