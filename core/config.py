@@ -171,6 +171,10 @@ class EncoderConfig(_Settings):
 
 class ConsumerConfig(_Settings):
     num_shards: int = Field(default=2, ge=1)
+    # The generation's model, as its shards read it (FEEDRET_MODEL_VERSION): a consumer whose
+    # model is another refuses to start, before it writes a vector the shards would reject and
+    # compaction would keep in place of the post's good one. Empty: any model.
+    model_version: str = ""
     # The consumer serves no gRPC, only its metrics endpoint on host:metrics_port.
     host: str = "127.0.0.1"
     metrics_port: int = Field(default=DEFAULT_CONSUMER_METRICS_PORT, ge=0, le=65535)

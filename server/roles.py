@@ -82,4 +82,9 @@ def run(role: str) -> None:
     else:
         from feedret.consumer.service import EmbeddingConsumer
 
-        EmbeddingConsumer(kafka, config, load_encoder(EncoderConfig())).run(stop)
+        encoder = load_encoder(EncoderConfig())
+        if config.model_version and encoder.model_version != config.model_version:
+            raise SystemExit(f"the model in FEEDRET_MODEL_DIR is {encoder.model_version!r}, but this generation's "
+                             f"FEEDRET_MODEL_VERSION is {config.model_version!r}: its shards would reject every "
+                             "vector; deploy a new model as a new generation (README, 'A new model without a gap')")
+        EmbeddingConsumer(kafka, config, encoder).run(stop)

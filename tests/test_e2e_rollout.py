@@ -8,7 +8,9 @@ is promoted (a root serving it alone, A's processes stopped) and goes on taking 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -161,3 +163,16 @@ def test_mid_rollout_each_query_is_answered_by_its_models_generation_and_both_ke
             running.publish([post_line(9_600_001_000, "a post published after the promotion")])
             assert wait_for(lambda: promoted.lookup(9_600_001_000).found, timeout=30)
             assert promoted.stats().model_version == VERSION_B
+
+
+def test_a_consumer_given_another_generations_model_refuses_to_start_before_writing_a_vector():
+    # A consumer redeployed with a new model into the serving generation would write vectors the
+    # shards reject, and compaction would keep them in place of the posts' good ones.
+    proc = subprocess.run([sys.executable, "-m", "feedret.clients.cli", "serve", "consumer"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "FEEDRET_MODEL_DIR": str(MODEL_B),
+                                                       "FEEDRET_MODEL_VERSION": "feedret-movielens-tiny-v2",
+                                                       "FEEDRET_METRICS_PORT": "0",
+                                                       "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+    assert proc.returncode != 0
+    assert f"the model in FEEDRET_MODEL_DIR is {VERSION_B!r}, but this generation's FEEDRET_MODEL_VERSION is " \
+           "'feedret-movielens-tiny-v2'" in proc.stderr
