@@ -352,32 +352,29 @@ def rollout_status(next_shards: str, next_group: str, interval: float, root: str
 
 
 def _shard_stats(shard: int, replicas: list[str]):
-    """A next-generation shard's Stats from its most caught-up replica (unreachable when none answers)."""
+    """A next-generation shard's Stats as the root summarises a shard's: its most caught-up
+    ready replica's (unreachable, with each replica's error, when none answers)."""
     from feedret.config import GrpcSecurityConfig
     from feedret.server.grpc_security import client_security, open_channel
+    from feedret.server.root import shard_summary
     from feedret.v1 import feedret_pb2 as pb
     from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
     security = GrpcSecurityConfig()
     token = client_security(security)["token"]
     metadata = [("authorization", f"Bearer {token}")] if token else None
-    best = pb.ShardStats(shard=shard, address="|".join(replicas), reachable=False)
+    parts = []
     for target in replicas:
         with open_channel(target, security) as channel:
             try:
                 part = pb_grpc.IndexAdminStub(channel).Stats(pb.StatsRequest(), timeout=3, metadata=metadata).shards[0]
             except grpc.RpcError as exc:
-                best.error = exc.details() or exc.code().name
-                continue
-        offset = part.applied[0].offset if part.applied else -1
-        if not best.reachable or offset > (best.applied[0].offset if best.applied else -1):
-            best = part
-            best.shard, best.address = shard, target
-    return best
+                part = pb.ShardStats(reachable=False, error=exc.details() or exc.code().name)
+        part.address = target
+        parts.append(part)
+    return shard_summary(shard, "|".join(replicas), parts)
 
 
-# ---------------------------------------------------------------- query
-# ---------------------------------------------------------------- query
 # ---------------------------------------------------------------- query
 
 

@@ -36,7 +36,6 @@ from feedret.v1 import feedret_pb2 as pb
 log = structlog.get_logger(__name__)
 
 REQUIRED = ("post_id", "vector", "created_at")
-MAX_POST_ID = 2**63 - 1
 
 
 class ImportFileError(ValueError):

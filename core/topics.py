@@ -54,8 +54,7 @@ def ensure_topics(kafka: KafkaConfig, num_shards: int, replication_factor: int =
             except TopicAlreadyExistsError:
                 pass  # raced with another process creating it: fine
             log.info("topics_created", topics={t.name: t.num_partitions for t in missing})
-        described = {d.get("name", d.get("topic")): len(d["partitions"]) for d in admin.describe_topics([kafka.vectors_topic])}
-        have = described.get(kafka.vectors_topic)
+        have = _partitions(admin, kafka.vectors_topic)
         if have is not None and have != num_shards:
             raise RuntimeError(
                 f"topic {kafka.vectors_topic!r} has {have} partitions but there are {num_shards} shards"
@@ -68,12 +67,14 @@ def topic_partitions(kafka: KafkaConfig, topic: str) -> int | None:
     """How many partitions `topic` has; None when it does not exist (it is not created)."""
     admin = KafkaAdminClient(**kafka.client_options(), client_id="feedret-topics")
     try:
-        if topic not in set(admin.list_topics()):
-            return None
-        described = {d.get("name", d.get("topic")): len(d["partitions"]) for d in admin.describe_topics([topic])}
-        return described.get(topic)
+        return _partitions(admin, topic) if topic in set(admin.list_topics()) else None
     finally:
         admin.close()
+
+
+def _partitions(admin: KafkaAdminClient, topic: str) -> int | None:
+    described = {d.get("name", d.get("topic")): len(d["partitions"]) for d in admin.describe_topics([topic])}
+    return described.get(topic)
 
 
 def end_offsets(kafka: KafkaConfig, topic: str) -> dict[int, int]:

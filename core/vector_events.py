@@ -14,6 +14,7 @@ import re
 
 from google.protobuf.message import DecodeError
 
+from feedret.events import MAX_POST_ID
 from feedret.v1 import feedret_pb2 as pb
 
 
@@ -22,13 +23,12 @@ class UndecodableRecord(ValueError):
 
 
 _POST_ID_KEY = re.compile(rb"\d{1,19}")
-_MAX_POST_ID = 2**63 - 1
 
 
 def decode_record(key: bytes | None, value: bytes | None) -> pb.PostVectorEvent:
     """A post-vector record as a PostVectorEvent: a tombstone (no value) deletes the post its key names."""
     if value is None:
-        if key is None or not _POST_ID_KEY.fullmatch(key) or int(key) > _MAX_POST_ID:
+        if key is None or not _POST_ID_KEY.fullmatch(key) or int(key) > MAX_POST_ID:
             raise UndecodableRecord(f"a tombstone whose key is not a post id (decimal, 0 to 2^63-1): {key[:32] if key else key!r}")
         return pb.PostVectorEvent(post_id=int(key), op=pb.PostVectorEvent.DELETE)
     return decode(value)

@@ -190,7 +190,6 @@ class ShardState:
                 model_versions=[e.model_version for e in good],
             )
             self.upserts += len(good)
-            self.model_version = self.serving_model
 
         for offset, ev in events:
             if ev.op == VectorOp.UPSERT:

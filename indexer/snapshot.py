@@ -150,15 +150,6 @@ def read_snapshot(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     return header, sections
 
 
-def prune(directory: Path, shard_id: int, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` snapshots of this shard."""
-    removed = []
-    for path in list_snapshots(directory, shard_id)[max(keep, 1) :]:
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
 @dataclass(frozen=True)
 class StoredSnapshot:
     """One snapshot in a store: where it is, the offset it resumes from, when it was stored."""

@@ -82,9 +82,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         self.fleets = [ShardFleet("serving", config.shard_replicas(), config.replica_cooldown_s, security)]
         if config.next_shard_addresses:
             self.fleets.append(ShardFleet("next", config.next_shard_replicas(), config.replica_cooldown_s, security))
-        serving = self.fleets[0]
-        self.addresses, self.replica_sets = serving.addresses, serving.replica_sets
-        self.search_stubs, self.admin_stubs = serving.search_stubs, serving.admin_stubs
+        self.serving = self.fleets[0]  # Lookup and Stats answer for it
         self.hedge_after_s = config.hedge_after_ms / 1000
         # One budget for all Searches: hedges add at most hedge_budget extra calls per first call.
         self.hedge_budget = HedgeBudget(config.hedge_budget, config.hedge_burst)
@@ -313,13 +311,13 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         with rpc_scope(context, "Lookup", f"lookup-{request.post_id}"):
             if request.post_id < 0:
                 raise InvalidRequest(f"post_id must be >= 0, got {request.post_id}")
-            shard = shard_of(request.post_id, len(self.replica_sets))
+            shard = shard_of(request.post_id, len(self.serving.replica_sets))
             # The shard's replicas as for a search: a replica that is down or still
             # catching up (UNAVAILABLE) is skipped for the next.
             try:
                 (outcome,) = call_replicas(
-                    [self.replica_sets[shard]],
-                    lambda _shard, replica, timeout: self._submit(self.admin_stubs[shard][replica].Lookup, request, timeout),
+                    [self.serving.replica_sets[shard]],
+                    lambda _shard, replica, timeout: self._submit(self.serving.admin_stubs[shard][replica].Lookup, request, timeout),
                     time.monotonic() + self.config.default_timeout_s,
                     self.hedge_after_s,
                     fatal=_is_invalid_argument,
@@ -329,7 +327,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             if not outcome.ok:
                 raise RpcFailure(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"shard {shard} ({self.addresses[shard]}) did not answer: {_failure_details(outcome)}",
+                    f"shard {shard} ({self.serving.addresses[shard]}) did not answer: {_failure_details(outcome)}",
                 )
             reply: pb.LookupResponse = outcome.reply
             reply.shard = shard
@@ -340,12 +338,12 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         with rpc_scope(context, "Stats"):
             timeout = self.config.default_timeout_s
             calls = [
-                [self._submit(stub.Stats, pb.StatsRequest(), timeout) for stub in stubs] for stubs in self.admin_stubs
+                [self._submit(stub.Stats, pb.StatsRequest(), timeout) for stub in stubs] for stubs in self.serving.admin_stubs
             ]
             resp = pb.StatsResponse()
             for shard, futures in enumerate(calls):
                 replicas = []
-                for target, future in zip(self.replica_sets[shard].targets, futures):
+                for target, future in zip(self.serving.replica_sets[shard].targets, futures):
                     try:
                         part = future.result().shards[0]
                     except grpc.RpcError as exc:
@@ -353,7 +351,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                     part.shard = shard
                     part.address = target  # the target the root calls, not the address the replica binds
                     replicas.append(part)
-                entry = shard_summary(shard, self.addresses[shard], replicas)
+                entry = shard_summary(shard, self.serving.addresses[shard], replicas)
                 resp.shards.append(entry)
                 resp.total_indexed += entry.indexed
                 resp.model_version = resp.model_version or entry.model_version
@@ -464,7 +462,8 @@ def serve(config: RootConfig, stop: threading.Event, security: GrpcSecurityConfi
         max_concurrent_rpcs=config.max_concurrent_rpcs or config.grpc_workers,
     )
     with serving(server, health_servicer, SERVICE_NAMES):  # no state: it serves as soon as it listens
-        log.info("root_listening", address=f"{config.host}:{port}", shards=servicer.addresses,
+        log.info("root_listening", address=f"{config.host}:{port}", shards=servicer.serving.addresses,
+                 next_shards=[a for f in servicer.fleets[1:] for a in f.addresses],
                  max_concurrent_rpcs=config.max_concurrent_rpcs or config.grpc_workers)
         stop.wait()
     log.info("root_stopped")
