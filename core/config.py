@@ -401,6 +401,11 @@ class RootConfig(MemberLimits):
     # each query goes to the shards of its vector's model (feedret.server.generations).
     # Empty: one generation.
     next_shard_addresses: str = ""
+    # A JSON file naming the member service and the fleets (feedret.server.generations.Topology),
+    # in place of the three settings above; re-read within generations_poll_s of a change, so
+    # a rollout's promote switches every root at once, without a restart. "": those settings.
+    generations_file: str = ""
+    generations_poll_s: float = Field(default=1.0, gt=0)
     # A shard's replica that has not answered after this long gets the same request
     # sent to a second replica; the first answer wins. About the shards' p95; 0: never hedge.
     hedge_after_ms: float = Field(default=50.0, ge=0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
@@ -21,9 +23,9 @@ from feedret.merge import ShardHits, merge_topk, shard_depth
 from feedret.routing import shard_of
 from feedret.server.grpc_security import open_channel
 from feedret.server.member_pool import DeadlineBeforeCall, MemberPool, NoMemberPods, NoMemberService
-from feedret.server.generations import fleets_to_ask
+from feedret.server.generations import FleetSpec, Topology, fleets_to_ask, read_topology
 from feedret.server.replicas import MAX_IN_FLIGHT, Fatal, HedgeBudget, Outcome, ReplicaSet, call_replicas
-from feedret.shard_targets import ROUND_ROBIN, is_pool
+from feedret.shard_targets import ROUND_ROBIN, is_pool, parse_shard_targets
 from feedret.server.grpc_common import (
     InvalidRequest,
     RpcFailure,
@@ -57,7 +59,9 @@ class ShardFleet:
         self.name = name
         self.addresses = ["|".join(replicas) for replicas in targets]  # per shard, for Stats and logs
         # TLS to shards when this root serves TLS (one internal PKI).
-        channels = [[open_channel(t, security, shard_channel_options(t)) for t in replicas] for replicas in targets]
+        self.targets = targets
+        self.channels = [[open_channel(t, security, shard_channel_options(t)) for t in replicas] for replicas in targets]
+        channels = self.channels
         self.search_stubs = [[pb_grpc.ShardServiceStub(c) for c in chans] for chans in channels]
         self.admin_stubs = [[pb_grpc.IndexAdminStub(c) for c in chans] for chans in channels]
         self.replica_sets = [ReplicaSet(shard, replicas, cooldown_s=cooldown_s) for shard, replicas in enumerate(targets)]
@@ -72,33 +76,116 @@ class ShardFleet:
     def __len__(self) -> int:
         return len(self.replica_sets)
 
+    def close(self) -> None:
+        for chans in self.channels:
+            for channel in chans:
+                channel.close()
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What one query is served from, swapped whole when the topology changes: a request
+    reads it once, so it never mixes an old fleet list with a new member service."""
+
+    fleets: list[ShardFleet]
+    member: MemberPool
+    topology: Topology
+
+
+def topology_of(config: RootConfig) -> Topology:
+    """The root's topology: its generations file, else its shard, next-shard and member settings."""
+    if config.generations_file:
+        return read_topology(Path(config.generations_file))
+    fleets = [FleetSpec(name="serving", shard_addresses=config.shard_addresses)]
+    if config.next_shard_addresses:
+        fleets.append(FleetSpec(name="next", shard_addresses=config.next_shard_addresses))
+    return Topology(member_address=config.member_address, fleets=fleets)
+
 
 class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer):
-    def __init__(self, config: RootConfig, security: GrpcSecurityConfig | None = None) -> None:
+    def __init__(self, config: RootConfig, security: GrpcSecurityConfig | None = None,
+                 topology: Topology | None = None) -> None:
         self.config = config
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        # The serving generation's shards and, during a model rollout, the next one's: a
-        # query goes to the fleet serving its vector's model (feedret.server.generations).
-        self.fleets = [ShardFleet("serving", config.shard_replicas(), config.replica_cooldown_s, security)]
-        if config.next_shard_addresses:
-            self.fleets.append(ShardFleet("next", config.next_shard_replicas(), config.replica_cooldown_s, security))
-        self.serving = self.fleets[0]  # Lookup and Stats answer for it
+        self.security = security
         self.hedge_after_s = config.hedge_after_ms / 1000
         # One budget for all Searches: hedges add at most hedge_budget extra calls per first call.
         self.hedge_budget = HedgeBudget(config.hedge_budget, config.hedge_burst)
-        self.member = MemberPool(config.member_address, opts, resolve_interval_s=config.member_resolve_interval_s,
-                                 open_channel=lambda target, options: open_channel(target, security, options))
-        # Shard calls are blocking calls made on these long-lived threads. A grpc future
-        # (`stub.Search.future`) on a channel with no call in flight starts a new polling
-        # thread and waits for it to run, i.e. a thread per shard per request: on a busy
-        # 2-core machine that cost ~2 ms of a request (benchmarks/results/search_latency_1m.md).
-        # Up to MAX_IN_FLIGHT calls per shard per request (the attempt and a hedge). A call
-        # overtaken by a hedge cannot be interrupted (blocking calls cannot); its answer is
-        # dropped and it ends by its own deadline.
-        self._shard_calls = ThreadPoolExecutor(
-            max_workers=max(4, config.grpc_workers * max(len(f) for f in self.fleets) * MAX_IN_FLIGHT),
-            thread_name_prefix="shard-call",
-        )
+        self._shard_calls: ThreadPoolExecutor | None = None
+        self._shard_call_threads = 0
+        self._apply_lock = threading.Lock()
+        self._routing: Routing | None = None
+        self.apply_topology(topology if topology is not None else topology_of(config))
+
+    # ------------------------------------------------------------ topology
+
+    @property
+    def fleets(self) -> list[ShardFleet]:
+        """The serving generation's shards and, during a model rollout, the other's: a
+        query goes to the fleet serving its vector's model (feedret.server.generations)."""
+        return self._routing.fleets
+
+    @property
+    def serving(self) -> ShardFleet:
+        """The first fleet: queries that name no model, Lookup and Stats."""
+        return self._routing.fleets[0]
+
+    @property
+    def member(self) -> MemberPool:
+        return self._routing.member
+
+    def apply_topology(self, topology: Topology) -> None:
+        """Serve from `topology` from the next request on. Fleets and the member service
+        that did not change keep their channels and what was learned from their answers;
+        those that left are closed once requests already using them have had their deadline."""
+        with self._apply_lock:
+            old = self._routing
+            kept = {tuple(map(tuple, f.targets)): f for f in (old.fleets if old else [])}
+            fleets = []
+            for spec in topology.fleets:
+                fleet = kept.pop(tuple(map(tuple, parse_shard_targets(spec.shard_addresses))), None)
+                if fleet is None:
+                    fleet = ShardFleet(spec.name, parse_shard_targets(spec.shard_addresses),
+                                       self.config.replica_cooldown_s, self.security)
+                fleet.name = spec.name
+                fleets.append(fleet)
+            if old is not None and old.topology.member_address == topology.member_address:
+                member, retired_member = old.member, None
+            else:
+                member = MemberPool(topology.member_address, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+                                    resolve_interval_s=self.config.member_resolve_interval_s,
+                                    open_channel=lambda target, options: open_channel(target, self.security, options))
+                retired_member = old.member if old else None
+            # Shard calls are blocking calls made on these long-lived threads. A grpc future
+            # (`stub.Search.future`) on a channel with no call in flight starts a new polling
+            # thread and waits for it to run, i.e. a thread per shard per request: on a busy
+            # 2-core machine that cost ~2 ms of a request (benchmarks/results/search_latency_1m.md).
+            # Up to MAX_IN_FLIGHT calls per shard per request (the attempt and a hedge). A call
+            # overtaken by a hedge cannot be interrupted (blocking calls cannot); its answer is
+            # dropped and it ends by its own deadline.
+            threads = max(4, self.config.grpc_workers * max(len(f) for f in fleets) * MAX_IN_FLIGHT)
+            retired_pool = None
+            if threads > self._shard_call_threads:
+                retired_pool, self._shard_calls = self._shard_calls, ThreadPoolExecutor(
+                    max_workers=threads, thread_name_prefix="shard-call")
+                self._shard_call_threads = threads
+            self._routing = Routing(fleets, member, topology)
+        if old is not None:
+            log.info("topology_applied", fleets=[f"{f.name}={f.shard_addresses}" for f in topology.fleets],
+                     member=topology.member_address)
+            gone = [f for f in kept.values()]
+            linger = self.config.default_timeout_s * 2 + 1
+
+            def close() -> None:
+                for f in gone:
+                    f.close()
+                if retired_member is not None:
+                    retired_member.close()
+                if retired_pool is not None:
+                    retired_pool.shutdown(wait=False)
+
+            timer = threading.Timer(linger, close)
+            timer.daemon = True
+            timer.start()
 
     # ------------------------------------------------------------ Retrieve
 
@@ -109,13 +196,13 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         return time.monotonic() + max(remaining - self.config.deadline_margin_s, 0.0)
 
     def _member_vector(
-        self, request: pb.RetrieveRequest, rid: str, deadline: float, context: grpc.ServicerContext
+        self, member: MemberPool, request: pb.RetrieveRequest, rid: str, deadline: float, context: grpc.ServicerContext
     ) -> tuple[np.ndarray, str]:
         if not request.member.member_id:
             raise InvalidRequest("member.member_id is required")
         check_member(request.member, self.config)  # refused here, not after a call to a member pod
         try:
-            reply = self.member.embed(pb.EmbedRequest(member=request.member, request_id=rid), deadline)
+            reply = member.embed(pb.EmbedRequest(member=request.member, request_id=rid), deadline)
         except NoMemberService as exc:
             raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
         except NoMemberPods as exc:
@@ -140,28 +227,30 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             which = request.WhichOneof("query")
             if which is None:
                 raise InvalidRequest("a query needs either member or vector")
+            routing = self._routing  # once: a topology change applies from the next request
             if which == "vector":
                 raw, model_version = np.asarray(request.vector.values, dtype=np.float32), request.vector.model_version
             else:
-                raw, model_version = self._member_vector(request, rid, deadline, context)
-            order = fleets_to_ask(model_version, [f.model_version for f in self.fleets])
+                raw, model_version = self._member_vector(routing.member, request, rid, deadline, context)
+            fleets = routing.fleets
+            order = fleets_to_ask(model_version, [f.model_version for f in fleets])
             if not order:
-                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(model_version))
+                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(fleets, model_version))
             errors: list[Exception] = []
             for i in order:
                 try:
-                    return self._retrieve_from(self.fleets[i], raw, model_version, request, rid, deadline, which)
+                    return self._retrieve_from(fleets[i], raw, model_version, request, rid, deadline, which)
                 except (RpcFailure, InvalidRequest) as exc:
                     # Another model (learned just now), another width, or down: the next fleet in
                     # the order may serve the query's model. Only the last error is not worth saying.
                     errors.append(exc)
-                    log.info("fleet_declined", fleet=self.fleets[i].name, query_model=model_version,
+                    log.info("fleet_declined", fleet=fleets[i].name, query_model=model_version,
                              error=str(exc), other_model=isinstance(exc, OtherModel))
             # Every fleet declined: say why the one most likely meant for it did.
             raise next((e for e in errors if not isinstance(e, OtherModel)), errors[-1])
 
-    def _no_fleet(self, model_version: str) -> str:
-        serving = ", ".join(f"{f.name} {f.model_version!r}" for f in self.fleets)
+    def _no_fleet(self, fleets: list[ShardFleet], model_version: str) -> str:
+        serving = ", ".join(f"{f.name} {f.model_version!r}" for f in fleets)
         return f"no shards serve model {model_version!r}, the query vector's (shards: {serving})"
 
     def _retrieve_from(self, fleet: ShardFleet, raw: np.ndarray, model_version: str, request: pb.RetrieveRequest,
@@ -176,7 +265,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         fleet.model_version = pick_model("", models, fleet.model_version)
         if model_version and fleet.model_version and model_version != fleet.model_version:
             # The fleet serves another model (most of its shards say so): not this query's fleet.
-            raise OtherModel(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(model_version))
+            raise OtherModel(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(self.fleets, model_version))
         model_version = model_version or fleet.model_version
         hits = self._one_model(hits, models, model_version, failed, why)
         merged = merge_topk(hits, request.k)
@@ -197,7 +286,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                     root_metrics.ROOT_SHARDS_ASKED_AGAIN.labels(shard=str(shard)).inc()
                 log.info("shards_asked_again", shards=again, depth=depth, k=request.k, answered=len(more))
         if not hits and why and set(why) == {OTHER_MODEL}:
-            raise OtherModel(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(model_version))
+            raise OtherModel(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(self.fleets, model_version))
         if not hits:
             # No shard answered: an empty list would read as "nothing to show".
             raise RpcFailure(
@@ -311,13 +400,14 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         with rpc_scope(context, "Lookup", f"lookup-{request.post_id}"):
             if request.post_id < 0:
                 raise InvalidRequest(f"post_id must be >= 0, got {request.post_id}")
-            shard = shard_of(request.post_id, len(self.serving.replica_sets))
+            serving = self.serving
+            shard = shard_of(request.post_id, len(serving.replica_sets))
             # The shard's replicas as for a search: a replica that is down or still
             # catching up (UNAVAILABLE) is skipped for the next.
             try:
                 (outcome,) = call_replicas(
-                    [self.serving.replica_sets[shard]],
-                    lambda _shard, replica, timeout: self._submit(self.serving.admin_stubs[shard][replica].Lookup, request, timeout),
+                    [serving.replica_sets[shard]],
+                    lambda _shard, replica, timeout: self._submit(serving.admin_stubs[shard][replica].Lookup, request, timeout),
                     time.monotonic() + self.config.default_timeout_s,
                     self.hedge_after_s,
                     fatal=_is_invalid_argument,
@@ -327,7 +417,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             if not outcome.ok:
                 raise RpcFailure(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"shard {shard} ({self.serving.addresses[shard]}) did not answer: {_failure_details(outcome)}",
+                    f"shard {shard} ({serving.addresses[shard]}) did not answer: {_failure_details(outcome)}",
                 )
             reply: pb.LookupResponse = outcome.reply
             reply.shard = shard
@@ -337,13 +427,14 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         """Every replica's Stats; per shard, its most caught-up ready replica's, with all of them under `replicas`."""
         with rpc_scope(context, "Stats"):
             timeout = self.config.default_timeout_s
+            serving = self.serving
             calls = [
-                [self._submit(stub.Stats, pb.StatsRequest(), timeout) for stub in stubs] for stubs in self.serving.admin_stubs
+                [self._submit(stub.Stats, pb.StatsRequest(), timeout) for stub in stubs] for stubs in serving.admin_stubs
             ]
             resp = pb.StatsResponse()
             for shard, futures in enumerate(calls):
                 replicas = []
-                for target, future in zip(self.serving.replica_sets[shard].targets, futures):
+                for target, future in zip(serving.replica_sets[shard].targets, futures):
                     try:
                         part = future.result().shards[0]
                     except grpc.RpcError as exc:
@@ -351,7 +442,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                     part.shard = shard
                     part.address = target  # the target the root calls, not the address the replica binds
                     replicas.append(part)
-                entry = shard_summary(shard, self.serving.addresses[shard], replicas)
+                entry = shard_summary(shard, serving.addresses[shard], replicas)
                 resp.shards.append(entry)
                 resp.total_indexed += entry.indexed
                 resp.model_version = resp.model_version or entry.model_version
@@ -446,8 +537,31 @@ def _failure_details(outcome: Outcome) -> str:
     return (details() if callable(details) else None) or str(outcome.error)
 
 
+def watch_topology(servicer: RootServicer, path: Path, poll_s: float, stop: threading.Event) -> None:
+    """Apply the generations file whenever it changes (its content, not only its time: a
+    ConfigMap update replaces a symlink). A file that cannot be read or is invalid is
+    logged and the root keeps serving what it served."""
+    seen = servicer._routing.topology
+    while not stop.wait(poll_s):
+        try:
+            topology = read_topology(path)
+        except ValueError as exc:
+            log.error("generations_file_invalid", path=str(path), error=str(exc))
+            continue
+        if topology != seen:
+            servicer.apply_topology(topology)
+            seen = topology
+
+
 def serve(config: RootConfig, stop: threading.Event, security: GrpcSecurityConfig | None = None) -> None:
-    servicer = RootServicer(config, security)
+    try:
+        topology = topology_of(config)
+    except ValueError as exc:
+        raise SystemExit(f"FEEDRET_GENERATIONS_FILE: {exc}") from None
+    servicer = RootServicer(config, security, topology)
+    if config.generations_file:
+        threading.Thread(target=watch_topology, name="generations-file", daemon=True,
+                         args=(servicer, Path(config.generations_file), config.generations_poll_s, stop)).start()
     server, health_servicer, port = build_server(
         config.host,
         config.port,

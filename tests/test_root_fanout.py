@@ -8,6 +8,7 @@ has what that cost).
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -295,3 +296,93 @@ def test_a_fleet_whose_model_is_not_known_yet_and_cannot_answer_hands_the_query_
         server.stop(0)
         for s in b_servers:
             s.stop(0)
+
+
+def test_a_generations_file_switches_the_serving_fleet_without_a_restart_or_a_failed_query(tmp_path):
+    from feedret.server.generations import FleetSpec, Topology, write_topology
+
+    a_servers, a_addresses, _, a_vectors = recording_shards(np.random.default_rng(9), (60, 60), ("m1", "m1"))
+    b_servers, b_addresses, _, b_vectors = recording_shards(np.random.default_rng(10), (40, 40, 40), ("m2",) * 3,
+                                                            id_base=100_000)
+    a = FleetSpec(name="g1", shard_addresses=",".join(a_addresses))
+    b = FleetSpec(name="g2", shard_addresses=",".join(b_addresses))
+    path = tmp_path / "generations.json"
+    write_topology(path, Topology(fleets=[a]))
+    port = free_port()
+    stop = threading.Event()
+    root = threading.Thread(target=root_server.serve, daemon=True, args=(
+        RootConfig(port=port, metrics_port=0, generations_file=str(path), generations_poll_s=0.05), stop))
+    root.start()
+    failures: list[str] = []
+    answered = {"m1": 0, "m2": 0, "": 0}
+    querying = threading.Event()
+    querying.set()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        stub = pb_grpc.RetrievalServiceStub(channel)
+
+        def retrieve(model: str, post: int) -> pb.RetrieveResponse:
+            q = (b_vectors if model == "m2" else a_vectors)[post]
+            return stub.Retrieve(pb.RetrieveRequest(k=10, vector=pb.QueryVector(values=q.tolist(), model_version=model)),
+                                 timeout=5)
+
+        def serving_model() -> str:
+            return retrieve("", 1005).model_version  # a query naming no model: the first fleet's
+
+        def hammer() -> None:
+            # Each generation's queries, throughout: both fleets are in every topology below.
+            while querying.is_set():
+                for model, post, vectors in (("m1", 1005, a_vectors), ("m2", 101_005, b_vectors)):
+                    try:
+                        reply = retrieve(model, post)
+                    except grpc.RpcError as exc:
+                        if model == "m1" or answered["m2"]:  # m2 is refused only before its fleet is added
+                            failures.append(f"{model}: {exc.code().name} {exc.details()}")
+                        continue
+                    answered[model] += 1
+                    if reply.model_version != model or not set(reply.candidates.post_ids) <= set(vectors):
+                        failures.append(f"{model}: answered from {reply.model_version}")
+
+        assert serving_model() == "m1"
+        write_topology(path, Topology(fleets=[a, b]))  # a rollout starts: B beside A
+        worker = threading.Thread(target=hammer, daemon=True)
+        worker.start()
+        assert wait_for(lambda: answered["m2"] >= 3)
+        write_topology(path, Topology(fleets=[b, a]))  # promote: B serves, A answers its own queries still
+        assert wait_for(lambda: serving_model() == "m2")
+        path.write_text("{not json")  # a broken file is logged and changes nothing
+        time.sleep(0.3)
+        assert serving_model() == "m2"
+        count = answered["m1"]
+        assert wait_for(lambda: answered["m1"] >= count + 3)
+        querying.clear()
+        worker.join(timeout=30)
+        assert not failures, failures[:5]
+        write_topology(path, Topology(fleets=[b]))  # A retired: its model is refused, not scored against B
+        assert wait_for(lambda: _code(lambda: retrieve("m1", 1005)) == grpc.StatusCode.FAILED_PRECONDITION)
+        assert set(retrieve("m2", 101_005).candidates.post_ids) <= set(b_vectors)
+        channel.close()
+    finally:
+        querying.clear()
+        stop.set()
+        root.join(timeout=30)
+        for s in a_servers + b_servers:
+            s.stop(0)
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _code(call) -> grpc.StatusCode | None:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return None
