@@ -296,18 +296,138 @@ def rollout() -> None:
     """A model rollout: a next generation (model, vectors topic, shards) beside the serving one."""
 
 
+workdir_option = click.option(
+    "--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("var"), show_default=True,
+    help="The workdir of the `feedret up` that runs the rollout.")
+
+
+def _up_state(workdir: Path):
+    from feedret.server.up_control import NotRunning, read_state
+
+    try:
+        return read_state(workdir.absolute())
+    except NotRunning as exc:
+        raise InputError(f"{exc}; on Kubernetes a rollout is the manifests' (docs/kubernetes.md)") from None
+
+
+def _rollout_request(workdir: Path, timeout: float, **request) -> str:
+    from feedret.server.up_control import NotRunning, RolloutRequest, send
+
+    try:
+        reply = send(workdir.absolute(), RolloutRequest(**request), timeout)
+    except (NotRunning, TimeoutError) as exc:
+        raise InputError(str(exc)) from None
+    if not reply.ok:
+        raise click.ClickException(reply.message)
+    return reply.message
+
+
+@rollout.command("start")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="The new model's directory (a Hugging Face model with its feedret.json).")
+@click.option("--shards", type=click.IntRange(1, 64), default=None,
+              help="The new generation's shard count (resharding); default: the serving generation's.")
+@workdir_option
+def rollout_start(model_dir: Path, shards: int | None, workdir: Path) -> None:
+    """Start the next generation beside the serving one, in a running `feedret up`.
+
+    Its own consumer group embeds every post of `posts` with the new model into its own
+    vectors topic and shards (the backfill), then keeps up with new posts; the serving
+    generation serves throughout. Queries whose vector is of the new model already go to it.
+    """
+    from feedret.encoder.model import open_model_dir
+
+    _up_state(workdir)  # before loading anything: is there a stack to ask?
+    try:
+        path, meta = open_model_dir(model_dir)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"--model: {exc}") from None
+    click.echo(f"starting generation with model {meta.model_version} ({path}) ...")
+    click.echo(_rollout_request(workdir, 600, action="start", model_dir=str(path.absolute()),
+                                model_version=meta.model_version, shards=shards or 0))
+
+
+@rollout.command("promote")
+@click.option("--grace", "grace_s", default=30.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="Seconds the old generation still answers queries whose vectors are of its model, then stops.")
+@click.option("--force", is_flag=True, help="Promote even if the next generation is not ready (it lacks posts).")
+@click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=None,
+              help="Kafka, for the readiness check (default: the stack's).")
+@workdir_option
+def rollout_promote(grace_s: float, force: bool, bootstrap: str | None, workdir: Path) -> None:
+    """Switch the root and the member service to the next generation together, once it holds every live post."""
+    state = _up_state(workdir)
+    nxt = state.generation("next")
+    if nxt is None:
+        raise InputError("no generation is rolling out: `feedret rollout start --model DIR` first")
+    if not force:
+        verdict, _, _ = _rollout_readiness(nxt.shard_addresses, nxt.consumer_group, state.root_address,
+                                           bootstrap or state.bootstrap_servers, interval=0)
+        if not verdict.ready:
+            raise click.ClickException(f"generation {nxt.name} is not ready to promote: {'; '.join(verdict.reasons)} "
+                                       "(`feedret rollout status`; --force promotes anyway)")
+    click.echo(_rollout_request(workdir, 60, action="promote", grace_s=grace_s))
+
+
+@rollout.command("abort")
+@workdir_option
+def rollout_abort(workdir: Path) -> None:
+    """Stop the next generation; the serving one serves on, untouched."""
+    if _up_state(workdir).generation("next") is None:
+        raise InputError("no generation is rolling out")
+    click.echo(_rollout_request(workdir, 60, action="abort"))
+
+
 @rollout.command("status")
-@click.option("--next-shards", envvar="FEEDRET_NEXT_SHARD_ADDRESSES", required=True,
-              help="The next generation's shards, as FEEDRET_SHARD_ADDRESSES (default: FEEDRET_NEXT_SHARD_ADDRESSES).")
-@click.option("--next-group", required=True, help="The next generation's consumer group (its FEEDRET_CONSUMER_GROUP).")
+@click.option("--next-shards", envvar="FEEDRET_NEXT_SHARD_ADDRESSES", default=None,
+              help="The next generation's shards, as FEEDRET_SHARD_ADDRESSES (default: FEEDRET_NEXT_SHARD_ADDRESSES, "
+                   "or the `feedret up` of --workdir's).")
+@click.option("--next-group", default=None,
+              help="The next generation's consumer group (its FEEDRET_CONSUMER_GROUP; default: as --next-shards).")
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.1, 60),
               help="Seconds between the two looks at the group's offsets that give its rate.")
 @root_option
 @click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=f"127.0.0.1:{DEFAULT_BROKER_PORT}", show_default=True)
+@workdir_option
 @json_option
-def rollout_status(next_shards: str, next_group: str, interval: float, root: str, bootstrap: str, as_json: bool) -> None:
+def rollout_status(next_shards: str | None, next_group: str | None, interval: float, root: str, bootstrap: str,
+                   workdir: Path, as_json: bool) -> None:
     """How far the next generation is, and whether it holds every live post (ready to promote)."""
-    from feedret.clients.rollout import posts_left, readiness
+    if not next_shards or not next_group:
+        state = _up_state(workdir) if not (next_shards or next_group) else None
+        nxt = state.generation("next") if state is not None else None
+        if nxt is None:
+            raise InputError("no generation is rolling out" if state is not None else
+                             "give both --next-shards and --next-group, or neither (to ask `feedret up`)")
+        next_shards, next_group = nxt.shard_addresses, nxt.consumer_group
+        ctx = click.get_current_context()
+        # The stack's own root and broker, unless given: `feedret up` may run on other ports.
+        if ctx.get_parameter_source("root") in (click.core.ParameterSource.DEFAULT, None):
+            root = state.root_address
+        if ctx.get_parameter_source("bootstrap") in (click.core.ParameterSource.DEFAULT, None):
+            bootstrap = state.bootstrap_servers
+    verdict, rate, eta = _rollout_readiness(next_shards, next_group, root, bootstrap, interval)
+    if as_json:
+        _dump({"ready": verdict.ready, "reasons": list(verdict.reasons),
+               "serving": dataclasses.asdict(verdict.serving), "next": dataclasses.asdict(verdict.next),
+               "to_embed": verdict.to_embed, "embedding_per_s": round(rate, 1), "eta_s": eta})
+        return
+    for name, fleet in (("serving", verdict.serving), ("next", verdict.next)):
+        share = f" ({fleet.indexed / verdict.serving.indexed:.1%})" if name == "next" and verdict.serving.indexed else ""
+        click.echo(f"{name:8} model {fleet.model or '/'.join(fleet.models) or '-'}, {fleet.reachable}/{fleet.shards} "
+                   f"shards answering, {fleet.indexed} posts{share}")
+    if verdict.to_embed is not None:
+        click.echo(f"embedding: {verdict.to_embed} posts events left, {rate:.0f}/s"
+                   + (f", about {math.ceil(eta)} s" if eta is not None else ""))
+    click.echo(f"ready to promote: {'yes' if verdict.ready else 'no'}")
+    for reason in verdict.reasons:
+        click.echo(f"  - {reason}")
+
+
+def _rollout_readiness(next_shards: str, next_group: str, root: str, bootstrap: str, interval: float):
+    """(Readiness, embedding rate in events/s, ETA in s or None) of the next generation, from
+    the root's Stats, the next shards' own, and the group's offsets looked at `interval` apart."""
+    from feedret.clients.rollout import readiness
     from feedret.shard_targets import parse_shard_targets
     from feedret.topics import end_offsets, group_offsets
 
@@ -324,31 +444,18 @@ def rollout_status(next_shards: str, next_group: str, interval: float, root: str
         return {o.partition: o.offset for o in offsets if o.topic == kafka.posts_topic} if offsets else None
 
     first = committed()
-    time.sleep(interval)
-    second = committed()
+    if interval:
+        time.sleep(interval)
+    second = committed() if interval else first
     try:
         ends = end_offsets(kafka, kafka.posts_topic) or None
     except Exception as exc:  # noqa: BLE001 - an unreachable broker: readiness says offsets are unknown
         click.echo(f"warning: could not read {kafka.posts_topic}'s end offsets at {bootstrap}: {exc}", err=True)
         ends = None
     verdict = readiness(serving, [_shard_stats(i, replicas) for i, replicas in enumerate(targets)], second, ends)
-    rate = (sum(second.values()) - sum(first.values())) / interval if first and second else 0.0
+    rate = (sum(second.values()) - sum(first.values())) / interval if interval and first and second else 0.0
     eta = verdict.to_embed / rate if verdict.to_embed and rate > 0 else None
-    if as_json:
-        _dump({"ready": verdict.ready, "reasons": list(verdict.reasons),
-               "serving": dataclasses.asdict(verdict.serving), "next": dataclasses.asdict(verdict.next),
-               "to_embed": verdict.to_embed, "embedding_per_s": round(rate, 1), "eta_s": eta})
-        return
-    for name, fleet in (("serving", verdict.serving), ("next", verdict.next)):
-        share = f" ({fleet.indexed / verdict.serving.indexed:.1%})" if name == "next" and verdict.serving.indexed else ""
-        click.echo(f"{name:8} model {fleet.model or '/'.join(fleet.models) or '-'}, {fleet.reachable}/{fleet.shards} "
-                   f"shards answering, {fleet.indexed} posts{share}")
-    if verdict.to_embed is not None:
-        click.echo(f"embedding: {verdict.to_embed} posts events left, {rate:.0f}/s"
-                   + (f", about {math.ceil(eta)} s" if eta is not None else ""))
-    click.echo(f"ready to promote: {'yes' if verdict.ready else 'no'}")
-    for reason in verdict.reasons:
-        click.echo(f"  - {reason}")
+    return verdict, rate, eta
 
 
 def _shard_stats(shard: int, replicas: list[str]):
@@ -464,15 +571,17 @@ def lookup(post_id: int, vector: bool, root: str, as_json: bool) -> None:
 @root_option
 @click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=f"127.0.0.1:{DEFAULT_BROKER_PORT}", show_default=True,
               help="Kafka, asked for the embedding consumer group's committed offsets.")
+@click.option("--group", envvar="FEEDRET_CONSUMER_GROUP", default="feedret-embedder", show_default=True,
+              help="The serving generation's consumer group (after a local rollout: feedret-embedder-g2, ...).")
 @json_option
-def stats(root: str, bootstrap: str, as_json: bool) -> None:
+def stats(root: str, bootstrap: str, group: str, as_json: bool) -> None:
     """Posts per shard (from the root) and the consumer's committed offsets (from Kafka)."""
     from feedret.topics import group_offsets  # kafka-python: only for the commands that talk to Kafka
 
     with _client(root) as client:
         reply = _grpc_call(client.stats)
     # The root answers for the index only; the consumer group's offsets are Kafka's to tell.
-    offsets = group_offsets(KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap))
+    offsets = group_offsets(KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap), group)
     if as_json:
         _dump({**_proto_dict(reply), "consumer_offsets": [dataclasses.asdict(o) for o in offsets]})
         return
@@ -752,6 +861,7 @@ def up(
     from feedret.logging import configure_logging
     from feedret.server.grpc_security import client_security
     from feedret.server.launcher import Stack, StackConfig, wait_until
+    from feedret.server.up_control import clear_state, take_request, write_state
 
     configure_logging("up", json=False)
     # Read and check the inputs before starting anything: a bad line should not cost a start.
@@ -791,6 +901,8 @@ def up(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    rollout_asked = threading.Event()  # `feedret rollout start|promote|abort` (feedret.server.up_control)
+    signal.signal(signal.SIGUSR1, lambda *_: rollout_asked.set())
     started = time.monotonic()
     try:
         stack.start()
@@ -833,8 +945,20 @@ def up(
         click.echo("\nserving; Ctrl-C stops every process")
         sys.stdout.flush()
         window = stack.supervisor.window_s
+        reply = None
+        write_state(stack.workdir, stack.up_state(os.getpid()))
         while not stop.is_set():
             stop.wait(0.5)
+            if rollout_asked.is_set():
+                rollout_asked.clear()
+                request = take_request(stack.workdir)
+                if request is not None:
+                    reply = _rollout_step(stack, request)
+                    click.echo(reply.message, err=not reply.ok)
+                    write_state(stack.workdir, stack.up_state(os.getpid(), reply))
+            for gen in stack.retire_due():
+                click.echo(f"generation {gen.name} retired: its consumer, member service and shards are stopped")
+                write_state(stack.workdir, stack.up_state(os.getpid(), reply))
             # A crashed server is restarted (the root answers partial=true meanwhile); a
             # crash-looping one is left down; only the embedded broker's exit ends the stack.
             try:
@@ -857,10 +981,43 @@ def up(
                 )
         click.echo("stopping ...")
     finally:
+        clear_state(stack.workdir)
         stack.stop()
     click.echo("stopped")
     if failed:
         sys.exit(1)
+
+
+def _rollout_step(stack, request) -> "RolloutReply":
+    """One `feedret rollout` request, carried out by `feedret up` on its own stack."""
+    from kafka.errors import KafkaError
+
+    from feedret.server.launcher import RolloutError
+    from feedret.server.up_control import RolloutReply
+
+    def answer(ok: bool, message: str) -> RolloutReply:
+        return RolloutReply(id=request.id, ok=ok, message=message)
+
+    if isinstance(request, str):
+        return answer(False, request)
+    serving = stack.generations[0]
+    try:
+        if request.action == "start":
+            shards = request.shards or serving.num_shards
+            gen = stack.start_generation(request.model_dir, request.model_version, shards, stack.config.ready_timeout_s)
+            return answer(True, f"generation {gen.name} (model {gen.model_version}, {shards} shards) is up beside "
+                                f"{serving.name}; its consumer group {gen.consumer_group} is embedding every post "
+                                f"into {gen.vectors_topic}. `feedret rollout status` says when it holds every live post.")
+        if request.action == "promote":
+            new = stack.generations[1] if len(stack.generations) > 1 else None
+            old = stack.promote(request.grace_s)
+            return answer(True, f"generation {new.name} serves now: the root asks its member service and its shards; "
+                                f"{old.name} answers queries of its own model for {request.grace_s:g} s more, then stops.")
+        gen = stack.abort()
+        return answer(True, f"generation {gen.name} aborted: its processes are stopped ({gen.vectors_topic} stays in "
+                            f"Kafka); {serving.name} serves as before.")
+    except (RolloutError, RuntimeError, TimeoutError, OSError, KafkaError) as exc:
+        return answer(False, f"rollout {request.action} failed: {exc}")
 
 
 def _indexed(client: FeedretClient) -> int:

@@ -79,7 +79,7 @@ def readiness(serving: Sequence[pb.ShardStats], next_shards: Sequence[pb.ShardSt
     if len(n.models) != 1:
         reasons.append(f"its shards serve {len(n.models)} models ({', '.join(n.models) or 'none yet'}), not one")
     if to_embed is None:
-        reasons.append("its consumer group's offsets are unknown (is Kafka reachable?)")
+        reasons.append("its consumer group has committed no offsets yet (still loading its model, or Kafka is unreachable)")
     elif to_embed:
         reasons.append(f"its consumer has {to_embed} posts events left to embed")
     if n.ready < n.reachable:

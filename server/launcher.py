@@ -44,10 +44,19 @@ from feedret.config import (
     GrpcSecurityConfig,
     KafkaConfig,
 )
+from feedret.server.generations import FleetSpec, Topology, write_topology
 from feedret.server.grpc_security import open_channel
+from feedret.server.up_control import GenerationState, RolloutReply, UpState
 from feedret.topics import ensure_topics
 
 log = structlog.get_logger(__name__)
+
+# How often the stack's root re-reads its generations file (FEEDRET_GENERATIONS_POLL_S).
+ROOT_TOPOLOGY_POLL_S = 0.2
+
+
+class RolloutError(Exception):
+    """A rollout step that cannot be taken now; the message says why."""
 
 
 @dataclass
@@ -121,14 +130,63 @@ class StackConfig:
         return self.metrics_base_port + offset - DEFAULT_ROOT_METRICS_PORT
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One model's consumer, member service and shards in a local stack (a rollout runs two).
+
+    The stack's first generation is `g1`, its processes named as ever (consumer, member,
+    shard-0, ...); a rollout's is `g2`, `g3`, ..., its processes prefixed (g2-consumer,
+    g2-shard-0, ...) and reading a vectors topic and consumer group of its own.
+    """
+
+    name: str  # the root's name for its fleet (the `fleet` metric label)
+    num_shards: int
+    replicas: int
+    shard_ports: tuple[int, ...]  # replica 0 of every shard first, as StackConfig.shard_address
+    member_port: int  # 0: no member service
+    model_dir: str = ""  # "": the stack's model (FEEDRET_MODEL_DIR, or the shipped one)
+    model_version: str = ""  # "": whatever the model says (the first generation's)
+    vectors_topic: str = ""  # "": the stack's (post-vectors)
+    consumer_group: str = ""
+    # Prometheus ports of a rollout's generation: consumer, member, then each shard process
+    # in shard_ports' order. None: the stack's first generation's (StackConfig.metrics_port).
+    metrics_base_port: int | None = None
+
+    @property
+    def prefix(self) -> str:
+        return "" if self.name == "g1" else f"{self.name}-"
+
+    def shard_address(self, host: str, shard: int, replica: int = 0) -> str:
+        return f"{host}:{self.shard_ports[replica * self.num_shards + shard]}"
+
+    def shard_addresses(self, host: str) -> str:
+        return ",".join("|".join(self.shard_address(host, i, r) for r in range(self.replicas))
+                        for i in range(self.num_shards))
+
+    def shard_names(self) -> list[str]:
+        return [self.prefix + shard_name(i, r) for r in range(self.replicas) for i in range(self.num_shards)]
+
+    def process_names(self) -> list[str]:
+        return [self.prefix + "member", self.prefix + "consumer", *self.shard_names()]
+
+    def env(self) -> dict[str, str]:
+        """Its settings beyond the stack's, for each of its processes."""
+        env = {"FEEDRET_NUM_SHARDS": str(self.num_shards)}
+        for key, value in (("FEEDRET_MODEL_DIR", self.model_dir), ("FEEDRET_MODEL_VERSION", self.model_version),
+                           ("FEEDRET_VECTORS_TOPIC", self.vectors_topic), ("FEEDRET_CONSUMER_GROUP", self.consumer_group)):
+            if value:
+                env[key] = value
+        return env
+
+
 def shard_name(shard: int, replica: int = 0) -> str:
     """A shard process's name (and log file): shard-<i> for its first replica, shard-<i>-<r> for others."""
     return f"shard-{shard}" if replica == 0 else f"shard-{shard}-{replica}"
 
 
 def parse_shard_name(name: str) -> tuple[int, int]:
-    """(shard, replica) of a name made by shard_name."""
-    parts = name.split("-")
+    """(shard, replica) of a name made by shard_name (after any generation's prefix)."""
+    parts = name[name.index("shard-"):].split("-")
     return int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
 
 
@@ -321,6 +379,19 @@ class Stack:
         env = {**os.environ, **config.env}
         self.security = GrpcSecurityConfig(**{k[len("FEEDRET_"):].lower(): v for k, v in env.items()
                                          if k.startswith(("FEEDRET_TLS_", "FEEDRET_AUTH_"))}, health_port=0)
+        # The serving generation first, then a rollout's next one; the root reads which from
+        # generations_file (feedret.server.generations.Topology) and follows it as it changes.
+        c = config
+        self.generations: list[Generation] = [Generation(
+            "g1", c.num_shards, c.replicas,
+            tuple(int(c.shard_address(i, r).rsplit(":", 1)[1]) for r in range(c.replicas) for i in range(c.num_shards)),
+            c.member_port if c.embedders else 0,
+        )]
+        # A promoted generation's predecessor, stopped at its deadline (monotonic seconds):
+        # until then it still answers queries whose vectors are of its model.
+        self.retiring: list[tuple[Generation, float]] = []
+        self.generations_file = self.workdir / "generations.json"
+        self._generation_serial = 1
 
     # ------------------------------------------------------------ processes
 
@@ -351,47 +422,76 @@ class Stack:
         log.info("process_started", process=name, pid=proc.pid, log=str(path))
         return proc
 
+    def generation_of(self, name: str) -> tuple[Generation | None, str]:
+        """The generation a process belongs to (None: the root, the broker) and its role's part of the name."""
+        gens = [*self.generations, *(g for g, _ in self.retiring)]
+        for gen in sorted(gens, key=lambda g: -len(g.prefix)):  # prefixed ones first: "" matches all
+            if name.startswith(gen.prefix) and name[len(gen.prefix):].startswith(("shard-", "member", "consumer")):
+                return gen, name[len(gen.prefix):]
+        return None, name
+
+    def metrics_port_of(self, gen: Generation | None, base: str, grpc_port: int = 0) -> int:
+        if gen is None or gen.metrics_base_port is None:
+            role = "shard" if base.startswith("shard-") else base
+            return self.config.metrics_port(role, grpc_port)
+        if not gen.metrics_base_port:
+            return 0
+        if base.startswith("shard-"):
+            return gen.metrics_base_port + 2 + gen.shard_ports.index(grpc_port)
+        return gen.metrics_base_port + (0 if base == "consumer" else 1)
+
     def role_env(self, name: str) -> tuple[str, dict[str, str]]:
         c = self.config
+        gen, base = self.generation_of(name)
         env = {
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
             "FEEDRET_NUM_SHARDS": str(c.num_shards),
             **c.env,
+            **(gen.env() if gen is not None else {}),
         }
-        if name.startswith("shard-"):
-            shard, replica = parse_shard_name(name)
-            port = c.shard_address(shard, replica).rsplit(":", 1)[1]
+        if base.startswith("shard-"):
+            shard, replica = parse_shard_name(base)
+            port = gen.shard_address(c.host, shard, replica).rsplit(":", 1)[1]
             env.update(FEEDRET_SHARD_ID=str(shard), FEEDRET_HOST=c.host, FEEDRET_PORT=port)
             if c.snapshot_interval_s > 0 and "FEEDRET_SNAPSHOT_DIR" not in c.env:
                 env.update(FEEDRET_SNAPSHOT_DIR=str(self.snapshot_root / name),
                            FEEDRET_SNAPSHOT_INTERVAL_S=str(c.snapshot_interval_s))
-            env["FEEDRET_METRICS_PORT"] = str(c.metrics_port("shard", int(env["FEEDRET_PORT"])))
+            env["FEEDRET_METRICS_PORT"] = str(self.metrics_port_of(gen, base, int(port)))
             return "shard", env
-        env.update(FEEDRET_HOST=c.host, FEEDRET_METRICS_PORT=str(c.metrics_port(name)))
-        if name == "member":
-            env.update(FEEDRET_PORT=str(c.member_port))
-        elif name == "root":
+        env.update(FEEDRET_HOST=c.host, FEEDRET_METRICS_PORT=str(self.metrics_port_of(gen, base)))
+        if base == "member":
+            env.update(FEEDRET_PORT=str(gen.member_port))
+        elif base == "root":
             env.update(
                 FEEDRET_PORT=str(c.root_port),
                 FEEDRET_SHARD_ADDRESSES=c.shard_addresses,
                 FEEDRET_MEMBER_ADDRESS=c.member_address,
+                # The fleets and member service to serve from: what a rollout changes, live.
+                FEEDRET_GENERATIONS_FILE=str(self.generations_file),
+                FEEDRET_GENERATIONS_POLL_S=str(ROOT_TOPOLOGY_POLL_S),
             )
-        return name, env
+        return base, env
 
     def start_role(self, name: str) -> subprocess.Popen:
         role, env = self.role_env(name)
         return self._spawn(name, [sys.executable, "-m", "feedret.clients.cli", "serve", role], env)
 
     def addresses(self) -> dict[str, str]:
+        """Every gRPC server's address, by process name (a member service only where one runs)."""
         c = self.config
-        out = {"root": c.root_address, **({"member": c.member_address} if c.embedders else {})}
-        out.update({name: c.shard_address(*parse_shard_name(name)) for name in c.shard_names()})
+        out = {"root": c.root_address}
+        for gen in [*self.generations, *(g for g, _ in self.retiring)]:
+            if c.embedders:
+                out[gen.prefix + "member"] = f"{c.host}:{gen.member_port}" if gen.member_port else ""
+            out.update({gen.prefix + shard_name(i, r): gen.shard_address(c.host, i, r)
+                        for r in range(gen.replicas) for i in range(gen.num_shards)})
         return out
 
     def metrics_urls(self) -> dict[str, str]:
         """Each process's Prometheus endpoint (none when metrics_base_port is 0)."""
         out = {}
-        for name in [*self.addresses(), *(["consumer"] if self.config.embedders else [])]:
+        consumers = [g.prefix + "consumer" for g in self.generations] if self.config.embedders else []
+        for name in [*self.addresses(), *consumers]:
             port = int(self.role_env(name)[1]["FEEDRET_METRICS_PORT"])
             if port:
                 out[name] = f"http://{self.config.host}:{port}/metrics"
@@ -442,6 +542,7 @@ class Stack:
                 )
                 wait_for_port(c.host, c.broker_port, 30)
             ensure_topics(self.kafka, c.num_shards)
+            self.write_topology()
             shards = c.shard_names()
             # Embedding roles load torch and the model: start them first, they take longest.
             embedders = ["member", "consumer"] if c.embedders else []
@@ -489,7 +590,7 @@ class Stack:
 
     def consequence(self, name: str) -> str:
         """What the stack can no longer do while `name` is down, for the message that says so."""
-        if name.startswith("shard-"):
+        if self.generation_of(name)[1].startswith("shard-"):
             shard, _ = parse_shard_name(name)
             if self.config.replicas > 1:
                 return f"shard {shard} is served by its other replicas"
@@ -506,8 +607,13 @@ class Stack:
         proc.wait(timeout=30)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM everything (consumer and root first, broker last), then SIGKILL stragglers."""
-        order = ["root", "consumer", "member", *[n for n in self.procs if n.startswith("shard-")], "broker"]
+        """SIGTERM everything (consumers and root first, broker last), then SIGKILL stragglers."""
+        self._stop([n for n in self.procs if n != "broker"] + ["broker"], timeout)
+        self.procs.clear()
+
+    def _stop(self, names: list[str], timeout: float) -> None:
+        rank = {"root": 0, "consumer": 1, "member": 2}
+        order = sorted(names, key=lambda n: 4 if n == "broker" else rank.get(self.generation_of(n)[1], 3))
         for name in order:
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:
@@ -523,7 +629,122 @@ class Stack:
                 log.warning("process_killed", process=name, pid=proc.pid)
                 proc.kill()
                 proc.wait()
-        self.procs.clear()
+
+    # ------------------------------------------------------------ rollouts
+
+    def topology(self) -> Topology:
+        """What the root serves from: the serving generation's member service and fleet first,
+        then the next one's, then those retiring (still answering queries of their model)."""
+        c = self.config
+        gens = [*self.generations, *(g for g, _ in self.retiring)]
+        return Topology(member_address=f"{c.host}:{gens[0].member_port}" if gens[0].member_port else "",
+                        fleets=[FleetSpec(name=g.name, shard_addresses=g.shard_addresses(c.host)) for g in gens])
+
+    def write_topology(self) -> None:
+        self.generations_file.parent.mkdir(parents=True, exist_ok=True)
+        write_topology(self.generations_file, self.topology())
+
+    def start_generation(self, model_dir: str, model_version: str, num_shards: int, timeout: float) -> Generation:
+        """Bring up the next generation beside the serving one: its own vectors topic, shards,
+        member service, and a consumer group that embeds `posts` from the start (the backfill)
+        and then keeps up with new posts. The root adds its fleet: queries of its model go to it."""
+        if len(self.generations) > 1:
+            raise RolloutError(f"generation {self.generations[1].name} is already rolling out; promote or abort it first")
+        if self.retiring:
+            raise RolloutError(f"generation {self.retiring[0][0].name} is still retiring; start after it stops")
+        if not self.config.embedders:
+            raise RolloutError("this stack runs no consumer: there is nothing to embed a new model with")
+        c = self.config
+        # Never a name used before in this run: an aborted generation's topic stays in Kafka.
+        self._generation_serial += 1
+        name = f"g{self._generation_serial}"
+        shard_ports = free_port_block(num_shards * c.replicas + 1)
+        metrics = free_port_block(2 + num_shards * c.replicas) if c.metrics_base_port else 0
+        kafka = self.kafka.model_copy(update={"vectors_topic": f"{self.kafka.vectors_topic}-{name}"})
+        gen = Generation(
+            name, num_shards, c.replicas,
+            tuple(range(shard_ports + 1, shard_ports + 1 + num_shards * c.replicas)), shard_ports,
+            model_dir=model_dir, model_version=model_version, vectors_topic=kafka.vectors_topic,
+            consumer_group=f"feedret-embedder-{name}", metrics_base_port=metrics,
+        )
+        ensure_topics(kafka, num_shards)
+        self.generations.append(gen)
+        try:
+            for process in gen.process_names():
+                self.start_role(process)
+            self.wait_serving([gen.prefix + "member", *gen.shard_names()], timeout)
+            if self.procs[gen.prefix + "consumer"].poll() is not None:
+                raise RuntimeError(f"{gen.prefix}consumer exited:\n{self.log_tail(gen.prefix + 'consumer')}")
+        except BaseException:
+            self._stop(gen.process_names(), 10.0)
+            for process in gen.process_names():
+                self.procs.pop(process, None)
+            self.generations.remove(gen)
+            raise
+        self.write_topology()
+        log.info("generation_started", generation=name, model=model_version, shards=num_shards,
+                 topic=kafka.vectors_topic, group=gen.consumer_group)
+        return gen
+
+    def promote(self, grace_s: float, now: float | None = None) -> Generation:
+        """Serve the next generation: the root's member service and first fleet become its,
+        in one write of the generations file. The old generation keeps answering queries of
+        its model (vectors a caller still holds) for `grace_s`, then retire_due stops it."""
+        if len(self.generations) < 2:
+            raise RolloutError("no generation is rolling out: `feedret rollout start` first")
+        old, new = self.generations
+        self.generations = [new]
+        self.retiring.append((old, (time.monotonic() if now is None else now) + grace_s))
+        self.write_topology()
+        log.info("generation_promoted", generation=new.name, retiring=old.name, grace_s=grace_s)
+        return old
+
+    def abort(self) -> Generation:
+        """Drop the next generation: the root forgets its fleet, then its processes stop.
+        Its vectors topic stays (a later start makes a new one)."""
+        if len(self.generations) < 2:
+            raise RolloutError("no generation is rolling out")
+        gen = self.generations.pop()
+        self.write_topology()
+        self._retire(gen)
+        log.info("generation_aborted", generation=gen.name)
+        return gen
+
+    def retire_due(self, now: float | None = None) -> list[Generation]:
+        """Stop the retiring generations whose grace period has passed (the root forgets them first)."""
+        now = time.monotonic() if now is None else now
+        due = [g for g, deadline in self.retiring if deadline <= now]
+        if due:
+            self.retiring = [(g, d) for g, d in self.retiring if g not in due]
+            self.write_topology()
+            for gen in due:
+                self._retire(gen)
+                log.info("generation_retired", generation=gen.name)
+        return due
+
+    def up_state(self, pid: int, reply: RolloutReply | None = None) -> UpState:
+        """What `feedret rollout` reads of this stack (feedret.server.up_control)."""
+        c = self.config
+        roles = ["serving", "next"]
+        gens = [(g, roles[i]) for i, g in enumerate(self.generations)] + [(g, "retiring") for g, _ in self.retiring]
+        return UpState(
+            pid=pid, root_address=c.root_address, bootstrap_servers=self.kafka.bootstrap_servers, reply=reply,
+            generations=[GenerationState(
+                name=g.name, role=role, model_version=g.model_version, shard_addresses=g.shard_addresses(c.host),
+                member_address=f"{c.host}:{g.member_port}" if g.member_port else "",
+                vectors_topic=g.vectors_topic or self.kafka.vectors_topic,
+                consumer_group=g.consumer_group or self.kafka.consumer_group,
+            ) for g, role in gens],
+        )
+
+    def _retire(self, gen: Generation) -> None:
+        # The root re-reads the file within its poll interval; until then a query may still
+        # reach these processes, so they get a moment before SIGTERM.
+        time.sleep(ROOT_TOPOLOGY_POLL_S * 2)
+        names = [n for n in gen.process_names() if n in self.procs]
+        self._stop(names, 10.0)
+        for name in names:
+            del self.procs[name]
 
     def __enter__(self) -> "Stack":
         return self.start()

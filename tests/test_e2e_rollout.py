@@ -2,8 +2,10 @@
 generation B (another model and 3 shards: its own consumer, vectors topic and shards) is brought up beside it under
 continuous publishing; a root holds both fleets while the member service runs one pod of
 each model. Every query is answered whole by the fleet of its member vector's model, and
-both generations end with every live post, those published during the rollout included. Then B
-is promoted (a root serving it alone, A's processes stopped) and goes on taking new posts."""
+both generations end with every live post, those published during the rollout included.
+
+Then the same done by commands: `feedret rollout start|promote` on a running `feedret up`,
+under continuous publishing and member queries, none of which fails or mixes models."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import threading
 import time
 
 import grpc
+import psutil
 import pytest
 
 from feedret.clients.client import FeedretClient
@@ -148,22 +151,6 @@ def test_mid_rollout_each_query_is_answered_by_its_models_generation_and_both_ke
             assert in_a == in_b == (post in live), post
         client.close()
 
-        # Promote, as the Deployments' updates would: a root serving B alone (its member pods all on
-        # B's model), then generation A's processes retired. B keeps taking new posts.
-        root_b = f"127.0.0.1:{free_port_block(1)}"
-        serve(stack, "root-b", "root", {"FEEDRET_PORT": root_b.rsplit(":", 1)[1], "FEEDRET_SHARD_ADDRESSES": ",".join(b_shards),
-                                        "FEEDRET_MEMBER_ADDRESS": member_b})
-        assert wait_for(lambda: is_serving(root_b), timeout=60, interval=0.2), stack.log_tail("root-b")
-        for name in ("consumer", "member", "shard-0", "shard-1", "root-ab"):
-            stack.kill(name, signal.SIGTERM)
-        with FeedretClient(root_b) as promoted:
-            for member in members:
-                result = promoted.retrieve(member=member, k=20, timeout=5)
-                assert not result.partial and result.model_version == VERSION_B
-            running.publish([post_line(9_600_001_000, "a post published after the promotion")])
-            assert wait_for(lambda: promoted.lookup(9_600_001_000).found, timeout=30)
-            assert promoted.stats().model_version == VERSION_B
-
 
 def test_a_consumer_given_another_generations_model_refuses_to_start_before_writing_a_vector():
     # A consumer redeployed with a new model into the serving generation would write vectors the
@@ -176,3 +163,158 @@ def test_a_consumer_given_another_generations_model_refuses_to_start_before_writ
     assert proc.returncode != 0
     assert f"the model in FEEDRET_MODEL_DIR is {VERSION_B!r}, but this generation's FEEDRET_MODEL_VERSION is " \
            "'feedret-movielens-tiny-v2'" in proc.stderr
+
+
+def read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
+    out = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        out.append(line)
+        if pattern in line:
+            return "".join(out)
+    raise AssertionError(f"no line with {pattern!r} within {timeout}s; output:\n{''.join(out)}")
+
+
+def processes_of(up: subprocess.Popen, topic: str) -> list[psutil.Process]:
+    """`feedret up`'s live children that read this vectors topic."""
+    out = []
+    for child in psutil.Process(up.pid).children():
+        try:
+            if child.environ().get("FEEDRET_VECTORS_TOPIC") == topic:
+                out.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def rollout(workdir, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "feedret.clients.cli", "rollout", *args, "--workdir", str(workdir)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_feedret_up_rolls_out_a_new_model_and_shard_count_by_command_without_a_failed_or_mixed_reply(tmp_path):
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text("\n".join(sample_lines(N_POSTS)) + "\n")
+    sample_ids = [json.loads(line)["post_id"] for line in sample_lines(N_POSTS)]
+    workdir = tmp_path / "var"
+    base = free_port_block(5)
+    root, kafka = f"127.0.0.1:{base + 1}", KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{base}")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "feedret.clients.cli", "up", "--posts", str(posts), "--workdir", str(workdir),
+         "--broker-port", str(base), "--root-port", str(base + 1), "--member-port", str(base + 2),
+         "--shard-base-port", str(base + 3), "--metrics-base-port", "0", "--snapshot-interval", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "FEEDRET_TORCH_THREADS": "1"},
+    )
+    stop, publishing = threading.Event(), threading.Event()
+    publishing.set()
+    published: list[int] = []
+    deleted = sample_ids[:10]
+    replies: list[str] = []  # each member query's model, in order
+    failures: list[str] = []
+
+    def publish() -> None:
+        from feedret.clients.publish import publish_lines
+
+        i = 0
+        while not stop.is_set():
+            if not publishing.wait(0.1):
+                continue
+            post = 9_700_000_000 + i
+            lines = [post_line(post, f"rollout post {post} about topic {post % 7}")]
+            if i < len(deleted):
+                lines.append(json.dumps({"post_id": deleted[i], "op": "delete"}))
+            publish_lines(kafka, lines)
+            published.append(post)
+            i += 1
+            stop.wait(0.2)
+
+    def query() -> None:
+        members = [MemberProfile(f"member-{i}", "s", recent_activity=[ActivityItem(1, "Alien (1979). Genres: Horror")])
+                   for i in range(16)]
+        with FeedretClient(root) as client:
+            while not stop.is_set():
+                for member in members:
+                    try:
+                        result = client.retrieve(member=member, k=20, timeout=5)
+                    except grpc.RpcError as exc:
+                        failures.append(f"{exc.code().name}: {exc.details()}")
+                        continue
+                    if result.partial:
+                        failures.append(f"partial from {result.model_version}: {result.failed_shards}")
+                    replies.append(result.model_version)
+
+    threads = [threading.Thread(target=publish), threading.Thread(target=query)]
+    try:
+        read_until(up, "Ctrl-C stops every process", timeout=180)
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: len(replies) >= 10, timeout=60), failures[:3]
+        version_a = replies[0]
+
+        # Nothing to promote or abort yet; a directory without a model is one line.
+        assert "no generation is rolling out" in rollout(workdir, "promote").stderr
+        bad = rollout(workdir, "start", "--model", str(tmp_path))
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "config.json missing" in bad.stderr
+
+        # A start that is aborted leaves generation A as it was, and B's processes gone.
+        started = rollout(workdir, "start", "--model", str(MODEL_B))
+        assert started.returncode == 0, started.stderr
+        assert "generation g2 (model feedret-tiny-llama-v0, 2 shards) is up beside g1" in started.stdout
+        assert len(processes_of(up, "post-vectors-g2")) == 4  # its member service, consumer and 2 shards
+        aborted = rollout(workdir, "abort")
+        assert aborted.returncode == 0 and "generation g2 aborted" in aborted.stdout, aborted.stderr
+        assert not processes_of(up, "post-vectors-g2")
+
+        # Another model on 3 shards (a reshard too), beside A, while posts arrive and are deleted.
+        started = rollout(workdir, "start", "--model", str(MODEL_B), "--shards", "3")
+        assert started.returncode == 0, started.stderr
+        assert "generation g3 (model feedret-tiny-llama-v0, 3 shards)" in started.stdout
+
+        def status() -> dict:
+            proc = rollout(workdir, "status", "--json", "--interval", "0.2", timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            return json.loads(proc.stdout)
+
+        assert wait_for(lambda: status()["next"]["indexed"] > 0, timeout=120, interval=0.5), status()
+        publishing.clear()  # a pause, so that "holds every live post" can be checked exactly
+        live = (set(sample_ids) - set(deleted[:len(published)])) | set(published)
+        assert wait_for(lambda: status()["ready"], timeout=120, interval=0.5), status()
+        final = status()
+        assert (final["serving"]["models"], final["next"]["models"]) == ([version_a], [VERSION_B])
+        assert final["serving"]["indexed"] == final["next"]["indexed"] == len(live), (final, len(live))
+        promoted = rollout(workdir, "promote", "--grace", "2")
+        assert promoted.returncode == 0, promoted.stderr
+        assert "generation g3 serves now" in promoted.stdout
+        publishing.set()
+        assert wait_for(lambda: replies[-1] == VERSION_B, timeout=30)
+        read_until(up, "generation g1 retired", timeout=60)
+        count = len(replies)
+        assert wait_for(lambda: len(replies) >= count + 20, timeout=60)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+
+        # No reply failed or mixed models; the member service and the root switched together, once.
+        assert not failures, failures[:5]
+        switch = replies.index(VERSION_B)
+        assert set(replies[:switch]) == {version_a} and set(replies[switch:]) == {VERSION_B}
+        # B holds every live post, those published during and after the rollout included, and no deleted one.
+        live = (set(sample_ids) - set(deleted[:len(published)])) | set(published)
+        with FeedretClient(root) as client:
+            assert wait_for(lambda: client.stats().total_indexed == len(live), timeout=60)
+            assert client.stats().model_version == VERSION_B and len(client.stats().shards) == 3
+            for post in [*deleted[:len(published)], *published[::5], *sample_ids[-5:]]:
+                assert client.lookup(post).found == (post in live), post
+        state = json.loads((workdir / "up.json").read_text())
+        assert [(g["name"], g["role"]) for g in state["generations"]] == [("g3", "serving")]
+    finally:
+        stop.set()
+        up.send_signal(signal.SIGINT)
+        try:
+            up.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    assert up.returncode == 0
