@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import psutil
@@ -178,6 +180,29 @@ def read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
     raise AssertionError(f"no line with {pattern!r} within {timeout}s; output:\n{''.join(out)}")
 
 
+def readme_rollout() -> tuple[str, str, str, list[str]]:
+    """The README's rollout commands (start, status, promote) and the status output it shows."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = text[text.index("**A new model, without a gap.**"):]
+    block, rest = after.split("```sh\n", 1)[1].split("```", 1)
+    lines = [re.sub(r"\s+#\s.*$", "", line) for line in block.splitlines() if line.strip()]
+    shown = rest.split("```\n", 1)[1].split("```", 1)[0].splitlines()
+    assert [line.split()[:3] for line in lines] == [["feedret", "rollout", w] for w in ("start", "status", "promote")]
+    assert shown[0] == "$ " + lines[1]
+    return lines[0], lines[1], lines[2], shown[1:]
+
+
+def readme_line(command: str, cwd) -> subprocess.CompletedProcess:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "PATH": path})
+
+
+def digits(lines: list[str]) -> list[str]:
+    """Lines with their numbers blanked: post counts and rates differ from stack to stack."""
+    return [re.sub(r"\d+(\.\d+)?", "N", line) for line in lines]
+
+
 def processes_of(up: subprocess.Popen, topic: str) -> list[psutil.Process]:
     """`feedret up`'s live children that read this vectors topic."""
     out = []
@@ -268,8 +293,11 @@ def test_feedret_up_rolls_out_a_new_model_and_shard_count_by_command_without_a_f
         assert aborted.returncode == 0 and "generation g2 aborted" in aborted.stdout, aborted.stderr
         assert not processes_of(up, "post-vectors-g2")
 
-        # Another model on 3 shards (a reshard too), beside A, while posts arrive and are deleted.
-        started = rollout(workdir, "start", "--model", str(MODEL_B), "--shards", "3")
+        # The README's commands, as written (in a directory whose var/ is this stack's): another
+        # model on 3 shards (a reshard too), beside A, while posts arrive and are deleted.
+        (tmp_path / "models").symlink_to(ROOT / "models")
+        start_line, status_line, promote_line, shown = readme_rollout()
+        started = readme_line(start_line, tmp_path)
         assert started.returncode == 0, started.stderr
         assert "generation g3 (model feedret-tiny-llama-v0, 3 shards)" in started.stdout
 
@@ -285,12 +313,14 @@ def test_feedret_up_rolls_out_a_new_model_and_shard_count_by_command_without_a_f
         final = status()
         assert (final["serving"]["models"], final["next"]["models"]) == ([version_a], [VERSION_B])
         assert final["serving"]["indexed"] == final["next"]["indexed"] == len(live), (final, len(live))
-        promoted = rollout(workdir, "promote", "--grace", "2")
+        said = readme_line(status_line, tmp_path)
+        assert said.returncode == 0 and digits(said.stdout.splitlines()) == digits(shown), said.stdout
+        promoted = readme_line(promote_line, tmp_path)
         assert promoted.returncode == 0, promoted.stderr
         assert "generation g3 serves now" in promoted.stdout
         publishing.set()
         assert wait_for(lambda: replies[-1] == VERSION_B, timeout=30)
-        read_until(up, "generation g1 retired", timeout=60)
+        read_until(up, "generation g1 retired", timeout=90)  # the README's promote: 30 s of grace
         count = len(replies)
         assert wait_for(lambda: len(replies) >= count + 20, timeout=60)
         stop.set()
