@@ -269,6 +269,77 @@ def import_vectors(file: Path, model_version: str, bootstrap: str, topic: str, f
                    f"({partitions} partitions)" + (f"; not sent: {rejected}" if rejected else ""))
 
 
+@cli.command("backfill")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="The model to embed with (default: FEEDRET_MODEL_DIR, or the shipped model).")
+@click.option("--topic", default="", help="The post-vector topic to fill (default: FEEDRET_VECTORS_TOPIC, post-vectors).")
+@click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=f"127.0.0.1:{DEFAULT_BROKER_PORT}", show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
+@json_option
+def backfill_posts(file: Path, model_dir: Path | None, topic: str, bootstrap: str, batch_size: int, as_json: bool) -> None:
+    """Embed a bulk file of post events (as `feedret publish` takes) into a post-vector topic.
+
+    For posts older than `posts`' retention, which a new generation's consumer cannot
+    re-read: each line is checked, embedded and written as the consumer would (a delete as
+    a tombstone), on its shard's partition. Run it before the generation's consumer starts,
+    so that the stream's newer events of the same posts land after it (`feedret rollout
+    start --posts-file` does both, in that order).
+    """
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+    from tqdm import tqdm
+
+    from feedret.config import EncoderConfig
+    from feedret.consumer.backfill import backfill
+    from feedret.encoder.loader import load_encoder
+    from feedret.encoder.model import open_model_dir
+    from feedret.logging import configure_logging
+    from feedret.topics import topic_partitions
+
+    configure_logging("backfill", json=False)  # to stderr: stdout holds the report
+    kafka = KafkaConfig(KAFKA_BOOTSTRAP_SERVERS=bootstrap)
+    topic = topic or kafka.vectors_topic
+    config = EncoderConfig(**({"model_dir": model_dir} if model_dir is not None else {}))
+    try:
+        open_model_dir(config.model_dir)
+        text = file.read_text(encoding="utf-8")
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{exc}") from None
+    lines = text.splitlines()
+    try:
+        partitions = topic_partitions(kafka, topic)
+        if partitions is None:
+            raise InputError(f"topic {topic!r} does not exist at {bootstrap}: it is created with its generation "
+                             "(`feedret rollout start`, or the stack)")
+        encoder = load_encoder(config)
+        producer = KafkaProducer(**kafka.client_options(), acks="all", linger_ms=20, batch_size=1 << 20,
+                                 max_request_size=16 << 20, client_id="feedret-backfill")
+        try:
+            with tqdm(total=sum(1 for line in lines if line.strip()), unit="post", disable=as_json,
+                      file=sys.stderr) as bar:
+                report = backfill(
+                    lines, encoder.embed_posts, encoder.model_version, partitions,
+                    lambda partition, key, value: producer.send(topic, key=key, value=value, partition=partition),
+                    batch_size=batch_size, source=file.name, progress=bar.update,
+                )
+        finally:
+            producer.close()
+    except KafkaError as exc:
+        raise click.ClickException(f"could not backfill to Kafka at {bootstrap}: {exc}") from None
+    if as_json:
+        _dump({"lines": report.lines, "embedded": report.embedded, "deletes": report.deletes,
+               "bad": [{"line": n, "reason": why} for n, why in report.bad], "topic": topic,
+               "partitions": partitions, "model_version": encoder.model_version,
+               "posts_per_s": round(report.posts_per_s, 1)})
+        return
+    bad = (f"; {len(report.bad)} bad line{'s' if len(report.bad) != 1 else ''} not sent (line {report.bad[0][0]}: "
+           f"{report.bad[0][1]})" if report.bad else "")
+    click.echo(f"backfilled {report.embedded} posts and {report.deletes} deletes from {file} into {topic} "
+               f"({partitions} partitions, model {encoder.model_version}) in {report.seconds:.1f} s, "
+               f"{report.posts_per_s:.0f} posts/s{bad}")
+
+
 def _refuse_other_model(root: str, model_version: str, dimension: int, serving_topic: bool) -> None:
     """Refuse an import the serving shards would reject, another model's or width's: on the compacted
     topic each record would also replace the post's good one, and a later replay would lose the post.
@@ -327,9 +398,16 @@ def _rollout_request(workdir: Path, timeout: float, **request) -> str:
               help="The new model's directory (a Hugging Face model with its feedret.json).")
 @click.option("--shards", type=click.IntRange(1, 64), default=None,
               help="The new generation's shard count (resharding); default: the serving generation's.")
+@click.option("--index", "index_factory", default="",
+              help="The new generation's faiss index (FEEDRET_INDEX_FACTORY, e.g. HNSW32,Flat); default: the stack's.")
+@click.option("--posts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Post events older than `posts` holds (an export of the source of truth): embedded first, "
+                   "by `feedret backfill`, before the generation's consumer starts.")
 @workdir_option
-def rollout_start(model_dir: Path, shards: int | None, workdir: Path) -> None:
-    """Start the next generation beside the serving one, in a running `feedret up`.
+def rollout_start(model_dir: Path, shards: int | None, index_factory: str, posts_file: Path | None,
+                  workdir: Path) -> None:
+    """Start the next generation beside the serving one, in a running `feedret up`: another
+    model, shard count or index (or all three).
 
     Its own consumer group embeds every post of `posts` with the new model into its own
     vectors topic and shards (the backfill), then keeps up with new posts; the serving
@@ -344,7 +422,8 @@ def rollout_start(model_dir: Path, shards: int | None, workdir: Path) -> None:
         raise InputError(f"--model: {exc}") from None
     click.echo(f"starting generation with model {meta.model_version} ({path}) ...")
     click.echo(_rollout_request(workdir, 600, action="start", model_dir=str(path.absolute()),
-                                model_version=meta.model_version, shards=shards or 0))
+                                model_version=meta.model_version, shards=shards or 0, index_factory=index_factory,
+                                posts_file=str(posts_file.absolute()) if posts_file else ""))
 
 
 @rollout.command("promote")
@@ -393,13 +472,14 @@ def rollout_abort(workdir: Path) -> None:
 def rollout_status(next_shards: str | None, next_group: str | None, interval: float, root: str, bootstrap: str,
                    workdir: Path, as_json: bool) -> None:
     """How far the next generation is, and whether it holds every live post (ready to promote)."""
+    backfill = ""
     if not next_shards or not next_group:
         state = _up_state(workdir) if not (next_shards or next_group) else None
         nxt = state.generation("next") if state is not None else None
         if nxt is None:
             raise InputError("no generation is rolling out" if state is not None else
                              "give both --next-shards and --next-group, or neither (to ask `feedret up`)")
-        next_shards, next_group = nxt.shard_addresses, nxt.consumer_group
+        next_shards, next_group, backfill = nxt.shard_addresses, nxt.consumer_group, nxt.backfill
         ctx = click.get_current_context()
         # The stack's own root and broker, unless given: `feedret up` may run on other ports.
         if ctx.get_parameter_source("root") in (click.core.ParameterSource.DEFAULT, None):
@@ -410,12 +490,14 @@ def rollout_status(next_shards: str | None, next_group: str | None, interval: fl
     if as_json:
         _dump({"ready": verdict.ready, "reasons": list(verdict.reasons),
                "serving": dataclasses.asdict(verdict.serving), "next": dataclasses.asdict(verdict.next),
-               "to_embed": verdict.to_embed, "embedding_per_s": round(rate, 1), "eta_s": eta})
+               "to_embed": verdict.to_embed, "embedding_per_s": round(rate, 1), "eta_s": eta, "backfill": backfill})
         return
     for name, fleet in (("serving", verdict.serving), ("next", verdict.next)):
         share = f" ({fleet.indexed / verdict.serving.indexed:.1%})" if name == "next" and verdict.serving.indexed else ""
         click.echo(f"{name:8} model {fleet.model or '/'.join(fleet.models) or '-'}, {fleet.reachable}/{fleet.shards} "
                    f"shards answering, {fleet.indexed} posts{share}")
+    if backfill:
+        click.echo(f"backfill: {backfill}")
     if verdict.to_embed is not None:
         click.echo(f"embedding: {verdict.to_embed} posts events left, {rate:.0f}/s"
                    + (f", about {math.ceil(eta)} s" if eta is not None else ""))
@@ -956,6 +1038,9 @@ def up(
                     reply = _rollout_step(stack, request)
                     click.echo(reply.message, err=not reply.ok)
                     write_state(stack.workdir, stack.up_state(os.getpid(), reply))
+            for line in stack.advance():
+                click.echo(line, err="FAILED" in line)
+                write_state(stack.workdir, stack.up_state(os.getpid(), reply))
             for gen in stack.retire_due():
                 click.echo(f"generation {gen.name} retired: its consumer, member service and shards are stopped")
                 write_state(stack.workdir, stack.up_state(os.getpid(), reply))
@@ -1004,8 +1089,15 @@ def _rollout_step(stack, request) -> "RolloutReply":
     try:
         if request.action == "start":
             shards = request.shards or serving.num_shards
-            gen = stack.start_generation(request.model_dir, request.model_version, shards, stack.config.ready_timeout_s)
-            return answer(True, f"generation {gen.name} (model {gen.model_version}, {shards} shards) is up beside "
+            gen = stack.start_generation(request.model_dir, request.model_version, shards, stack.config.ready_timeout_s,
+                                         request.index_factory, request.posts_file)
+            if request.posts_file:
+                return answer(True, f"generation {gen.name} (model {gen.model_version}, {shards} shards) is up beside "
+                                    f"{serving.name}; it embeds {request.posts_file} into {gen.vectors_topic} first "
+                                    f"(log {gen.prefix}backfill.log), then its consumer group {gen.consumer_group} "
+                                    "every post of `posts`. `feedret rollout status` says when it holds every live post.")
+            index = f", index {gen.index_factory}" if gen.index_factory else ""
+            return answer(True, f"generation {gen.name} (model {gen.model_version}, {shards} shards{index}) is up beside "
                                 f"{serving.name}; its consumer group {gen.consumer_group} is embedding every post "
                                 f"into {gen.vectors_topic}. `feedret rollout status` says when it holds every live post.")
         if request.action == "promote":

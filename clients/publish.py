@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterable
 
 from kafka import KafkaProducer
 
 from feedret.config import KafkaConfig
+from feedret.events import record_key
 
 
 @dataclass(frozen=True)
@@ -17,22 +17,6 @@ class PublishReport:
     skipped_blank: int
     # (line number, reason) of each line that is not a valid post event; filled with validate=True.
     invalid: tuple[tuple[int, str], ...] = ()
-
-
-def record_key(line: str) -> bytes | None:
-    """The post id as the record key, so all events of a post share a partition and stay in order.
-
-    Lines that are not JSON objects with a post_id are still sent, unkeyed: the
-    consumer is the one place that judges events, and sends them to the
-    dead-letter topic with the reason.
-    """
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    if isinstance(obj, dict) and "post_id" in obj and not isinstance(obj["post_id"], (dict, list)):
-        return str(obj["post_id"]).encode()
-    return None
 
 
 def publish_lines(kafka: KafkaConfig, lines: Iterable[str], validate: bool = False) -> PublishReport:

@@ -212,3 +212,19 @@ def parse_post_event(raw: bytes | str | Mapping[str, Any], limits: EventLimits =
         lang=_string(obj, "lang", limits.max_lang_chars).lower(),
         features=_features(obj.get("features"), limits),
     )
+
+
+def record_key(line: str) -> bytes | None:
+    """The post id as the record key, so all events of a post share a partition and stay in order.
+
+    Lines that are not JSON objects with a post_id get none: they are still sent (by
+    `feedret publish`), unkeyed, and the consumer, the one place that judges events,
+    dead-letters them with the reason.
+    """
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and "post_id" in obj and not isinstance(obj["post_id"], (dict, list)):
+        return str(obj["post_id"]).encode()
+    return None

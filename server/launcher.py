@@ -148,6 +148,7 @@ class Generation:
     model_version: str = ""  # "": whatever the model says (the first generation's)
     vectors_topic: str = ""  # "": the stack's (post-vectors)
     consumer_group: str = ""
+    index_factory: str = ""  # "": the stack's (FEEDRET_INDEX_FACTORY, or Flat)
     # Prometheus ports of a rollout's generation: consumer, member, then each shard process
     # in shard_ports' order. None: the stack's first generation's (StackConfig.metrics_port).
     metrics_base_port: int | None = None
@@ -167,13 +168,14 @@ class Generation:
         return [self.prefix + shard_name(i, r) for r in range(self.replicas) for i in range(self.num_shards)]
 
     def process_names(self) -> list[str]:
-        return [self.prefix + "member", self.prefix + "consumer", *self.shard_names()]
+        return [self.prefix + "member", self.prefix + "backfill", self.prefix + "consumer", *self.shard_names()]
 
     def env(self) -> dict[str, str]:
         """Its settings beyond the stack's, for each of its processes."""
         env = {"FEEDRET_NUM_SHARDS": str(self.num_shards)}
         for key, value in (("FEEDRET_MODEL_DIR", self.model_dir), ("FEEDRET_MODEL_VERSION", self.model_version),
-                           ("FEEDRET_VECTORS_TOPIC", self.vectors_topic), ("FEEDRET_CONSUMER_GROUP", self.consumer_group)):
+                           ("FEEDRET_VECTORS_TOPIC", self.vectors_topic), ("FEEDRET_CONSUMER_GROUP", self.consumer_group),
+                           ("FEEDRET_INDEX_FACTORY", self.index_factory)):
             if value:
                 env[key] = value
         return env
@@ -392,6 +394,10 @@ class Stack:
         self.retiring: list[tuple[Generation, float]] = []
         self.generations_file = self.workdir / "generations.json"
         self._generation_serial = 1
+        # A generation's bulk backfill (`feedret backfill`), run once before its consumer
+        # starts: by process name, the consumer to start when it succeeds. Not supervised.
+        self.backfills: dict[str, str] = {}
+        self.backfill_state: dict[str, str] = {}  # by generation name, for `feedret rollout status`
 
     # ------------------------------------------------------------ processes
 
@@ -426,7 +432,7 @@ class Stack:
         """The generation a process belongs to (None: the root, the broker) and its role's part of the name."""
         gens = [*self.generations, *(g for g, _ in self.retiring)]
         for gen in sorted(gens, key=lambda g: -len(g.prefix)):  # prefixed ones first: "" matches all
-            if name.startswith(gen.prefix) and name[len(gen.prefix):].startswith(("shard-", "member", "consumer")):
+            if name.startswith(gen.prefix) and name[len(gen.prefix):].startswith(("shard-", "member", "consumer", "backfill")):
                 return gen, name[len(gen.prefix):]
         return None, name
 
@@ -568,8 +574,8 @@ class Stack:
         now = time.monotonic() if now is None else now
         handled = []
         for name, proc in list(self.procs.items()):
-            if proc.poll() is None or not self.supervisor.watches(name):
-                continue
+            if proc.poll() is None or not self.supervisor.watches(name) or name in self.backfills:
+                continue  # a backfill runs once: advance() handles its exit
             verdict = self.supervisor.on_exit(name, now)
             if verdict.action == "fatal":
                 raise RuntimeError(f"the embedded broker exited with code {proc.returncode}; its topics are gone")
@@ -644,10 +650,15 @@ class Stack:
         self.generations_file.parent.mkdir(parents=True, exist_ok=True)
         write_topology(self.generations_file, self.topology())
 
-    def start_generation(self, model_dir: str, model_version: str, num_shards: int, timeout: float) -> Generation:
+    def start_generation(self, model_dir: str, model_version: str, num_shards: int, timeout: float,
+                         index_factory: str = "", posts_file: str = "") -> Generation:
         """Bring up the next generation beside the serving one: its own vectors topic, shards,
         member service, and a consumer group that embeds `posts` from the start (the backfill)
-        and then keeps up with new posts. The root adds its fleet: queries of its model go to it."""
+        and then keeps up with new posts. The root adds its fleet: queries of its model go to it.
+
+        With `posts_file` (post events older than `posts` holds), `feedret backfill` embeds
+        it into the generation's topic first, and its consumer starts once that succeeded
+        (advance()): the stream's newer events of the same posts then land after the file's."""
         if len(self.generations) > 1:
             raise RolloutError(f"generation {self.generations[1].name} is already rolling out; promote or abort it first")
         if self.retiring:
@@ -665,20 +676,31 @@ class Stack:
             name, num_shards, c.replicas,
             tuple(range(shard_ports + 1, shard_ports + 1 + num_shards * c.replicas)), shard_ports,
             model_dir=model_dir, model_version=model_version, vectors_topic=kafka.vectors_topic,
-            consumer_group=f"feedret-embedder-{name}", metrics_base_port=metrics,
+            consumer_group=f"feedret-embedder-{name}", index_factory=index_factory, metrics_base_port=metrics,
         )
         ensure_topics(kafka, num_shards)
         self.generations.append(gen)
+        consumer, backfill = gen.prefix + "consumer", gen.prefix + "backfill"
         try:
-            for process in gen.process_names():
+            for process in [n for n in gen.process_names() if n not in (consumer, backfill)]:
                 self.start_role(process)
+            if posts_file:
+                _, env = self.role_env(consumer)
+                self._spawn(backfill, [sys.executable, "-m", "feedret.clients.cli", "backfill", posts_file,
+                                       "--topic", kafka.vectors_topic, "--bootstrap", self.kafka.bootstrap_servers], env)
+                self.backfills[backfill] = consumer
+                self.backfill_state[name] = f"embedding {posts_file}"
+            else:
+                self.start_role(consumer)
             self.wait_serving([gen.prefix + "member", *gen.shard_names()], timeout)
-            if self.procs[gen.prefix + "consumer"].poll() is not None:
-                raise RuntimeError(f"{gen.prefix}consumer exited:\n{self.log_tail(gen.prefix + 'consumer')}")
+            for process in (consumer, backfill):
+                if process in self.procs and self.procs[process].poll() not in (None, 0):
+                    raise RuntimeError(f"{process} exited:\n{self.log_tail(process)}")
         except BaseException:
             self._stop(gen.process_names(), 10.0)
             for process in gen.process_names():
                 self.procs.pop(process, None)
+            self.backfills.pop(backfill, None)
             self.generations.remove(gen)
             raise
         self.write_topology()
@@ -710,6 +732,30 @@ class Stack:
         log.info("generation_aborted", generation=gen.name)
         return gen
 
+    def advance(self) -> list[str]:
+        """Start the consumer of each generation whose backfill finished; what happened, to say."""
+        said = []
+        for backfill, consumer in list(self.backfills.items()):
+            proc = self.procs.get(backfill)
+            if proc is None:  # its generation was aborted
+                del self.backfills[backfill]
+                continue
+            if proc.poll() is None:
+                continue
+            del self.backfills[backfill], self.procs[backfill]
+            gen, _ = self.generation_of(backfill)
+            tail = self.log_tail(backfill, 1)
+            if proc.returncode == 0:
+                self.start_role(consumer)
+                self.backfill_state[gen.name] = f"done: {tail}"
+                said.append(f"{backfill}: {tail}; {consumer} started, embedding `posts` from the start")
+            else:
+                self.backfill_state[gen.name] = f"FAILED (exit code {proc.returncode}; log {self.logs[backfill]})"
+                said.append(f"{backfill} FAILED (exit code {proc.returncode}): {tail}\n  its consumer is not "
+                            f"started; see {self.logs[backfill]}, then `feedret rollout abort`")
+            log.info("backfill_ended", process=backfill, code=proc.returncode)
+        return said
+
     def retire_due(self, now: float | None = None) -> list[Generation]:
         """Stop the retiring generations whose grace period has passed (the root forgets them first)."""
         now = time.monotonic() if now is None else now
@@ -734,6 +780,7 @@ class Stack:
                 member_address=f"{c.host}:{g.member_port}" if g.member_port else "",
                 vectors_topic=g.vectors_topic or self.kafka.vectors_topic,
                 consumer_group=g.consumer_group or self.kafka.consumer_group,
+                backfill=self.backfill_state.get(g.name, ""),
             ) for g, role in gens],
         )
 

@@ -52,7 +52,8 @@ ROOT_HEDGES_DENIED = Counter(
 ROOT_FLEET_REPLIES = Counter(
     "feedret_root_fleet_replies_total",
     "Retrieve replies by the shard fleet that answered (serving, or next during a model rollout: "
-    "FEEDRET_NEXT_SHARD_ADDRESSES) and the model of the query vector and its candidates.",
+    "FEEDRET_NEXT_SHARD_ADDRESSES; or the fleet's name in FEEDRET_GENERATIONS_FILE) and the model "
+    "of the query vector and its candidates.",
     ["fleet", "model_version"],
 )
 

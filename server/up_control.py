@@ -32,6 +32,8 @@ class RolloutRequest(BaseModel):
     model_dir: str = ""
     model_version: str = ""
     shards: int = 0  # start: 0 keeps the serving generation's count
+    index_factory: str = ""  # start: the shards' FEEDRET_INDEX_FACTORY; "": the stack's
+    posts_file: str = ""  # start: post events to embed before its consumer starts (feedret backfill)
     grace_s: float = 30.0  # promote: how long the old generation still answers queries of its model
 
 
@@ -49,6 +51,7 @@ class GenerationState(BaseModel):
     member_address: str
     vectors_topic: str
     consumer_group: str
+    backfill: str = ""  # its bulk backfill: "" (none), "embedding FILE", "done: ...", "FAILED ..."
 
 
 class UpState(BaseModel):

@@ -203,6 +203,11 @@ def digits(lines: list[str]) -> list[str]:
     return [re.sub(r"\d+(\.\d+)?", "N", line) for line in lines]
 
 
+def config_shards(base: int) -> list[str]:
+    """The first generation's shards of a `feedret up` started on the port block at `base`."""
+    return [f"127.0.0.1:{base + 3}", f"127.0.0.1:{base + 4}"]
+
+
 def processes_of(up: subprocess.Popen, topic: str) -> list[psutil.Process]:
     """`feedret up`'s live children that read this vectors topic."""
     out = []
@@ -284,11 +289,27 @@ def test_feedret_up_rolls_out_a_new_model_and_shard_count_by_command_without_a_f
         bad = rollout(workdir, "start", "--model", str(tmp_path))
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "config.json missing" in bad.stderr
 
-        # A start that is aborted leaves generation A as it was, and B's processes gone.
-        started = rollout(workdir, "start", "--model", str(MODEL_B))
+        # A start that is aborted leaves generation A as it was, and B's processes gone. (An index
+        # of another type, too: a generation may change the model, the shard count or the index.)
+        # It also takes posts older than `posts` holds from a bulk file, embedded before its consumer starts.
+        old_ids = [9_800_000_000 + i for i in range(20)]
+        export = tmp_path / "export.jsonl"
+        export.write_text("\n".join([*(post_line(i, f"an old post {i}") for i in old_ids), "{not json"]) + "\n")
+        started = rollout(workdir, "start", "--model", str(MODEL_B), "--index", "HNSW16,Flat",
+                          "--posts-file", str(export))
         assert started.returncode == 0, started.stderr
-        assert "generation g2 (model feedret-tiny-llama-v0, 2 shards) is up beside g1" in started.stdout
+        assert f"generation g2 (model feedret-tiny-llama-v0, 2 shards) is up beside g1; it embeds {export}" \
+            in started.stdout
+        read_until(up, "g2-consumer started", timeout=120)
         assert len(processes_of(up, "post-vectors-g2")) == 4  # its member service, consumer and 2 shards
+        g2 = next(g for g in json.loads((workdir / "up.json").read_text())["generations"] if g["name"] == "g2")
+        assert g2["backfill"].startswith("done: backfilled 20 posts and 0 deletes") and "1 bad line" in g2["backfill"]
+        g2_shards = g2["shard_addresses"].split(",")
+        with grpc.insecure_channel(g2_shards[0]) as channel:
+            stats = pb_grpc.IndexAdminStub(channel).Stats(pb.StatsRequest(), timeout=5).shards[0]
+        assert stats.index_type.startswith("HNSW"), stats.index_type
+        assert wait_for(lambda: all(any(found(a, i) for a in g2_shards) for i in old_ids[::5]), timeout=60)
+        assert not any(found(a, old_ids[0]) for a in config_shards(base))  # only the new generation has them
         aborted = rollout(workdir, "abort")
         assert aborted.returncode == 0 and "generation g2 aborted" in aborted.stdout, aborted.stderr
         assert not processes_of(up, "post-vectors-g2")
