@@ -6,6 +6,7 @@ third of the suite), `make test-bench` runs them, and `.ci/run` runs both.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -205,3 +206,17 @@ def test_replica_bootstrap_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [line for line in out.read_text().splitlines() if line.startswith("| 3,000 |")]
     assert "| 30 |" in row and "(3,030)" in row  # both replicas end with every post
+
+
+@pytest.mark.bench
+def test_rollout_smoke(tmp_path):
+    out = tmp_path / "rollout.md"
+    raw = tmp_path / "raw.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rollout.py"), "--posts", "300", "--phase-s", "2",
+                           "--grace-s", "1", "--publish-rate", "5", "--out", str(out), "--json", str(raw)],
+                          capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    rows = {r["phase"]: r for r in json.loads(raw.read_text())["rows"]}
+    assert all(r["failed"] == 0 and r["queries"] > 0 for phase, r in rows.items() if phase != "promote")
+    assert rows["steady"]["models"] == ["feedret-movielens-tiny-v2"] and rows["promoted"]["models"] == ["feedret-tiny-llama-v0"]
+    assert "| old generation retired after the promote | yes |" in out.read_text()
