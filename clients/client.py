@@ -111,6 +111,41 @@ def build_request(
     return req
 
 
+@dataclass(frozen=True)
+class Query:
+    """One request of a batch (`retrieve_batch`): the arguments `retrieve` takes."""
+
+    member: MemberProfile | None = None
+    vector: Sequence[float] | np.ndarray | None = None
+    k: int = 100
+    exclude_post_ids: Sequence[int] = ()
+    max_age_seconds: int = 0
+    languages: Sequence[str] = ()
+    request_id: str = ""
+    model_version: str = ""
+
+    def request(self) -> pb.RetrieveRequest:
+        return build_request(member=self.member, vector=self.vector, k=self.k, exclude_post_ids=self.exclude_post_ids,
+                             max_age_seconds=self.max_age_seconds, languages=self.languages,
+                             request_id=self.request_id, model_version=self.model_version)
+
+
+@dataclass(frozen=True)
+class RetrieveError:
+    """A request of a batch that was not answered: the status `retrieve` would have raised."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def to_batch_results(resp: pb.RetrieveBatchResponse) -> list[RetrieveResult | RetrieveError]:
+    return [to_result(r.response) if r.code == 0 else RetrieveError(_STATUS.get(r.code, grpc.StatusCode.UNKNOWN), r.message)
+            for r in resp.results]
+
+
 def to_result(resp: pb.RetrieveResponse) -> RetrieveResult:
     c = resp.candidates
     return RetrieveResult(
@@ -174,6 +209,12 @@ class FeedretClient(_RootCalls):
                             model_version=model_version)
         return to_result(self._retrieval.Retrieve(req, timeout=timeout))
 
+    def retrieve_batch(self, queries: Sequence[Query], *, timeout: float | None = 5.0) -> list[RetrieveResult | RetrieveError]:
+        """Many retrievals in one call, answered in order, each on its own: a RetrieveResult,
+        or a RetrieveError with the status `retrieve` would have raised for it."""
+        req = pb.RetrieveBatchRequest(requests=[q.request() for q in queries])
+        return to_batch_results(self._retrieval.RetrieveBatch(req, timeout=timeout))
+
     def lookup(self, post_id: int, *, include_vector: bool = False, timeout: float | None = 2.0) -> pb.LookupResponse:
         return self._admin.Lookup(self._lookup_request(post_id, include_vector), timeout=timeout)
 
@@ -222,6 +263,11 @@ class AsyncFeedretClient(_RootCalls):
                             max_age_seconds=max_age_seconds, languages=languages, request_id=request_id,
                             model_version=model_version)
         return to_result(await self._retrieval.Retrieve(req, timeout=timeout))
+
+    async def retrieve_batch(self, queries: Sequence[Query], *,
+                             timeout: float | None = 5.0) -> list[RetrieveResult | RetrieveError]:
+        req = pb.RetrieveBatchRequest(requests=[q.request() for q in queries])
+        return to_batch_results(await self._retrieval.RetrieveBatch(req, timeout=timeout))
 
     async def lookup(self, post_id: int, *, include_vector: bool = False, timeout: float | None = 2.0) -> pb.LookupResponse:
         return await self._admin.Lookup(self._lookup_request(post_id, include_vector), timeout=timeout)

@@ -272,17 +272,23 @@ def rpc_scope(context: grpc.ServicerContext, method: str, request_id: str = "") 
     with structlog.contextvars.bound_contextvars(request_id=rid, method=method):
         try:
             yield rid
-        except InvalidRequest as exc:
-            log.info("invalid_request", error=str(exc))
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except RpcFailure as exc:
-            log.warning("rpc_failed", code=exc.code.name, error=str(exc))
-            context.abort(exc.code, str(exc))
         except Exception as exc:  # noqa: BLE001 - the server must outlive any one request
-            log.exception("rpc_failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"{method} failed: {type(exc).__name__}: {exc}")
+            context.abort(*failure_status(exc, method))
         finally:
             log.debug("rpc_done", ms=round((time.perf_counter() - started) * 1000, 3))
+
+
+def failure_status(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed request is answered with, logged once here:
+    for a whole call (rpc_scope) and for one request of a batch alike."""
+    if isinstance(exc, InvalidRequest):
+        log.info("invalid_request", error=str(exc))
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, RpcFailure):
+        log.warning("rpc_failed", code=exc.code.name, error=str(exc))
+        return exc.code, str(exc)
+    log.error("rpc_failed", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"{method} failed: {type(exc).__name__}: {exc}"
 
 
 # gRPC reports a call without a deadline as one ~9.2e18 s away (INT64_MAX); a real one is never this far.

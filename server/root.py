@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,7 @@ from feedret.server.grpc_common import (
     InvalidRequest,
     RpcFailure,
     build_server,
+    failure_status,
     check_filters,
     check_k,
     check_member,
@@ -49,6 +51,11 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["RetrievalService"].full_name,
     pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name,
 )
+
+# A fleet or member service a new topology dropped is closed this long after: requests
+# that read the old topology finish first (a caller's deadline is rarely over a minute).
+RETIRED_LINGER_S = 60.0
+
 
 class ShardFleet:
     """One generation's shards as the root calls them: per shard, its replicas' stubs and
@@ -110,6 +117,8 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         self.hedge_after_s = config.hedge_after_ms / 1000
         # One budget for all Searches: hedges add at most hedge_budget extra calls per first call.
         self.hedge_budget = HedgeBudget(config.hedge_budget, config.hedge_burst)
+        # RetrieveBatch's requests, each waiting on its shard calls (made on _shard_calls).
+        self._batch_calls = ThreadPoolExecutor(max_workers=config.batch_parallelism, thread_name_prefix="batch-item")
         self._shard_calls: ThreadPoolExecutor | None = None
         self._shard_call_threads = 0
         self._apply_lock = threading.Lock()
@@ -173,7 +182,6 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             log.info("topology_applied", fleets=[f"{f.name}={f.shard_addresses}" for f in topology.fleets],
                      member=topology.member_address)
             gone = [f for f in kept.values()]
-            linger = self.config.default_timeout_s * 2 + 1
 
             def close() -> None:
                 for f in gone:
@@ -183,7 +191,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 if retired_pool is not None:
                     retired_pool.shutdown(wait=False)
 
-            timer = threading.Timer(linger, close)
+            timer = threading.Timer(RETIRED_LINGER_S, close)
             timer.daemon = True
             timer.start()
 
@@ -196,7 +204,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         return time.monotonic() + max(remaining - self.config.deadline_margin_s, 0.0)
 
     def _member_vector(
-        self, member: MemberPool, request: pb.RetrieveRequest, rid: str, deadline: float, context: grpc.ServicerContext
+        self, member: MemberPool, request: pb.RetrieveRequest, rid: str, deadline: float
     ) -> tuple[np.ndarray, str]:
         if not request.member.member_id:
             raise InvalidRequest("member.member_id is required")
@@ -216,38 +224,61 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             # Member pods shedding load (RESOURCE_EXHAUSTED) are UNAVAILABLE to the caller:
             # a retry can succeed, and it is not this root that is out of capacity.
             code = exc.code() if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else grpc.StatusCode.UNAVAILABLE
-            raise RpcFailure(code, f"member embedding service ({self.config.member_address}) failed: {exc.details()}") from exc
+            raise RpcFailure(code, f"member embedding service ({member.address}) failed: {exc.details()}") from exc
         return np.asarray(reply.vector, dtype=np.float32), reply.model_version
 
     def Retrieve(self, request: pb.RetrieveRequest, context: grpc.ServicerContext) -> pb.RetrieveResponse:
         with rpc_scope(context, "Retrieve", request.request_id) as rid:
+            return self._retrieve(request, rid, self._deadline(context))
+
+    def RetrieveBatch(self, request: pb.RetrieveBatchRequest, context: grpc.ServicerContext) -> pb.RetrieveBatchResponse:
+        """Each request answered as Retrieve would answer it, on its own (its own status), at
+        most batch_parallelism at once, all under the call's deadline."""
+        with rpc_scope(context, "RetrieveBatch"):
+            n = len(request.requests)
+            if not 1 <= n <= self.config.max_batch:
+                raise InvalidRequest(f"a batch holds 1 to {self.config.max_batch} requests, got {n}")
             deadline = self._deadline(context)
-            check_k(request.k, self.config.max_k)
-            check_filters(request.filters, self.config.max_exclude_post_ids, self.config.max_languages)
-            which = request.WhichOneof("query")
-            if which is None:
-                raise InvalidRequest("a query needs either member or vector")
-            routing = self._routing  # once: a topology change applies from the next request
-            if which == "vector":
-                raw, model_version = np.asarray(request.vector.values, dtype=np.float32), request.vector.model_version
-            else:
-                raw, model_version = self._member_vector(routing.member, request, rid, deadline, context)
-            fleets = routing.fleets
-            order = fleets_to_ask(model_version, [f.model_version for f in fleets])
-            if not order:
-                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(fleets, model_version))
-            errors: list[Exception] = []
-            for i in order:
-                try:
-                    return self._retrieve_from(fleets[i], raw, model_version, request, rid, deadline, which)
-                except (RpcFailure, InvalidRequest) as exc:
-                    # Another model (learned just now), another width, or down: the next fleet in
-                    # the order may serve the query's model. Only the last error is not worth saying.
-                    errors.append(exc)
-                    log.info("fleet_declined", fleet=fleets[i].name, query_model=model_version,
-                             error=str(exc), other_model=isinstance(exc, OtherModel))
-            # Every fleet declined: say why the one most likely meant for it did.
-            raise next((e for e in errors if not isinstance(e, OtherModel)), errors[-1])
+
+            def one(req: pb.RetrieveRequest) -> pb.RetrieveBatchResult:
+                rid = req.request_id or uuid.uuid4().hex[:16]
+                with structlog.contextvars.bound_contextvars(request_id=rid, method="RetrieveBatch"):
+                    try:
+                        return pb.RetrieveBatchResult(code=0, response=self._retrieve(req, rid, deadline))
+                    except Exception as exc:  # noqa: BLE001 - one request's failure is its own
+                        code, message = failure_status(exc, "Retrieve")
+                        return pb.RetrieveBatchResult(code=code.value[0], message=message)
+
+            return pb.RetrieveBatchResponse(results=list(self._batch_calls.map(one, request.requests)))
+
+    def _retrieve(self, request: pb.RetrieveRequest, rid: str, deadline: float) -> pb.RetrieveResponse:
+        """One retrieval, or InvalidRequest/RpcFailure saying why not (the status it answers with)."""
+        check_k(request.k, self.config.max_k)
+        check_filters(request.filters, self.config.max_exclude_post_ids, self.config.max_languages)
+        which = request.WhichOneof("query")
+        if which is None:
+            raise InvalidRequest("a query needs either member or vector")
+        routing = self._routing  # once: a topology change applies from the next request
+        if which == "vector":
+            raw, model_version = np.asarray(request.vector.values, dtype=np.float32), request.vector.model_version
+        else:
+            raw, model_version = self._member_vector(routing.member, request, rid, deadline)
+        fleets = routing.fleets
+        order = fleets_to_ask(model_version, [f.model_version for f in fleets])
+        if not order:
+            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(fleets, model_version))
+        errors: list[Exception] = []
+        for i in order:
+            try:
+                return self._retrieve_from(fleets[i], raw, model_version, request, rid, deadline, which)
+            except (RpcFailure, InvalidRequest) as exc:
+                # Another model (learned just now), another width, or down: the next fleet in
+                # the order may serve the query's model. Only the last error is not worth saying.
+                errors.append(exc)
+                log.info("fleet_declined", fleet=fleets[i].name, query_model=model_version,
+                         error=str(exc), other_model=isinstance(exc, OtherModel))
+        # Every fleet declined: say why the one most likely meant for it did.
+        raise next((e for e in errors if not isinstance(e, OtherModel)), errors[-1])
 
     def _no_fleet(self, fleets: list[ShardFleet], model_version: str) -> str:
         serving = ", ".join(f"{f.name} {f.model_version!r}" for f in fleets)

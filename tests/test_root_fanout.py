@@ -386,3 +386,62 @@ def _code(call) -> grpc.StatusCode | None:
     except grpc.RpcError as exc:
         return exc.code()
     return None
+
+
+def test_a_batch_answers_each_request_as_retrieve_would_each_with_its_own_status(two_shards):
+    from feedret.clients.client import FeedretClient, Query, RetrieveError
+
+    addresses, vectors = two_shards
+    ids = np.array(sorted(vectors))
+    matrix = np.stack([vectors[i] for i in ids])
+    server, root, _ = start_root([addresses[0], addresses[1]])
+    try:
+        with FeedretClient(root) as client:
+            queries = [Query(vector=q, k=30, exclude_post_ids=[int(ids[i])]) for i, q in enumerate(matrix[:20])]
+            queries.insert(5, Query(vector=[0.5] * (DIM + 1), k=30))  # another width: refused, alone
+            queries.insert(9, Query(vector=matrix[0], k=0))  # k out of range: refused, alone
+            queries.insert(12, Query(k=30))  # neither member nor vector
+            results = client.retrieve_batch(queries)
+            assert len(results) == len(queries)
+            for query, result in zip(queries, results):
+                one_at_a_time = None
+                try:
+                    one_at_a_time = client.retrieve(vector=query.vector, k=query.k, exclude_post_ids=query.exclude_post_ids)
+                except grpc.RpcError as exc:
+                    assert isinstance(result, RetrieveError) and result.code == exc.code(), (result, exc)
+                    assert result.message == exc.details()
+                    continue
+                assert not isinstance(result, RetrieveError), result
+                assert result.post_ids == one_at_a_time.post_ids and not result.partial
+                assert int(query.exclude_post_ids[0]) not in result.post_ids  # filters per query
+            assert sum(isinstance(r, RetrieveError) for r in results) == 3
+
+            async def batch_async():
+                from feedret.clients.client import AsyncFeedretClient
+
+                async with AsyncFeedretClient(root) as aclient:
+                    return await aclient.retrieve_batch(queries[:3])
+
+            import asyncio
+
+            assert [r.post_ids for r in asyncio.run(batch_async())] == [r.post_ids for r in results[:3]]
+            for empty_or_too_many in ([], [Query(vector=matrix[0], k=5)] * 257):
+                with pytest.raises(grpc.RpcError) as err:
+                    client.retrieve_batch(empty_or_too_many)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1 to 256" in err.value.details()
+    finally:
+        server.stop(0)
+
+
+def test_a_batch_reports_a_dead_shard_per_request_as_partial(two_shards):
+    from feedret.clients.client import FeedretClient, Query
+
+    addresses, vectors = two_shards
+    server, root, _ = start_root([addresses[0], f"127.0.0.1:{free_port()}"])
+    try:
+        with FeedretClient(root) as client:
+            results = client.retrieve_batch([Query(vector=vectors[i], k=10) for i in (3, 4, 5)])
+            assert all(r.partial and r.failed_shards == [1] for r in results)
+            assert [r.post_ids[0] for r in results] == [3, 4, 5]
+    finally:
+        server.stop(0)

@@ -103,6 +103,28 @@ class RetrieveResponse(_message.Message):
     request_id: str
     def __init__(self, candidates: _Optional[_Union[Candidates, _Mapping]] = ..., partial: _Optional[bool] = ..., model_version: _Optional[str] = ..., failed_shards: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class RetrieveBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RetrieveRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RetrieveRequest, _Mapping]]] = ...) -> None: ...
+
+class RetrieveBatchResult(_message.Message):
+    __slots__ = ("code", "message", "response")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    response: RetrieveResponse
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[RetrieveResponse, _Mapping]] = ...) -> None: ...
+
+class RetrieveBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RetrieveBatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RetrieveBatchResult, _Mapping]]] = ...) -> None: ...
+
 class EmbedRequest(_message.Message):
     __slots__ = ("member", "request_id")
     MEMBER_FIELD_NUMBER: _ClassVar[int]

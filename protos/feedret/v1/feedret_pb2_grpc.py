@@ -41,6 +41,11 @@ class RetrievalServiceStub:
                 request_serializer=feedret_dot_v1_dot_feedret__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=feedret_dot_v1_dot_feedret__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
+        self.RetrieveBatch = channel.unary_unary(
+                '/feedret.v1.RetrievalService/RetrieveBatch',
+                request_serializer=feedret_dot_v1_dot_feedret__pb2.RetrieveBatchRequest.SerializeToString,
+                response_deserializer=feedret_dot_v1_dot_feedret__pb2.RetrieveBatchResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer:
@@ -54,6 +59,12 @@ class RetrievalServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetrieveBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RetrievalServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +72,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.Retrieve,
                     request_deserializer=feedret_dot_v1_dot_feedret__pb2.RetrieveRequest.FromString,
                     response_serializer=feedret_dot_v1_dot_feedret__pb2.RetrieveResponse.SerializeToString,
+            ),
+            'RetrieveBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrieveBatch,
+                    request_deserializer=feedret_dot_v1_dot_feedret__pb2.RetrieveBatchRequest.FromString,
+                    response_serializer=feedret_dot_v1_dot_feedret__pb2.RetrieveBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +108,33 @@ class RetrievalService:
             '/feedret.v1.RetrievalService/Retrieve',
             feedret_dot_v1_dot_feedret__pb2.RetrieveRequest.SerializeToString,
             feedret_dot_v1_dot_feedret__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrieveBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feedret.v1.RetrievalService/RetrieveBatch',
+            feedret_dot_v1_dot_feedret__pb2.RetrieveBatchRequest.SerializeToString,
+            feedret_dot_v1_dot_feedret__pb2.RetrieveBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
