@@ -38,6 +38,8 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from feedret.processes import pid_alive
+
 MAGIC = b"FEEDRET-SNAPSHOT-1\n"
 _DIGEST = 32
 _NAME = re.compile(r"^shard-(\d+)-(\d{20})\.snap$")
@@ -256,7 +258,7 @@ class SnapshotStore:
         # Only this host's: another host's pids mean nothing here.
         for directory in self.staging_root.glob(f"feedret-snapshots-{socket.gethostname()}-*"):
             pid = directory.name.rsplit("-", 1)[-1]
-            if directory != self.staging and (not pid.isdigit() or _alive(int(pid))):
+            if directory != self.staging and (not pid.isdigit() or pid_alive(int(pid))):
                 continue
             for path in directory.iterdir():  # one process stages one shard's files only
                 path.unlink(missing_ok=True)
@@ -267,16 +269,6 @@ class SnapshotStore:
                 except OSError:
                     pass
         return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _mtime(path: Path) -> float | None:

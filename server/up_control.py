@@ -21,6 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from feedret.processes import pid_alive
+
 STATE_FILE = "up.json"
 REQUEST_FILE = "rollout-request.json"
 
@@ -86,7 +88,7 @@ def read_state(workdir: Path) -> UpState:
         raise NotRunning(f"no `feedret up` is running with workdir {workdir} (no {path})") from None
     except (OSError, ValidationError) as exc:
         raise NotRunning(f"cannot read {path}: {exc}") from None
-    if not _alive(state.pid):
+    if not pid_alive(state.pid):
         raise NotRunning(f"the `feedret up` that wrote {path} (pid {state.pid}) is not running")
     return state
 
@@ -101,7 +103,7 @@ def send(workdir: Path, request: RolloutRequest, timeout: float) -> RolloutReply
         try:
             reply = read_state(workdir).reply
         except NotRunning:
-            if not _alive(state.pid):
+            if not pid_alive(state.pid):
                 raise
             reply = None  # mid-rewrite
         if reply is not None and reply.id == request.id:
@@ -128,13 +130,3 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

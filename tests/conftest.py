@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import json
 import subprocess
 import time
@@ -193,3 +194,17 @@ def make_certificates(d: Path, name: str = "test") -> dict[str, Path]:
     openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{name}-ca.crt", "-CAkey", f"{name}-ca.key",
             "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
     return {"ca": d / f"{name}-ca.crt", "cert": d / f"{name}.crt", "key": d / f"{name}.key"}
+
+
+def read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
+    """A process's stdout, line by line, up to the first line matching `pattern` (a regex)."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        out.append(line)
+        if re.search(pattern, line):
+            return "".join(out)
+    raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n{''.join(out)}")

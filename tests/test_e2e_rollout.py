@@ -31,7 +31,7 @@ from feedret.topics import ensure_topics
 from feedret.v1 import feedret_pb2 as pb
 from feedret.v1 import feedret_pb2_grpc as pb_grpc
 
-from conftest import ROOT, RunningStack, feedret_cli, post_line, sample_lines, stack_config, wait_for
+from conftest import ROOT, RunningStack, feedret_cli, post_line, read_until, sample_lines, stack_config, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -165,19 +165,6 @@ def test_a_consumer_given_another_generations_model_refuses_to_start_before_writ
     assert proc.returncode != 0
     assert f"the model in FEEDRET_MODEL_DIR is {VERSION_B!r}, but this generation's FEEDRET_MODEL_VERSION is " \
            "'feedret-movielens-tiny-v2'" in proc.stderr
-
-
-def read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
-    out = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        out.append(line)
-        if pattern in line:
-            return "".join(out)
-    raise AssertionError(f"no line with {pattern!r} within {timeout}s; output:\n{''.join(out)}")
 
 
 def readme_rollout() -> tuple[str, str, str, list[str]]:

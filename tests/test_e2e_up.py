@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -15,22 +14,9 @@ import pytest
 
 from feedret.clients.client import FeedretClient
 
-from conftest import SAMPLE_POSTS, free_port_block, wait_for
+from conftest import SAMPLE_POSTS, free_port_block, read_until, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
-    out = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        out.append(line)
-        if re.search(pattern, line):
-            return "".join(out)
-    raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n{''.join(out)}")
 
 
 def _total(client: FeedretClient) -> int:
