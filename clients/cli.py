@@ -937,13 +937,14 @@ def up(
     crash-looping and is left down, said on the terminal and at the end of its log, while
     the rest of the stack (the broker, holding every post, above all) keeps serving.
     """
+    import structlog
     from kafka.errors import KafkaError
 
     from feedret.clients.publish import publish_lines
     from feedret.logging import configure_logging
     from feedret.server.grpc_security import client_security
     from feedret.server.launcher import Stack, StackConfig, wait_until
-    from feedret.server.up_control import clear_state, take_request, write_state
+    from feedret.server.up_control import clear_state, hold_running_lock, take_request, write_state
 
     configure_logging("up", json=False)
     # Read and check the inputs before starting anything: a bad line should not cost a start.
@@ -983,8 +984,10 @@ def up(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    rollout_asked = threading.Event()  # `feedret rollout start|promote|abort` (feedret.server.up_control)
-    signal.signal(signal.SIGUSR1, lambda *_: rollout_asked.set())
+    # `feedret rollout start|promote|abort` (feedret.server.up_control). A flag, not an Event: a
+    # handler setting an Event could wait on the lock the interrupted main thread holds in clear().
+    rollout_asked = [False]
+    signal.signal(signal.SIGUSR1, lambda *_: rollout_asked.__setitem__(0, True))
     started = time.monotonic()
     try:
         stack.start()
@@ -1028,22 +1031,38 @@ def up(
         sys.stdout.flush()
         window = stack.supervisor.window_s
         reply = None
+        running_lock = hold_running_lock(stack.workdir)  # noqa: F841 - held until this process exits
         write_state(stack.workdir, stack.up_state(os.getpid()))
+
+        def tick() -> None:
+            # While a rollout step waits (a new generation starting): crashed servers are still
+            # restarted, and Ctrl-C interrupts the step.
+            for e in stack.supervise():
+                click.echo(f"{e.process} exited during the rollout step; {e.action} (exit code {e.code})", err=True)
+            if stop.is_set():
+                raise KeyboardInterrupt
+
         while not stop.is_set():
             stop.wait(0.5)
-            if rollout_asked.is_set():
-                rollout_asked.clear()
-                request = take_request(stack.workdir)
-                if request is not None:
-                    reply = _rollout_step(stack, request)
-                    click.echo(reply.message, err=not reply.ok)
+            try:
+                if rollout_asked[0]:
+                    rollout_asked[0] = False
+                    request = take_request(stack.workdir)
+                    if request is not None:
+                        reply = _rollout_step(stack, request, tick)
+                        click.echo(reply.message, err=not reply.ok)
+                        write_state(stack.workdir, stack.up_state(os.getpid(), reply))
+                for line in stack.advance():
+                    click.echo(line, err="FAILED" in line)
                     write_state(stack.workdir, stack.up_state(os.getpid(), reply))
-            for line in stack.advance():
-                click.echo(line, err="FAILED" in line)
-                write_state(stack.workdir, stack.up_state(os.getpid(), reply))
-            for gen in stack.retire_due():
-                click.echo(f"generation {gen.name} retired: its consumer, member service and shards are stopped")
-                write_state(stack.workdir, stack.up_state(os.getpid(), reply))
+                for gen in stack.retire_due():
+                    click.echo(f"generation {gen.name} retired: its consumer, member service and shards are stopped")
+                    write_state(stack.workdir, stack.up_state(os.getpid(), reply))
+            except KeyboardInterrupt:
+                break
+            except Exception as exc:  # noqa: BLE001 - a rollout's trouble must not take the serving stack down
+                structlog.get_logger("feedret.up").exception("rollout_step_failed")
+                click.echo(f"rollout: {type(exc).__name__}: {exc} (the serving generation serves on)", err=True)
             # A crashed server is restarted (the root answers partial=true meanwhile); a
             # crash-looping one is left down; only the embedded broker's exit ends the stack.
             try:
@@ -1073,24 +1092,22 @@ def up(
         sys.exit(1)
 
 
-def _rollout_step(stack, request) -> "RolloutReply":
-    """One `feedret rollout` request, carried out by `feedret up` on its own stack."""
-    from kafka.errors import KafkaError
-
-    from feedret.server.launcher import RolloutError
-    from feedret.server.up_control import RolloutReply
+def _rollout_step(stack, request, tick: Callable[[], None] | None = None) -> "RolloutReply":
+    """One `feedret rollout` request, carried out by `feedret up` on its own stack; any failure is
+    its reply (`tick` runs while a step waits, and may raise KeyboardInterrupt to end it)."""
+    from feedret.server.up_control import RolloutReply, Unreadable
 
     def answer(ok: bool, message: str) -> RolloutReply:
         return RolloutReply(id=request.id, ok=ok, message=message)
 
-    if isinstance(request, str):
-        return answer(False, request)
+    if isinstance(request, Unreadable):
+        return answer(False, request.reason)
     serving = stack.generations[0]
     try:
         if request.action == "start":
             shards = request.shards or serving.num_shards
             gen = stack.start_generation(request.model_dir, request.model_version, shards, stack.config.ready_timeout_s,
-                                         request.index_factory, request.posts_file)
+                                         request.index_factory, request.posts_file, tick=tick)
             if request.posts_file:
                 return answer(True, f"generation {gen.name} (model {gen.model_version}, {shards} shards) is up beside "
                                     f"{serving.name}; it embeds {request.posts_file} into {gen.vectors_topic} first "
@@ -1108,7 +1125,9 @@ def _rollout_step(stack, request) -> "RolloutReply":
         gen = stack.abort()
         return answer(True, f"generation {gen.name} aborted: its processes are stopped ({gen.vectors_topic} stays in "
                             f"Kafka); {serving.name} serves as before.")
-    except (RolloutError, RuntimeError, TimeoutError, OSError, KafkaError) as exc:
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - RolloutError, a process that would not start, Kafka, ...
         return answer(False, f"rollout {request.action} failed: {exc}")
 
 

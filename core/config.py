@@ -427,9 +427,9 @@ class RootConfig(MemberLimits):
     # over a dns: pool re-resolves it. 0: never.
     max_connection_age_s: float = Field(default=60.0, ge=0)
     max_k: int = Field(default=10_000, ge=1)
-    # RetrieveBatch: requests per call, and how many of a call's requests run at once
-    # (each holds a thread while its shards answer). A batch counts as one call toward
-    # max_concurrent_rpcs.
+    # RetrieveBatch: requests per call, and how many batch requests run at once, over all
+    # calls (each holds a thread while its shards answer). A batch counts as one call
+    # toward max_concurrent_rpcs.
     max_batch: int = Field(default=256, ge=1)
     batch_parallelism: int = Field(default=8, ge=1)
     # Each shard is asked for about its share of k plus this many standard deviations

@@ -47,7 +47,7 @@ from feedret.config import (
 from feedret.server.generations import FleetSpec, Topology, write_topology
 from feedret.server.grpc_security import open_channel
 from feedret.server.up_control import GenerationState, RolloutReply, UpState
-from feedret.topics import ensure_topics
+from feedret.topics import ensure_topics, group_offsets, topic_partitions
 
 log = structlog.get_logger(__name__)
 
@@ -517,10 +517,13 @@ class Stack:
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
-    def wait_serving(self, names: list[str], timeout: float) -> None:
+    def wait_serving(self, names: list[str], timeout: float, tick: Callable[[], None] | None = None) -> None:
+        """Until every process in `names` answers SERVING; `tick` runs between looks (it may raise)."""
         deadline = time.monotonic() + timeout
         pending = {n: a for n, a in self.addresses().items() if n in names}
         while pending:
+            if tick is not None:
+                tick()
             for name in list(pending):
                 proc = self.procs[name]
                 if proc.poll() is not None:
@@ -596,7 +599,8 @@ class Stack:
 
     def consequence(self, name: str) -> str:
         """What the stack can no longer do while `name` is down, for the message that says so."""
-        if self.generation_of(name)[1].startswith("shard-"):
+        name = self.generation_of(name)[1]  # a generation's g2-member is a member
+        if name.startswith("shard-"):
             shard, _ = parse_shard_name(name)
             if self.config.replicas > 1:
                 return f"shard {shard} is served by its other replicas"
@@ -651,14 +655,16 @@ class Stack:
         write_topology(self.generations_file, self.topology())
 
     def start_generation(self, model_dir: str, model_version: str, num_shards: int, timeout: float,
-                         index_factory: str = "", posts_file: str = "") -> Generation:
+                         index_factory: str = "", posts_file: str = "",
+                         tick: Callable[[], None] | None = None) -> Generation:
         """Bring up the next generation beside the serving one: its own vectors topic, shards,
         member service, and a consumer group that embeds `posts` from the start (the backfill)
         and then keeps up with new posts. The root adds its fleet: queries of its model go to it.
 
         With `posts_file` (post events older than `posts` holds), `feedret backfill` embeds
         it into the generation's topic first, and its consumer starts once that succeeded
-        (advance()): the stream's newer events of the same posts then land after the file's."""
+        (advance()): the stream's newer events of the same posts then land after the file's.
+        `tick` runs while it waits for the processes (the launcher's supervision)."""
         if len(self.generations) > 1:
             raise RolloutError(f"generation {self.generations[1].name} is already rolling out; promote or abort it first")
         if self.retiring:
@@ -666,12 +672,18 @@ class Stack:
         if not self.config.embedders:
             raise RolloutError("this stack runs no consumer: there is nothing to embed a new model with")
         c = self.config
-        # Never a name used before in this run: an aborted generation's topic stays in Kafka.
-        self._generation_serial += 1
-        name = f"g{self._generation_serial}"
-        shard_ports = free_port_block(num_shards * c.replicas + 1)
-        metrics = free_port_block(2 + num_shards * c.replicas) if c.metrics_base_port else 0
-        kafka = self.kafka.model_copy(update={"vectors_topic": f"{self.kafka.vectors_topic}-{name}"})
+        name, kafka = self._new_generation_name()
+        processes = num_shards * c.replicas
+        # One block for its gRPC ports (member, then shards) and its metrics ports, clear of
+        # every port this stack's processes use (a process that is down now comes back on it).
+        taken = set(self.ports().values())
+        for _ in range(50):
+            shard_ports = free_port_block(processes + 1 + (2 + processes if c.metrics_base_port else 0))
+            if not taken & set(range(shard_ports, shard_ports + 2 * processes + 3)):
+                break
+        else:
+            raise RolloutError("no block of free ports for the new generation")
+        metrics = shard_ports + processes + 1 if c.metrics_base_port else 0
         gen = Generation(
             name, num_shards, c.replicas,
             tuple(range(shard_ports + 1, shard_ports + 1 + num_shards * c.replicas)), shard_ports,
@@ -692,7 +704,7 @@ class Stack:
                 self.backfill_state[name] = f"embedding {posts_file}"
             else:
                 self.start_role(consumer)
-            self.wait_serving([gen.prefix + "member", *gen.shard_names()], timeout)
+            self.wait_serving([gen.prefix + "member", *gen.shard_names()], timeout, tick)
             for process in (consumer, backfill):
                 if process in self.procs and self.procs[process].poll() not in (None, 0):
                     raise RuntimeError(f"{process} exited:\n{self.log_tail(process)}")
@@ -707,6 +719,22 @@ class Stack:
         log.info("generation_started", generation=name, model=model_version, shards=num_shards,
                  topic=kafka.vectors_topic, group=gen.consumer_group)
         return gen
+
+    def _new_generation_name(self) -> tuple[str, KafkaConfig]:
+        """The next generation's name and its Kafka settings: a name no earlier generation used,
+        in this run or (with a broker that outlives the stack) another: no vectors topic, no
+        committed consumer group and no snapshots of that name yet. Reusing one would resume
+        that generation's offsets and load its snapshots instead of embedding from the start."""
+        for _ in range(1000):
+            self._generation_serial += 1
+            name = f"g{self._generation_serial}"
+            kafka = self.kafka.model_copy(update={"vectors_topic": f"{self.kafka.vectors_topic}-{name}"})
+            if (topic_partitions(kafka, kafka.vectors_topic) is None
+                    and not group_offsets(kafka, f"feedret-embedder-{name}")
+                    and not any(self.snapshot_root.glob(f"{name}-shard-*"))):
+                return name, kafka
+            log.info("generation_name_taken", generation=name)
+        raise RolloutError("no free generation name")
 
     def promote(self, grace_s: float, now: float | None = None) -> Generation:
         """Serve the next generation: the root's member service and first fleet become its,
@@ -787,7 +815,7 @@ class Stack:
     def _retire(self, gen: Generation) -> None:
         # The root re-reads the file within its poll interval; until then a query may still
         # reach these processes, so they get a moment before SIGTERM.
-        time.sleep(ROOT_TOPOLOGY_POLL_S * 2)
+        time.sleep(ROOT_TOPOLOGY_POLL_S * 5)
         names = [n for n in gen.process_names() if n in self.procs]
         self._stop(names, 10.0)
         for name in names:

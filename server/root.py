@@ -149,21 +149,29 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         with self._apply_lock:
             old = self._routing
             kept = {tuple(map(tuple, f.targets)): f for f in (old.fleets if old else [])}
-            fleets = []
-            for spec in topology.fleets:
-                fleet = kept.pop(tuple(map(tuple, parse_shard_targets(spec.shard_addresses))), None)
-                if fleet is None:
-                    fleet = ShardFleet(spec.name, parse_shard_targets(spec.shard_addresses),
-                                       self.config.replica_cooldown_s, self.security)
+            fleets: list[ShardFleet] = []
+            created: list[ShardFleet] = []
+            try:  # all or nothing: a channel that cannot be opened (a TLS file mid-rotation) changes nothing
+                for spec in topology.fleets:
+                    fleet = kept.pop(tuple(map(tuple, parse_shard_targets(spec.shard_addresses))), None)
+                    if fleet is None:
+                        fleet = ShardFleet(spec.name, parse_shard_targets(spec.shard_addresses),
+                                           self.config.replica_cooldown_s, self.security)
+                        created.append(fleet)
+                    fleets.append(fleet)
+                if old is not None and old.topology.member_address == topology.member_address:
+                    member, retired_member = old.member, None
+                else:
+                    member = MemberPool(topology.member_address, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
+                                        resolve_interval_s=self.config.member_resolve_interval_s,
+                                        open_channel=lambda target, options: open_channel(target, self.security, options))
+                    retired_member = old.member if old else None
+            except BaseException:
+                for fleet in created:
+                    fleet.close()
+                raise
+            for spec, fleet in zip(topology.fleets, fleets):
                 fleet.name = spec.name
-                fleets.append(fleet)
-            if old is not None and old.topology.member_address == topology.member_address:
-                member, retired_member = old.member, None
-            else:
-                member = MemberPool(topology.member_address, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-                                    resolve_interval_s=self.config.member_resolve_interval_s,
-                                    open_channel=lambda target, options: open_channel(target, self.security, options))
-                retired_member = old.member if old else None
             # Shard calls are blocking calls made on these long-lived threads. A grpc future
             # (`stub.Search.future`) on a channel with no call in flight starts a new polling
             # thread and waits for it to run, i.e. a thread per shard per request: on a busy
@@ -171,7 +179,10 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             # Up to MAX_IN_FLIGHT calls per shard per request (the attempt and a hedge). A call
             # overtaken by a hedge cannot be interrupted (blocking calls cannot); its answer is
             # dropped and it ends by its own deadline.
-            threads = max(4, self.config.grpc_workers * max(len(f) for f in fleets) * MAX_IN_FLIGHT)
+            # (Threads start as calls need them: the bound is what concurrent Retrieves and
+            # RetrieveBatch's requests could use at once.)
+            retrievals = self.config.grpc_workers + self.config.batch_parallelism
+            threads = max(4, retrievals * max(len(f) for f in fleets) * MAX_IN_FLIGHT)
             retired_pool = None
             if threads > self._shard_call_threads:
                 retired_pool, self._shard_calls = self._shard_calls, ThreadPoolExecutor(
@@ -572,16 +583,18 @@ def watch_topology(servicer: RootServicer, path: Path, poll_s: float, stop: thre
     """Apply the generations file whenever it changes (its content, not only its time: a
     ConfigMap update replaces a symlink). A file that cannot be read or is invalid is
     logged and the root keeps serving what it served."""
-    seen = servicer._routing.topology
+    seen, said = servicer._routing.topology, ""
     while not stop.wait(poll_s):
         try:
             topology = read_topology(path)
-        except ValueError as exc:
-            log.error("generations_file_invalid", path=str(path), error=str(exc))
-            continue
-        if topology != seen:
-            servicer.apply_topology(topology)
-            seen = topology
+            if topology != seen:
+                servicer.apply_topology(topology)
+                seen = topology
+            said = ""
+        except Exception as exc:  # noqa: BLE001 - keep serving, keep watching: the next poll retries
+            if str(exc) != said:  # once per distinct problem, not every poll
+                log.error("generations_file_not_applied", path=str(path), error=f"{type(exc).__name__}: {exc}")
+                said = str(exc)
 
 
 def serve(config: RootConfig, stop: threading.Event, security: GrpcSecurityConfig | None = None) -> None:

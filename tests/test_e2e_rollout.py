@@ -225,7 +225,7 @@ def test_feedret_up_rolls_out_a_new_model_and_shard_count_by_command_without_a_f
          "--shard-base-port", str(base + 3), "--metrics-base-port", "0", "--snapshot-interval", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "FEEDRET_TORCH_THREADS": "1"},
     )
-    stop, publishing = threading.Event(), threading.Event()
+    stop, publishing, publish_lock = threading.Event(), threading.Event(), threading.Lock()
     publishing.set()
     published: list[int] = []
     deleted = sample_ids[:10]
@@ -239,12 +239,15 @@ def test_feedret_up_rolls_out_a_new_model_and_shard_count_by_command_without_a_f
         while not stop.is_set():
             if not publishing.wait(0.1):
                 continue
-            post = 9_700_000_000 + i
-            lines = [post_line(post, f"rollout post {post} about topic {post % 7}")]
-            if i < len(deleted):
-                lines.append(json.dumps({"post_id": deleted[i], "op": "delete"}))
-            publish_lines(kafka, lines)
-            published.append(post)
+            with publish_lock:  # a pause (publishing cleared under this lock) sees no send in flight
+                if not publishing.is_set():
+                    continue
+                post = 9_700_000_000 + i
+                lines = [post_line(post, f"rollout post {post} about topic {post % 7}")]
+                if i < len(deleted):
+                    lines.append(json.dumps({"post_id": deleted[i], "op": "delete"}))
+                publish_lines(kafka, lines)
+                published.append(post)
             i += 1
             stop.wait(0.2)
 
@@ -271,6 +274,10 @@ def test_feedret_up_rolls_out_a_new_model_and_shard_count_by_command_without_a_f
         assert wait_for(lambda: len(replies) >= 10, timeout=60), failures[:3]
         version_a = replies[0]
 
+        # A request `feedret up` cannot read is answered as such, and the stack serves on.
+        (workdir / "rollout-request.json").write_bytes(b"\xff not a request")
+        up.send_signal(signal.SIGUSR1)
+        read_until(up, "unreadable rollout request", timeout=30)
         # Nothing to promote or abort yet; a directory without a model is one line.
         assert "no generation is rolling out" in rollout(workdir, "promote").stderr
         bad = rollout(workdir, "start", "--model", str(tmp_path))
@@ -315,7 +322,8 @@ def test_feedret_up_rolls_out_a_new_model_and_shard_count_by_command_without_a_f
             return json.loads(proc.stdout)
 
         assert wait_for(lambda: status()["next"]["indexed"] > 0, timeout=120, interval=0.5), status()
-        publishing.clear()  # a pause, so that "holds every live post" can be checked exactly
+        with publish_lock:
+            publishing.clear()  # a pause, so that "holds every live post" can be checked exactly
         live = (set(sample_ids) - set(deleted[:len(published)])) | set(published)
         assert wait_for(lambda: status()["ready"], timeout=120, interval=0.5), status()
         final = status()
