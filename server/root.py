@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -55,6 +56,17 @@ SERVICE_NAMES = (
 # A fleet or member service a new topology dropped is closed this long after: requests
 # that read the old topology finish first (a caller's deadline is rarely over a minute).
 RETIRED_LINGER_S = 60.0
+
+
+@dataclass(frozen=True)
+class _Query:
+    """A checked request with its query vector and that vector's model."""
+
+    request: pb.RetrieveRequest
+    rid: str
+    which: str  # "member" or "vector"
+    raw: np.ndarray
+    model_version: str
 
 
 class ShardFleet:
@@ -243,50 +255,99 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             return self._retrieve(request, rid, self._deadline(context))
 
     def RetrieveBatch(self, request: pb.RetrieveBatchRequest, context: grpc.ServicerContext) -> pb.RetrieveBatchResponse:
-        """Each request answered as Retrieve would answer it, on its own (its own status), at
-        most batch_parallelism at once, all under the call's deadline."""
+        """Each request answered as Retrieve would answer it, on its own (its own status), all
+        under the call's deadline. Member vectors are fetched side by side (batch_parallelism
+        at once); then the requests bound for one fleet go to each of its shards in one
+        SearchBatch call, not one Search each (a shard that does not know SearchBatch, or a
+        request whose fleet is not known yet, is searched on its own)."""
         with rpc_scope(context, "RetrieveBatch"):
             n = len(request.requests)
             if not 1 <= n <= self.config.max_batch:
                 raise InvalidRequest(f"a batch holds 1 to {self.config.max_batch} requests, got {n}")
             deadline = self._deadline(context)
+            routing = self._routing
+            rids = [r.request_id or uuid.uuid4().hex[:16] for r in request.requests]
+            results: list[pb.RetrieveResponse | Exception | None] = [None] * n
 
-            def one(req: pb.RetrieveRequest) -> pb.RetrieveBatchResult:
-                rid = req.request_id or uuid.uuid4().hex[:16]
-                with structlog.contextvars.bound_contextvars(request_id=rid, method="RetrieveBatch"):
+            def query(i: int) -> _Query | Exception:
+                with structlog.contextvars.bound_contextvars(request_id=rids[i], method="RetrieveBatch"):
                     try:
-                        return pb.RetrieveBatchResult(code=0, response=self._retrieve(req, rid, deadline))
+                        return self._query(routing, request.requests[i], rids[i], deadline)
                     except Exception as exc:  # noqa: BLE001 - one request's failure is its own
-                        code, message = failure_status(exc, "Retrieve")
-                        return pb.RetrieveBatchResult(code=code.value[0], message=message)
+                        return exc
 
-            return pb.RetrieveBatchResponse(results=list(self._batch_calls.map(one, request.requests)))
+            queries = list(self._batch_calls.map(query, range(n)))
+            by_fleet: dict[int, list[int]] = {}
+            alone: list[int] = []
+            for i, q in enumerate(queries):
+                if isinstance(q, Exception):
+                    results[i] = q
+                    continue
+                order = fleets_to_ask(q.model_version, [f.model_version for f in routing.fleets])
+                if order and routing.fleets[order[0]].model_version:  # known to serve the query's model
+                    by_fleet.setdefault(order[0], []).append(i)
+                else:
+                    alone.append(i)  # no fleet (the error says so) or one still to learn about
+            for f, members in by_fleet.items():
+                packed = self._retrieve_packed(routing.fleets[f], [queries[i] for i in members], deadline)
+                for i, answer in zip(members, packed):
+                    if answer is None:
+                        alone.append(i)
+                    else:
+                        results[i] = answer
+
+            def single(i: int) -> pb.RetrieveResponse | Exception:
+                with structlog.contextvars.bound_contextvars(request_id=rids[i], method="RetrieveBatch"):
+                    try:
+                        return self._route(routing, queries[i], deadline)
+                    except Exception as exc:  # noqa: BLE001
+                        return exc
+
+            for i, answer in zip(alone, self._batch_calls.map(single, alone)):
+                results[i] = answer
+            out = pb.RetrieveBatchResponse()
+            for rid, answer in zip(rids, results):
+                if isinstance(answer, pb.RetrieveResponse):
+                    out.results.add(code=0, response=answer)
+                else:
+                    with structlog.contextvars.bound_contextvars(request_id=rid, method="RetrieveBatch"):
+                        code, message = failure_status(answer, "Retrieve")
+                    out.results.add(code=code.value[0], message=message)
+            return out
 
     def _retrieve(self, request: pb.RetrieveRequest, rid: str, deadline: float) -> pb.RetrieveResponse:
         """One retrieval, or InvalidRequest/RpcFailure saying why not (the status it answers with)."""
+        routing = self._routing  # once: a topology change applies from the next request
+        return self._route(routing, self._query(routing, request, rid, deadline), deadline)
+
+    def _query(self, routing: Routing, request: pb.RetrieveRequest, rid: str, deadline: float) -> "_Query":
+        """The request checked, with its query vector (the member service's, for a member) and its model."""
         check_k(request.k, self.config.max_k)
         check_filters(request.filters, self.config.max_exclude_post_ids, self.config.max_languages)
         which = request.WhichOneof("query")
         if which is None:
             raise InvalidRequest("a query needs either member or vector")
-        routing = self._routing  # once: a topology change applies from the next request
         if which == "vector":
             raw, model_version = np.asarray(request.vector.values, dtype=np.float32), request.vector.model_version
         else:
             raw, model_version = self._member_vector(routing.member, request, rid, deadline)
+        return _Query(request, rid, which, raw, model_version)
+
+    def _route(self, routing: Routing, q: "_Query", deadline: float) -> pb.RetrieveResponse:
+        """The query answered by the fleet serving its model (trying the next on failure)."""
         fleets = routing.fleets
-        order = fleets_to_ask(model_version, [f.model_version for f in fleets])
+        order = fleets_to_ask(q.model_version, [f.model_version for f in fleets])
         if not order:
-            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(fleets, model_version))
+            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, self._no_fleet(fleets, q.model_version))
         errors: list[Exception] = []
         for i in order:
             try:
-                return self._retrieve_from(fleets[i], raw, model_version, request, rid, deadline, which)
+                return self._retrieve_from(fleets[i], q, deadline)
             except (RpcFailure, InvalidRequest) as exc:
                 # Another model (learned just now), another width, or down: the next fleet in
                 # the order may serve the query's model. Only the last error is not worth saying.
                 errors.append(exc)
-                log.info("fleet_declined", fleet=fleets[i].name, query_model=model_version,
+                log.info("fleet_declined", fleet=fleets[i].name, query_model=q.model_version,
                          error=str(exc), other_model=isinstance(exc, OtherModel))
         # Every fleet declined: say why the one most likely meant for it did.
         raise next((e for e in errors if not isinstance(e, OtherModel)), errors[-1])
@@ -295,14 +356,65 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         serving = ", ".join(f"{f.name} {f.model_version!r}" for f in fleets)
         return f"no shards serve model {model_version!r}, the query vector's (shards: {serving})"
 
-    def _retrieve_from(self, fleet: ShardFleet, raw: np.ndarray, model_version: str, request: pb.RetrieveRequest,
-                       rid: str, deadline: float, which: str) -> pb.RetrieveResponse:
+    def _retrieve_from(self, fleet: ShardFleet, q: "_Query", deadline: float) -> pb.RetrieveResponse:
         """The query answered by one fleet's shards; OtherModel when none of them serves its model."""
-        vec = query_vector(raw, fleet.dimension, fleet.vector_dimension)
+        vec, depth = self._prepare(fleet, q)
+        hits, failed, why, models = self._fan_out(fleet, vec, q.request, q.rid, deadline, depth)
+        return self._answer(fleet, q, vec, depth, deadline, hits, failed, why, models)
+
+    def _retrieve_packed(self, fleet: ShardFleet, queries: list["_Query"],
+                         deadline: float) -> list[pb.RetrieveResponse | Exception | None]:
+        """Queries of one fleet's model answered with one SearchBatch call per shard; per query,
+        its answer, its error, or None: to be searched on its own (shards without SearchBatch,
+        a query the shards refused, or a fleet that turned out to serve another model)."""
+        answers: list[pb.RetrieveResponse | Exception | None] = [None] * len(queries)
+        ready: list[tuple[int, np.ndarray, int]] = []
+        for j, q in enumerate(queries):
+            try:
+                vec, depth = self._prepare(fleet, q)
+                ready.append((j, vec, depth))
+            except InvalidRequest as exc:
+                answers[j] = exc
+        if not ready:
+            return answers
+        batch = pb.SearchBatchRequest()
+        for j, vec, depth in ready:
+            search = batch.searches.add(k=depth, filters=queries[j].request.filters, request_id=queries[j].rid)
+            search.vector.extend(vec.tolist())
+        shards = list(range(len(fleet)))
+        try:
+            outcomes = call_replicas(
+                [fleet.replica_sets[s] for s in shards],
+                lambda shard, replica, timeout: self._submit(fleet.search_stubs[shard][replica].SearchBatch, batch, timeout),
+                deadline, self.hedge_after_s, fatal=_is_invalid_argument, budget=self.hedge_budget,
+            )
+        except Fatal:
+            return answers  # a search the shards refuse: each alone, so only that one fails
+        if any(not o.ok and _failure_code(o) == grpc.StatusCode.UNIMPLEMENTED.name for o in outcomes):
+            return answers  # shards older than SearchBatch
+        for n, (j, vec, depth) in enumerate(ready):
+            with structlog.contextvars.bound_contextvars(request_id=queries[j].rid):
+                hits, failed, why, models = self._collect(fleet, shards, outcomes, lambda reply: reply.results[n])
+                try:
+                    answers[j] = self._answer(fleet, queries[j], vec, depth, deadline, hits, failed, why, models)
+                except OtherModel:
+                    answers[j] = None
+                except (RpcFailure, InvalidRequest) as exc:
+                    answers[j] = exc
+        return answers
+
+    def _prepare(self, fleet: ShardFleet, q: "_Query") -> tuple[np.ndarray, int]:
+        """The query vector as the fleet's shards take it, and how many candidates to ask each for."""
+        vec = query_vector(q.raw, fleet.dimension, fleet.vector_dimension)
         if fleet.dimension and len(vec) > fleet.dimension:
             vec = vec[: fleet.dimension]  # full width, the shards serve a prefix (they re-normalise)
-        depth = shard_depth(request.k, len(fleet), self.config.shard_depth_sigmas)
-        hits, failed, why, models = self._fan_out(fleet, vec, request, rid, deadline, depth)
+        return vec, shard_depth(q.request.k, len(fleet), self.config.shard_depth_sigmas)
+
+    def _answer(self, fleet: ShardFleet, q: "_Query", vec: np.ndarray, depth: int, deadline: float,
+                hits: list[ShardHits], failed: list[int], why: list[str], models: dict[int, str]) -> pb.RetrieveResponse:
+        """The reply from the shards' answers: one model's candidates merged, shards whose share
+        may hold more asked again for k."""
+        request, rid, which, model_version = q.request, q.rid, q.which, q.model_version
         # One model's scores only: a shard serving another is left out as if it had failed.
         fleet.model_version = pick_model("", models, fleet.model_version)
         if model_version and fleet.model_version and model_version != fleet.model_version:
@@ -384,6 +496,12 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             )
         except Fatal as exc:
             raise InvalidRequest(exc.error.details()) from exc
+        return self._collect(fleet, shards, outcomes, lambda reply: reply)
+
+    def _collect(self, fleet: ShardFleet, shards: list[int], outcomes: list[Outcome],
+                 answer: Callable[[object], pb.SearchResponse]) -> tuple[list[ShardHits], list[int], list[str], dict[int, str]]:
+        """(answers, failed shards, their codes, the model each answering shard serves) of one
+        query, from each shard's outcome (`answer` picks the query's part of a reply)."""
         hits: list[ShardHits] = []
         models: dict[int, str] = {}
         failed: list[int] = []
@@ -402,7 +520,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 log.warning("shard_failed", shard=shard, code=code, attempts=self._attempts(fleet, shard, outcome),
                             details=_failure_details(outcome))
                 continue
-            reply: pb.SearchResponse = outcome.reply
+            reply: pb.SearchResponse = answer(outcome.reply)
             if reply.dimension:
                 fleet.dimension = reply.dimension
                 fleet.vector_dimension = reply.vector_dimension

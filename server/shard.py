@@ -13,6 +13,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import structlog
 
 from feedret.indexer import metrics
@@ -117,6 +118,37 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
             resp.dimension = index.dimension
             resp.vector_dimension = index.input_dimension
             return resp
+
+    def SearchBatch(self, request: pb.SearchBatchRequest, context: grpc.ServicerContext) -> pb.SearchBatchResponse:
+        """Every search of the batch in one index call where the widths agree (the torch store
+        reads its rows once for all of them), each answered as Search would answer it."""
+        state = self.state
+        with rpc_scope(context, "SearchBatch", request.searches[0].request_id if request.searches else ""):
+            self._check_ready()
+            index = state.index
+            now = time.time()
+            vecs, ks, filts = [], [], []
+            for search in request.searches:
+                ks.append(check_k(search.k, state.config.max_k))
+                vecs.append(query_vector(search.vector, state.dimension, state.vector_dimension))
+                filts.append(search_filter(search.filters, now))
+            with self._searches_lock:
+                self.searches += len(vecs)
+            out = pb.SearchBatchResponse()
+            if index is None:
+                for _ in vecs:
+                    out.results.add(shard=state.config.shard_id, model_version=state.serving_model)
+                return out
+            if vecs and len({len(v) for v in vecs}) == 1:
+                found = index.search_batch(np.stack(vecs), ks, filts)
+            else:
+                found = [index.search(v, k, f) for v, k, f in zip(vecs, ks, filts)]
+            for ids, scores in found:
+                resp = out.results.add(shard=state.config.shard_id, model_version=state.serving_model,
+                                       indexed=len(index), dimension=index.dimension,
+                                       vector_dimension=index.input_dimension)
+                fill_candidates(resp.candidates, ids, scores)
+            return out
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupResponse:
         state = self.state

@@ -220,3 +220,16 @@ def test_rollout_smoke(tmp_path):
     assert all(r["failed"] == 0 and r["queries"] > 0 for phase, r in rows.items() if phase != "promote")
     assert rows["steady"]["models"] == ["feedret-movielens-tiny-v2"] and rows["promoted"]["models"] == ["feedret-tiny-llama-v0"]
     assert "| old generation retired after the promote | yes |" in out.read_text()
+
+
+@pytest.mark.bench
+def test_retrieve_batch_smoke(tmp_path):
+    out = tmp_path / "batch.md"
+    raw = tmp_path / "raw.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "retrieve_batch.py"), "--n", "3000", "--queries", "32",
+                           "--batch", "16", "--rounds", "1", "--k", "50", "--out", str(out), "--json", str(raw)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(raw.read_text())["rows"]
+    assert {r["mode"] for r in rows} == {"single", "concurrent", "batch"} and all(r["qps"] > 0 for r in rows)
+    assert "RetrieveBatch of 16" in out.read_text()

@@ -97,7 +97,7 @@ def test_a_dead_shard_makes_the_reply_partial_and_a_bad_request_is_refused(two_s
         server.stop(0)
 
 
-def recording_shards(rng, sizes, models=None, id_base=0, dim=DIM):
+def recording_shards(rng, sizes, models=None, id_base=0, dim=DIM, servicer_class=None):
     """In-process shard servers holding sizes[i] random posts (ids id_base + 1000·i + j),
     embedded by models[i] (default "m1"), recording each Search's k."""
     servers, addresses, shards, vectors = [], [], [], {}
@@ -110,7 +110,7 @@ def recording_shards(rng, sizes, models=None, id_base=0, dim=DIM):
                                             created_at=1e9, lang="en", model_version=model)) for i, v in enumerate(vecs)],
                     now=2e9)
         vectors.update({id_base + 1000 * shard + i: v for i, v in enumerate(vecs)})
-        servicer = RecordingShard(state, "in-process")
+        servicer = (servicer_class or RecordingShard)(state, "in-process")
         server, _, port = build_server("127.0.0.1", 0, 4, [lambda s, sv=servicer: pb_grpc.add_ShardServiceServicer_to_server(sv, s)],
                                        shard_server.SERVICE_NAMES)
         server.start()
@@ -132,10 +132,22 @@ class RecordingShard(ShardServicer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.ks: list[int] = []
+        self.batches: list[list[int]] = []  # each SearchBatch's searches' k
 
     def Search(self, request, context):
         self.ks.append(request.k)
         return super().Search(request, context)
+
+    def SearchBatch(self, request, context):
+        self.batches.append([s.k for s in request.searches])
+        return super().SearchBatch(request, context)
+
+
+class ShardWithoutSearchBatch(ShardServicer):
+    """A shard of a release before SearchBatch."""
+
+    def SearchBatch(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
 
 
 def test_each_shard_is_asked_for_its_share_and_one_that_may_hold_more_is_asked_again_for_k():
@@ -440,8 +452,42 @@ def test_a_batch_reports_a_dead_shard_per_request_as_partial(two_shards):
     server, root, _ = start_root([addresses[0], f"127.0.0.1:{free_port()}"])
     try:
         with FeedretClient(root) as client:
-            results = client.retrieve_batch([Query(vector=vectors[i], k=10) for i in (3, 4, 5)])
-            assert all(r.partial and r.failed_shards == [1] for r in results)
-            assert [r.post_ids[0] for r in results] == [3, 4, 5]
+            for _ in range(2):  # a fresh root's batch (each searched alone), then a warm one's (packed)
+                results = client.retrieve_batch([Query(vector=vectors[i], k=10) for i in (3, 4, 5)])
+                assert all(r.partial and r.failed_shards == [1] for r in results)
+                assert [r.post_ids[0] for r in results] == [3, 4, 5]
     finally:
         server.stop(0)
+
+
+@pytest.mark.parametrize("old_shards", [False, True])
+def test_a_batch_goes_to_each_shard_in_one_call_and_answers_exactly_as_single_queries(old_shards):
+    # Shards of unequal size (20 and 300 posts): some queries need shard 1 asked again for k.
+    from feedret.clients.client import FeedretClient, Query
+
+    rng = np.random.default_rng(11)
+    servers, addresses, shards, vectors = recording_shards(
+        rng, (20, 300), servicer_class=ShardWithoutSearchBatch if old_shards else None)
+    root, address, _ = start_root(addresses)
+    try:
+        with FeedretClient(address) as client:
+            client.retrieve(vector=vectors[5], k=10)  # the root learns the fleet's model and width
+            queries = [rng.normal(size=DIM).astype(np.float32) for _ in range(24)]
+            ks = [10, 40, 200] * 8
+            excluded = [[int(exact_top(vectors, q)[0])] for q in queries]  # each query's own filter
+            results = client.retrieve_batch([Query(vector=q, k=k, exclude_post_ids=x) for q, k, x in zip(queries, ks, excluded)])
+            for q, k, x, result in zip(queries, ks, excluded, results):
+                want = [p for p in exact_top(vectors, q).tolist() if p not in x][:k]
+                assert result.post_ids == want and not result.partial and result.model_version == "m1"
+                assert result.post_ids == client.retrieve(vector=q, k=k, exclude_post_ids=x).post_ids
+        if not old_shards:
+            # One SearchBatch per shard for all 24 queries, each asked for its share of its k;
+            # Search only for the warm-up, the single queries above and the rounds asking again for k.
+            assert [len(b) for s in shards for b in s.batches] == [24, 24]
+            from feedret.merge import shard_depth
+
+            assert shards[0].batches[0] == shards[1].batches[0] == [shard_depth(k, 2, 5.0) for k in ks]
+    finally:
+        root.stop(0)
+        for server in servers:
+            server.stop(0)

@@ -171,6 +171,18 @@ class SearchResponse(_message.Message):
     vector_dimension: int
     def __init__(self, candidates: _Optional[_Union[Candidates, _Mapping]] = ..., shard: _Optional[int] = ..., indexed: _Optional[int] = ..., dimension: _Optional[int] = ..., model_version: _Optional[str] = ..., vector_dimension: _Optional[int] = ...) -> None: ...
 
+class SearchBatchRequest(_message.Message):
+    __slots__ = ("searches",)
+    SEARCHES_FIELD_NUMBER: _ClassVar[int]
+    searches: _containers.RepeatedCompositeFieldContainer[SearchRequest]
+    def __init__(self, searches: _Optional[_Iterable[_Union[SearchRequest, _Mapping]]] = ...) -> None: ...
+
+class SearchBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SearchResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
+
 class LookupRequest(_message.Message):
     __slots__ = ("post_id", "include_vector")
     POST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -238,12 +238,23 @@ class ShardServiceStub:
                 request_serializer=feedret_dot_v1_dot_feedret__pb2.SearchRequest.SerializeToString,
                 response_deserializer=feedret_dot_v1_dot_feedret__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/feedret.v1.ShardService/SearchBatch',
+                request_serializer=feedret_dot_v1_dot_feedret__pb2.SearchBatchRequest.SerializeToString,
+                response_deserializer=feedret_dot_v1_dot_feedret__pb2.SearchBatchResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Search(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchBatch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -256,6 +267,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=feedret_dot_v1_dot_feedret__pb2.SearchRequest.FromString,
                     response_serializer=feedret_dot_v1_dot_feedret__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=feedret_dot_v1_dot_feedret__pb2.SearchBatchRequest.FromString,
+                    response_serializer=feedret_dot_v1_dot_feedret__pb2.SearchBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -285,6 +301,33 @@ class ShardService:
             '/feedret.v1.ShardService/Search',
             feedret_dot_v1_dot_feedret__pb2.SearchRequest.SerializeToString,
             feedret_dot_v1_dot_feedret__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/feedret.v1.ShardService/SearchBatch',
+            feedret_dot_v1_dot_feedret__pb2.SearchBatchRequest.SerializeToString,
+            feedret_dot_v1_dot_feedret__pb2.SearchBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
