@@ -774,6 +774,36 @@ class ShardIndex:
             scores, slots = self._ann_search(self._ann, query, plan, batched, gpu)
         return self._slots.post_id[slots].copy(), scores
 
+    def _search_batch_flat(
+        self, queries: np.ndarray, ks: Sequence[int], filts: Sequence[SearchFilter | None]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A Flat faiss index's batch: the queries whose filter only excludes posts (a feed's
+        "seen" list) share one faiss search over the live rows, deep enough to drop their
+        exclusions after; age and language filters, which can rule out most posts, are
+        searched one by one. Each answer is the one `search` gives."""
+        queries = self.prepare(queries)
+        faiss_ann.use_threads(self.options.search_threads)
+        out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(queries)
+        with self._lock.read():
+            live = len(self._slot_of)
+            if not live:
+                return [_EMPTY] * len(queries)
+            shared = [i for i, f in enumerate(filts) if f is None or (f.min_created_at is None and not f.languages)]
+            if shared:
+                excluded = [np.array(sorted({self._slot_of[p] for p in (filts[i].exclude_post_ids if filts[i] else ())
+                                            if p in self._slot_of}), np.int64) for i in shared]
+                depth = min(max(int(ks[i]) + len(x) for i, x in zip(shared, excluded)), live)
+                scores, slots = self._store.search_batch(queries[shared], depth, self._slots.alive[: self._next_slot])
+                for row, (i, x) in enumerate(zip(shared, excluded)):
+                    keep = (slots[row] >= 0) & ~np.isin(slots[row], x)
+                    top = slots[row][keep][: int(ks[i])]
+                    out[i] = (self._slots.post_id[top].copy(), scores[row][keep][: int(ks[i])].astype(np.float32))
+            for i, (q, k, f) in enumerate(zip(queries, ks, filts)):
+                if out[i] is None:
+                    plan = self._plan(k, f)
+                    out[i] = _EMPTY if plan is None else self._answer(q, plan)
+        return out
+
     @property
     def batches_searches(self) -> bool:
         """True when search_batch answers a batch in one pass: over the torch store's rows,
@@ -796,6 +826,8 @@ class ShardIndex:
         if not isinstance(self._store, TorchStore):
             if self.batches_searches:
                 return self._search_batch_on_gpu(queries, ks, filts)
+            if self._ann is None and len(queries) > 1:
+                return self._search_batch_flat(queries, ks, filts)
             return [self.search(q, k, f) for q, k, f in zip(queries, ks, filts)]
         queries = self.prepare(queries)
         with self._lock.read():

@@ -93,6 +93,13 @@ class FaissFlatStore:
         valid = slots[0] >= 0
         return scores[0][valid].astype(np.float32, copy=False), slots[0][valid]
 
+    def search_batch(self, queries: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, slots) of every query among rows where mask is True, in one faiss call
+        (one matrix product over the rows for the batch); rows of -1 slots where fewer pass."""
+        bitmap = np.packbits(mask, bitorder="little")
+        sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        return self.index.search(np.ascontiguousarray(queries), k, params=faiss.SearchParameters(sel=sel))
+
 
 def torch_device(name: str) -> str:
     import torch

@@ -171,3 +171,27 @@ def test_the_shard_server_batches_concurrent_searches_and_answers_each_right():
     finally:
         server.stop(0)
         servicer.batcher.close()
+
+
+def test_a_flat_faiss_batch_is_one_search_and_answers_each_query_as_alone():
+    rng = np.random.default_rng(4)
+    ix = ShardIndex(D)  # Flat, faiss
+    n = 3000
+    ix.upsert(list(range(n)), unit(rng, n), created_at=[float(i) for i in range(n)],
+              langs=["en" if i % 3 else "de" for i in range(n)], indexed_at=float(n), model_versions=["m1"] * n)
+    ix.delete([5, 6, 7])
+    queries = unit(rng, len(FILTERS))
+    ks = [10, 50, 20, 100, 5, 30, 6]
+    calls = []
+    original = ix._store.search_batch
+    ix._store.search_batch = lambda *a: (calls.append(len(a[0])), original(*a))[1]
+    batched = ix.search_batch(queries, ks, FILTERS)
+    assert calls == [3]  # no filter, an empty one, and the "seen" list share one faiss search
+    for q, k, f, (ids, scores) in zip(queries, ks, FILTERS, batched):
+        alone_ids, alone_scores = ix.search(q, k, f)
+        assert list(ids) == list(alone_ids)
+        np.testing.assert_allclose(scores, alone_scores, rtol=1e-5, atol=1e-6)
+    assert not {0, 1, 2, 3, 4, 8, 9} & set(batched[2][0].tolist()) and len(batched[2][0]) == 20
+    assert len(batched[5][0]) == 7 and len(batched[6][0]) == 6
+    empty = ShardIndex(D)
+    assert [len(ids) for ids, _ in empty.search_batch(queries[:2], [5, 5], [None, None])] == [0, 0]
