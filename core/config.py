@@ -432,6 +432,10 @@ class RootConfig(MemberLimits):
     # toward max_concurrent_rpcs.
     max_batch: int = Field(default=256, ge=1)
     batch_parallelism: int = Field(default=8, ge=1)
+    # Concurrent Retrieves' searches are sent to each shard together, up to this many in one
+    # SearchBatch (a lone query at once, as a plain Search; batches form only while one is in
+    # flight); 1: every query its own Search calls.
+    coalesce_max_batch: int = Field(default=16, ge=1)
     # Each shard is asked for about its share of k plus this many standard deviations
     # (feedret.merge.shard_depth: 1,112 per shard for k=2,000 over 2 shards), not all k;
     # a shard whose last answer still makes the merged top k may hold more and is asked again for k.

@@ -107,7 +107,7 @@ class FaissFlatStore:
         for start in range(0, len(queries), block):
             scores = queries[start:start + block] @ self._rows[:n].T
             scores[:, dead] = -np.inf
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            top = np.argpartition(scores, n - k, axis=1)[:, n - k:]  # the k largest, unordered
             top_scores = np.take_along_axis(scores, top, axis=1)
             order = np.argsort(-top_scores, axis=1, kind="stable")
             top, top_scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)

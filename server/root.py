@@ -6,6 +6,7 @@ the reply carries the other shards' merged top-K with partial=true.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -22,6 +23,7 @@ from feedret.server import root_metrics
 from feedret.config import GrpcSecurityConfig, RootConfig
 from feedret.grpc_client import MAX_MESSAGE_BYTES
 from feedret.merge import ShardHits, merge_topk, shard_depth
+from feedret.microbatch import MicroBatcher
 from feedret.routing import shard_of
 from feedret.server.grpc_security import open_channel
 from feedret.server.member_pool import DeadlineBeforeCall, MemberPool, NoMemberPods, NoMemberService
@@ -56,6 +58,15 @@ SERVICE_NAMES = (
 # A fleet or member service a new topology dropped is closed this long after: requests
 # that read the old topology finish first (a caller's deadline is rarely over a minute).
 RETIRED_LINGER_S = 60.0
+
+
+@dataclass(frozen=True)
+class _ShardQuery:
+    """One query's first round to every shard of a fleet, for the coalescer."""
+
+    fleet: "ShardFleet"
+    search: pb.SearchRequest
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,12 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         self.hedge_budget = HedgeBudget(config.hedge_budget, config.hedge_burst)
         # RetrieveBatch's requests, each waiting on its shard calls (made on _shard_calls).
         self._batch_calls = ThreadPoolExecutor(max_workers=config.batch_parallelism, thread_name_prefix="batch-item")
+        # Concurrent Retrieves' first rounds to one fleet's shards go out together, one SearchBatch
+        # per shard (feedret.microbatch: a lone query goes at once, as a plain Search; batches
+        # form only while one is in flight, i.e. under load).
+        self._coalescer = (MicroBatcher(self._search_together, config.coalesce_max_batch, "shard-fan-out",
+                                        group=lambda q: id(q.fleet))
+                           if config.coalesce_max_batch > 1 else None)
         self._shard_calls: ThreadPoolExecutor | None = None
         self._shard_call_threads = 0
         self._apply_lock = threading.Lock()
@@ -482,9 +499,18 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
     ) -> tuple[list[ShardHits], list[int], list[str], dict[int, str]]:
         """Search `shards` (default: all) for `k` each; (answers, failed shards, their codes,
         the model each answering shard serves)."""
-        shards = list(range(len(fleet))) if shards is None else shards
         search = pb.SearchRequest(k=k, filters=request.filters, request_id=rid)
         search.vector.extend(vec.tolist())
+        if shards is None and self._coalescer is not None:
+            try:
+                outcomes = self._coalescer.call(_ShardQuery(fleet, search, deadline),
+                                                timeout=max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                outcomes = [Outcome(shard, timed_out=True) for shard in range(len(fleet))]
+            if isinstance(outcomes, Exception):
+                raise outcomes
+            return self._collect(fleet, list(range(len(fleet))), outcomes, lambda reply: reply)
+        shards = list(range(len(fleet))) if shards is None else shards
         try:
             outcomes = call_replicas(
                 [fleet.replica_sets[s] for s in shards],
@@ -497,6 +523,39 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         except Fatal as exc:
             raise InvalidRequest(exc.error.details()) from exc
         return self._collect(fleet, shards, outcomes, lambda reply: reply)
+
+    def _search_together(self, queries: list[_ShardQuery]) -> list[list[Outcome] | Exception]:
+        """The coalescer's batch (one fleet's): per query, every shard's outcome, its reply that
+        query's SearchResponse; or the InvalidRequest a shard refused it with. One query goes
+        as a plain Search; shards without SearchBatch, or one refusing a query, get each alone."""
+        fleet = queries[0].fleet
+        shards = list(range(len(fleet)))
+        if len(queries) > 1:
+            batch = pb.SearchBatchRequest(searches=[q.search for q in queries])
+            try:
+                outcomes = call_replicas(
+                    [fleet.replica_sets[s] for s in shards],
+                    lambda shard, replica, timeout: self._submit(fleet.search_stubs[shard][replica].SearchBatch, batch, timeout),
+                    max(q.deadline for q in queries), self.hedge_after_s, fatal=_is_invalid_argument,
+                    budget=self.hedge_budget,
+                )
+            except Fatal:
+                outcomes = None  # a query the shards refuse: each alone, so only that one fails
+            if outcomes is not None and not any(
+                    not o.ok and _failure_code(o) == grpc.StatusCode.UNIMPLEMENTED.name for o in outcomes):
+                return [[dataclasses.replace(o, reply=o.reply.results[n]) if o.ok else o for o in outcomes]
+                        for n in range(len(queries))]
+        out: list[list[Outcome] | Exception] = []
+        for q in queries:
+            try:
+                out.append(call_replicas(
+                    [fleet.replica_sets[s] for s in shards],
+                    lambda shard, replica, timeout, q=q: self._submit(fleet.search_stubs[shard][replica].Search, q.search, timeout),
+                    q.deadline, self.hedge_after_s, fatal=_is_invalid_argument, budget=self.hedge_budget,
+                ))
+            except Fatal as exc:
+                out.append(InvalidRequest(exc.error.details()))
+        return out
 
     def _collect(self, fleet: ShardFleet, shards: list[int], outcomes: list[Outcome],
                  answer: Callable[[object], pb.SearchResponse]) -> tuple[list[ShardHits], list[int], list[str], dict[int, str]]:

@@ -491,3 +491,41 @@ def test_a_batch_goes_to_each_shard_in_one_call_and_answers_exactly_as_single_qu
         root.stop(0)
         for server in servers:
             server.stop(0)
+
+
+class SlowShard(RecordingShard):
+    """A shard whose every search takes 50 ms: concurrent queries queue at the root meanwhile."""
+
+    def Search(self, request, context):
+        time.sleep(0.05)
+        return super().Search(request, context)
+
+    def SearchBatch(self, request, context):
+        time.sleep(0.05)
+        return super().SearchBatch(request, context)
+
+
+def test_concurrent_retrieves_are_sent_to_each_shard_together_and_answered_exactly():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from feedret.clients.client import FeedretClient
+
+    rng = np.random.default_rng(12)
+    servers, addresses, shards, vectors = recording_shards(rng, (150, 150), servicer_class=SlowShard)
+    root, address, _ = start_root(addresses)
+    try:
+        queries = [rng.normal(size=DIM).astype(np.float32) for _ in range(24)]
+        with FeedretClient(address) as client:
+            assert client.retrieve(vector=queries[0], k=20).post_ids == exact_top(vectors, queries[0])[:20].tolist()
+            assert shards[0].batches == []  # a lone query: a plain Search, at once
+            with ThreadPoolExecutor(12) as pool:
+                results = list(pool.map(lambda q: client.retrieve(vector=q, k=20, timeout=10), queries))
+        for q, result in zip(queries, results):
+            assert result.post_ids == exact_top(vectors, q)[:20].tolist() and not result.partial
+        together = [len(b) for b in shards[0].batches]
+        assert together and max(together) > 1, together  # queries that arrived meanwhile went out together
+        assert len(shards[0].ks) + sum(together) == 1 + len(queries)  # each query searched once per shard
+    finally:
+        root.stop(0)
+        for server in servers:
+            server.stop(0)
