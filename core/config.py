@@ -436,6 +436,9 @@ class RootConfig(MemberLimits):
     # SearchBatch (a lone query at once, as a plain Search; batches form only while one is in
     # flight); 1: every query its own Search calls.
     coalesce_max_batch: int = Field(default=16, ge=1)
+    # A query not taken into a batch within this long (the batch in flight waits on a slow
+    # shard) is sent on its own, so a hung shard costs completeness, not the answer.
+    coalesce_wait_ms: float = Field(default=50.0, ge=0)
     # Each shard is asked for about its share of k plus this many standard deviations
     # (feedret.merge.shard_depth: 1,112 per shard for k=2,000 over 2 shards), not all k;
     # a shard whose last answer still makes the merged top k may hold more and is asked again for k.

@@ -502,14 +502,9 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         search = pb.SearchRequest(k=k, filters=request.filters, request_id=rid)
         search.vector.extend(vec.tolist())
         if shards is None and self._coalescer is not None:
-            try:
-                outcomes = self._coalescer.call(_ShardQuery(fleet, search, deadline),
-                                                timeout=max(deadline - time.monotonic(), 0.001))
-            except TimeoutError:
-                outcomes = [Outcome(shard, timed_out=True) for shard in range(len(fleet))]
-            if isinstance(outcomes, Exception):
-                raise outcomes
-            return self._collect(fleet, list(range(len(fleet))), outcomes, lambda reply: reply)
+            outcomes = self._coalesced(_ShardQuery(fleet, search, deadline))
+            if outcomes is not None:
+                return self._collect(fleet, list(range(len(fleet))), outcomes, lambda reply: reply)
         shards = list(range(len(fleet))) if shards is None else shards
         try:
             outcomes = call_replicas(
@@ -524,6 +519,26 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             raise InvalidRequest(exc.error.details()) from exc
         return self._collect(fleet, shards, outcomes, lambda reply: reply)
 
+    def _coalesced(self, query: _ShardQuery) -> list[Outcome] | None:
+        """The query's first round through the coalescer; None when it was not taken into a batch
+        within coalesce_wait_ms (the batch in flight is slow: a shard hanging until the deadline),
+        so that it goes on its own and still gets the other shards' answers in time."""
+        future = self._coalescer.submit(query)
+        give_up = time.monotonic() + min(self.config.coalesce_wait_ms / 1000, (query.deadline - time.monotonic()) / 2)
+        while not (future.running() or future.done()):
+            if time.monotonic() >= give_up and future.cancel():
+                return None
+            time.sleep(0.0002)
+        try:
+            # Its batch's shard calls end by the batch's earliest deadline, at most this query's:
+            # the backstop is only for a batch that could not even start its calls.
+            outcomes = future.result(timeout=max(query.deadline - time.monotonic(), 0.0) + 0.25)
+        except TimeoutError:
+            outcomes = [Outcome(shard, timed_out=True) for shard in range(len(query.fleet))]
+        if isinstance(outcomes, Exception):
+            raise outcomes
+        return outcomes
+
     def _search_together(self, queries: list[_ShardQuery]) -> list[list[Outcome] | Exception]:
         """The coalescer's batch (one fleet's): per query, every shard's outcome, its reply that
         query's SearchResponse; or the InvalidRequest a shard refused it with. One query goes
@@ -536,7 +551,9 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 outcomes = call_replicas(
                     [fleet.replica_sets[s] for s in shards],
                     lambda shard, replica, timeout: self._submit(fleet.search_stubs[shard][replica].SearchBatch, batch, timeout),
-                    max(q.deadline for q in queries), self.hedge_after_s, fatal=_is_invalid_argument,
+                    # The earliest deadline: a query must get the shards that answered by its own,
+                    # partial, not wait on a slow shard for a later query's.
+                    min(q.deadline for q in queries), self.hedge_after_s, fatal=_is_invalid_argument,
                     budget=self.hedge_budget,
                 )
             except Fatal:

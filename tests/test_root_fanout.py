@@ -38,11 +38,11 @@ def two_shards():
         server.stop(0)
 
 
-def start_root(addresses: list[str], next_addresses: list[str] = ()):
+def start_root(addresses: list[str], next_addresses: list[str] = (), **settings):
     """A root over the shards (and a rollout's next fleet): (server, address, servicer)."""
     servicer = root_server.RootServicer(
         RootConfig(shard_addresses=",".join(addresses), next_shard_addresses=",".join(next_addresses),
-                   member_address=f"127.0.0.1:{free_port()}")
+                   member_address=f"127.0.0.1:{free_port()}", **settings)
     )
     server, _, port = build_server("127.0.0.1", 0, 4,
                                    [lambda s: pb_grpc.add_RetrievalServiceServicer_to_server(servicer, s)],
@@ -528,4 +528,38 @@ def test_concurrent_retrieves_are_sent_to_each_shard_together_and_answered_exact
     finally:
         root.stop(0)
         for server in servers:
+            server.stop(0)
+
+
+class HungShard(RecordingShard):
+    """A shard that answers nothing before its caller's deadline."""
+
+    def Search(self, request, context):
+        time.sleep(3)
+        return super().Search(request, context)
+
+    def SearchBatch(self, request, context):
+        time.sleep(3)
+        return super().SearchBatch(request, context)
+
+
+def test_a_hung_shard_costs_concurrent_queries_completeness_not_the_answer():
+    # Coalescing must not queue queries behind a batch that waits on a hung shard until its deadline.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from feedret.clients.client import FeedretClient
+
+    rng = np.random.default_rng(13)
+    fine, fine_addresses, _, vectors = recording_shards(rng, (100,))
+    hung, hung_addresses, _, _ = recording_shards(rng, (100,), id_base=1000, servicer_class=HungShard)
+    # A margin that a loaded test machine's merge and reply fit in, before the caller's deadline.
+    root, address, _ = start_root(fine_addresses + hung_addresses, deadline_margin_s=0.3)
+    try:
+        # As many at once as the test root has worker threads (4): each holds one until its deadline.
+        with FeedretClient(address) as client, ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda i: client.retrieve(vector=vectors[i], k=10, timeout=1.0), range(8)))
+        assert all(r.partial and r.failed_shards == [1] and r.post_ids[0] == i for i, r in enumerate(results))
+    finally:
+        root.stop(0)
+        for server in fine + hung:
             server.stop(0)
