@@ -427,7 +427,7 @@ def rollout_start(model_dir: Path, shards: int | None, index_factory: str, posts
 
 
 @rollout.command("promote")
-@click.option("--grace", "grace_s", default=30.0, show_default=True, type=click.FloatRange(0, 3600),
+@click.option("--grace", "grace_s", default=10.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds the old generation still answers queries whose vectors are of its model, then stops.")
 @click.option("--force", is_flag=True, help="Promote even if the next generation is not ready (it lacks posts).")
 @click.option("--bootstrap", envvar="KAFKA_BOOTSTRAP_SERVERS", default=None,

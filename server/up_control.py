@@ -41,7 +41,7 @@ class RolloutRequest(BaseModel):
     shards: int = 0  # start: 0 keeps the serving generation's count
     index_factory: str = ""  # start: the shards' FEEDRET_INDEX_FACTORY; "": the stack's
     posts_file: str = ""  # start: post events to embed before its consumer starts (feedret backfill)
-    grace_s: float = 30.0  # promote: how long the old generation still answers queries of its model
+    grace_s: float = 10.0  # promote: how long the old generation still answers queries of its model
 
 
 class RolloutReply(BaseModel):

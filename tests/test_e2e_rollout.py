@@ -336,7 +336,7 @@ def test_feedret_up_rolls_out_a_new_model_and_shard_count_by_command_without_a_f
         assert "generation g3 serves now" in promoted.stdout
         publishing.set()
         assert wait_for(lambda: replies[-1] == VERSION_B, timeout=30)
-        read_until(up, "generation g1 retired", timeout=90)  # the README's promote: 30 s of grace
+        read_until(up, "generation g1 retired", timeout=60)  # the README's promote: 10 s of grace
         count = len(replies)
         assert wait_for(lambda: len(replies) >= count + 20, timeout=60)
         stop.set()
