@@ -493,16 +493,30 @@ def test_a_batch_goes_to_each_shard_in_one_call_and_answers_exactly_as_single_qu
             server.stop(0)
 
 
-class SlowShard(RecordingShard):
-    """A shard whose every search takes 50 ms: concurrent queries queue at the root meanwhile."""
+class DelayedShard(RecordingShard):
+    """A shard whose every search takes `delay_s` longer (a subclass sets it)."""
+
+    delay_s = 0.0
 
     def Search(self, request, context):
-        time.sleep(0.05)
+        time.sleep(self.delay_s)
         return super().Search(request, context)
 
     def SearchBatch(self, request, context):
-        time.sleep(0.05)
+        time.sleep(self.delay_s)
         return super().SearchBatch(request, context)
+
+
+class SlowShard(DelayedShard):
+    """50 ms a search: concurrent queries queue at the root meanwhile."""
+
+    delay_s = 0.05
+
+
+class HungShard(DelayedShard):
+    """A shard that answers nothing before its caller's deadline."""
+
+    delay_s = 3.0
 
 
 def test_concurrent_retrieves_are_sent_to_each_shard_together_and_answered_exactly():
@@ -529,18 +543,6 @@ def test_concurrent_retrieves_are_sent_to_each_shard_together_and_answered_exact
         root.stop(0)
         for server in servers:
             server.stop(0)
-
-
-class HungShard(RecordingShard):
-    """A shard that answers nothing before its caller's deadline."""
-
-    def Search(self, request, context):
-        time.sleep(3)
-        return super().Search(request, context)
-
-    def SearchBatch(self, request, context):
-        time.sleep(3)
-        return super().SearchBatch(request, context)
 
 
 def test_a_hung_shard_costs_concurrent_queries_completeness_not_the_answer():
