@@ -233,3 +233,15 @@ def test_retrieve_batch_smoke(tmp_path):
     rows = json.loads(raw.read_text())["rows"]
     assert {r["mode"] for r in rows} == {"single", "concurrent", "batch"} and all(r["qps"] > 0 for r in rows)
     assert "RetrieveBatch of 16" in out.read_text()
+
+
+@pytest.mark.bench
+def test_freshness_sustained_smoke(tmp_path):
+    out = tmp_path / "fresh.md"
+    raw = tmp_path / "raw.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "freshness_sustained.py"), "--rate", "5",
+                           "--rate", "10", "--seconds", "2", "--out", str(out), "--json", str(raw)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(raw.read_text())["rows"]
+    assert [r["posts"] for r in rows] == [10, 20] and all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
