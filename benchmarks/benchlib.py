@@ -361,6 +361,19 @@ def search_stack(workdir: Path, num_shards: int, env: dict[str, str], ready_time
     ))
 
 
+def pipeline_stack(workdir: Path, ready_timeout_s: float = 180.0, env: dict[str, str] | None = None):
+    """A `Stack` of the whole pipeline (broker, consumer, member service, 2 shards, root) on free
+    ports, the committed model embedding with one torch thread per process, no snapshots."""
+    from feedret.server.launcher import Stack, StackConfig, free_port_block
+
+    base = free_port_block(5)
+    return Stack(StackConfig(
+        num_shards=2, broker_port=base, root_port=base + 1, member_port=base + 2, shard_base_port=base + 3,
+        metrics_base_port=0, workdir=workdir, snapshot_interval_s=0, ready_timeout_s=ready_timeout_s,
+        env={"FEEDRET_TORCH_THREADS": "1", **(env or {})},
+    ))
+
+
 def shard_env(factory: str, snapshot_dir: Path, nprobe: int, ef_search: int) -> dict[str, str]:
     return {
         "FEEDRET_INDEX_FACTORY": factory,

@@ -29,7 +29,7 @@ from kafka import KafkaProducer  # noqa: E402
 
 from feedret.clients.client import FeedretClient  # noqa: E402
 from feedret.members import MemberProfile  # noqa: E402
-from feedret.server.launcher import Stack, StackConfig, free_port_block  # noqa: E402
+from feedret.server.launcher import Stack  # noqa: E402
 
 SAMPLE_POSTS = benchlib.ROOT / "data" / "sample" / "posts.jsonl"
 
@@ -102,11 +102,7 @@ def main(argv=None) -> int:
     templates = [json.loads(line) for line in SAMPLE_POSTS.read_text().splitlines()[:500]]
     rows = []
     with tempfile.TemporaryDirectory(prefix="feedret-fresh-") as tmp:
-        base = free_port_block(5)
-        config = StackConfig(num_shards=2, broker_port=base, root_port=base + 1, member_port=base + 2,
-                             shard_base_port=base + 3, metrics_base_port=0, workdir=Path(tmp),
-                             snapshot_interval_s=0, ready_timeout_s=180, env={"FEEDRET_TORCH_THREADS": "1"})
-        with Stack(config) as stack, FeedretClient(config.root_address) as client:
+        with benchlib.pipeline_stack(Path(tmp)) as stack, FeedretClient(stack.config.root_address) as client:
             run_rate(stack, client, 5, 4, 7_000_000_000, templates)  # warm: consumer's first batches, channels
             runs = [(rate, 0) for rate in rates] + ([(rate, args.query_threads) for rate in rates] if args.query_threads else [])
             for r, (rate, threads) in enumerate(runs):

@@ -37,7 +37,7 @@ import grpc  # noqa: E402
 from feedret.clients.client import FeedretClient  # noqa: E402
 from feedret.clients.publish import publish_lines  # noqa: E402
 from feedret.members import MemberProfile  # noqa: E402
-from feedret.server.launcher import Stack, StackConfig, free_port_block  # noqa: E402
+from feedret.server.launcher import Stack  # noqa: E402
 from feedret.v1 import feedret_pb2 as pb  # noqa: E402
 from feedret.v1 import feedret_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -151,11 +151,9 @@ def main(argv=None) -> int:
 
     _, meta_b = open_model_dir(args.model_b)
     with tempfile.TemporaryDirectory(prefix="feedret-rollout-") as tmp:
-        base = free_port_block(5)
-        config = StackConfig(num_shards=2, broker_port=base, root_port=base + 1, member_port=base + 2,
-                             shard_base_port=base + 3, metrics_base_port=0, workdir=Path(tmp),
-                             snapshot_interval_s=0, ready_timeout_s=300, env={"FEEDRET_TORCH_THREADS": "1"})
-        with Stack(config) as stack, FeedretClient(config.root_address) as client:
+        with benchlib.pipeline_stack(Path(tmp), ready_timeout_s=300) as stack, \
+                FeedretClient(stack.config.root_address) as client:
+            config = stack.config
             started = time.monotonic()
             publish_lines(stack.kafka, corpus(args.posts, 1_000_000_000))
             while client.stats().total_indexed < args.posts:

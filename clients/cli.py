@@ -1048,16 +1048,17 @@ def up(
                 if rollout_asked[0]:
                     rollout_asked[0] = False
                     request = take_request(stack.workdir)
+                    # The state first, then the line: whoever reads the line may read up.json next.
                     if request is not None:
                         reply = _rollout_step(stack, request, tick)
-                        click.echo(reply.message, err=not reply.ok)
                         write_state(stack.workdir, stack.up_state(os.getpid(), reply))
+                        click.echo(reply.message, err=not reply.ok)
                 for line in stack.advance():
+                    write_state(stack.workdir, stack.up_state(os.getpid(), reply))
                     click.echo(line, err="FAILED" in line)
-                    write_state(stack.workdir, stack.up_state(os.getpid(), reply))
                 for gen in stack.retire_due():
-                    click.echo(f"generation {gen.name} retired: its consumer, member service and shards are stopped")
                     write_state(stack.workdir, stack.up_state(os.getpid(), reply))
+                    click.echo(f"generation {gen.name} retired: its consumer, member service and shards are stopped")
             except KeyboardInterrupt:
                 break
             except Exception as exc:  # noqa: BLE001 - a rollout's trouble must not take the serving stack down
