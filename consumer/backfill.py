@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from feedret.consumer.batch import Bad, SourceRecord, embed_isolating, route, split_batch, vector_event
+from feedret.consumer.batch import SourceRecord, embed_batch
 from feedret.events import PostEvent, record_key
 
 # What `send` gets: the partition, the key (the post id as decimal text) and the value
@@ -67,26 +67,13 @@ def backfill(
     def flush() -> None:
         if not batch:
             return
-        good, bad = split_batch(batch)
-        upserts = [g for g in good if g.event.op == "upsert"]
-        embedded = embed_isolating([g.event for g in upserts], embed)
-        failed = {id(upserts[i]) for i in embedded.failed}
-        bad += [Bad(upserts[i].source, f"the encoder failed on this post: {why}", "embed_failed")
-                for i, why in embedded.failed.items()]
-        vectors = {id(upserts[i]): v for i, v in embedded.vectors.items()}
-        now = clock()
-        futures = []
-        for g in good:
-            if id(g) in failed:
-                continue
-            upsert = g.event.op == "upsert"
-            value = vector_event(g, vectors[id(g)], model_version, now).SerializeToString() if upsert else None
-            futures.append(send(route(g.event.post_id, num_shards), str(g.event.post_id).encode(), value))
-            report.embedded += upsert
-            report.deletes += not upsert
+        out = embed_batch(batch, embed, model_version, num_shards, clock)
+        futures = [send(partition, key, value) for partition, key, value in out.records]
         for f in futures:
             f.get(timeout=60)  # raises on a failed delivery
-        report.bad += [(b.source.offset, b.reason) for b in bad]
+        report.embedded += out.upserts
+        report.deletes += out.deletes
+        report.bad += [(b.source.offset, b.reason) for b in out.bad]
         if progress is not None:
             progress(len(batch))
         batch.clear()

@@ -211,6 +211,54 @@ def vector_event(
     return msg
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """A micro-batch made into what the post-vector topic gets, and what could not be."""
+
+    # (partition, key, value) in source order, so a post's upsert and delete keep their order;
+    # a delete's value is None: a tombstone, which compaction then drops with the post.
+    records: list[tuple[int, bytes, bytes | None]]
+    bad: list[Bad]
+    upserts: int
+    post_ids: list[int]  # of the records, in order
+    embed_s: float
+
+    @property
+    def deletes(self) -> int:
+        return len(self.records) - self.upserts
+
+
+def embed_batch(
+    records: Sequence[SourceRecord],
+    embed: Callable[[Sequence[PostEvent]], np.ndarray],
+    model_version: str,
+    num_shards: int,
+    clock: Callable[[], float] = time.time,
+) -> Outgoing:
+    """The consumer's step from post events to vector records: parse (split_batch), embed the
+    upserts isolating posts the model fails on (embed_isolating; those join `bad`), and build
+    each record keyed by post id on its shard's partition. Raises EncoderFailure."""
+    good, bad = split_batch(records)
+    upserts = [g for g in good if g.event.op == "upsert"]
+    started = time.perf_counter()
+    embedded = embed_isolating([g.event for g in upserts], embed)
+    embed_s = time.perf_counter() - started
+    failed = {id(upserts[i]) for i in embedded.failed}
+    bad += [Bad(upserts[i].source, f"the encoder failed on this post: {why}", "embed_failed")
+            for i, why in embedded.failed.items()]
+    vectors = {id(upserts[i]): v for i, v in embedded.vectors.items()}
+    now = clock()
+    out: list[tuple[int, bytes, bytes | None]] = []
+    post_ids: list[int] = []
+    for g in good:
+        if id(g) in failed:
+            continue
+        value = vector_event(g, vectors[id(g)], model_version, now).SerializeToString() if id(g) in vectors else None
+        out.append((route(g.event.post_id, num_shards), str(g.event.post_id).encode(), value))
+        post_ids.append(g.event.post_id)
+    return Outgoing(out, bad, len(vectors), post_ids, embed_s)
+
+
 def route(post_id: int, num_shards: int) -> int:
     """The post-vector partition of a post: its shard."""
     return shard_of(post_id, num_shards)

@@ -20,17 +20,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_expo
 
 from feedret.consumer import metrics
 from feedret.config import ConsumerConfig, KafkaConfig
-from feedret.consumer.batch import (
-    Bad,
-    SourceRecord,
-    dead_letter,
-    embed_isolating,
-    first_offsets,
-    next_offsets,
-    route,
-    split_batch,
-    vector_event,
-)
+from feedret.consumer.batch import SourceRecord, dead_letter, embed_batch, first_offsets, next_offsets
 from feedret.consumer.lag import PartitionLag
 from feedret.events import PostEvent
 
@@ -170,34 +160,10 @@ class EmbeddingConsumer:
         post (EncoderFailure): neither is any record's fault.
         """
         assert self._producer is not None and self._consumer is not None
-        good, bad = split_batch(batch)
-        upserts = [g for g in good if g.event.op == "upsert"]
-        started = time.perf_counter()
-        embedded = embed_isolating([g.event for g in upserts], self.encoder.embed_posts)
-        embed_s = time.perf_counter() - started
-        if embedded.failed:
-            failed = {id(upserts[i]) for i in embedded.failed}
-            bad += [Bad(upserts[i].source, f"the encoder failed on this post: {why}", "embed_failed")
-                    for i, why in embedded.failed.items()]
-            good = [g for g in good if id(g) not in failed]
-        vectors = {id(upserts[i]): v for i, v in embedded.vectors.items()}
-        upserts = [g for g in upserts if id(g) in vectors]
-        now = self.clock()
-        futures = []
-        partitions = [route(g.event.post_id, self.config.num_shards) for g in good]
-        # Produce in source order so a post's upsert and delete keep their order. A delete
-        # is a tombstone (no value): compaction then drops the post from the topic altogether.
-        for g, partition in zip(good, partitions):
-            upsert = g.event.op == "upsert"
-            value = vector_event(g, vectors[id(g)], self.encoder.model_version, now).SerializeToString() if upsert else None
-            futures.append(
-                self._producer.send(
-                    self.kafka.vectors_topic,
-                    key=str(g.event.post_id).encode(),
-                    value=value,
-                    partition=partition,
-                )
-            )
+        out = embed_batch(batch, self.encoder.embed_posts, self.encoder.model_version, self.config.num_shards, self.clock)
+        bad = out.bad
+        futures = [self._producer.send(self.kafka.vectors_topic, key=key, value=value, partition=partition)
+                   for partition, key, value in out.records]
         for b in bad:
             key, value, headers = dead_letter(b)
             futures.append(
@@ -219,10 +185,10 @@ class EmbeddingConsumer:
         )
         metrics.observe_consumer_batch(
             records=len(batch),
-            upserts=len(upserts),
-            deletes=len(good) - len(upserts),
-            embed_seconds=embed_s if upserts else None,
-            partitions=partitions,
+            upserts=out.upserts,
+            deletes=out.deletes,
+            embed_seconds=out.embed_s if out.upserts else None,
+            partitions=[partition for partition, _, _ in out.records],
             dead_letter_reasons=[b.kind for b in bad],
         )
         metrics.CONSUMER_LAST_COMMIT.set_to_current_time()
@@ -230,17 +196,17 @@ class EmbeddingConsumer:
             self._lag.committed(committed)
             self._lag.update()
         self.stats["batches"] += 1
-        self.stats["embedded"] += len(upserts)
-        self.stats["deletes"] += len(good) - len(upserts)
+        self.stats["embedded"] += out.upserts
+        self.stats["deletes"] += out.deletes
         self.stats["dead_letters"] += len(bad)
         log.info(
             "batch_done",
             records=len(batch),
-            embedded=len(upserts),
-            deletes=len(good) - len(upserts),
+            embedded=out.upserts,
+            deletes=out.deletes,
             dead_letters=len(bad),
-            embed_ms=round(embed_s * 1000, 1),
-            post_ids=[g.event.post_id for g in good][:8],
+            embed_ms=round(out.embed_s * 1000, 1),
+            post_ids=out.post_ids[:8],
         )
 
     def _rewind(self, batch: Sequence[SourceRecord]) -> None:

@@ -20,6 +20,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class NotStarted(Exception):
+    """An item `MicroBatcher.call` withdrew, unrun, because no batch took it within `start_within`."""
+
+
 class MicroBatcher(Generic[T, R]):
     """Coalesces concurrent items into calls of `run(items) -> results` (same order). Thread-safe.
 
@@ -72,9 +76,18 @@ class MicroBatcher(Generic[T, R]):
             self._cond.notify()
         return future
 
-    def call(self, item: T, timeout: float | None = None) -> R:
-        """`submit` and wait: the item's result, the batch's error, or TimeoutError after `timeout` s."""
+    def call(self, item: T, timeout: float | None = None, start_within: float | None = None) -> R:
+        """`submit` and wait: the item's result, the batch's error, or TimeoutError after `timeout` s.
+
+        With `start_within`, an item the worker has not taken into a batch by then (the batch
+        in flight is slow) is withdrawn unrun: NotStarted, so the caller can go another way.
+        """
         future = self.submit(item)
+        if start_within is not None:
+            with self._cond:
+                taken = self._cond.wait_for(lambda: future.running() or future.done(), start_within)
+            if not taken and future.cancel():
+                raise NotStarted(f"not taken into a batch within {start_within:g} s")
         try:
             return future.result(timeout=timeout)
         except TimeoutError:
@@ -101,13 +114,15 @@ class MicroBatcher(Generic[T, R]):
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
+            # Every taken item is running from now (not cancelled by a caller's start_within).
+            live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+            with self._cond:
+                self._cond.notify_all()
             groups: dict[Hashable, list[tuple[T, Future]]] = {}
-            for entry in batch:
+            for entry in live:
                 groups.setdefault(self._group(entry[0]) if self._group else None, []).append(entry)
             for entries in groups.values():
-                live = [(item, fut) for item, fut in entries if fut.set_running_or_notify_cancel()]
-                if live:
-                    self._answer(live)
+                self._answer(entries)
             self._taken = 0
 
     def _answer(self, live: list[tuple[T, Future]]) -> None:

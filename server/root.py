@@ -23,7 +23,7 @@ from feedret.server import root_metrics
 from feedret.config import GrpcSecurityConfig, RootConfig
 from feedret.grpc_client import MAX_MESSAGE_BYTES
 from feedret.merge import ShardHits, merge_topk, shard_depth
-from feedret.microbatch import MicroBatcher
+from feedret.microbatch import MicroBatcher, NotStarted
 from feedret.routing import shard_of
 from feedret.server.grpc_security import open_channel
 from feedret.server.member_pool import DeadlineBeforeCall, MemberPool, NoMemberPods, NoMemberService
@@ -78,6 +78,10 @@ class _Query:
     which: str  # "member" or "vector"
     raw: np.ndarray
     model_version: str
+
+
+def _search_request(vec: np.ndarray, k: int, q: _Query) -> pb.SearchRequest:
+    return pb.SearchRequest(k=k, filters=q.request.filters, request_id=q.rid, vector=vec.tolist())
 
 
 class ShardFleet:
@@ -182,10 +186,10 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             created: list[ShardFleet] = []
             try:  # all or nothing: a channel that cannot be opened (a TLS file mid-rotation) changes nothing
                 for spec in topology.fleets:
-                    fleet = kept.pop(tuple(map(tuple, parse_shard_targets(spec.shard_addresses))), None)
+                    targets = parse_shard_targets(spec.shard_addresses)
+                    fleet = kept.pop(tuple(map(tuple, targets)), None)
                     if fleet is None:
-                        fleet = ShardFleet(spec.name, parse_shard_targets(spec.shard_addresses),
-                                           self.config.replica_cooldown_s, self.security)
+                        fleet = ShardFleet(spec.name, targets, self.config.replica_cooldown_s, self.security)
                         created.append(fleet)
                     fleets.append(fleet)
                 if old is not None and old.topology.member_address == topology.member_address:
@@ -221,7 +225,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         if old is not None:
             log.info("topology_applied", fleets=[f"{f.name}={f.shard_addresses}" for f in topology.fleets],
                      member=topology.member_address)
-            gone = [f for f in kept.values()]
+            gone = list(kept.values())
 
             def close() -> None:
                 for f in gone:
@@ -381,9 +385,9 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
 
     def _retrieve_packed(self, fleet: ShardFleet, queries: list["_Query"],
                          deadline: float) -> list[pb.RetrieveResponse | Exception | None]:
-        """Queries of one fleet's model answered with one SearchBatch call per shard; per query,
-        its answer, its error, or None: to be searched on its own (shards without SearchBatch,
-        a query the shards refused, or a fleet that turned out to serve another model)."""
+        """Queries of one fleet's model answered with one SearchBatch call per shard (the
+        coalescer's batch, `_search_together`); per query, its answer, its error, or None: to
+        be searched on its own (a fleet that turned out to serve another model)."""
         answers: list[pb.RetrieveResponse | Exception | None] = [None] * len(queries)
         ready: list[tuple[int, np.ndarray, int]] = []
         for j, q in enumerate(queries):
@@ -394,25 +398,15 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 answers[j] = exc
         if not ready:
             return answers
-        batch = pb.SearchBatchRequest()
-        for j, vec, depth in ready:
-            search = batch.searches.add(k=depth, filters=queries[j].request.filters, request_id=queries[j].rid)
-            search.vector.extend(vec.tolist())
+        searched = self._search_together([_ShardQuery(fleet, _search_request(vec, depth, queries[j]), deadline)
+                                          for j, vec, depth in ready])
         shards = list(range(len(fleet)))
-        try:
-            outcomes = call_replicas(
-                [fleet.replica_sets[s] for s in shards],
-                lambda shard, replica, timeout: self._submit(fleet.search_stubs[shard][replica].SearchBatch, batch, timeout),
-                deadline, self.hedge_after_s, fatal=_is_invalid_argument, budget=self.hedge_budget,
-            )
-        except Fatal:
-            return answers  # a search the shards refuse: each alone, so only that one fails
-        if any(not o.ok and _failure_code(o) == grpc.StatusCode.UNIMPLEMENTED.name for o in outcomes):
-            return answers  # shards older than SearchBatch
-        for n, (j, vec, depth) in enumerate(ready):
+        for (j, vec, depth), outcomes in zip(ready, searched):
             with structlog.contextvars.bound_contextvars(request_id=queries[j].rid):
-                hits, failed, why, models = self._collect(fleet, shards, outcomes, lambda reply: reply.results[n])
                 try:
+                    if isinstance(outcomes, Exception):
+                        raise outcomes
+                    hits, failed, why, models = self._collect(fleet, shards, outcomes, lambda reply: reply)
                     answers[j] = self._answer(fleet, queries[j], vec, depth, deadline, hits, failed, why, models)
                 except OtherModel:
                     answers[j] = None
@@ -499,8 +493,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
     ) -> tuple[list[ShardHits], list[int], list[str], dict[int, str]]:
         """Search `shards` (default: all) for `k` each; (answers, failed shards, their codes,
         the model each answering shard serves)."""
-        search = pb.SearchRequest(k=k, filters=request.filters, request_id=rid)
-        search.vector.extend(vec.tolist())
+        search = pb.SearchRequest(k=k, filters=request.filters, request_id=rid, vector=vec.tolist())
         if shards is None and self._coalescer is not None:
             outcomes = self._coalesced(_ShardQuery(fleet, search, deadline))
             if outcomes is not None:
@@ -523,16 +516,14 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         """The query's first round through the coalescer; None when it was not taken into a batch
         within coalesce_wait_ms (the batch in flight is slow: a shard hanging until the deadline),
         so that it goes on its own and still gets the other shards' answers in time."""
-        future = self._coalescer.submit(query)
-        give_up = time.monotonic() + min(self.config.coalesce_wait_ms / 1000, (query.deadline - time.monotonic()) / 2)
-        while not (future.running() or future.done()):
-            if time.monotonic() >= give_up and future.cancel():
-                return None
-            time.sleep(0.0002)
+        remaining = max(query.deadline - time.monotonic(), 0.0)
         try:
             # Its batch's shard calls end by the batch's earliest deadline, at most this query's:
             # the backstop is only for a batch that could not even start its calls.
-            outcomes = future.result(timeout=max(query.deadline - time.monotonic(), 0.0) + 0.25)
+            outcomes = self._coalescer.call(query, timeout=remaining + 0.25,
+                                            start_within=min(self.config.coalesce_wait_ms / 1000, remaining / 2))
+        except NotStarted:
+            return None
         except TimeoutError:
             outcomes = [Outcome(shard, timed_out=True) for shard in range(len(query.fleet))]
         if isinstance(outcomes, Exception):

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from feedret.microbatch import MicroBatcher
+from feedret.microbatch import MicroBatcher, NotStarted
 
 
 class Gated:
@@ -102,6 +102,22 @@ def test_an_item_cancelled_while_queued_is_never_run_and_a_timed_out_call_is_dro
         assert busy.result(5) == 10 and kept.result(5) == 40
         assert run.calls == [[1], [4]]
     finally:
+        batcher.close()
+
+
+def test_an_item_no_batch_takes_within_start_within_is_withdrawn_and_one_taken_is_answered():
+    run = Gated()
+    batcher = MicroBatcher(run, max_batch=4)
+    try:
+        busy = batcher.submit(1)  # the worker is held in this batch
+        run.started.wait(5)
+        with pytest.raises(NotStarted):
+            batcher.call(2, timeout=5, start_within=0.05)
+        run.release.set()
+        assert busy.result(5) == 10 and batcher.call(3, timeout=5, start_within=1) == 30
+        assert [c for c in run.calls if 2 in c] == []  # withdrawn, never run
+    finally:
+        run.release.set()
         batcher.close()
 
 
