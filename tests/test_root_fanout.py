@@ -526,7 +526,8 @@ def test_concurrent_retrieves_are_sent_to_each_shard_together_and_answered_exact
 
     rng = np.random.default_rng(12)
     servers, addresses, shards, vectors = recording_shards(rng, (150, 150), servicer_class=SlowShard)
-    root, address, _ = start_root(addresses)
+    # Queries wait for the batch in flight (50 ms a search) rather than going alone after 50 ms.
+    root, address, _ = start_root(addresses, coalesce_wait_ms=5000)
     try:
         queries = [rng.normal(size=DIM).astype(np.float32) for _ in range(24)]
         with FeedretClient(address) as client:
