@@ -774,13 +774,13 @@ class ShardIndex:
             scores, slots = self._ann_search(self._ann, query, plan, batched, gpu)
         return self._slots.post_id[slots].copy(), scores
 
-    def _search_batch_flat(
+    def _search_batch_cpu(
         self, queries: np.ndarray, ks: Sequence[int], filts: Sequence[SearchFilter | None]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """A Flat faiss index's batch: the queries whose filter only excludes posts (a feed's
-        "seen" list) share one faiss search over the live rows, deep enough to drop their
-        exclusions after; age and language filters, which can rule out most posts, are
-        searched one by one. Each answer is the one `search` gives."""
+        """A CPU faiss index's batch (Flat, IVF, HNSW): the queries whose filter only excludes
+        posts (a feed's "seen" list) share one search of the live posts (`_top_live`), deep
+        enough to drop their exclusions after; age and language filters, which can rule out
+        most posts, and a row the shared search left short are searched as `search` does."""
         queries = self.prepare(queries)
         faiss_ann.use_threads(self.options.search_threads)
         out: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(queries)
@@ -789,20 +789,47 @@ class ShardIndex:
             if not live:
                 return [_EMPTY] * len(queries)
             shared = [i for i, f in enumerate(filts) if f is None or (f.min_created_at is None and not f.languages)]
-            if shared:
+            if len(shared) > 1:
                 excluded = [np.array(sorted({self._slot_of[p] for p in (filts[i].exclude_post_ids if filts[i] else ())
                                             if p in self._slot_of}), np.int64) for i in shared]
                 depth = min(max(int(ks[i]) + len(x) for i, x in zip(shared, excluded)), live)
-                scores, slots = self._store.search_batch(queries[shared], depth, self._slots.alive[: self._next_slot])
+                scores, slots = self._top_live(queries[shared], depth)
                 for row, (i, x) in enumerate(zip(shared, excluded)):
-                    keep = (slots[row] >= 0) & ~np.isin(slots[row], x)
-                    top = slots[row][keep][: int(ks[i])]
-                    out[i] = (self._slots.post_id[top].copy(), scores[row][keep][: int(ks[i])].astype(np.float32))
+                    keep = slots[row] >= 0
+                    if len(x):
+                        keep &= ~np.isin(slots[row], x)
+                    want = min(int(ks[i]), live - len(x))
+                    top = slots[row][keep][:want]
+                    if len(top) == want:  # else: searched alone, which widens until k are found
+                        out[i] = (self._slots.post_id[top].copy(), scores[row][keep][:want].astype(np.float32))
             for i, (q, k, f) in enumerate(zip(queries, ks, filts)):
                 if out[i] is None:
                     plan = self._plan(k, f)
                     out[i] = _EMPTY if plan is None else self._answer(q, plan)
         return out
+
+    def _top_live(self, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Under the read lock: each query's top `depth` live posts, (B, depth) scores and
+        slots (-1 past the last found), in one search: exact over the store where `_plan`
+        would search exactly, else the approximate index merged with the posts it does not
+        hold yet (searched exactly, as `_ann_search` does for one query)."""
+        alive = self._slots.alive[: self._next_slot]
+        ann = self._ann
+        live = len(self._slot_of)
+        if ann is None or live <= 4 * depth:
+            return self._store.search_batch(queries, depth, alive)
+        ann_mask = alive & self._slots.in_ann[: self._next_slot] if self.tombstones else None
+        nprobe, ef = self.search_breadth(ann, depth, 1.0)
+        scores, slots = ann.search_batch(queries, depth, ann_mask, nprobe, ef)
+        scores = np.where(slots >= 0, scores, -np.inf).astype(np.float32)
+        buffered = self._buffered()
+        if buffered is not None:
+            extra_scores, extra_slots = self._store.search_batch(queries, depth, buffered)
+            scores = np.concatenate([scores, extra_scores], axis=1)
+            slots = np.concatenate([slots, extra_slots], axis=1)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+            scores, slots = np.take_along_axis(scores, order, axis=1), np.take_along_axis(slots, order, axis=1)
+        return scores, slots
 
     @property
     def batches_searches(self) -> bool:
@@ -819,15 +846,16 @@ class ShardIndex:
         """`search` for several queries at once, each with its own k and filter; results in order.
 
         With the torch store, one pass over the rows answers them all (each query
-        masked by its own filter); otherwise the queries are searched one by one.
+        masked by its own filter); through a GPU copy, one GPU search; on a CPU faiss
+        index, one search for the queries without age or language filters.
         """
         if not (len(queries) == len(ks) == len(filts)):
             raise ValueError(f"{len(queries)} queries, {len(ks)} ks and {len(filts)} filters")
         if not isinstance(self._store, TorchStore):
             if self.batches_searches:
                 return self._search_batch_on_gpu(queries, ks, filts)
-            if self._ann is None and len(queries) > 1:
-                return self._search_batch_flat(queries, ks, filts)
+            if len(queries) > 1:
+                return self._search_batch_cpu(queries, ks, filts)
             return [self.search(q, k, f) for q, k, f in zip(queries, ks, filts)]
         queries = self.prepare(queries)
         with self._lock.read():

@@ -197,3 +197,41 @@ def test_a_flat_faiss_batch_is_one_search_and_answers_each_query_as_alone():
     assert len(batched[5][0]) == 7 and len(batched[6][0]) == 6
     empty = ShardIndex(D)
     assert [len(ids) for ids, _ in empty.search_batch(queries[:2], [5, 5], [None, None])] == [0, 0]
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "HNSW16"])
+def test_an_approximate_faiss_batch_is_one_search_and_answers_each_query_as_alone(factory):
+    rng = np.random.default_rng(5)
+    # nprobe 16 of 16 lists and a wide HNSW search: the approximate answers are the exact
+    # ones, so "as alone" can be checked post for post.
+    ix = ShardIndex(D, options=IndexOptions(index_factory=factory, train_size=1000, nprobe=16,
+                                            ef_search=512, background=False))
+    n = 3000
+    vecs = unit(rng, n)
+    ix.upsert(list(range(n)), vecs, created_at=[float(i) for i in range(n)],
+              langs=["en" if i % 3 else "de" for i in range(n)], indexed_at=float(n), model_versions=["m1"] * n)
+    ix.delete([5, 6, 7])  # IVF removes them; HNSW cannot and keeps tombstones
+    assert ix._ann is not None and (ix.tombstones == 3) is (factory == "HNSW16")
+    if factory == "IVF16,Flat":
+        # Posts published while a rebuild runs are live but not in the approximate index yet:
+        # a batch must find them as a search alone does (exactly, beside the index).
+        pending = np.arange(100, 140)
+        ix._ann.remove(pending)
+        ix._slots.in_ann[pending] = False
+        ix._version += 1
+    queries = unit(rng, len(FILTERS))
+    queries[0] = vecs[120]  # its best match is a post the index does not hold yet
+    ks = [10, 50, 20, 100, 5, 30, 6]
+    calls = []
+    original = ix._ann.search_batch
+    ix._ann.search_batch = lambda *a: (calls.append(len(a[0])), original(*a))[1]
+    batched = ix.search_batch(queries, ks, FILTERS)
+    assert calls[0] == 3  # no filter, an empty one, and the "seen" list share one search
+    for q, k, f, (ids, scores) in zip(queries, ks, FILTERS, batched):
+        alone_ids, alone_scores = ix.search(q, k, f)
+        assert ids.tolist() == alone_ids.tolist()
+        np.testing.assert_allclose(scores, alone_scores, rtol=1e-5, atol=1e-6)
+    assert batched[0][0][0] == 120
+    assert not {5, 6, 7} & set(batched[0][0].tolist() + batched[1][0].tolist())
+    assert not {0, 1, 2, 3, 4, 8, 9} & set(batched[2][0].tolist()) and len(batched[2][0]) == 20
+    assert len(batched[5][0]) == 7 and len(batched[6][0]) == 6
