@@ -197,6 +197,9 @@ def is_exact(index_factory: str) -> bool:
     return index_factory.strip().replace(" ", "").lower() in ("flat", "flatip")
 
 
+VECTOR_CODECS = ("float32", "float16", "int8", "binary")  # feedret.indexer.codecs.CODECS
+
+
 class IndexSettings(_Settings):
     """How a shard indexes, declared once: each field is a FEEDRET_* variable of ShardConfig,
     which is an IndexSettings, and feedret.indexer.shard_index.IndexOptions is made from
@@ -230,6 +233,20 @@ class IndexSettings(_Settings):
     # A filter passing fewer than this fraction of the shard's posts is searched exactly.
     exact_filter_fraction: float = Field(default=0.05, ge=0, le=1)
     retention_s: float = Field(default=0.0, ge=0)  # evict posts created longer ago; 0: keep forever
+    # How the shard keeps each vector (feedret.indexer.codecs), the faiss backend's choice of
+    # memory per post: float32 (4 bytes a dimension), float16 (2), int8 (1; each dimension's
+    # range learned from the first codec_train_size vectors, held as float32 until then) or
+    # binary (sign bits searched by Hamming distance, binary_rescore x k candidates rescored
+    # from int8 in memory: 1/8 + 1 byte a dimension; or, with rescore_dir, from float32 in a
+    # memory-mapped file there: 1/8 byte a dimension in memory).
+    vector_codec: str = "float32"
+    codec_train_size: int = Field(default=10_000, ge=1)
+    binary_rescore: int = Field(default=8, ge=1)
+    rescore_dir: str = ""
+    # binary: how the sign bits are searched before rescoring: asymmetric (the float query
+    # against each post's signs) or hamming (popcounts of the query's own sign bits: faster,
+    # lower recall at the same binary_rescore).
+    binary_search: str = "asymmetric"
 
     @field_validator("index_backend")
     @classmethod
@@ -242,6 +259,14 @@ class IndexSettings(_Settings):
     def _index_combination(self) -> "IndexSettings":
         if self.index_backend == "torch" and not is_exact(self.index_factory):
             raise ValueError(f"index_backend torch searches exactly: index_factory must be Flat, not {self.index_factory!r}")
+        if self.vector_codec not in VECTOR_CODECS:
+            raise ValueError(f"unknown vector_codec {self.vector_codec!r}; one of {', '.join(VECTOR_CODECS)}")
+        if self.vector_codec != "float32" and self.index_backend == "torch":
+            raise ValueError(f"vector_codec {self.vector_codec}: the faiss backend's; the torch backend keeps float32")
+        if self.binary_search not in ("asymmetric", "hamming"):
+            raise ValueError(f"unknown binary_search {self.binary_search!r}; one of asymmetric, hamming")
+        if self.rescore_dir and self.vector_codec != "binary":
+            raise ValueError("rescore_dir is where binary codes are rescored from: set vector_codec binary")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.index_device):
             raise ValueError(f"index_device {self.index_device!r}: one of auto, cpu, cuda, cuda:N")
         return self
@@ -260,7 +285,8 @@ class ShardConfig(IndexSettings):
     model_version: str = ""
     # The index settings (index_factory, index_backend, index_device, serve_dimension,
     # train_size, nprobe, ef_search, search_threads, rebuild_fraction, exact_filter_fraction,
-    # retention_s) are IndexSettings' fields, above.
+    # retention_s, vector_codec, codec_train_size, binary_rescore, rescore_dir, binary_search) are
+    # IndexSettings' fields, above.
     sweep_interval_s: float = Field(default=1.0, gt=0)  # retention sweep and rebuild check
     # Snapshots of the index, its ids and attributes and the applied offset, so a restart
     # loads the newest intact one and replays only the partition's tail. A local directory,

@@ -120,6 +120,12 @@ class _ShardCollector:
         tombstones = GaugeMetricFamily(
             "feedret_shard_tombstones", "Deleted posts still in an HNSW index until its next rebuild.", labels=labels
         )
+        vector_bytes = GaugeMetricFamily(
+            "feedret_shard_vector_bytes",
+            "Bytes of vectors the shard's store holds in memory, by codec (float32, float16, int8, binary; "
+            "a binary store rescored from disk counts its bits only). An approximate index's own codes are apart.",
+            labels=["shard", "codec"],
+        )
         upserts = CounterMetricFamily("feedret_shard_upserts", "Upserts applied.", labels=labels)
         deletes = CounterMetricFamily("feedret_shard_deletes", "Deletes applied.", labels=labels)
         rejected = CounterMetricFamily(
@@ -156,6 +162,8 @@ class _ShardCollector:
                 lag.add_metric(shard, max(state.end_offset - state.applied_offset, 0))
             buffered.add_metric(shard, stats.buffered)
             tombstones.add_metric(shard, stats.tombstones)
+            if index is not None:
+                vector_bytes.add_metric([*shard, stats.vector_codec], stats.store_bytes)
             upserts.add_metric(shard, state.upserts)
             deletes.add_metric(shard, state.deletes)
             for reason, count in sorted(state.rejected_reasons.items()):
@@ -167,7 +175,7 @@ class _ShardCollector:
                 if stats.gpu_searches or stats.gpu_declined:
                     gpu.add_metric([*shard, "answered"], stats.gpu_searches)
                     gpu.add_metric([*shard, "declined"], stats.gpu_declined)
-        yield from (indexed, dimension, vector_dimension, applied, end, lag, buffered, tombstones)
+        yield from (indexed, dimension, vector_dimension, applied, end, lag, buffered, tombstones, vector_bytes)
         yield from (upserts, deletes, rejected, evicted, rebuilds, info, gpu)
 
 

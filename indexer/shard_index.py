@@ -38,7 +38,7 @@ import numpy as np
 import structlog
 
 from feedret.config import IndexSettings, is_exact
-from feedret.indexer import faiss_ann
+from feedret.indexer import codecs, faiss_ann
 from feedret.indexer.faiss_ann import Ann, IndexConfigError
 from feedret.indexer.rwlock import RWLock
 from feedret.indexer.stores import FaissFlatStore, TorchStore, _grown
@@ -91,7 +91,8 @@ def _from_config(cls, config: IndexSettings) -> "IndexOptions":
 # A frozen dataclass made from IndexSettings' fields, so each is declared once, in feedret.config
 # (its type, default, limits and meaning, and the FEEDRET_* variable that sets it): index_factory,
 # backend, device, serve_dimension, train_size, nprobe, ef_search, search_threads,
-# rebuild_fraction, exact_filter_fraction, retention_s. `from_config` maps a ShardConfig onto it.
+# rebuild_fraction, exact_filter_fraction, retention_s, vector_codec, codec_train_size, binary_rescore,
+# rescore_dir, binary_search. `from_config` maps a ShardConfig onto it.
 # IndexOptions(...) itself validates nothing: ShardIndex refuses what cannot work (IndexConfigError).
 IndexOptions = make_dataclass(
     "IndexOptions",
@@ -132,6 +133,8 @@ class IndexInfo:
     ann_entries: int = 0
     slots: int = 0
     store_rows: int = 0
+    vector_codec: str = ""  # what the store keeps a vector as now (float32 while int8 is staged)
+    store_bytes: int = 0  # the store's rows in this process's memory (codes; not a disk rescoring store)
     evicted: int = 0
     rebuilds: int = 0
 
@@ -236,20 +239,24 @@ class ShardIndex:
         self.gpu_searches = faiss_ann.MirrorCounts()  # over every mirror this index has had
         # Flat (feedret.config.is_exact): the store is the whole index, searched exactly, never trained.
         self.exact_only = is_exact(opts.index_factory)
+        if opts.vector_codec not in codecs.CODECS:
+            raise IndexConfigError(f"unknown vector codec {opts.vector_codec!r}; one of {', '.join(codecs.CODECS)}")
         if opts.backend == "torch":
+            if opts.vector_codec != "float32":
+                raise IndexConfigError(f"vector codec {opts.vector_codec}: the torch backend keeps float32")
             if not self.exact_only:
                 raise IndexConfigError(
                     f"the torch backend is exact brute force: index factory must be Flat, not {opts.index_factory!r}"
                 )
             self._store = TorchStore(self.dimension, opts.device, opts.torch_chunk_rows)
             self.index_type = self._store.kind
-        elif self.exact_only and self._flat_on_gpu():
+        elif self.exact_only and opts.vector_codec == "float32" and self._flat_on_gpu():
             # Exact search on a GPU is the torch store's: any k, filters inside the search,
             # deletes in place, none of which a faiss GPU Flat index offers.
             self._store = TorchStore(self.dimension, opts.device, opts.torch_chunk_rows)
             self.index_type = "Flat"
         else:
-            self._store = FaissFlatStore(self.dimension)
+            self._store = codecs.new_store(self.dimension, opts.vector_codec, **self._codec_options())
             self.index_type = "Flat" if self.exact_only else opts.index_factory
             if not self.exact_only:
                 probe = faiss_ann.new_index(opts.index_factory, self.dimension)
@@ -281,6 +288,28 @@ class ShardIndex:
 
     def __len__(self) -> int:
         return len(self._slot_of)
+
+    def _codec_options(self) -> dict:
+        o = self.options
+        return {"train_size": o.codec_train_size, "rescore": o.binary_rescore, "rescore_dir": o.rescore_dir,
+                "binary_search": o.binary_search}
+
+    @property
+    def vector_codec(self) -> str:
+        """The codec the store holds vectors in now (float32 while an int8 one is staged)."""
+        return codecs.codec_of(self._store)
+
+    def _maybe_encode(self) -> None:
+        """Under the write lock: once a staged codec has seen enough vectors, encode the store
+        (the float32 rows go; what is written from now on is encoded as it lands)."""
+        store = self._store
+        if isinstance(store, codecs.Staged) and len(self._slot_of) >= store.train_size:
+            started = time.perf_counter()
+            live = np.flatnonzero(self._slots.alive[: self._next_slot])
+            self._store = store.encoded(live)
+            self._version += 1
+            log.info("store_encoded", codec=store.codec, rows=self._store.capacity, trained_on=len(live),
+                     seconds=round(time.perf_counter() - started, 3))
 
     def __contains__(self, post_id: int) -> bool:
         return post_id in self._slot_of
@@ -503,6 +532,7 @@ class ShardIndex:
                     with self._build.delta_lock:
                         self._build.delta.append(slots)
                 self._slot_of.update(zip(ids.tolist(), slots.tolist()))
+                self._maybe_encode()
             build = self._maybe_train()
         if linking is not None:
             self._link_in_steps(*linking)
@@ -979,7 +1009,7 @@ class ShardIndex:
             n = self._next_slot
             s = self._slots
             sections = {name: getattr(s, name)[:n].copy() for name in _Slots.NAMES}
-            sections["rows"] = self._store.read(np.arange(n, dtype=np.int64))
+            sections.update(codecs.export(self._store, n))
             if self._ann is not None:
                 sections["ann"] = faiss.serialize_index(self._ann.index)
             if self._template is not None:
@@ -989,6 +1019,7 @@ class ShardIndex:
                 "dimension": self.dimension,
                 "index_factory": self.index_factory,
                 "backend": self.options.backend,
+                "codec": self.vector_codec,
                 "langs": list(self._langs.names),
                 "model_versions": list(self._models.names),
                 "ann_removable": self._ann.removable if self._ann is not None else False,
@@ -1026,8 +1057,15 @@ class ShardIndex:
             for name in _Slots.NAMES:
                 getattr(s, name)[:n] = sections[name]
             ix._next_slot = n
-            ix._store.reserve(n)
-            ix._store.write(np.arange(n, dtype=np.int64), sections["rows"])
+            if isinstance(ix._store, TorchStore):
+                ix._store.reserve(n)
+                ix._store.write(np.arange(n, dtype=np.int64), sections["rows"])
+            else:
+                try:
+                    ix._store = codecs.restore(ix.dimension, options.vector_codec, meta.get("codec", "float32"),
+                                               sections, **ix._codec_options())
+                except ValueError as exc:
+                    raise IndexConfigError(str(exc)) from None
             ix._langs = _Interned(meta["langs"])
             ix._models = _Interned(meta["model_versions"])
             live = np.flatnonzero(s.alive[:n])
@@ -1041,7 +1079,9 @@ class ShardIndex:
                 ix._ann = ix._mirrored(ix._ann)
             elif ix._ann is None:
                 s.in_ann[:] = False
-            ix._drop_unsound(sections["rows"], live)
+            if "rows" in sections and "codes" not in sections:  # codes were checked before they were encoded
+                ix._drop_unsound(sections["rows"], live)
+            ix._maybe_encode()
             ix.tombstones = int(np.count_nonzero(s.in_ann[:n] & ~s.alive[:n]))
             ix.evicted = int(meta.get("evicted", 0))
             ix.rebuilds = int(meta.get("rebuilds", 0))
@@ -1103,6 +1143,8 @@ class ShardIndex:
                 ann_entries=self._ann.ntotal if self._ann is not None else 0,
                 slots=n,
                 store_rows=self._store.capacity,
+                vector_codec=self.vector_codec,
+                store_bytes=self._store.nbytes,
                 evicted=self.evicted,
                 rebuilds=self.rebuilds,
             )

@@ -29,7 +29,8 @@ def round_trip(ix: ShardIndex, tmp_path, options=None) -> ShardIndex:
     return ShardIndex.from_state(header["index"], read, options or ix.options)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "ivf-buffering", "hnsw", "torch"])
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "ivf-buffering", "hnsw", "torch",
+                                  "fp16", "int8", "binary", "binary-disk", "ivf-int8"])
 def test_a_restored_index_answers_like_the_original_and_keeps_working(kind, tmp_path):
     rng = np.random.default_rng(4)
     opts = replace(KINDS["ivf-flat" if kind == "ivf-buffering" else kind], background=False)
@@ -45,8 +46,11 @@ def test_a_restored_index_answers_like_the_original_and_keeps_working(kind, tmp_
     ref.upsert(ix, ids[1:200:5], unit(rng, 40), [7.0] * 40, ["fr"] * 40)
 
     restored = round_trip(ix, tmp_path)
-    for key in ("index_type", "state", "indexed", "dimension", "buffered", "tombstones", "ann_entries", "slots"):
+    for key in ("index_type", "state", "indexed", "dimension", "buffered", "tombstones", "ann_entries", "slots",
+                "vector_codec"):
         assert getattr(restored.info(), key) == getattr(ix.info(), key), key
+    per_post = [i.store_bytes / i.store_rows for i in (ix.info(), restored.info())]  # a restore sizes exactly
+    assert per_post[0] == per_post[1], per_post
     filt = SearchFilter(languages=["de", "fr"], exclude_post_ids=ids[1:50].tolist())
     for q in unit(rng, 4):
         for f in (None, filt):
@@ -66,7 +70,7 @@ def test_a_restored_index_answers_like_the_original_and_keeps_working(kind, tmp_
     assert restored.wait_idle(60)
     for q in unit(rng, 4):
         check(restored, ref, q, 40, min_recall=0.5)
-    if kind in ("flat", "torch", "ivf-flat", "ivf-buffering"):
+    if kind in ("flat", "torch", "ivf-flat", "ivf-buffering", "fp16", "int8", "binary", "binary-disk", "ivf-int8"):
         assert restored.info().slots == slots
 
 
@@ -331,3 +335,29 @@ def test_an_unreachable_bucket_means_a_full_replay_not_a_shard_that_will_not_sta
         assert nowhere.index is None
     finally:
         s3fs.S3FileSystem.clear_instance_cache()  # the other tests' filesystems point at the server again
+
+
+def test_a_codec_snapshot_restores_its_codes_and_a_float32_one_converts(tmp_path):
+    """Changing a shard's codec from float32 needs no replay: its float32 snapshot is encoded at
+    restore. Codes of one codec are not turned into another's: refused, so the shard replays."""
+    rng = np.random.default_rng(5)
+    vecs = unit(rng, 1200)
+    ids = np.arange(1200, dtype=np.int64)
+    f32 = ShardIndex(D, options=IndexOptions())
+    f32.upsert(ids, vecs, [0.0] * 1200, ["en"] * 1200, 0, model_versions=["m1"] * 1200)
+    as_int8 = round_trip(f32, tmp_path / "a", IndexOptions(vector_codec="int8", codec_train_size=1000))
+    info = as_int8.info()
+    assert info.vector_codec == "int8" and info.store_bytes == info.store_rows * D
+    assert as_int8.search(vecs[3], 1)[0].tolist() == [3]
+    with pytest.raises(IndexConfigError, match="int8 codes"):
+        round_trip(as_int8, tmp_path / "b", IndexOptions(vector_codec="binary"))
+    # Fewer vectors than the codec trains on: the snapshot holds float32 rows, restored staged,
+    # and the store is encoded once enough have arrived.
+    staged = ShardIndex(D, options=IndexOptions(vector_codec="int8", codec_train_size=1000))
+    staged.upsert(ids[:600], vecs[:600], [0.0] * 600, ["en"] * 600, 0, model_versions=["m1"] * 600)
+    assert staged.info().vector_codec == "float32"
+    restored = round_trip(staged, tmp_path / "c")
+    assert restored.info().vector_codec == "float32" and len(restored) == 600
+    restored.upsert(ids[600:], vecs[600:], [0.0] * 600, ["en"] * 600, 0, model_versions=["m1"] * 600)
+    assert restored.info().vector_codec == "int8"
+    assert [restored.search(vecs[i], 1)[0][0] for i in (5, 700)] == [5, 700]
