@@ -29,15 +29,11 @@ import tempfile
 import faiss
 import numpy as np
 
-from feedret.indexer.stores import FaissFlatStore
+from feedret.indexer.stores import FaissFlatStore, _grown
 
 CODECS = ("float32", "float16", "int8", "binary")
 BINARY_SEARCHES = ("asymmetric", "hamming")
 _EMPTY = (np.empty(0, np.float32), np.empty(0, np.int64))
-
-
-def _grown(capacity: int, needed: int) -> int:
-    return max(1024, 2 * capacity, needed)
 
 
 def _selector(mask: np.ndarray, keep: list):

@@ -41,7 +41,7 @@ from feedret.config import IndexSettings, is_exact
 from feedret.indexer import codecs, faiss_ann
 from feedret.indexer.faiss_ann import Ann, IndexConfigError
 from feedret.indexer.rwlock import RWLock
-from feedret.indexer.stores import FaissFlatStore, TorchStore, _grown
+from feedret.indexer.stores import TorchStore, _grown, release_free_memory
 
 log = structlog.get_logger(__name__)
 
@@ -308,7 +308,10 @@ class ShardIndex:
             live = np.flatnonzero(self._slots.alive[: self._next_slot])
             self._store = store.encoded(live)
             self._version += 1
-            log.info("store_encoded", codec=store.codec, rows=self._store.capacity, trained_on=len(live),
+            codec = store.codec
+            del store
+            release_free_memory()
+            log.info("store_encoded", codec=codec, rows=self._store.capacity, trained_on=len(live),
                      seconds=round(time.perf_counter() - started, 3))
 
     def __contains__(self, post_id: int) -> bool:
@@ -414,7 +417,7 @@ class ShardIndex:
         fresh = list(range(self._next_slot, self._next_slot + n - len(reuse)))
         self._next_slot += len(fresh)
         if self._next_slot > len(self._slots.alive):
-            self._slots.grow(max(1024, 2 * self._next_slot))
+            self._slots.grow(_grown(len(self._slots.alive), self._next_slot))
         self._store.reserve(self._next_slot)
         return np.array(reuse + fresh, dtype=np.int64)
 
@@ -444,8 +447,10 @@ class ShardIndex:
                     log.info("store_growth_dropped", reason="written meanwhile")
                     return
                 self._store = bigger
-            log.info("store_grown", rows=bigger.capacity, was=store.capacity,
-                     copy_s=round(time.perf_counter() - started, 3))
+            was = store.capacity
+            del store  # searches still holding it finish with it; then its memory goes back
+            release_free_memory()
+            log.info("store_grown", rows=bigger.capacity, was=was, copy_s=round(time.perf_counter() - started, 3))
 
     def _release(self, slots: np.ndarray) -> None:
         """Slots whose post was deleted, replaced or evicted. Under the write lock."""

@@ -25,7 +25,29 @@ _EMPTY = (np.empty(0, np.float32), np.empty(0, np.int64))
 
 
 def _grown(capacity: int, needed: int) -> int:
-    return max(1024, 2 * capacity, needed)
+    """Rows to grow to: double while small, then a quarter more at a time, so a large store
+    carries at most 25% empty rows (doubling left up to half of a 10M-post store's memory unused)."""
+    step = capacity if capacity < (1 << 20) else capacity // 4
+    return max(1024, capacity + step, needed)
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by a grown, encoded or exported store back to the OS (glibc's
+    malloc_trim). Without it a process keeps the heap pages of every array it freed, and its
+    resident memory is the high-water mark of every growth, not what it holds."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False  # not glibc: nothing to trim this way
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class FaissFlatStore:

@@ -21,6 +21,7 @@ from feedret.indexer import metrics
 from feedret.indexer import snapshot as snapshots
 from feedret.indexer.replica import ShardState
 from feedret.indexer.shard_index import IndexConfigError
+from feedret.indexer.stores import release_free_memory
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +84,8 @@ class Snapshotter(threading.Thread):
             offset, header, sections = captured
             cfg = self.state.config
             location, size = self.store.write(cfg.shard_id, offset, header, sections)
+            del sections
+            release_free_memory()  # the copy was as large as the index: give its pages back
             self.last_offset, self.last_written_at = offset, header["written_at"]
             metrics.observe_snapshot(cfg.shard_id, time.monotonic() - started, size)
             log.info(
