@@ -40,6 +40,7 @@ import structlog
 from feedret.config import IndexSettings, is_exact
 from feedret.indexer import codecs, faiss_ann
 from feedret.indexer.faiss_ann import Ann, IndexConfigError
+from feedret.indexer.idmap import IdMap
 from feedret.indexer.rwlock import RWLock
 from feedret.indexer.stores import TorchStore, _grown, release_free_memory
 
@@ -275,7 +276,7 @@ class ShardIndex:
         self._slots = _Slots()
         self._next_slot = 0
         self._free: list[int] = []
-        self._slot_of: dict[int, int] = {}
+        self._slot_of = IdMap()  # post id -> slot
         self._langs = _Interned()
         self._models = _Interned()  # model versions
         self._lock = RWLock()
@@ -469,10 +470,8 @@ class ShardIndex:
             return  # the build may hold them: freed (or tombstoned) when it swaps in
         self._free.extend(slots[~s.in_ann[slots]].tolist())
 
-    def _pop_slots(self, post_ids: Iterable[int]) -> np.ndarray:
-        return np.fromiter(
-            (self._slot_of.pop(pid) for pid in post_ids if pid in self._slot_of), dtype=np.int64
-        )
+    def _pop_slots(self, post_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        return self._slot_of.pop_many(post_ids)
 
     def upsert(
         self,
@@ -512,7 +511,7 @@ class ShardIndex:
         if len(ids):
             self._make_room(len(ids))
         with self._lock.write():
-            self._release(self._pop_slots(ids.tolist() + expired.tolist()))
+            self._release(self._pop_slots(np.concatenate([ids, expired])))
             self._version += 1
             if len(ids):
                 slots = self._take_slots(len(ids))
@@ -536,7 +535,7 @@ class ShardIndex:
                 if self._build is not None:
                     with self._build.delta_lock:
                         self._build.delta.append(slots)
-                self._slot_of.update(zip(ids.tolist(), slots.tolist()))
+                self._slot_of.insert_many(ids, slots)
                 self._maybe_encode()
             build = self._maybe_train()
         if linking is not None:
@@ -585,8 +584,7 @@ class ShardIndex:
             slots = np.flatnonzero(s.alive[:n] & (s.created_at[:n] < cutoff))
             if not len(slots):
                 return 0
-            for pid in s.post_id[slots].tolist():
-                del self._slot_of[pid]
+            self._slot_of.pop_many(s.post_id[slots])
             self._release(slots)
             self._version += 1
             self.evicted += len(slots)
@@ -742,6 +740,13 @@ class ShardIndex:
 
     # ------------------------------------------------------------ reads
 
+    def _excluded_slots(self, post_ids: Sequence[int]) -> np.ndarray:
+        """Slots of the posts a filter excludes that this shard holds (a feed's "seen" list)."""
+        if not len(post_ids):
+            return np.empty(0, np.int64)
+        slots = self._slot_of.get_many(np.asarray(post_ids, np.int64))
+        return np.unique(slots[slots >= 0])
+
     def _allowed(self, filt: SearchFilter) -> np.ndarray:
         n = self._next_slot
         s = self._slots
@@ -751,9 +756,7 @@ class ShardIndex:
         if filt.languages:
             codes = self._langs.known(filt.languages)
             mask &= np.isin(s.lang[:n], np.array(codes, dtype=np.int32))
-        excluded = [self._slot_of[p] for p in filt.exclude_post_ids if p in self._slot_of]
-        if excluded:
-            mask[excluded] = False
+        mask[self._excluded_slots(filt.exclude_post_ids)] = False
         return mask
 
     def _buffered(self) -> np.ndarray | None:
@@ -825,8 +828,7 @@ class ShardIndex:
                 return [_EMPTY] * len(queries)
             shared = [i for i, f in enumerate(filts) if f is None or (f.min_created_at is None and not f.languages)]
             if len(shared) > 1:
-                excluded = [np.array(sorted({self._slot_of[p] for p in (filts[i].exclude_post_ids if filts[i] else ())
-                                            if p in self._slot_of}), np.int64) for i in shared]
+                excluded = [self._excluded_slots(filts[i].exclude_post_ids if filts[i] else ()) for i in shared]
                 depth = min(max(int(ks[i]) + len(x) for i, x in zip(shared, excluded)), live)
                 scores, slots = self._top_live(queries[shared], depth)
                 for row, (i, x) in enumerate(zip(shared, excluded)):
@@ -902,8 +904,7 @@ class ShardIndex:
             # search k + that many over the shared mask and drop them after. Only age and
             # language filters, which can exclude most posts, get a mask row of their own.
             excluded = [
-                np.array([self._slot_of[p] for p in f.exclude_post_ids if p in self._slot_of], np.int64)
-                if f is not None else np.empty(0, np.int64)
+                self._excluded_slots(f.exclude_post_ids) if f is not None else np.empty(0, np.int64)
                 for f in filts
             ]
             masked = [f is not None and (f.min_created_at is not None or bool(f.languages)) for f in filts]
@@ -1074,7 +1075,7 @@ class ShardIndex:
             ix._langs = _Interned(meta["langs"])
             ix._models = _Interned(meta["model_versions"])
             live = np.flatnonzero(s.alive[:n])
-            ix._slot_of = dict(zip(s.post_id[live].tolist(), live.tolist()))
+            ix._slot_of = IdMap.from_arrays(s.post_id[live], live)
             if "template" in sections:
                 ix._template = faiss.deserialize_index(sections["template"])
             if "ann" in sections:
@@ -1107,8 +1108,7 @@ class ShardIndex:
                if problem is not None]
         if bad:
             slots = np.asarray(bad, dtype=np.int64)
-            for pid in self._slots.post_id[slots].tolist():
-                self._slot_of.pop(int(pid), None)
+            self._slot_of.pop_many(self._slots.post_id[slots])
             self._release(slots)
             log.warning("snapshot_unsound_vectors_dropped", posts=len(bad),
                         post_ids=self._slots.post_id[slots][:10].tolist())

@@ -1,0 +1,41 @@
+"""IdMap: the shard's post id -> slot map behaves as a dict under any mix of batched operations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from feedret.indexer.idmap import IdMap
+
+
+def test_batched_inserts_updates_pops_and_lookups_match_a_dict():
+    rng = np.random.default_rng(0)
+    m, ref = IdMap(), {}
+    universe = np.concatenate([rng.integers(-2**63, 2**63 - 1, 3000, dtype=np.int64),
+                               np.arange(5000, dtype=np.int64) * 1024])  # ids that share low bits
+    for step in range(300):
+        op = rng.integers(0, 3)
+        keys = np.unique(rng.choice(universe, rng.integers(1, 400)))
+        if op < 2:
+            values = rng.integers(0, 10**9, len(keys))
+            m.insert_many(keys, values)
+            ref.update(zip(keys.tolist(), values.tolist()))
+        else:
+            popped = m.pop_many(np.concatenate([keys, keys[:3]]))  # a repeated id is popped once
+            expected = sorted(ref.pop(k) for k in keys.tolist() if k in ref)
+            assert sorted(popped.tolist()) == expected
+        assert len(m) == len(ref)
+        probe = rng.choice(universe, 200)
+        got = m.get_many(probe)
+        assert got.tolist() == [ref.get(k, -1) for k in probe.tolist()]
+    keys, values = m.items()
+    assert dict(zip(keys.tolist(), values.tolist())) == ref
+    k = next(iter(ref))
+    assert k in m and m.get(k) == ref[k] and m.get(-12345678, "none") == "none"
+    assert m.nbytes < 64 * max(len(ref), 1024)
+
+
+def test_a_full_map_costs_tens_of_bytes_a_post_not_a_dicts_hundred():
+    n = 1_000_000
+    m = IdMap.from_arrays(np.arange(n, dtype=np.int64) * 7919 + 10**12, np.arange(n))
+    assert len(m) == n and m.get(10**12 + 7919 * 123) == 123
+    assert m.nbytes / n <= 45
