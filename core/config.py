@@ -238,7 +238,8 @@ class IndexSettings(_Settings):
     # range learned from the first codec_train_size vectors, held as float32 until then) or
     # binary (sign bits searched by Hamming distance, binary_rescore x k candidates rescored
     # from int8 in memory: 1/8 + 1 byte a dimension; or, with rescore_dir, from float32 in a
-    # memory-mapped file there: 1/8 byte a dimension in memory).
+    # memory-mapped file there: 1/8 byte a dimension in memory). The torch backend keeps
+    # float16, int8 or binary (rescored from int8) tensors, on its device.
     vector_codec: str = "float32"
     codec_train_size: int = Field(default=10_000, ge=1)
     binary_rescore: int = Field(default=8, ge=1)
@@ -261,8 +262,8 @@ class IndexSettings(_Settings):
             raise ValueError(f"index_backend torch searches exactly: index_factory must be Flat, not {self.index_factory!r}")
         if self.vector_codec not in VECTOR_CODECS:
             raise ValueError(f"unknown vector_codec {self.vector_codec!r}; one of {', '.join(VECTOR_CODECS)}")
-        if self.vector_codec != "float32" and self.index_backend == "torch":
-            raise ValueError(f"vector_codec {self.vector_codec}: the faiss backend's; the torch backend keeps float32")
+        if self.rescore_dir and self.index_backend == "torch":
+            raise ValueError("rescore_dir (binary rescored from disk) is the faiss backend's, not the torch backend's")
         if self.binary_search not in ("asymmetric", "hamming"):
             raise ValueError(f"unknown binary_search {self.binary_search!r}; one of asymmetric, hamming")
         if self.rescore_dir and self.vector_codec != "binary":

@@ -15,6 +15,10 @@ instead of float32 rows, with nothing float32 beside them: a post costs its code
   float32 memory-mapped on disk (`binary` with `rescore_dir`: 1/8 byte a dimension
   in memory; the page cache holds what rescoring reads).
 
+The torch backend (`TorchCodecStore`, on a GPU when there is one) keeps float16,
+int8 (a symmetric scale per dimension) or binary (sign bits, rescored from int8)
+rows as tensors and searches them exactly as its float32 store does, in chunks.
+
 Scores are inner products of the query (float32) with the decoded vector, so an
 int8 or float16 score is within the codec's rounding of the exact one. The shard
 contract holds with every codec: rows are written in place, a mask says what a
@@ -29,7 +33,7 @@ import tempfile
 import faiss
 import numpy as np
 
-from feedret.indexer.stores import FaissFlatStore, _grown
+from feedret.indexer.stores import FaissFlatStore, TorchStore, _grown
 
 CODECS = ("float32", "float16", "int8", "binary")
 BINARY_SEARCHES = ("asymmetric", "hamming")
@@ -345,6 +349,214 @@ class Staged(FaissFlatStore):
         return store
 
 
+def int8_scale(sample: np.ndarray) -> np.ndarray:
+    """Per-dimension scale of a symmetric int8 code: the largest magnitude seen maps to 127."""
+    return np.maximum(np.abs(np.asarray(sample, np.float32)).max(axis=0), 1e-12) / 127.0
+
+
+class TorchCodecStore(TorchStore):
+    """The torch store over float16, int8 or binary rows (`TorchStore`'s chunked exact search).
+
+    int8 keeps round(x / scale) per dimension and scores a chunk as rows @ (q * scale);
+    binary keeps sign bits, scores a chunk as the query against ±1 (asymmetric), and
+    rescores the best `rescore` × k from int8 rows. On a CPU a chunk is decoded 64k rows at
+    a time (bounded temporary memory); on a GPU float16 and int8 rows are multiplied in
+    float16.
+    """
+
+    _DTYPES = {"float16": "float16", "int8": "int8", "binary": "int8"}
+
+    def __init__(self, dimension: int, device: str = "auto", chunk_rows: int = 1 << 20, codec: str = "float16",
+                 scale: np.ndarray | None = None, rescore: int = 8) -> None:
+        super().__init__(dimension, device, chunk_rows)
+        torch = self._torch
+        if codec not in self._DTYPES:
+            raise ValueError(f"no torch codec {codec!r}")
+        if codec != "float16" and scale is None:
+            raise ValueError(f"a {codec} store needs the scale learned from the stream")
+        self.codec, self.rescore = codec, max(1, int(rescore))
+        self._dtype = getattr(torch, self._DTYPES[codec])
+        self._scale = None if scale is None else torch.as_tensor(np.asarray(scale, np.float32), device=self.device)
+        self._rows = torch.zeros((0, dimension), dtype=self._dtype, device=self.device)
+        self._nbits = (dimension + 7) // 8
+        self._bits = torch.zeros((0, self._nbits), dtype=torch.uint8, device=self.device) if codec == "binary" else None
+        self._shifts = torch.arange(8, dtype=torch.uint8, device=self.device)
+
+    @property
+    def kind(self) -> str:
+        return f"torch-exact({self.device}, {self.codec})"
+
+    @property
+    def bytes_per_row(self) -> int:
+        return {"float16": 2 * self.dimension, "int8": self.dimension, "binary": self._nbits + self.dimension}[self.codec]
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.bytes_per_row
+
+    def scale(self) -> np.ndarray | None:
+        return None if self._scale is None else self._scale.cpu().numpy()
+
+    def _alloc(self, rows: int) -> None:
+        torch = self._torch
+        grown = torch.zeros((rows, self.dimension), dtype=self._dtype, device=self.device)
+        grown[: self.capacity] = self._rows
+        self._rows = grown
+        if self._bits is not None:
+            bits = torch.zeros((rows, self._nbits), dtype=torch.uint8, device=self.device)
+            bits[: self.capacity] = self._bits
+            self._bits = bits
+        self.capacity = rows
+
+    def reserve(self, n: int) -> None:
+        if n > self.capacity:
+            self._alloc(_grown(self.capacity, n))
+
+    def grown(self, capacity: int) -> "TorchCodecStore":
+        bigger = TorchCodecStore(self.dimension, self.device, self.chunk_rows, self.codec, self.scale(), self.rescore)
+        bigger._rows, bigger._bits, bigger.capacity = self._rows, self._bits, self.capacity
+        bigger._alloc(max(capacity, self.capacity))  # copies into new tensors: this store is untouched
+        return bigger
+
+    def _encode(self, vectors: np.ndarray):
+        torch = self._torch
+        v = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(self.device)
+        if self.codec == "float16":
+            return v.half()
+        return torch.clamp(torch.round(v / self._scale), -127, 127).to(torch.int8)
+
+    def write(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+        torch = self._torch
+        idx = torch.from_numpy(np.asarray(slots, np.int64)).to(self.device)
+        self._rows[idx] = self._encode(vectors)
+        if self._bits is not None:
+            bits = np.packbits(np.asarray(vectors, np.float32).reshape(-1, self.dimension) > 0, axis=1, bitorder="little")
+            self._bits[idx] = torch.from_numpy(bits).to(self.device)
+
+    def _decode(self, rows):
+        rows = rows.float()
+        return rows if self._scale is None else rows * self._scale
+
+    def read(self, slots: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        idx = torch.from_numpy(np.asarray(slots, np.int64)).to(self.device)
+        return self._decode(self._rows[idx]).cpu().numpy()
+
+    def _blocks(self, start: int, stop: int):
+        step = stop - start if self.device != "cpu" else 1 << 16
+        return [(a, min(a + step, stop)) for a in range(start, stop, step)]
+
+    def _scores(self, start: int, stop: int, q):
+        torch = self._torch
+        if self.codec == "binary":
+            parts = []
+            for a, b in self._blocks(start, stop):
+                signs = ((self._bits[a:b].unsqueeze(-1) >> self._shifts) & 1).reshape(b - a, -1)[:, : self.dimension]
+                parts.append((signs.float() * 2 - 1) @ q.T)
+            return torch.cat(parts).T
+        scaled = q if self._scale is None else q * self._scale
+        if self.device != "cpu":
+            return (self._rows[start:stop].half() @ scaled.half().T).float().T
+        return torch.cat([self._rows[a:b].float() @ scaled.T for a, b in self._blocks(start, stop)]).T
+
+    def search_batch(self, queries: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.codec != "binary":
+            return super().search_batch(queries, k, mask)
+        torch = self._torch
+        queries = np.ascontiguousarray(queries, np.float32).reshape(-1, self.dimension)
+        n = mask.shape[-1]
+        k = min(k, n)
+        _, near = super().search_batch(queries, min(k * self.rescore, n), mask)
+        out_scores = np.full((len(queries), max(k, 0)), -np.inf, np.float32)
+        out_slots = np.full((len(queries), max(k, 0)), -1, np.int64)
+        with torch.inference_mode():
+            for row, (query, candidates) in enumerate(zip(queries, near)):
+                candidates = candidates[candidates >= 0]
+                if not len(candidates) or k < 1:
+                    continue
+                idx = torch.from_numpy(candidates).to(self.device)
+                q = torch.from_numpy(query).to(self.device)
+                scores = (self._decode(self._rows[idx]) @ q).cpu().numpy()
+                best = np.argsort(-scores, kind="stable")[:k]
+                out_scores[row, : len(best)] = scores[best]
+                out_slots[row, : len(best)] = candidates[best]
+        return out_scores, out_slots
+
+    def export(self, n: int) -> dict[str, np.ndarray]:
+        out = {"codes": self._rows[:n].cpu().numpy()}
+        if self._scale is not None:
+            out["codec_state"] = self.scale()
+        if self._bits is not None:
+            out["bits"] = self._bits[:n].cpu().numpy()
+        return out
+
+    def load(self, sections: dict[str, np.ndarray]) -> None:
+        torch = self._torch
+        n = len(sections["codes"])
+        self.reserve(n)
+        self._rows[:n] = torch.from_numpy(np.ascontiguousarray(sections["codes"])).to(self.device)
+        if self._bits is not None:
+            self._bits[:n] = torch.from_numpy(np.ascontiguousarray(sections["bits"])).to(self.device)
+
+
+class TorchStaged(TorchStore):
+    """The torch store's float32 rows held until an int8 (or binary) codec has seen
+    `train_size` vectors; then `encoded` returns the `TorchCodecStore` holding the same rows."""
+
+    def __init__(self, dimension: int, device: str, chunk_rows: int, codec: str, train_size: int, rescore: int) -> None:
+        super().__init__(dimension, device, chunk_rows)
+        self.codec, self.train_size, self.rescore = codec, train_size, rescore
+
+    def grown(self, capacity: int) -> "TorchStaged":
+        bigger = TorchStaged(self.dimension, self.device, self.chunk_rows, self.codec, self.train_size, self.rescore)
+        bigger.reserve(max(capacity, self.capacity))
+        bigger._rows[: self.capacity] = self._rows
+        return bigger
+
+    def export(self, n: int) -> dict[str, np.ndarray]:
+        return {"rows": self.read(np.arange(n, dtype=np.int64))}
+
+    def encoded(self, live: np.ndarray) -> TorchCodecStore:
+        sample = live if len(live) <= 100_000 else np.random.default_rng(0).choice(live, 100_000, replace=False)
+        store = TorchCodecStore(self.dimension, self.device, self.chunk_rows, self.codec,
+                                int8_scale(self.read(np.sort(sample))), self.rescore)
+        store.reserve(self.capacity)
+        for start in range(0, self.capacity, 65536):
+            rows = np.arange(start, min(start + 65536, self.capacity))
+            store.write(rows, self.read(rows))
+        return store
+
+
+def new_torch_store(dimension: int, codec: str, device: str, chunk_rows: int, *, train_size: int = 10_000,
+                    rescore: int = 8) -> TorchStore:
+    """The empty torch store a shard starts with for `codec` (a `TorchStaged` one where the codec trains)."""
+    if codec == "float32":
+        return TorchStore(dimension, device, chunk_rows)
+    if codec == "float16":
+        return TorchCodecStore(dimension, device, chunk_rows, "float16")
+    if codec in ("int8", "binary"):
+        return TorchStaged(dimension, device, chunk_rows, codec, train_size, rescore)
+    raise ValueError(f"unknown vector codec {codec!r}; one of {', '.join(CODECS)}")
+
+
+def restore_torch(dimension: int, codec: str, saved: str, sections: dict[str, np.ndarray], device: str,
+                  chunk_rows: int, **options) -> TorchStore:
+    """`restore` for the torch backend: codes as they were, float32 rows into the configured codec."""
+    n = len(sections["post_id"])
+    if "codes" not in sections:
+        store = new_torch_store(dimension, codec, device, chunk_rows, train_size=options.get("train_size", 10_000),
+                                rescore=options.get("rescore", 8))
+        store.reserve(n)
+        store.write(np.arange(n, dtype=np.int64), sections["rows"])
+        return store
+    if saved != codec:
+        raise ValueError(f"the snapshot holds {saved} codes, the shard is configured for {codec}")
+    store = TorchCodecStore(dimension, device, chunk_rows, codec, sections.get("codec_state"),
+                            options.get("rescore", 8))
+    store.load(sections)
+    return store
+
+
 def new_store(dimension: int, codec: str, *, train_size: int = 10_000, rescore: int = 8, rescore_dir: str = "",
               binary_search: str = "asymmetric"):
     """The empty store a shard starts with for `codec` (a `Staged` one where the codec trains)."""
@@ -364,7 +576,7 @@ def new_store(dimension: int, codec: str, *, train_size: int = 10_000, rescore: 
 
 def export(store, n: int) -> dict[str, np.ndarray]:
     """A store's snapshot sections for slots [0, n): float32 stores give `rows`, codec stores their codes."""
-    if isinstance(store, (ScalarStore, BinaryStore, Staged)):
+    if isinstance(store, (ScalarStore, BinaryStore, Staged, TorchCodecStore, TorchStaged)):
         return store.export(n)
     return {"rows": store.read(np.arange(n, dtype=np.int64))}
 
@@ -403,7 +615,7 @@ def restore(dimension: int, codec: str, saved: str, sections: dict[str, np.ndarr
 
 def codec_of(store) -> str:
     """The codec a store's rows are in: float32 for float32 rows (staged ones too)."""
-    if isinstance(store, ScalarStore):
+    if isinstance(store, (ScalarStore, TorchCodecStore)):
         return store.codec
     if isinstance(store, BinaryStore):
         return "binary"

@@ -243,18 +243,20 @@ class ShardIndex:
         if opts.vector_codec not in codecs.CODECS:
             raise IndexConfigError(f"unknown vector codec {opts.vector_codec!r}; one of {', '.join(codecs.CODECS)}")
         if opts.backend == "torch":
-            if opts.vector_codec != "float32":
-                raise IndexConfigError(f"vector codec {opts.vector_codec}: the torch backend keeps float32")
+            if opts.rescore_dir:
+                raise IndexConfigError("rescore_dir (binary rescored from disk) is the faiss backend's")
             if not self.exact_only:
                 raise IndexConfigError(
                     f"the torch backend is exact brute force: index factory must be Flat, not {opts.index_factory!r}"
                 )
-            self._store = TorchStore(self.dimension, opts.device, opts.torch_chunk_rows)
+            self._store = codecs.new_torch_store(self.dimension, opts.vector_codec, opts.device, opts.torch_chunk_rows,
+                                                 train_size=opts.codec_train_size, rescore=opts.binary_rescore)
             self.index_type = self._store.kind
-        elif self.exact_only and opts.vector_codec == "float32" and self._flat_on_gpu():
+        elif self.exact_only and not opts.rescore_dir and self._flat_on_gpu():
             # Exact search on a GPU is the torch store's: any k, filters inside the search,
             # deletes in place, none of which a faiss GPU Flat index offers.
-            self._store = TorchStore(self.dimension, opts.device, opts.torch_chunk_rows)
+            self._store = codecs.new_torch_store(self.dimension, opts.vector_codec, opts.device, opts.torch_chunk_rows,
+                                                 train_size=opts.codec_train_size, rescore=opts.binary_rescore)
             self.index_type = "Flat"
         else:
             self._store = codecs.new_store(self.dimension, opts.vector_codec, **self._codec_options())
@@ -304,7 +306,7 @@ class ShardIndex:
         """Under the write lock: once a staged codec has seen enough vectors, encode the store
         (the float32 rows go; what is written from now on is encoded as it lands)."""
         store = self._store
-        if isinstance(store, codecs.Staged) and len(self._slot_of) >= store.train_size:
+        if isinstance(store, (codecs.Staged, codecs.TorchStaged)) and len(self._slot_of) >= store.train_size:
             started = time.perf_counter()
             live = np.flatnonzero(self._slots.alive[: self._next_slot])
             self._store = store.encoded(live)
@@ -1063,15 +1065,16 @@ class ShardIndex:
             for name in _Slots.NAMES:
                 getattr(s, name)[:n] = sections[name]
             ix._next_slot = n
-            if isinstance(ix._store, TorchStore):
-                ix._store.reserve(n)
-                ix._store.write(np.arange(n, dtype=np.int64), sections["rows"])
-            else:
-                try:
+            try:
+                if isinstance(ix._store, TorchStore):
+                    ix._store = codecs.restore_torch(ix.dimension, options.vector_codec, meta.get("codec", "float32"),
+                                                     sections, ix._store.device, options.torch_chunk_rows,
+                                                     **ix._codec_options())
+                else:
                     ix._store = codecs.restore(ix.dimension, options.vector_codec, meta.get("codec", "float32"),
                                                sections, **ix._codec_options())
-                except ValueError as exc:
-                    raise IndexConfigError(str(exc)) from None
+            except ValueError as exc:
+                raise IndexConfigError(str(exc)) from None
             ix._langs = _Interned(meta["langs"])
             ix._models = _Interned(meta["model_versions"])
             live = np.flatnonzero(s.alive[:n])

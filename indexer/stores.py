@@ -202,6 +202,10 @@ class TorchStore:
         keep = slots[0] >= 0
         return scores[0][keep], slots[0][keep]
 
+    def _scores(self, start: int, stop: int, q):
+        """(B, stop - start) inner products of the queries with rows [start, stop)."""
+        return (self._rows[start:stop] @ q.T).T
+
     def search_batch(self, queries: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of each of B queries: (B, k) scores and slots, slot -1 past the last hit.
 
@@ -223,7 +227,7 @@ class TorchStore:
             part_scores, part_slots = [], []
             for start in range(0, n, self.chunk_rows):
                 stop = min(start + self.chunk_rows, n)
-                scores = (self._rows[start:stop] @ q.T).T  # (B, chunk)
+                scores = self._scores(start, stop, q)  # (B, chunk)
                 scores = scores.masked_fill(~allowed[..., start:stop], float("-inf"))
                 top = torch.topk(scores, min(k, stop - start), dim=1)
                 part_scores.append(top.values)

@@ -37,7 +37,10 @@ def filled(options: IndexOptions, vecs: np.ndarray) -> ShardIndex:
 
 
 def faiss_bytes(store) -> int:
-    """Bytes the store's faiss indexes hold: what a post really costs in memory."""
+    """Bytes the store's faiss indexes (or torch tensors) hold: what a post really costs in memory."""
+    if isinstance(store, codecs.TorchStore):
+        tensors = [store._rows] + ([store._bits] if getattr(store, "_bits", None) is not None else [])
+        return sum(t.element_size() * t.numel() for t in tensors)
     inner = [store] + ([store.full] if isinstance(store, codecs.BinaryStore) else [])
     total = 0
     for s in inner:
@@ -54,6 +57,10 @@ CODECS = {
     "int8": (IndexOptions(vector_codec="int8", codec_train_size=2000), D),
     "binary": (IndexOptions(vector_codec="binary", codec_train_size=2000), D // 8 + D),
     "binary-hamming": (IndexOptions(vector_codec="binary", binary_search="hamming", codec_train_size=2000), D // 8 + D),
+    "torch-float16": (IndexOptions(backend="torch", device="cpu", vector_codec="float16"), 2 * D),
+    "torch-int8": (IndexOptions(backend="torch", device="cpu", vector_codec="int8", codec_train_size=2000), D),
+    "torch-binary": (IndexOptions(backend="torch", device="cpu", vector_codec="binary", codec_train_size=2000),
+                     D // 8 + D),
 }
 
 
@@ -69,12 +76,13 @@ def test_a_post_costs_its_codes_and_recall_stays_near_exact(codec, corpus, tmp_p
     options, per_post = CODECS[codec]
     ix = filled(options, vecs)
     info = ix.info()
-    assert info.vector_codec == codec.split("-")[0]
+    assert info.vector_codec == codec.removeprefix("torch-").split("-")[0]
     assert info.store_bytes == info.store_rows * per_post
     # No float32 copy beside the codes: faiss holds exactly the codes.
     assert faiss_bytes(ix._store) == info.store_bytes
     exact = filled(IndexOptions(), vecs)
-    least = {"float32": 1.0, "float16": 0.999, "int8": 0.98, "binary": 0.9, "binary-hamming": 0.8}[codec]
+    least = {"float32": 1.0, "float16": 0.999, "int8": 0.98, "binary": 0.9, "binary-hamming": 0.8}[
+        codec.removeprefix("torch-")]
     for k in (100, 2000):
         recall = np.mean([len(set(ix.search(q, k)[0].tolist()) & set(exact.search(q, k)[0].tolist())) / k
                           for q in queries])
@@ -97,7 +105,7 @@ def test_binary_rescored_from_disk_keeps_only_its_bits_in_memory(corpus, tmp_pat
     assert list(tmp_path.iterdir()) == []  # the file is unlinked: nothing is left behind
 
 
-@pytest.mark.parametrize("codec", ["float16", "int8", "binary"])
+@pytest.mark.parametrize("codec", ["float16", "int8", "binary", "torch-float16", "torch-int8", "torch-binary"])
 def test_k_up_to_ten_thousand_comes_back_best_first_with_filters(codec, corpus):
     vecs, queries = corpus
     ix = filled(CODECS[codec][0], vecs)
@@ -128,7 +136,7 @@ def test_an_int8_shard_holds_float32_until_its_ranges_are_learned():
 
 @pytest.mark.parametrize("settings, message", [
     ({"vector_codec": "int4"}, "unknown vector_codec 'int4'"),
-    ({"vector_codec": "int8", "index_backend": "torch"}, "torch backend keeps float32"),
+    ({"vector_codec": "binary", "rescore_dir": "/tmp/x", "index_backend": "torch"}, "faiss backend's"),
     ({"rescore_dir": "/tmp/x"}, "set vector_codec binary"),
     ({"vector_codec": "binary", "binary_search": "cosine"}, "unknown binary_search"),
 ])
@@ -139,7 +147,7 @@ def test_a_codec_configuration_that_cannot_work_is_refused_with_the_reason(setti
 
 @pytest.mark.parametrize("options, message", [
     (IndexOptions(vector_codec="int4"), "unknown vector codec"),
-    (IndexOptions(vector_codec="int8", backend="torch", device="cpu"), "torch backend keeps float32"),
+    (IndexOptions(vector_codec="binary", rescore_dir="/tmp/x", backend="torch", device="cpu"), "faiss backend's"),
 ])
 def test_an_index_refuses_a_codec_it_cannot_keep(options, message):
     with pytest.raises(IndexConfigError, match=message):

@@ -38,6 +38,11 @@ KINDS = {
     "binary-disk": IndexOptions(vector_codec="binary", rescore_dir=tempfile.mkdtemp(prefix="feedret-test-")),
     "binary-hamming": IndexOptions(vector_codec="binary", binary_search="hamming", codec_train_size=500),
     "ivf-int8": IndexOptions(index_factory="IVF16,Flat", train_size=1000, vector_codec="int8", codec_train_size=500),
+    "torch-fp16": IndexOptions(backend="torch", device="cpu", torch_chunk_rows=700, vector_codec="float16"),
+    "torch-int8": IndexOptions(backend="torch", device="cpu", torch_chunk_rows=700, vector_codec="int8",
+                               codec_train_size=500),
+    "torch-binary": IndexOptions(backend="torch", device="cpu", torch_chunk_rows=700, vector_codec="binary",
+                                 codec_train_size=500),
 }
 
 
@@ -46,9 +51,10 @@ KINDS = {
 # 32 sign bits say little of a random 32-d vector: binary codes are for wide vectors, and
 # test_codecs checks their recall at 256 dimensions.
 RECALL = {"flat": 1.0, "torch": 1.0, "ivf-pq": 0.2, "pca-ivf": 0.2, "fp16": 0.95, "int8": 0.8, "binary": 0.25,
-          "binary-disk": 0.25, "binary-hamming": 0.25}
+          "binary-disk": 0.25, "binary-hamming": 0.25, "torch-fp16": 0.95, "torch-int8": 0.8, "torch-binary": 0.25}
 # How far a stored vector read back (Lookup) may be from the one written: a codec keeps codes.
-VECTOR_ATOL = {"fp16": 1e-3, "int8": 0.02, "binary": 0.02, "binary-hamming": 0.02, "ivf-int8": 0.02}
+VECTOR_ATOL = {"fp16": 1e-3, "int8": 0.02, "binary": 0.02, "binary-hamming": 0.02, "ivf-int8": 0.02,
+               "torch-fp16": 1e-3, "torch-int8": 0.02, "torch-binary": 0.02}
 
 
 def unit(rng, n, d=D):
@@ -421,7 +427,7 @@ def churn_while_searching(ix: ShardIndex, n: int = 6000, pause: float = 0.0) -> 
     return gone
 
 
-@pytest.mark.parametrize("kind", ["ivf-flat", "hnsw", "flat", "int8", "binary"])
+@pytest.mark.parametrize("kind", ["ivf-flat", "hnsw", "flat", "int8", "binary", "torch-int8"])
 def test_concurrent_searches_writes_and_background_builds(kind):
     """Searches run while the applier writes and builds swap in: no errors, no deleted post comes back."""
     from dataclasses import replace
@@ -430,7 +436,7 @@ def test_concurrent_searches_writes_and_background_builds(kind):
     gone = churn_while_searching(ix)
     assert ix.wait_idle(60)
     assert len(ix) == 6000 - len(gone)
-    if kind not in ("flat", "int8", "binary"):  # exact stores: nothing to rebuild
+    if kind not in ("flat", "int8", "binary", "torch-int8"):  # exact stores: nothing to rebuild
         assert ix.rebuilds >= 1
-    if kind in ("int8", "binary"):  # encoded mid-churn, with searches and writes going on
+    if kind in ("int8", "binary", "torch-int8"):  # encoded mid-churn, with searches and writes going on
         assert ix.info().vector_codec == ix.options.vector_codec

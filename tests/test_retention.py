@@ -16,7 +16,7 @@ PER_TICK = 20  # posts created per simulated second: ~1,000 live at a time
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["inline-builds", "background-builds"])
-@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "hnsw", "torch", "int8", "binary"])
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "hnsw", "torch", "int8", "binary", "torch-binary"])
 def test_index_size_stays_flat_under_a_stream_of_inserts(kind, background):
     if kind in ("flat", "torch") and background:
         pytest.skip("exact kinds never build")
