@@ -26,6 +26,7 @@
 #                    onnxruntime too where it has the CUDA provider)
 #   embed-tiny       the same on the committed default model (launch-bound: it shows the floor)
 #   torch-exact      benchmarks/torch_exact_search.py at 10M x 256, batches 1, 32, 256 (issue #4)
+#   torch-exact-int8 the same over int8 rows (issue #19: the share of the memory bandwidth it reaches)
 #   shard-batching   benchmarks/shard_batching.py at 1M x 256: one shard server, with and without batching
 #   finetune-lora    all-MiniLM-L6-v2 fine-tuned with LoRA on a bf16 base (training/configs/minilm-lora-gpu.json:
 #                    the fresh recipe, the whole history), then `feedret eval` on the same 3,000 queries as
@@ -116,6 +117,8 @@ run() {
     "${backends[@]}" --out "$out/embed_throughput_default_model.md"
   step torch-exact "$py" benchmarks/torch_exact_search.py --n "$rows" --dim 256 --k 2000 --batch-sizes 1,32,256 \
     --device "$device" --seconds "$seconds" --out "$out/torch_exact_search.md"
+  step torch-exact-int8 "$py" benchmarks/torch_exact_search.py --n "$rows" --dim 256 --k 2000 --batch-sizes 1,32,256 \
+    --codec int8 --device "$device" --seconds "$seconds" --out "$out/torch_exact_search_int8.md"
   step shard-batching "$py" benchmarks/shard_batching.py --n $((rows / 10)) --dim 256 --device "$device" \
     --seconds "$seconds" --concurrency 1 --concurrency 16 --concurrency 64 --out "$out/shard_batching.md"
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from feedret.indexer.codecs import TorchCodecStore, int8_scale
 from feedret.indexer.stores import TorchStore
 
 H100_SXM_HBM3_BYTES_S = 3.35e12
@@ -38,13 +39,18 @@ H100_SXM_BF16_DENSE = 989e12
 
 
 def fill_random(store: TorchStore, n: int, seed: int, chunk: int = 1 << 20) -> None:
-    """n random unit rows, made on the store's device so 10M x 256 never crosses the host."""
+    """n random unit rows, made on the store's device so 10M x 256 never crosses the host
+    (encoded there too for a codec store: float16, or int8 with the store's scale)."""
     store.reserve(n)
     gen = torch.Generator(device=store.device).manual_seed(seed)
+    scale = getattr(store, "_scale", None)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         rows = torch.randn((stop - start, store.dimension), generator=gen, device=store.device)
-        store._rows[start:stop] = rows / rows.norm(dim=1, keepdim=True)
+        rows = rows / rows.norm(dim=1, keepdim=True)
+        if scale is not None:
+            rows = torch.clamp(torch.round(rows / scale), -127, 127)
+        store._rows[start:stop] = rows.to(store._rows.dtype)
 
 
 def timed(fn, sync, seconds: float, min_iters: int, warmup: int = 3) -> list[float]:
@@ -94,12 +100,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-iters", type=int, default=10)
     parser.add_argument("--peak-bw", type=float, default=H100_SXM_HBM3_BYTES_S, help="memory bandwidth, bytes/s (CUDA)")
     parser.add_argument("--peak-flops", type=float, default=H100_SXM_BF16_DENSE, help="bf16 dense peak FLOP/s (CUDA)")
+    parser.add_argument("--codec", default="float32", choices=["float32", "float16", "int8"],
+                        help="what the store keeps (FEEDRET_VECTOR_CODEC)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the markdown report here too")
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    store = TorchStore(args.dim, device=args.device, chunk_rows=args.chunk_rows)
+    if args.codec == "float32":
+        store = TorchStore(args.dim, device=args.device, chunk_rows=args.chunk_rows)
+    else:  # int8's scale as the stream would teach it: the largest magnitude of unit rows
+        sample = np.random.default_rng(args.seed).normal(size=(100_000, args.dim)).astype(np.float32)
+        sample /= np.linalg.norm(sample, axis=1, keepdims=True)
+        store = TorchCodecStore(args.dim, device=args.device, chunk_rows=args.chunk_rows, codec=args.codec,
+                                scale=int8_scale(sample) if args.codec == "int8" else None)
+    row_bytes = args.dim * 4 if args.codec == "float32" else store.bytes_per_row
     on_cuda = store.device.startswith("cuda")
     sync = (lambda: torch.cuda.synchronize(store.device)) if on_cuda else (lambda: None)
     t0 = time.perf_counter()
@@ -118,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
 
         def raw():
             with torch.inference_mode():
-                top = torch.topk(rows @ q_dev.T, args.k, dim=0)
+                if args.codec == "float32":
+                    scores = rows @ q_dev.T
+                elif on_cuda:
+                    scores = (rows.half() @ q_dev.half().T).float()
+                else:
+                    scores = rows.float() @ q_dev.T
+                top = torch.topk(scores, args.k, dim=0)
                 return top.values.T.cpu(), top.indices.T.cpu()
 
         def ours():
@@ -139,13 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": med_ours / med_raw,
         }
         if on_cuda:
-            row["bw"] = args.n * args.dim * 4 / med_ours / args.peak_bw
+            row["bw"] = args.n * row_bytes / med_ours / args.peak_bw
             row["flops"] = 2 * args.n * args.dim * b / med_ours / args.peak_flops
         results.append(row)
         print(f"batch {b}: {row['qps']:.0f} q/s, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
               f"{row['ratio']:.2f}x raw torch", file=sys.stderr)
 
-    gb = args.n * args.dim * 4 / 1e9
+    gb = args.n * row_bytes / 1e9
     lines = [
         f"# Exact search, torch backend: {args.n:,} x {args.dim} on {store.device}",
         "",
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine(store.device)}; "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
-        f"- Store: {gb:.2f} GB of float32 rows, filled in {fill_s:.1f} s; k = {args.k}; "
+        f"- Store: {gb:.2f} GB of {args.codec} rows, filled in {fill_s:.1f} s; k = {args.k}; "
         f"{args.deleted:.0%} of rows masked out as deleted; chunks of {args.chunk_rows:,} rows.",
         "- Latency is per call (one batch of queries), results copied back to the host. "
         "\"raw torch\" is one matmul + top-k over the same rows in the same run, without mask or chunking.",
@@ -170,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             cells += [f"{r['bw']:.1%}", f"{r['flops']:.2%}"]
         lines.append("| " + " | ".join(cells) + " |")
     if on_cuda:
-        lines += ["", f"Bandwidth: rows × dim × 4 bytes per batch over {args.peak_bw:.3g} B/s; "
+        lines += ["", f"Bandwidth: rows × {row_bytes} bytes per batch over {args.peak_bw:.3g} B/s; "
                       f"bf16 peak: 2 × rows × dim × batch FLOPs over {args.peak_flops:.3g} FLOP/s "
                       "(the search runs in float32, so the bf16 figure is a ceiling, not a target)."]
     report = "\n".join(lines) + "\n"

@@ -245,3 +245,20 @@ def test_freshness_sustained_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(raw.read_text())["rows"]
     assert [r["posts"] for r in rows] == [10, 20] and all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+
+
+@pytest.mark.bench
+def test_codec_growth_smoke(tmp_path):
+    out, raw = tmp_path / "codecs.md", tmp_path / "raw.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec_growth.py"), "--sizes", "3000", "6000",
+                           "--dim", "32", "--queries", "5", "--ks", "10", "100", "--max-float32", "3000",
+                           "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--json", str(raw),
+                           "--plot", str(tmp_path / "plot.png")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(raw.read_text())["rows"]
+    by = {(r["codec"], r["n"]): r for r in rows}
+    assert ("float32", 6000) not in by and ("binary-disk", 6000) in by  # float32 stops at --max-float32
+    assert by[("float32", 3000)]["search"]["100"]["recall"] == 1.0
+    assert by[("binary-disk", 3000)]["store_bytes_per_post"] == 4  # 32 sign bits; float32 from disk
+    assert all(r["restore_s"] > 0 and r["snapshot_bytes_per_post"] > 0 for r in rows)
+    assert "## Memory per post" in out.read_text() and (tmp_path / "plot.png").stat().st_size > 0
