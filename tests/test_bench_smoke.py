@@ -262,3 +262,26 @@ def test_codec_growth_smoke(tmp_path):
     assert by[("binary-disk", 3000)]["store_bytes_per_post"] == 4  # 32 sign bits; float32 from disk
     assert all(r["restore_s"] > 0 and r["snapshot_bytes_per_post"] > 0 for r in rows)
     assert "## Memory per post" in out.read_text() and (tmp_path / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.bench
+def test_width_codec_smoke(tmp_path):
+    import numpy as np
+
+    from feedret.dataprep.format import Interaction, Item, write_dataset
+
+    rng = np.random.default_rng(0)
+    genres = ["Comedy", "Drama", "Horror", "Romance"]
+    items = [Item(i, f"Movie {i}. Genres: {genres[i % 4]}", float(i), lang="en") for i in range(1, 301)]
+    likes = [Interaction(f"m{m}", int(rng.integers(1, 301)), float(t), 5.0) for m in range(30) for t in range(40)]
+    write_dataset(tmp_path / "ds", items, likes, meta={"name": "synthetic"})
+    raw = tmp_path / "raw.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "width_codec.py"), "--dataset", str(tmp_path / "ds"),
+                           "--queries", "40", "--torch-threads", "1", "--cache-dir", str(tmp_path / "cache"),
+                           "--out", str(tmp_path / "wc.md"), "--json", str(raw)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(raw.read_text())["rows"]
+    assert {(r["width"], r["codec"]) for r in rows} >= {(128, "float32"), (16, "binary")}
+    full = next(r for r in rows if r["width"] == 128 and r["codec"] == "float16")
+    assert full["bytes_per_post"] == 256 and 0 <= full["all_recall@100"] <= 1
