@@ -68,7 +68,20 @@ class _CodeRows:
         self.rows = faiss.rev_swig_ptr(self.vector.data(), rows * self.code_size).reshape(rows, self.code_size)
 
 
-class ScalarStore:
+class _Coded:
+    """What the faiss code stores share: their codes for a snapshot, and back."""
+
+    _codes: _CodeRows
+
+    def codes(self, n: int) -> np.ndarray:
+        return self._codes.rows[:n].copy()
+
+    def load_codes(self, codes: np.ndarray) -> None:
+        self.reserve(len(codes))
+        self._codes.rows[: len(codes)] = codes
+
+
+class ScalarStore(_Coded):
     """float16 or int8 codes in a `faiss.IndexScalarQuantizer` (inner product), searched with a selector."""
 
     def __init__(self, dimension: int, codec: str, trained: bytes | np.ndarray | None = None) -> None:
@@ -130,13 +143,6 @@ class ScalarStore:
 
     def read(self, slots: np.ndarray) -> np.ndarray:
         return self.index.sa_decode(np.ascontiguousarray(self._codes.rows[slots]))
-
-    def codes(self, n: int) -> np.ndarray:
-        return self._codes.rows[:n].copy()
-
-    def load_codes(self, codes: np.ndarray) -> None:
-        self.reserve(len(codes))
-        self._codes.rows[: len(codes)] = codes
 
     def export(self, n: int) -> dict[str, np.ndarray]:
         """Snapshot sections for rows [0, n): the codes and the learned ranges (see `restore`)."""
@@ -209,7 +215,7 @@ class DiskStore:
         return self.read(slots) @ np.asarray(query, np.float32).reshape(-1)
 
 
-class BinaryStore:
+class BinaryStore(_Coded):
     """Sign bits (one per dimension, little-endian in each byte), searched over the mask for the
     `rescore` × k nearest, which are rescored by inner product from `full` (a trained int8
     `ScalarStore`, or a `DiskStore`).
@@ -273,13 +279,6 @@ class BinaryStore:
 
     def read(self, slots: np.ndarray) -> np.ndarray:
         return self.full.read(slots)
-
-    def codes(self, n: int) -> np.ndarray:
-        return self._codes.rows[:n].copy()
-
-    def load_codes(self, codes: np.ndarray) -> None:
-        self.reserve(len(codes))
-        self._codes.rows[: len(codes)] = codes
 
     def export(self, n: int) -> dict[str, np.ndarray]:
         """Snapshot sections for rows [0, n): the sign bits and the rescoring store's rows."""
