@@ -473,8 +473,12 @@ class RootConfig(MemberLimits):
     shard_depth_sigmas: float = Field(default=5.0, ge=0)
     # Used when the caller sets no deadline.
     default_timeout_s: float = Field(default=1.0, gt=0)
-    # Kept back from the caller's deadline for merging and the reply.
+    # Kept back from the caller's deadline for merging and the reply: the larger of
+    # deadline_margin_s and deadline_margin_fraction of the time left. A fixed 10 ms was too
+    # little on a loaded 2-core machine: with a shard hung, the partial answer reached the
+    # caller after its deadline (DEADLINE_EXCEEDED instead of the other shards' results).
     deadline_margin_s: float = Field(default=0.01, ge=0)
+    deadline_margin_fraction: float = Field(default=0.1, ge=0, lt=1)
     grpc_workers: int = Field(default=16, ge=1)
     # Calls (Retrieve, Lookup, Stats) handled at once; one more is refused at once with
     # RESOURCE_EXHAUSTED, so a caller can back off or try another root pod, instead of

@@ -245,7 +245,8 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         remaining = deadline_remaining(context)
         if remaining is None:
             remaining = self.config.default_timeout_s
-        return time.monotonic() + max(remaining - self.config.deadline_margin_s, 0.0)
+        margin = max(self.config.deadline_margin_s, self.config.deadline_margin_fraction * remaining)
+        return time.monotonic() + max(remaining - margin, 0.0)
 
     def _member_vector(
         self, member: MemberPool, request: pb.RetrieveRequest, rid: str, deadline: float
