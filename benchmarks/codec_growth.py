@@ -54,11 +54,19 @@ CODECS = {
 }
 
 
+def codec_name(text: str) -> str:
+    name, _, rescore = text.partition(":")
+    if name not in CODECS or (rescore and (not name.startswith("binary") or not rescore.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r}: one of {', '.join(CODECS)}, a binary one as NAME:R")
+    return text
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 20_000])
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
+    p.add_argument("--codecs", nargs="+", default=list(CODECS), type=codec_name,
+                   help="from " + ", ".join(CODECS) + "; a binary one as NAME:R rescores R x k (default --rescore)")
     p.add_argument("--queries", type=int, default=30)
     p.add_argument("--ks", type=int, nargs="+", default=[100, 2000])
     p.add_argument("--rescore", type=int, default=8, help="binary: candidates rescored per result")
@@ -110,10 +118,11 @@ def child(spec: dict) -> dict:
     queries = np.load(spec["queries"])
     n, dim = spec["n"], vectors.shape[1]
     scratch = Path(spec["scratch"])
-    changes = dict(CODECS[spec["codec"]])
-    if spec["codec"] == "binary-disk":
+    name, _, rescore = spec["codec"].partition(":")
+    changes = dict(CODECS[name])
+    if name == "binary-disk":
         changes["rescore_dir"] = str(scratch / "rescore")
-    options = IndexOptions(**changes, binary_rescore=spec["rescore"], background=False)
+    options = IndexOptions(**changes, binary_rescore=int(rescore or spec["rescore"]), background=False)
     ix = ShardIndex(dim, options=options)
     gc.collect()
     release_free_memory()
@@ -167,7 +176,7 @@ def child(spec: dict) -> dict:
 
 
 def run_child(args, codec: str, n: int, paths: dict) -> dict:
-    scratch = Path(tempfile.mkdtemp(prefix=f"codec-{codec}-", dir=args.workdir))
+    scratch = Path(tempfile.mkdtemp(prefix=f"codec-{codec.replace(':', '-')}-", dir=args.workdir))
     spec = {"codec": codec, "n": n, "ks": args.ks, "rescore": args.rescore, "scratch": str(scratch), **paths}
     try:
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
@@ -190,7 +199,7 @@ def report(args, rows: list[dict], spec: benchlib.DataSpec, command: str) -> str
     )
     lines += benchlib.machine_lines()
     lines += [f"- data: {spec.describe()}; corpus sizes are prefixes of it; {args.queries} queries; "
-              f"binary rescores {args.rescore} x k; search one query at a time on one thread", ""]
+              f"binary rescores {args.rescore} x k (binary:R: R x k); search one query at a time on one thread", ""]
     lines += ["## Memory per post", "",
               "Anonymous resident memory (RssAnon) grown over the empty index, divided by the posts, after "
               "freed memory is handed back to the OS (as a shard does after each snapshot): the codes, the "
