@@ -673,7 +673,9 @@ def stats(root: str, bootstrap: str, group: str, as_json: bool) -> None:
         applied = ", ".join(f"{o.topic}[{o.partition}]@{o.offset}" for o in s.applied)
         click.echo(
             f"  shard {s.shard} {s.address:<21} {state:<6} indexed {s.indexed:>9}  dim {s.dimension}  "
-            f"{s.index_type}{' on ' + s.index_device if s.index_device else ''}  upserts {s.upserts} deletes {s.deletes} rejected {s.rejected}  applied {applied}"
+            f"{s.index_type}{' on ' + s.index_device if s.index_device else ''}"
+            f"{f'  {s.vector_codec} {s.vector_bytes / 2**20:.1f} MiB' if s.vector_codec else ''}"
+            f"  upserts {s.upserts} deletes {s.deletes} rejected {s.rejected}  applied {applied}"
         )
         if len(s.replicas) > 1:
             for r in s.replicas:

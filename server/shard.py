@@ -185,6 +185,8 @@ class ShardServicer(pb_grpc.ShardServiceServicer, pb_grpc.IndexAdminServicer):
                 or (cfg.index_factory if cfg.index_backend == "faiss" else f"{cfg.index_backend}-exact"),
                 index_state=info.state,
                 index_device=info.index_device,
+                vector_codec=info.vector_codec,
+                vector_bytes=info.store_bytes,
                 buffered=info.buffered,
                 tombstones=info.tombstones,
                 evicted=info.evicted,

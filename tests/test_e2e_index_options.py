@@ -1,5 +1,5 @@
 """A real stack whose shards serve like production: IVF trained in the background, a Matryoshka
-prefix of the model's vectors, and retention. Each role is its own process, as in `feedret up`."""
+prefix of the model's vectors kept as int8 codes, and retention. Each role is its own process, as in `feedret up`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ def production_like(tmp_path_factory):
     config.env.update(
         FEEDRET_INDEX_FACTORY="IVF4,Flat",
         FEEDRET_TRAIN_SIZE="100",  # each of the 2 shards gets ~150 of the 300 posts
+        FEEDRET_VECTOR_CODEC="int8",
+        FEEDRET_CODEC_TRAIN_SIZE="50",  # int8 ranges from each shard's first 50 posts
         FEEDRET_SERVE_DIMENSION=str(SERVE_DIMENSION),
         FEEDRET_RETENTION_S=str(RETENTION_S),
         FEEDRET_SWEEP_INTERVAL_S="0.5",
@@ -50,6 +52,10 @@ def test_stats_report_the_trained_index_its_widths_and_retention(production_like
         assert s.index_device == "cpu"  # faiss-cpu here: no GPU copy
         assert (s.dimension, s.vector_dimension) == (SERVE_DIMENSION, 128)
         assert s.retention_s == RETENTION_S
+        # One byte a served dimension per row of the store (at least 1,024 rows, grown ahead of
+        # the posts): no float32 copy beside the codes.
+        rows, rest = divmod(s.vector_bytes, SERVE_DIMENSION)
+        assert s.vector_codec == "int8" and rest == 0 and s.indexed <= rows <= max(1024, 2 * s.indexed)
 
 
 def test_the_root_takes_the_served_width_and_the_full_width_and_refuses_others(production_like):

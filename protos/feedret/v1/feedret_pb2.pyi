@@ -220,7 +220,7 @@ class PartitionOffset(_message.Message):
     def __init__(self, topic: _Optional[str] = ..., partition: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("shard", "address", "reachable", "indexed", "dimension", "index_type", "applied", "upserts", "deletes", "error", "model_version", "rejected", "vector_dimension", "index_state", "buffered", "tombstones", "evicted", "rebuilds", "retention_s", "searches", "ready", "replicas", "end_offset", "index_device")
+    __slots__ = ("shard", "address", "reachable", "indexed", "dimension", "index_type", "applied", "upserts", "deletes", "error", "model_version", "rejected", "vector_dimension", "index_state", "buffered", "tombstones", "evicted", "rebuilds", "retention_s", "searches", "ready", "replicas", "end_offset", "index_device", "vector_codec", "vector_bytes")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,8 @@ class ShardStats(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     END_OFFSET_FIELD_NUMBER: _ClassVar[int]
     INDEX_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_CODEC_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_BYTES_FIELD_NUMBER: _ClassVar[int]
     shard: int
     address: str
     reachable: bool
@@ -269,7 +271,9 @@ class ShardStats(_message.Message):
     replicas: _containers.RepeatedCompositeFieldContainer[ShardStats]
     end_offset: int
     index_device: str
-    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., indexed: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., applied: _Optional[_Iterable[_Union[PartitionOffset, _Mapping]]] = ..., upserts: _Optional[int] = ..., deletes: _Optional[int] = ..., error: _Optional[str] = ..., model_version: _Optional[str] = ..., rejected: _Optional[int] = ..., vector_dimension: _Optional[int] = ..., index_state: _Optional[str] = ..., buffered: _Optional[int] = ..., tombstones: _Optional[int] = ..., evicted: _Optional[int] = ..., rebuilds: _Optional[int] = ..., retention_s: _Optional[float] = ..., searches: _Optional[int] = ..., ready: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., end_offset: _Optional[int] = ..., index_device: _Optional[str] = ...) -> None: ...
+    vector_codec: str
+    vector_bytes: int
+    def __init__(self, shard: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., indexed: _Optional[int] = ..., dimension: _Optional[int] = ..., index_type: _Optional[str] = ..., applied: _Optional[_Iterable[_Union[PartitionOffset, _Mapping]]] = ..., upserts: _Optional[int] = ..., deletes: _Optional[int] = ..., error: _Optional[str] = ..., model_version: _Optional[str] = ..., rejected: _Optional[int] = ..., vector_dimension: _Optional[int] = ..., index_state: _Optional[str] = ..., buffered: _Optional[int] = ..., tombstones: _Optional[int] = ..., evicted: _Optional[int] = ..., rebuilds: _Optional[int] = ..., retention_s: _Optional[float] = ..., searches: _Optional[int] = ..., ready: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., end_offset: _Optional[int] = ..., index_device: _Optional[str] = ..., vector_codec: _Optional[str] = ..., vector_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
