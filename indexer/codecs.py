@@ -211,6 +211,10 @@ class DiskStore:
     def read(self, slots: np.ndarray) -> np.ndarray:
         return np.asarray(self._rows[slots], np.float32)
 
+    def view(self, n: int) -> np.ndarray:
+        """Rows [0, n) as they are in the mapped file (no copy)."""
+        return self._rows[:n]
+
     def score(self, query: np.ndarray, slots: np.ndarray) -> np.ndarray:
         return self.read(slots) @ np.asarray(query, np.float32).reshape(-1)
 
@@ -285,7 +289,11 @@ class BinaryStore(_Coded):
         if isinstance(self.full, ScalarStore):
             full = {"full_codes": self.full.codes(n), "codec_state": self.full.trained_state()}
         else:
-            full = {"rows": self.full.read(np.arange(n))}
+            # A view of the mapped file, not a copy into memory (a 10M x 256 shard's would be
+            # 10 GB): it is read after the index lock is released, so a row rewritten
+            # meanwhile may be newer than the slots captured with it; its post was written
+            # after the snapshot's offset, so replaying from that offset rewrites it.
+            full = {"rows": self.full.view(n)}
         return {"codes": self.codes(n), **full}
 
     def search(self, query: np.ndarray, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
