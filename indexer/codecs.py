@@ -11,9 +11,10 @@ instead of float32 rows, with nothing float32 beside them: a post costs its code
   then, `Staged`, and converts in one step); later values outside it are clipped.
 - `binary`: one sign bit a dimension, searched over the mask (the float query
   against the signs, or Hamming distance between sign bits), then the `rescore`
-  × k nearest rescored by inner product from a compact full-precision store: int8 in memory (`binary` = 1/8 + 1 byte a dimension) or
-  float32 memory-mapped on disk (`binary` with `rescore_dir`: 1/8 byte a dimension
-  in memory; the page cache holds what rescoring reads).
+  × k nearest rescored by inner product from a compact full-precision store:
+  int8 in memory (1/8 + 1 byte a dimension) or float32 memory-mapped from disk
+  (with `rescore_dir`: 1/8 byte a dimension in memory; the page cache holds what
+  rescoring reads).
 
 The torch backend (`TorchCodecStore`, on a GPU when there is one) keeps float16,
 int8 (a symmetric scale per dimension) or binary (sign bits, rescored from int8)
@@ -37,7 +38,6 @@ from feedret.indexer.stores import FaissFlatStore, TorchStore, _grown
 
 CODECS = ("float32", "float16", "int8", "binary")
 BINARY_SEARCHES = ("asymmetric", "hamming")
-_EMPTY = (np.empty(0, np.float32), np.empty(0, np.int64))
 
 
 def _selector(mask: np.ndarray, keep: list):
