@@ -78,6 +78,8 @@ def parse_args(argv):
     p.add_argument("--out", type=Path)
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--render", type=Path, help="only write the report (and plot) again from this run's --json; "
+                   "give the run's own options")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -189,7 +191,7 @@ def run_child(args, codec: str, n: int, paths: dict) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def report(args, rows: list[dict], spec: benchlib.DataSpec, command: str) -> str:
+def report(args, rows: list[dict], spec: benchlib.DataSpec, command: str, machine: list[str]) -> str:
     by = {(r["codec"], r["n"]): r for r in rows}
     sizes = sorted({r["n"] for r in rows})
     largest_f32 = max((r["n"] for r in rows if r["codec"] == "float32"), default=0)
@@ -199,7 +201,7 @@ def report(args, rows: list[dict], spec: benchlib.DataSpec, command: str) -> str
         "See the tables; ratios are against float32 at the same size in the same run.",
         command,
     )
-    lines += benchlib.machine_lines()
+    lines += machine
     lines += [f"- data: {spec.describe()}; corpus sizes are prefixes of it; {args.queries} queries; "
               f"binary rescores {args.rescore} x k (binary:R: R x k); search one query at a time on one thread", ""]
     lines += ["## Memory per post", "",
@@ -212,11 +214,26 @@ def report(args, rows: list[dict], spec: benchlib.DataSpec, command: str) -> str
     for codec in args.codecs:
         cells = [f"{by[(codec, n)]['anon_bytes_per_post']:.0f}" if (codec, n) in by else "–" for n in sizes]
         last = max((n for n in sizes if (codec, n) in by), default=None)
+        both = max((n for n in sizes if (codec, n) in by and ("float32", n) in by), default=None)
         ratio = ""
-        if last is not None and ("float32", last) in by:
-            ratio = f"{by[('float32', last)]['anon_bytes_per_post'] / by[(codec, last)]['anon_bytes_per_post']:.2f}x less"
+        if both is not None:  # at the largest size float32 was measured at too
+            ratio = (f"{by[('float32', both)]['anon_bytes_per_post'] / by[(codec, both)]['anon_bytes_per_post']:.2f}x"
+                     f" less at {both:,}")
         store = f"{by[(codec, last)]['store_bytes_per_post']:.0f}" if last is not None else "–"
         lines.append(f"| {codec} | " + " | ".join(cells) + f" | {store} | {ratio} |")
+    lines += ["", "**Growth rate**: the slope of log(cost) against log(posts) between the smallest and the "
+              "largest corpus (1: linear; search p50 at k = 2,000; process memory in total, not per post).", "",
+              "| codec | memory | search p50, k = 2,000 | ingest posts/s |", "|---|---:|---:|---:|"]
+    for codec in args.codecs:
+        rs = sorted((r for r in rows if r["codec"] == codec), key=lambda r: r["n"])
+        if len(rs) < 2:
+            continue
+        a, b = rs[0], rs[-1]
+        span = np.log(b["n"] / a["n"])
+        mem = np.log(b["anon_bytes_per_post"] * b["n"] / (a["anon_bytes_per_post"] * a["n"])) / span
+        search = np.log(b["search"][str(max(args.ks))]["p50_ms"] / a["search"][str(max(args.ks))]["p50_ms"]) / span
+        ingest = np.log(b["ingest_posts_per_s"] / a["ingest_posts_per_s"]) / span
+        lines.append(f"| {codec} | {mem:.2f} | {search:.2f} | {ingest:+.2f} |")
     for k in args.ks:
         lines += ["", f"## Search at k = {k:,}: p50 / p99 ms, recall@{k:,} against exact float32", "",
                   "| codec | " + " | ".join(f"{n:,}" for n in sizes) + " |", "|---|" + "---:|" * len(sizes)]
@@ -271,6 +288,14 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.render:  # the same rows, reported again (the command shown is the one that measured them)
+        saved = json.loads(args.render.read_text())
+        spec = benchlib.DataSpec(n=max(args.sizes), dim=args.dim, queries=args.queries, clusters=args.clusters)
+        text = report(args, saved["rows"], spec, saved["command"], saved["machine"])
+        benchlib.write_outputs(text, args.out, None, saved)
+        if args.plot:
+            plot(saved["rows"], args.codecs, args.ks, args.plot)
+        return 0
     args.workdir = args.cache_dir / "codec-growth"
     args.workdir.mkdir(parents=True, exist_ok=True)
     spec = benchlib.DataSpec(n=max(args.sizes), dim=args.dim, queries=args.queries, clusters=args.clusters)
@@ -291,8 +316,9 @@ def main(argv=None) -> int:
                   + ", ".join(f"k={k} p50 {s['p50_ms']:.1f} ms recall {s['recall']:.3f}" for k, s in row["search"].items()),
                   file=sys.stderr, flush=True)
             rows.append(row)
-    text = report(args, rows, spec, benchlib.command_line(__file__, argv))
-    benchlib.write_outputs(text, args.out, args.json, {"rows": rows})
+    command, machine = benchlib.command_line(__file__, argv), benchlib.machine_lines()
+    text = report(args, rows, spec, command, machine)
+    benchlib.write_outputs(text, args.out, args.json, {"rows": rows, "command": command, "machine": machine})
     if args.plot:
         plot(rows, args.codecs, args.ks, args.plot)
     return 0
