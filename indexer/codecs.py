@@ -383,7 +383,7 @@ class TorchCodecStore(TorchStore):
             raise ValueError(f"a {codec} store needs the scale learned from the stream")
         self.codec, self.rescore = codec, max(1, int(rescore))
         self._dtype = getattr(torch, self._DTYPES[codec])
-        self._scale = None if scale is None else torch.as_tensor(np.asarray(scale, np.float32), device=self.device)
+        self._scale = None if scale is None else torch.tensor(np.array(scale, np.float32), device=self.device)
         self._rows = torch.zeros((0, dimension), dtype=self._dtype, device=self.device)
         self._nbits = (dimension + 7) // 8
         self._bits = torch.zeros((0, self._nbits), dtype=torch.uint8, device=self.device) if codec == "binary" else None
@@ -427,7 +427,7 @@ class TorchCodecStore(TorchStore):
 
     def _encode(self, vectors: np.ndarray):
         torch = self._torch
-        v = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(self.device)
+        v = torch.from_numpy(np.require(vectors, np.float32, ["C", "W"])).to(self.device)
         if self.codec == "float16":
             return v.half()
         return torch.clamp(torch.round(v / self._scale), -127, 127).to(torch.int8)
@@ -501,9 +501,11 @@ class TorchCodecStore(TorchStore):
         torch = self._torch
         n = len(sections["codes"])
         self.reserve(n)
-        self._rows[:n] = torch.from_numpy(np.ascontiguousarray(sections["codes"])).to(self.device)
-        if self._bits is not None:
-            self._bits[:n] = torch.from_numpy(np.ascontiguousarray(sections["bits"])).to(self.device)
+        for start in range(0, n, 1 << 20):  # a snapshot's mapped codes, copied a chunk at a time
+            part = slice(start, min(start + (1 << 20), n))
+            self._rows[part] = torch.from_numpy(np.array(sections["codes"][part])).to(self.device)
+            if self._bits is not None:
+                self._bits[part] = torch.from_numpy(np.array(sections["bits"][part])).to(self.device)
 
 
 class TorchStaged(TorchStore):
@@ -554,7 +556,9 @@ def restore_torch(dimension: int, codec: str, saved: str, sections: dict[str, np
         store = new_torch_store(dimension, codec, device, chunk_rows, train_size=options.get("train_size", 10_000),
                                 rescore=options.get("rescore", 8))
         store.reserve(n)
-        store.write(np.arange(n, dtype=np.int64), sections["rows"])
+        for start in range(0, n, 1 << 20):  # the mapped rows a chunk at a time, not one copy of them all
+            stop = min(start + (1 << 20), n)
+            store.write(np.arange(start, stop, dtype=np.int64), sections["rows"][start:stop])
         return store
     if saved != codec:
         raise ValueError(f"the snapshot holds {saved} codes, the shard is configured for {codec}")

@@ -188,8 +188,9 @@ class TorchStore:
 
     def write(self, slots: np.ndarray, vectors: np.ndarray) -> None:
         torch = self._torch
+        # np.require copies a read-only array (a snapshot's mapped rows): torch wants writable memory.
         self._rows[torch.from_numpy(np.asarray(slots, np.int64)).to(self.device)] = torch.from_numpy(
-            np.ascontiguousarray(vectors, np.float32)
+            np.require(vectors, np.float32, ["C", "W"])
         ).to(self.device)
 
     def read(self, slots: np.ndarray) -> np.ndarray:
