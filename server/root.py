@@ -80,8 +80,8 @@ class _Query:
     model_version: str
 
 
-def _search_request(vec: np.ndarray, k: int, q: _Query) -> pb.SearchRequest:
-    return pb.SearchRequest(k=k, filters=q.request.filters, request_id=q.rid, vector=vec.tolist())
+def _search_request(vec: np.ndarray, k: int, filters: pb.Filters, rid: str) -> pb.SearchRequest:
+    return pb.SearchRequest(k=k, filters=filters, request_id=rid, vector=vec.tolist())
 
 
 class ShardFleet:
@@ -399,7 +399,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 answers[j] = exc
         if not ready:
             return answers
-        searched = self._search_together([_ShardQuery(fleet, _search_request(vec, depth, queries[j]), deadline)
+        searched = self._search_together([_ShardQuery(fleet, _search_request(vec, depth, queries[j].request.filters, queries[j].rid), deadline)
                                           for j, vec, depth in ready])
         shards = list(range(len(fleet)))
         for (j, vec, depth), outcomes in zip(ready, searched):
@@ -494,24 +494,26 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
     ) -> tuple[list[ShardHits], list[int], list[str], dict[int, str]]:
         """Search `shards` (default: all) for `k` each; (answers, failed shards, their codes,
         the model each answering shard serves)."""
-        search = pb.SearchRequest(k=k, filters=request.filters, request_id=rid, vector=vec.tolist())
+        search = _search_request(vec, k, request.filters, rid)
         if shards is None and self._coalescer is not None:
             outcomes = self._coalesced(_ShardQuery(fleet, search, deadline))
             if outcomes is not None:
                 return self._collect(fleet, list(range(len(fleet))), outcomes, lambda reply: reply)
         shards = list(range(len(fleet))) if shards is None else shards
+        return self._collect(fleet, shards, self._search_alone(fleet, shards, search, deadline), lambda reply: reply)
+
+    def _search_alone(self, fleet: ShardFleet, shards: list[int], search: pb.SearchRequest,
+                      deadline: float) -> list[Outcome]:
+        """One Search to each of `shards` by `deadline` (replicas, hedging); InvalidRequest when
+        the shards refuse it."""
         try:
-            outcomes = call_replicas(
+            return call_replicas(
                 [fleet.replica_sets[s] for s in shards],
                 lambda shard, replica, timeout: self._submit(fleet.search_stubs[shard][replica].Search, search, timeout),
-                deadline,
-                self.hedge_after_s,
-                fatal=_is_invalid_argument,
-                budget=self.hedge_budget,
+                deadline, self.hedge_after_s, fatal=_is_invalid_argument, budget=self.hedge_budget,
             )
         except Fatal as exc:
             raise InvalidRequest(exc.error.details()) from exc
-        return self._collect(fleet, shards, outcomes, lambda reply: reply)
 
     def _coalesced(self, query: _ShardQuery) -> list[Outcome] | None:
         """The query's first round through the coalescer; None when it was not taken into a batch
@@ -557,13 +559,9 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         out: list[list[Outcome] | Exception] = []
         for q in queries:
             try:
-                out.append(call_replicas(
-                    [fleet.replica_sets[s] for s in shards],
-                    lambda shard, replica, timeout, q=q: self._submit(fleet.search_stubs[shard][replica].Search, q.search, timeout),
-                    q.deadline, self.hedge_after_s, fatal=_is_invalid_argument, budget=self.hedge_budget,
-                ))
-            except Fatal as exc:
-                out.append(InvalidRequest(exc.error.details()))
+                out.append(self._search_alone(fleet, shards, q.search, q.deadline))
+            except InvalidRequest as exc:
+                out.append(exc)
         return out
 
     def _collect(self, fleet: ShardFleet, shards: list[int], outcomes: list[Outcome],
