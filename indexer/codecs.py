@@ -34,16 +34,27 @@ import tempfile
 import faiss
 import numpy as np
 
-from feedret.indexer.stores import FaissFlatStore, TorchStore, _grown
+from feedret.indexer.stores import FaissFlatStore, TorchStore, _grown, bitmap_selector
 
 CODECS = ("float32", "float16", "int8", "binary")
 BINARY_SEARCHES = ("asymmetric", "hamming")
 
 
-def _selector(mask: np.ndarray, keep: list):
-    bitmap = np.packbits(mask, bitorder="little")
-    keep.append(bitmap)
-    return faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n counts bytes
+def _rescored(queries: np.ndarray, near: np.ndarray, k: int,
+              score) -> tuple[np.ndarray, np.ndarray]:
+    """Binary's last step: each query's candidates (`near`, -1 padded) rescored by
+    `score(query, slots)` from the full-precision rows, top k kept: (B, k), -1 past the last."""
+    out_scores = np.full((len(queries), max(k, 0)), -np.inf, np.float32)
+    out_slots = np.full((len(queries), max(k, 0)), -1, np.int64)
+    for row, (query, candidates) in enumerate(zip(queries, near)):
+        candidates = candidates[candidates >= 0]
+        if not len(candidates) or k < 1:
+            continue
+        scores = score(query, candidates)
+        best = np.argsort(-scores, kind="stable")[:k]
+        out_scores[row, : len(best)] = scores[best]
+        out_slots[row, : len(best)] = candidates[best]
+    return out_scores, out_slots
 
 
 def _top(scores: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +174,7 @@ class ScalarStore(_Coded):
         if k < 1:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         keep: list = []
-        params = faiss.SearchParameters(sel=_selector(mask, keep))
+        params = faiss.SearchParameters(sel=bitmap_selector(mask, keep))
         scores, slots = self.index.search(np.ascontiguousarray(queries, np.float32), k, params=params)
         return scores.astype(np.float32, copy=False), slots
 
@@ -305,23 +316,13 @@ class BinaryStore(_Coded):
         queries = np.ascontiguousarray(queries, np.float32).reshape(-1, self.dimension)
         n = len(mask)
         k = min(k, n)
-        out_scores = np.full((len(queries), max(k, 0)), -np.inf, np.float32)
-        out_slots = np.full((len(queries), max(k, 0)), -1, np.int64)
         if k < 1:
-            return out_scores, out_slots
+            return _rescored(queries, np.empty((len(queries), 0), np.int64), k, self.full.score)
         keep: list = []
-        params = faiss.SearchParameters(sel=_selector(mask, keep))
+        params = faiss.SearchParameters(sel=bitmap_selector(mask, keep))
         probe = self._bits(queries) if self.search_kind == "hamming" else queries
         _, near = self.index.search(probe, min(k * self.rescore, n), params=params)
-        for row, (query, candidates) in enumerate(zip(queries, near)):
-            candidates = candidates[candidates >= 0]
-            if not len(candidates):
-                continue
-            scores = self.full.score(query, candidates)
-            best = np.argsort(-scores, kind="stable")[:k]
-            out_scores[row, : len(best)] = scores[best]
-            out_slots[row, : len(best)] = candidates[best]
-        return out_scores, out_slots
+        return _rescored(queries, near, k, self.full.score)
 
 
 class Staged(FaissFlatStore):
@@ -474,20 +475,13 @@ class TorchCodecStore(TorchStore):
         n = mask.shape[-1]
         k = min(k, n)
         _, near = super().search_batch(queries, min(k * self.rescore, n), mask)
-        out_scores = np.full((len(queries), max(k, 0)), -np.inf, np.float32)
-        out_slots = np.full((len(queries), max(k, 0)), -1, np.int64)
+
+        def score(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+            idx = torch.from_numpy(candidates).to(self.device)
+            return (self._decode(self._rows[idx]) @ torch.from_numpy(query).to(self.device)).cpu().numpy()
+
         with torch.inference_mode():
-            for row, (query, candidates) in enumerate(zip(queries, near)):
-                candidates = candidates[candidates >= 0]
-                if not len(candidates) or k < 1:
-                    continue
-                idx = torch.from_numpy(candidates).to(self.device)
-                q = torch.from_numpy(query).to(self.device)
-                scores = (self._decode(self._rows[idx]) @ q).cpu().numpy()
-                best = np.argsort(-scores, kind="stable")[:k]
-                out_scores[row, : len(best)] = scores[best]
-                out_slots[row, : len(best)] = candidates[best]
-        return out_scores, out_slots
+            return _rescored(queries, near, k, score)
 
     def export(self, n: int) -> dict[str, np.ndarray]:
         out = {"codes": self._rows[:n].cpu().numpy()}

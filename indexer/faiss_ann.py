@@ -16,6 +16,8 @@ import structlog
 
 import faiss
 
+from feedret.indexer.stores import bitmap_selector
+
 log = structlog.get_logger(__name__)
 
 # The largest k (and nprobe) a faiss GPU index selects (GPU_MAX_SELECTION_K).
@@ -366,11 +368,7 @@ class Ann:
         call: (B, k) scores and slots, -1 slots where fewer were found. faiss spreads a batch's
         queries over its threads and IVF assigns them to lists in one product."""
         keep: list = []
-        sel = None
-        if mask is not None:
-            bitmap = np.packbits(mask, bitorder="little")
-            sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n counts bytes
-            keep.append(bitmap)
+        sel = None if mask is None else bitmap_selector(mask, keep)
         params = search_params(self.index, sel, nprobe, max(ef_search, k), keep)
         scores, slots = self.index.search(np.ascontiguousarray(queries, np.float32), k, params=params)
         return scores.astype(np.float32, copy=False), slots

@@ -24,6 +24,14 @@ import faiss
 _EMPTY = (np.empty(0, np.float32), np.empty(0, np.int64))
 
 
+def bitmap_selector(mask: np.ndarray, keep: list):
+    """A faiss selector of the slots `mask` allows; `keep` holds the bitmap it points to until
+    the search returns."""
+    bitmap = np.packbits(mask, bitorder="little")
+    keep.append(bitmap)
+    return faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n counts bytes
+
+
 def _grown(capacity: int, needed: int) -> int:
     """Rows to grow to: double while small, then a quarter more at a time, so a large store
     carries at most 25% empty rows (doubling left up to half of a 10M-post store's memory unused)."""
@@ -109,9 +117,9 @@ class FaissFlatStore:
         """Top-k (scores, slots) among rows where mask is True, best first."""
         if k < 1 or not len(mask):
             return _EMPTY
-        bitmap = np.packbits(mask, bitorder="little")
-        sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n counts bytes
-        scores, slots = self.index.search(query.reshape(1, -1), k, params=faiss.SearchParameters(sel=sel))
+        keep: list = []
+        params = faiss.SearchParameters(sel=bitmap_selector(mask, keep))
+        scores, slots = self.index.search(query.reshape(1, -1), k, params=params)
         valid = slots[0] >= 0
         return scores[0][valid].astype(np.float32, copy=False), slots[0][valid]
 
