@@ -517,14 +517,16 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
 
     def _coalesced(self, query: _ShardQuery) -> list[Outcome] | None:
         """The query's first round through the coalescer; None when it was not taken into a batch
-        within coalesce_wait_ms (the batch in flight is slow: a shard hanging until the deadline),
-        so that it goes on its own and still gets the other shards' answers in time."""
+        before the batch in flight stalled (ran past coalesce_wait_ms and several times the
+        recent batches' time: a shard hanging until the deadline) or half its time went, so
+        that it goes on its own and still gets the other shards' answers in time."""
         remaining = max(query.deadline - time.monotonic(), 0.0)
         try:
             # Its batch's shard calls end by the batch's earliest deadline, at most this query's:
             # the backstop is only for a batch that could not even start its calls.
             outcomes = self._coalescer.call(query, timeout=remaining + 0.25,
-                                            start_within=min(self.config.coalesce_wait_ms / 1000, remaining / 2))
+                                            start_within=remaining / 2,
+                                            stalled_after=self.config.coalesce_wait_ms / 1000)
         except NotStarted:
             return None
         except TimeoutError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -128,3 +129,42 @@ def test_a_closed_batcher_refuses_work_and_max_batch_must_be_positive():
         batcher.submit(1)
     with pytest.raises(ValueError, match="at least 1"):
         MicroBatcher(lambda items: items, max_batch=0)
+
+
+def test_items_queued_behind_healthy_batches_wait_them_out_instead_of_going_alone():
+    # Under load items queue behind several batches; withdrawing them after a fixed time sent
+    # them on their own and added the very load batching saves (issue #18).
+    def run(items):
+        threading.Event().wait(0.2)  # every batch as slow as the last: busy, not stuck
+        return [x * 10 for x in items]
+
+    batcher = MicroBatcher(run, max_batch=1)
+    try:
+        assert batcher.call(0, timeout=5) == 0  # the batches' usual time is known from here on
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda x: batcher.call(x, timeout=30, start_within=30, stalled_after=0.05),
+                                    [1, 2, 3, 4]))
+        assert answers == [10, 20, 30, 40]  # each waited up to three batches of 0.2 s, none withdrawn
+    finally:
+        batcher.close()
+
+
+def test_an_item_behind_a_stalled_batch_is_withdrawn_long_before_start_within():
+    run = Gated()
+    run.release.set()
+    batcher = MicroBatcher(run, max_batch=4)
+    try:
+        assert batcher.call(1, timeout=5) == 10  # batches take next to nothing
+        run.release.clear()
+        run.started.clear()
+        stuck = batcher.submit(2)
+        run.started.wait(5)
+        started = time.monotonic()
+        with pytest.raises(NotStarted):
+            batcher.call(3, timeout=60, start_within=30, stalled_after=0.05)
+        assert time.monotonic() - started < 10  # the stall, not start_within's 30 s
+        run.release.set()
+        assert stuck.result(5) == 20 and [c for c in run.calls if 3 in c] == []
+    finally:
+        run.release.set()
+        batcher.close()
