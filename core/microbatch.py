@@ -34,7 +34,10 @@ class MicroBatcher(Generic[T, R]):
 
     `group`, when given, splits a batch into one `run` call per key (items `run` cannot
     take together, such as queries for different indexes); an error in one call fails
-    only that call's items, and the worker goes on.
+    only that call's items, and the worker goes on. `inline`: `call` runs a lone item (nothing
+    queued or in flight) on the caller's thread, sparing the hand-off to the worker and back;
+    items arriving meanwhile queue as they would behind the worker's batch (`run` never runs
+    twice at once). Such a run is not cut short by `timeout`: `run` must bound itself.
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class MicroBatcher(Generic[T, R]):
         max_batch: int = 32,
         name: str = "micro-batcher",
         group: Callable[[T], Hashable] | None = None,
+        inline: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -51,6 +55,7 @@ class MicroBatcher(Generic[T, R]):
         self.items = 0  # items those calls answered
         self._run = run
         self._group = group
+        self._inline = inline
         # Per item: its future, and the event set when a batch takes it (callers with start_within wait on it).
         self._queue: deque[tuple[T, Future, threading.Event | None]] = deque()
         self._taken = 0  # items the worker holds: taken from the queue, not yet answered
@@ -101,6 +106,8 @@ class MicroBatcher(Generic[T, R]):
         # Each caller waits on its own event, not on the worker's condition: a condition's
         # notify_all per batch woke every queued caller (64 clients, batches of 16: 48 woke
         # for nothing), which cost the root more CPU per query than the batching saved.
+        if self._inline and self._claim_inline():
+            return self._run_inline(item)
         taken = threading.Event() if start_within is not None else None
         future = self._submit(item, taken)
         if taken is not None and not self._wait_taken(taken, start_within, stalled_after) and future.cancel():
@@ -111,6 +118,38 @@ class MicroBatcher(Generic[T, R]):
         except TimeoutError:
             future.cancel()  # still queued: the worker skips it
             raise
+
+    def _claim_inline(self) -> bool:
+        with self._cond:
+            if self._queue or self._taken or self._closed:
+                return False
+            self._taken, self._batch_started = 1, time.monotonic()
+            return True
+
+    def _run_inline(self, item: T) -> R:
+        started = self._batch_started
+        try:
+            results = self._run([item])
+            if len(results) != 1:
+                raise RuntimeError(f"a batch of 1 item got {len(results)} results")
+            self.batches += 1
+            self.items += 1
+        finally:
+            self._finished(started)
+        return results[0]
+
+    def _finished(self, started: float) -> None:
+        """A batch (the worker's or an inline run) ended: the next may start."""
+        took = time.monotonic() - started
+        with self._cond:
+            if self._mean_batch_s:  # a stalled batch moves the mean by no more than a slow one would
+                took = min(took, STALL_FACTOR * self._mean_batch_s)
+                self._mean_batch_s = 0.8 * self._mean_batch_s + 0.2 * took
+            else:
+                self._mean_batch_s = took
+            self._batch_started = None
+            self._taken = 0
+            self._cond.notify()  # the worker, if items queued behind an inline run
 
     def _wait_taken(self, taken: threading.Event, start_within: float, stalled_after: float | None) -> bool:
         """Whether a batch took the item before `start_within`, or before the batch in flight stalled."""
@@ -140,7 +179,8 @@ class MicroBatcher(Generic[T, R]):
 
     def _take(self) -> list[tuple[T, Future, threading.Event | None]] | None:
         with self._cond:
-            while not self._queue and not self._closed:
+            # Nothing queued, or an inline run in flight: batches form behind it.
+            while (not self._queue or self._taken) and not self._closed:
                 self._cond.wait()
             if not self._queue:
                 return None
@@ -163,14 +203,7 @@ class MicroBatcher(Generic[T, R]):
                 groups.setdefault(self._group(entry[0]) if self._group else None, []).append(entry)
             for entries in groups.values():
                 self._answer(entries)
-            took = time.monotonic() - started
-            if self._mean_batch_s:  # a stalled batch moves the mean by no more than a slow one would
-                took = min(took, STALL_FACTOR * self._mean_batch_s)
-                self._mean_batch_s = 0.8 * self._mean_batch_s + 0.2 * took
-            else:
-                self._mean_batch_s = took
-            self._batch_started = None
-            self._taken = 0
+            self._finished(started)
 
     def _answer(self, live: list[tuple[T, Future]]) -> None:
         try:

@@ -147,10 +147,10 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         # RetrieveBatch's requests, each waiting on its shard calls (made on _shard_calls).
         self._batch_calls = ThreadPoolExecutor(max_workers=config.batch_parallelism, thread_name_prefix="batch-item")
         # Concurrent Retrieves' first rounds to one fleet's shards go out together, one SearchBatch
-        # per shard (feedret.microbatch: a lone query goes at once, as a plain Search; batches
-        # form only while one is in flight, i.e. under load).
+        # per shard (feedret.microbatch: a lone query goes at once, as a plain Search, from its own
+        # thread; batches form only while one is in flight, i.e. under load).
         self._coalescer = (MicroBatcher(self._search_together, config.coalesce_max_batch, "shard-fan-out",
-                                        group=lambda q: id(q.fleet))
+                                        group=lambda q: id(q.fleet), inline=True)
                            if config.coalesce_max_batch > 1 else None)
         self._shard_calls: ThreadPoolExecutor | None = None
         self._shard_call_threads = 0

@@ -168,3 +168,28 @@ def test_an_item_behind_a_stalled_batch_is_withdrawn_long_before_start_within():
     finally:
         run.release.set()
         batcher.close()
+
+
+def test_inline_a_lone_item_runs_on_the_callers_thread_and_items_meanwhile_batch_behind_it():
+    ran_on: list[str] = []
+
+    def answer(items):
+        ran_on.append(threading.current_thread().name)
+        return [x * 10 for x in items]
+
+    run = Gated(answer)
+    batcher = MicroBatcher(run, max_batch=8, name="the-worker", inline=True)
+    try:
+        with ThreadPoolExecutor(4, thread_name_prefix="caller") as pool:
+            first = pool.submit(batcher.call, 1, 5)
+            run.started.wait(5)
+            later = [pool.submit(batcher.call, x, 5) for x in (2, 3, 4)]
+            wait_pending(batcher, 3)  # queued behind the inline run, not run beside it
+            run.release.set()
+            assert first.result(5) == 10 and [f.result(5) for f in later] == [20, 30, 40]
+        assert run.calls == [[1], [2, 3, 4]]
+        assert ran_on[0].startswith("caller") and ran_on[1] == "the-worker"
+        assert batcher.batches == 2 and batcher.items == 4
+    finally:
+        run.release.set()
+        batcher.close()
