@@ -235,3 +235,22 @@ def test_an_approximate_faiss_batch_is_one_search_and_answers_each_query_as_alon
     assert not {5, 6, 7} & set(batched[0][0].tolist() + batched[1][0].tolist())
     assert not {0, 1, 2, 3, 4, 8, 9} & set(batched[2][0].tolist()) and len(batched[2][0]) == 20
     assert len(batched[5][0]) == 7 and len(batched[6][0]) == 6
+
+
+def test_the_flat_store_answers_small_and_blas_sized_batches_as_each_query_alone():
+    from feedret.indexer.stores import BLAS_MIN_BATCH, FaissFlatStore
+
+    rng = np.random.default_rng(9)
+    store = FaissFlatStore(D)
+    store.reserve(2000)
+    store.write(np.arange(1500), unit(rng, 1500))
+    mask = np.zeros(store.capacity, bool)
+    mask[:1500] = True
+    mask[::7] = False  # deleted posts and never-written rows are never found
+    for size in (3, BLAS_MIN_BATCH + 8):
+        queries = unit(rng, size)
+        scores, slots = store.search_batch(queries, 40, mask)
+        for q, row_scores, row_slots in zip(queries, scores, slots):
+            alone_scores, alone_slots = store.search(q, 40, mask)
+            np.testing.assert_allclose(row_scores, alone_scores, rtol=1e-5, atol=1e-6)
+            assert mask[row_slots].all() and len(set(row_slots.tolist()) ^ set(alone_slots.tolist())) <= 2
