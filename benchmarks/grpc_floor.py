@@ -83,11 +83,11 @@ def merge(parts: list[bytes], k: int) -> bytes:
 # ------------------------------------------------------------------ the bare servers
 
 
-def serve_bytes(port: int, search) -> None:
+def serve_bytes(port: int, search, workers: int = 4) -> None:
     """A thread-pool gRPC server answering /floor.Floor/Search with `search(bytes, context) -> bytes`, forever."""
     import grpc
 
-    server = grpc.server(futures.ThreadPoolExecutor(4), options=OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(workers), options=OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "floor.Floor", {"Search": grpc.unary_unary_rpc_method_handler(search)}),))
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -95,7 +95,8 @@ def serve_bytes(port: int, search) -> None:
     server.wait_for_termination()
 
 
-def serve_shard(snapshot: Path, shard: int, num_shards: int, port: int, factory: str, nprobe: int, ef_search: int) -> None:
+def serve_shard(snapshot: Path, shard: int, num_shards: int, port: int, factory: str, nprobe: int, ef_search: int,
+                workers: int = 4) -> None:
     """A shard with nothing but the search: feedret's snapshot loaded, its faiss index searched raw."""
     import faiss
 
@@ -129,17 +130,17 @@ def serve_shard(snapshot: Path, shard: int, num_shards: int, port: int, factory:
         valid = slots[0] >= 0
         return encode_hits(post_id[slots[0][valid]], scores[0][valid])
 
-    serve_bytes(port, search)
+    serve_bytes(port, search, workers)
 
 
-def serve_root_threads(port: int, shards: list[str], sigmas: float) -> None:
+def serve_root_threads(port: int, shards: list[str], sigmas: float, workers: int = 4) -> None:
     """A root that fans out on a long-lived thread pool with blocking calls, as feedret's does."""
     import grpc
 
     from feedret.merge import shard_depth
 
     calls = [grpc.insecure_channel(a, options=OPTIONS).unary_unary(METHOD) for a in shards]
-    pool = futures.ThreadPoolExecutor(4 * len(shards))
+    pool = futures.ThreadPoolExecutor(workers * len(shards))
 
     def search(request: bytes, context) -> bytes:
         k, q = decode_query(request)
@@ -147,10 +148,10 @@ def serve_root_threads(port: int, shards: list[str], sigmas: float) -> None:
         parts = [f.result() for f in [pool.submit(c, ask, timeout=5) for c in calls]]
         return merge(parts, k)
 
-    serve_bytes(port, search)
+    serve_bytes(port, search, workers)
 
 
-def serve_root_asyncio(port: int, shards: list[str], sigmas: float) -> None:
+def serve_root_asyncio(port: int, shards: list[str], sigmas: float, workers: int = 4) -> None:
     """A grpc.aio root: one event loop, both shard calls awaited together, no thread hand-offs."""
     import grpc
 
@@ -199,6 +200,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--snapshot", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--shard", type=int, help=argparse.SUPPRESS)
     p.add_argument("--targets", help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=4, help=argparse.SUPPRESS)  # a bare server's threads
     return p.parse_args(argv)
 
 
@@ -367,13 +369,14 @@ def report(args, spec: DataSpec, res: dict, command: str, machine: list[str]) ->
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.serve == "shard":
-        serve_shard(args.snapshot, args.shard, args.shards, args.port, args.index, args.nprobe, args.ef_search)
+        serve_shard(args.snapshot, args.shard, args.shards, args.port, args.index, args.nprobe, args.ef_search,
+                    args.workers)
         return {}
     if args.serve:
         from feedret.config import RootConfig
 
         serve = serve_root_threads if args.serve == "root-threads" else serve_root_asyncio
-        serve(args.port, args.targets.split(","), RootConfig().shard_depth_sigmas)
+        serve(args.port, args.targets.split(","), RootConfig().shard_depth_sigmas, args.workers)
         return {}
     command = benchlib.command_line(__file__, argv)
     machine = benchlib.machine_lines()
