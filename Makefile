@@ -42,17 +42,19 @@ bench: install
 	$(PY) benchmarks/member_batching.py $(MEMBER_ARGS)
 
 # Search through root + shards vs raw faiss, the same path with bare gRPC servers (its floor),
-# then vs milvus-lite (installs the bench extra).
+# then vs milvus-lite, then vs Chroma (server) and LanceDB (installs the bench extra).
 # Defaults are a smoke run; the committed results' commands are in benchmarks/results/*.md, e.g.
 #   make bench-search SEARCH_ARGS="--n 1000000 --queries 200 --index Flat --index IVF4096,Flat --index HNSW32"
 SEARCH_ARGS ?=
 FLOOR_ARGS ?=
 MILVUS_ARGS ?=
+PEERS_ARGS ?=
 bench-search: install
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/search_latency.py $(SEARCH_ARGS)
 	$(PY) benchmarks/grpc_floor.py $(FLOOR_ARGS)
 	$(PY) benchmarks/milvus_compare.py $(MILVUS_ARGS)
+	$(PY) benchmarks/peer_compare.py $(PEERS_ARGS)
 
 # An image (IMAGE_FLAVOUR cpu or gpu), then the whole stack run from it, a container per
 # role, through to a retrieval (docker/image_smoke.py; for gpu, first a check of its CUDA

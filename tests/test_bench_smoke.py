@@ -103,7 +103,49 @@ def test_member_batching_smoke(tmp_path):
     assert "| committed | 8 |" in out.read_text()
 
 
-@pytest.mark.parametrize("script", ["search_latency.py", "milvus_compare.py", "grpc_floor.py"])
+@pytest.mark.bench
+def test_concurrency_sweep_smoke(tmp_path):
+    out, raw, plot = tmp_path / "sweep.md", tmp_path / "raw.json", tmp_path / "sweep.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "concurrency_sweep.py"), "--n", "3000",
+                           "--queries", "16", "--per-cell", "8", "--rounds", "1", "--k", "50", "--concurrency", "1",
+                           "--concurrency", "4", "--index", "IVF16,Flat", "--workers", "8",
+                           "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--json", str(raw),
+                           "--plot", str(plot)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (index,) = json.loads(raw.read_text())["result"]["indexes"]
+    assert [(c["k"], c["clients"]) for c in index["cells"]] == [(50, 1), (50, 4)]
+    for cell in index["cells"]:
+        s = cell["systems"]
+        # Every system answered every query, feedret and the bare servers finding the same posts
+        # (same snapshots, same breadth).
+        assert all(s[name]["qps"] > 0 for name in s)
+        assert s["feedret"]["recall"] == s["floor_asyncio"]["recall"] == s["floor_threads"]["recall"] > 0.5
+    report = out.read_text()
+    assert "## Targets (issue #18)" in report and "| IVF16,Flat | 50 |" in report and plot.stat().st_size > 0
+
+
+@pytest.mark.bench
+def test_peer_compare_smoke(tmp_path):
+    pytest.importorskip("chromadb", reason="the bench extra (pip install -e '.[bench]') is not installed")
+    pytest.importorskip("lancedb")
+    report, seconds = run("peer_compare.py", ["--n", "3000", "--queries", "16", "--tune-queries", "16", "--per-cell", "8",
+                                              "--rounds", "1", "--k", "10", "--k", "200", "--concurrency", "1",
+                                              "--concurrency", "4", "--index", "IVF16,Flat", "--workers", "8",
+                                              "--freshness-trials", "2"], tmp_path)
+    res = json.loads((tmp_path / "raw.json").read_text())["result"]
+    assert [(c["k"], c["clients"]) for c in res["cells"]] == [(10, 1), (10, 4), (200, 1), (200, 4)]
+    for cell in res["cells"]:
+        # Every system answered every query, and found posts the exact search finds.
+        assert all(s["qps"] > 0 and s["recall"] > 0.5 for s in cell["systems"].values()), cell
+    fresh = res["freshness"]
+    assert all(len(v) == 2 and all(x == x for x in v) for v in fresh.values()), fresh  # every fresh post was found
+    assert res["chroma_load"]["count"] == res["lance_load"]["count"] == 3000
+    assert "## Targets (issue #18)" in report and "| 200 | 4 |" in report and "Insert to searchable" in report
+    assert seconds < 120, f"took {seconds:.0f}s"
+
+
+@pytest.mark.parametrize("script", ["search_latency.py", "milvus_compare.py", "grpc_floor.py", "concurrency_sweep.py",
+                                    "peer_compare.py"])
 def test_help(script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
                           text=True, timeout=60)
