@@ -107,7 +107,7 @@ async def closed_loop(call, queries: np.ndarray, k: int, clients: int, total: in
     return {"latency": latencies, "found": found, "seconds": time.perf_counter() - t0}
 
 
-def raw_batches(index, params, queries: np.ndarray, k: int, clients: int, total: int, start: int) -> dict:
+async def raw_batches(index, params, queries: np.ndarray, k: int, clients: int, total: int, start: int) -> dict:
     """`total` queries searched `clients` at a time as one faiss batch; each query's latency is its batch's."""
     latencies: list[float] = []
     found: dict[int, np.ndarray] = {}
@@ -125,6 +125,43 @@ def raw_batches(index, params, queries: np.ndarray, k: int, clients: int, total:
 
 def cpu(procs: list[psutil.Process]) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+
+async def timed_cell(runs: dict, pids: dict[str, dict[str, psutil.Process]], k: int, clients: int, total: int,
+                     rounds: int, n_queries: int, truth: np.ndarray, in_process: set[str] = frozenset()) -> dict:
+    """One (k, clients) cell: `rounds` rounds, every system in turn (the order rotating per round),
+    each answering `total` queries with `runs[name](clients, total, start)` (a `closed_loop`-shaped
+    result). CPU per query is each of the system's processes' (`pids[name]`, by role) over its
+    turns; a system `in_process` (it runs inside this process) is charged this process's."""
+    me = psutil.Process()
+    names = list(runs)
+    acc = {name: {"latency": [], "found": {}, "seconds": 0.0, "client_cpu": 0.0,
+                  "cpu": dict.fromkeys(pids[name], 0.0)} for name in names}
+    for r in range(rounds):
+        start = (r * total) % n_queries
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            before = {role: cpu([proc]) for role, proc in pids[name].items()}
+            mine = cpu([me])
+            res = await runs[name](clients, total, start)
+            a = acc[name]
+            for role, proc in pids[name].items():
+                a["cpu"][role] += cpu([proc]) - before[role]
+            a["client_cpu"] += cpu([me]) - mine
+            a["latency"] += res["latency"]
+            a["found"].update(res["found"])
+            a["seconds"] += res["seconds"]
+    n_q = rounds * total
+    row = {"k": k, "clients": clients, "queries": n_q, "systems": {}}
+    for name, a in acc.items():
+        inside = name in in_process
+        row["systems"][name] = {
+            "qps": n_q / a["seconds"], "p50_ms": pct(a["latency"], 50) * 1e3, "p99_ms": pct(a["latency"], 99) * 1e3,
+            "recall": float(np.mean([benchlib.recall_at(ids, truth[qi], k) for qi, ids in a["found"].items()])),
+            "server_cpu_ms": (a["client_cpu"] if inside else sum(a["cpu"].values())) * 1e3 / n_q,
+            "cpu_ms_by_process": {role: sec * 1e3 / n_q for role, sec in a["cpu"].items()},
+            "client_cpu_ms": 0.0 if inside else a["client_cpu"] * 1e3 / n_q,
+        }
+    return row
 
 
 def sweep_index(args, spec: DataSpec, factory: str, vectors, queries, truths: dict[int, np.ndarray]) -> dict:
@@ -173,7 +210,6 @@ def sweep_index(args, spec: DataSpec, factory: str, vectors, queries, truths: di
                 "floor_asyncio": {**bare_shards, "root": psutil.Process(procs[args.shards + 1].pid)},
                 "raw": {},
             }
-            me = psutil.Process()
             faiss.omp_set_num_threads(os.cpu_count() or 1)
 
             async def run_all() -> None:
@@ -199,38 +235,12 @@ def sweep_index(args, spec: DataSpec, factory: str, vectors, queries, truths: di
                     for name, call in calls.items():  # warm-up: channels, caches, the shards' first batches
                         await closed_loop(call, queries, k, 4, 16, 0)
                     for clients in args.concurrency:
-                        total = max(args.per_cell, 4 * clients)
-                        acc = {name: {"latency": [], "found": {}, "seconds": 0.0, "client_cpu": 0.0,
-                                      "cpu": dict.fromkeys(pids[name], 0.0)} for name in SYSTEMS}
-                        for r in range(args.rounds):
-                            order = SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[: r % len(SYSTEMS)]
-                            start = (r * total) % len(queries)
-                            for name in order:
-                                before = {role: cpu([proc]) for role, proc in pids[name].items()}
-                                mine = cpu([me])
-                                if name == "raw":
-                                    res = raw_batches(raw, params, queries, k, clients, total, start)
-                                else:
-                                    res = await closed_loop(calls[name], queries, k, clients, total, start)
-                                a = acc[name]
-                                for role, proc in pids[name].items():
-                                    a["cpu"][role] += cpu([proc]) - before[role]
-                                a["client_cpu"] += cpu([me]) - mine
-                                a["latency"] += res["latency"]
-                                a["found"].update(res["found"])
-                                a["seconds"] += res["seconds"]
-                        n_q = args.rounds * total
-                        row = {"k": k, "clients": clients, "queries": n_q, "systems": {}}
-                        for name, a in acc.items():
-                            recall = float(np.mean([benchlib.recall_at(ids, truths[k][qi], k) for qi, ids in a["found"].items()]))
-                            row["systems"][name] = {
-                                "qps": n_q / a["seconds"], "p50_ms": pct(a["latency"], 50) * 1e3,
-                                "p99_ms": pct(a["latency"], 99) * 1e3, "recall": recall,
-                                # raw faiss runs in this process: its CPU is the client's
-                                "server_cpu_ms": (sum(a["cpu"].values()) if name != "raw" else a["client_cpu"]) * 1e3 / n_q,
-                                "cpu_ms_by_process": {role: sec * 1e3 / n_q for role, sec in a["cpu"].items()},
-                                "client_cpu_ms": a["client_cpu"] * 1e3 / n_q if name != "raw" else 0.0,
-                            }
+                        runs = {name: (lambda c, t, st, call=call: closed_loop(call, queries, k, c, t, st))
+                                for name, call in calls.items()}
+                        runs["raw"] = lambda c, t, st: raw_batches(raw, params, queries, k, c, t, st)
+                        row = await timed_cell({name: runs[name] for name in SYSTEMS}, pids, k, clients,
+                                               max(args.per_cell, 4 * clients), args.rounds, len(queries),
+                                               truths[k], in_process={"raw"})
                         s = row["systems"]
                         log(f"[{factory}] k={k} c={clients}: " + ", ".join(
                             f"{n} {s[n]['qps']:.0f} q/s p50 {s[n]['p50_ms']:.1f} ms" for n in SYSTEMS))

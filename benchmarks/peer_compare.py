@@ -60,8 +60,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
-from benchlib import DataSpec, pct  # noqa: E402
-from concurrency_sweep import closed_loop, cpu  # noqa: E402
+from benchlib import DataSpec  # noqa: E402
+from concurrency_sweep import closed_loop, timed_cell  # noqa: E402
 
 SYSTEMS = ("feedret", "chroma", "lancedb")
 PEERS = ("chroma", "lancedb")
@@ -405,7 +405,6 @@ async def run_all(args, spec, queries, truths, stack, chroma, lance_dir, lance_t
         assert got and chroma_coll["coll"].configuration["hnsw"]["ef_search"] == ef, chroma_coll["coll"].configuration
 
     calls = {"feedret": call_feedret, "chroma": call_chroma, "lancedb": call_lance}
-    me = psutil.Process()
     tq = min(args.tune_queries, len(queries))
     for k in args.k:
         truth = truths[k]
@@ -434,35 +433,10 @@ async def run_all(args, spec, queries, truths, stack, chroma, lance_dir, lance_t
             await closed_loop(call, queries, k, 4, 16, 0)
 
         for clients in args.concurrency:
-            total = max(args.per_cell, 4 * clients)
-            acc = {name: {"latency": [], "found": {}, "seconds": 0.0, "client_cpu": 0.0,
-                          "cpu": dict.fromkeys(pids[name], 0.0)} for name in SYSTEMS}
-            for r in range(args.rounds):
-                order = SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[: r % len(SYSTEMS)]
-                start = (r * total) % len(queries)
-                for name in order:
-                    before = {role: cpu([proc]) for role, proc in pids[name].items()}
-                    mine = cpu([me])
-                    res = await closed_loop(calls[name], queries, k, clients, total, start)
-                    a = acc[name]
-                    for role, proc in pids[name].items():
-                        a["cpu"][role] += cpu([proc]) - before[role]
-                    a["client_cpu"] += cpu([me]) - mine
-                    a["latency"] += res["latency"]
-                    a["found"].update(res["found"])
-                    a["seconds"] += res["seconds"]
-            n_q = args.rounds * total
-            row = {"k": k, "clients": clients, "queries": n_q, "systems": {}}
-            for name, a in acc.items():
-                in_process = name == "lancedb"  # the engine runs in this process: its CPU is the client's
-                row["systems"][name] = {
-                    "qps": n_q / a["seconds"], "p50_ms": pct(a["latency"], 50) * 1e3,
-                    "p99_ms": pct(a["latency"], 99) * 1e3,
-                    "recall": float(np.mean([benchlib.recall_at(ids, truth[qi], k) for qi, ids in a["found"].items()])),
-                    "server_cpu_ms": (a["client_cpu"] if in_process else sum(a["cpu"].values())) * 1e3 / n_q,
-                    "cpu_ms_by_process": {role: sec * 1e3 / n_q for role, sec in a["cpu"].items()},
-                    "client_cpu_ms": 0.0 if in_process else a["client_cpu"] * 1e3 / n_q,
-                }
+            runs = {name: (lambda c, t, st, call=calls[name]: closed_loop(call, queries, k, c, t, st)) for name in SYSTEMS}
+            # LanceDB's engine runs in this process: its CPU is the client's.
+            row = await timed_cell(runs, pids, k, clients, max(args.per_cell, 4 * clients), args.rounds, len(queries),
+                                   truth, in_process={"lancedb"})
             s = row["systems"]
             log(f"k={k} c={clients}: " + ", ".join(
                 f"{n} {s[n]['qps']:.0f} q/s p50 {s[n]['p50_ms']:.1f} ms recall {s[n]['recall']:.3f}" for n in SYSTEMS))
