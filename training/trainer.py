@@ -126,12 +126,18 @@ def build_tiny(config: TrainConfig, texts: Sequence[str]):
     return LlamaModel(model_config), tokenizer
 
 
-def base_model_dir(name: str) -> str:
-    """A local model directory; "minilm" names the all-MiniLM-L6-v2 that the `eval` extra installs."""
+def base_model_dir(name: str, cache_dir: Path | str = "var/base-models") -> str:
+    """A local model directory for a base-model name: "minilm" (the all-MiniLM-L6-v2 the `eval`
+    extra installs), "smollm2" or a .gguf file (converted once into `cache_dir`), or a directory."""
+    from feedret.encoder.gguf import converted, gguf_source
+
     if name == "minilm":
         from feedret.encoder.minilm import minilm_dir
 
         return str(minilm_dir())
+    source = gguf_source(name)
+    if source is not None:
+        return str(converted(source, Path(cache_dir)))
     return name
 
 
@@ -141,7 +147,7 @@ def load_base(config: TrainConfig, texts: Sequence[str], device: str):
     if config.base_model == "tiny":
         model, tokenizer = build_tiny(config, texts)
     else:
-        path = base_model_dir(config.base_model)
+        path = base_model_dir(config.base_model, config.base_model_cache)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=torch.float32)
         added = tokenizer.add_special_tokens({"additional_special_tokens": [NUM_OPEN, NUM_CLOSE]})
