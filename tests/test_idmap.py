@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from feedret.indexer.idmap import IdMap
 
@@ -38,4 +39,14 @@ def test_a_full_map_costs_tens_of_bytes_a_post_not_a_dicts_hundred():
     n = 1_000_000
     m = IdMap.from_arrays(np.arange(n, dtype=np.int64) * 7919 + 10**12, np.arange(n))
     assert len(m) == n and m.get(10**12 + 7919 * 123) == 123
-    assert m.nbytes / n <= 45
+    assert m.nbytes / n <= 32  # 12 bytes a bucket, at least 3/8 full
+
+
+def test_values_are_slots_and_a_negative_or_oversized_one_is_refused():
+    m = IdMap()
+    for bad in (-1, 2**31):
+        with pytest.raises(ValueError, match="slots"):
+            m.insert_many(np.array([5]), np.array([bad]))
+    assert len(m) == 0 and m.get(5) is None
+    m.insert_many(np.array([5, -7]), np.array([0, 2**31 - 1]))  # post ids may be negative; slots may not
+    assert m.get(5) == 0 and m.get(-7) == 2**31 - 1
