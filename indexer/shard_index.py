@@ -142,16 +142,24 @@ class IndexInfo:
 
 class _Interned:
     """Strings kept per slot as small integer codes: few distinct values (languages, model
-    versions) over millions of posts. Code 0 is the empty string. Written under the write lock."""
+    versions) over millions of posts. Code 0 is the empty string. Written under the write lock.
+
+    Codes are int16 in the slots (2 bytes a post, not 4), so at most `LIMIT` names: past it
+    `code` answers None and the caller decides (a language is kept as none; a model refused).
+    """
+
+    LIMIT = int(np.iinfo(np.int16).max) + 1
 
     def __init__(self, names: Iterable[str] = ("",)) -> None:
         self.names: list[str] = list(names)
         self.codes: dict[str, int] = {name: code for code, name in enumerate(self.names)}
 
-    def code(self, name: str) -> int:
-        """The name's code, assigned on first sight."""
+    def code(self, name: str) -> int | None:
+        """The name's code, assigned on first sight; None once `LIMIT` names are known."""
         code = self.codes.get(name)
         if code is None:
+            if len(self.names) >= self.LIMIT:
+                return None
             code = self.codes[name] = len(self.names)
             self.names.append(name)
         return code
@@ -163,18 +171,22 @@ class _Interned:
 
 @dataclass
 class _Slots:
-    """Per-slot attributes; grown by doubling."""
+    """Per-slot attributes, 26 bytes a post (beside 256 int8 codes that is a tenth of it);
+    grown as the vector store grows (`stores._grown`)."""
 
     post_id: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     created_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
-    indexed_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
-    lang: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    model: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # model version code
+    # Seconds from created_at to when the shard applied the post: float32 keeps a fresh post's
+    # lag to well under a millisecond (what freshness is measured with); a post indexed years
+    # after it was created is dated to within a minute or so.
+    indexed_after: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    lang: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # _Interned codes
+    model: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))  # model version code
     alive: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     # The approximate index holds an entry labelled with this slot (a tombstone when not alive).
     in_ann: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
-    NAMES = ("post_id", "created_at", "indexed_at", "lang", "model", "alive", "in_ann")
+    NAMES = ("post_id", "created_at", "indexed_after", "lang", "model", "alive", "in_ann")
 
     def grow(self, capacity: int) -> None:
         for name in self.NAMES:
@@ -280,6 +292,7 @@ class ShardIndex:
         self._free: list[int] = []
         self._slot_of = IdMap()  # post id -> slot
         self._langs = _Interned()
+        self._langs_full_logged = False
         self._models = _Interned()  # model versions
         self._lock = RWLock()
         self._grow_lock = threading.Lock()  # one store growth at a time (see _make_room)
@@ -513,6 +526,9 @@ class ShardIndex:
         if len(ids):
             self._make_room(len(ids))
         with self._lock.write():
+            models = [self._models.code(model_versions[r]) for r in rows]
+            if None in models:  # a shard indexes one model; tens of thousands is a broken stream
+                raise ValueError(f"more than {_Interned.LIMIT} model versions in one shard")
             self._release(self._pop_slots(np.concatenate([ids, expired])))
             self._version += 1
             if len(ids):
@@ -522,9 +538,9 @@ class ShardIndex:
                 s = self._slots
                 s.post_id[slots] = ids
                 s.created_at[slots] = created
-                s.indexed_at[slots] = indexed_at
-                s.lang[slots] = [self._langs.code(langs[r]) for r in rows]
-                s.model[slots] = [self._models.code(model_versions[r]) for r in rows]
+                s.indexed_after[slots] = indexed_at - created
+                s.lang[slots] = [self._lang_code(langs[r]) for r in rows]
+                s.model[slots] = models
                 s.alive[slots] = True
                 if self._ann is not None:
                     if self._build is None and len(slots) > _ANN_ADD_STEP and faiss_ann.adds_slowly(self._ann.index):
@@ -757,7 +773,7 @@ class ShardIndex:
             mask &= s.created_at[:n] >= filt.min_created_at
         if filt.languages:
             codes = self._langs.known(filt.languages)
-            mask &= np.isin(s.lang[:n], np.array(codes, dtype=np.int32))
+            mask &= np.isin(s.lang[:n], np.array(codes, dtype=np.int16))
         mask[self._excluded_slots(filt.exclude_post_ids)] = False
         return mask
 
@@ -987,6 +1003,15 @@ class ShardIndex:
                 return scores, slots
         return self._store.search(query, k, mask)  # the approximate index could not fill k: exact
 
+    def _lang_code(self, lang: str) -> int:
+        code = self._langs.code(lang)
+        if code is None:  # past the table's size a post is kept without a language
+            if not self._langs_full_logged:
+                log.warning("languages_table_full", limit=_Interned.LIMIT, lang=lang[:40])
+                self._langs_full_logged = True
+            return 0
+        return code
+
     def lookup(self, post_id: int, include_vector: bool = False) -> PostRecord | None:
         with self._lock.read():
             slot = self._slot_of.get(int(post_id))
@@ -998,7 +1023,7 @@ class ShardIndex:
                 post_id=int(post_id),
                 created_at=float(s.created_at[slot]),
                 lang=self._langs.names[int(s.lang[slot])],
-                indexed_at=float(s.indexed_at[slot]),
+                indexed_at=float(s.created_at[slot]) + float(s.indexed_after[slot]),
                 model_version=self._models.names[int(s.model[slot])],
                 vector=vector,
             )
@@ -1057,11 +1082,16 @@ class ShardIndex:
         n = len(sections["post_id"])
         with ix._lock.write():
             s = ix._slots
-            s.grow(max(1024, 2 * n))
+            s.grow(_grown(n, n))  # a quarter's room past 1M posts, as the store grows
             if "model" not in sections:  # written before model versions were kept per post
                 models = _Interned()
-                sections = {**sections, "model": np.full(n, models.code(model_version), np.int32)}
+                sections = {**sections, "model": np.full(n, models.code(model_version), np.int16)}
                 meta = {**meta, "model_versions": models.names}
+            if "indexed_after" not in sections:  # written when the time itself was kept (float64)
+                sections = {**sections, "indexed_after": sections["indexed_at"] - sections["created_at"]}
+            for name in ("lang", "model"):  # int32 codes before they were int16
+                if n and int(sections[name].max()) >= _Interned.LIMIT:
+                    raise IndexConfigError(f"snapshot has more than {_Interned.LIMIT} distinct {name} values")
             for name in _Slots.NAMES:
                 getattr(s, name)[:n] = sections[name]
             ix._next_slot = n

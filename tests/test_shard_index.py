@@ -90,3 +90,43 @@ def test_empty_index_and_k_larger_than_index():
     assert len(ix.search(np.ones(4), 5)[0]) == 0
     ix.upsert([1], np.ones((1, 4)), created_at=[0], langs=[""], indexed_at=0, model_versions=["m1"])
     assert ix.search(np.ones(4), 10_000)[0].tolist() == [1]
+
+
+def test_a_fresh_posts_indexed_time_keeps_its_milliseconds_at_a_quarter_of_the_bytes():
+    # indexed_at is kept as float32 seconds after created_at: exact enough to measure freshness.
+    ix = ShardIndex(4)
+    created = 1_765_000_000.123
+    ix.upsert([7], np.ones((1, 4)), created_at=[created], langs=["en"], indexed_at=created + 0.0375,
+              model_versions=["m1"])
+    got = ix.lookup(7)
+    assert got.created_at == created and got.indexed_at - got.created_at == pytest.approx(0.0375, abs=1e-6)
+    s = ix._slots
+    assert sum(getattr(s, name).itemsize for name in s.NAMES) == 26  # bytes a post beside its vector
+
+
+def test_a_snapshot_from_before_the_narrow_attributes_restores(filled):
+    # Older snapshots kept indexed_at itself (float64) and int32 language/model codes.
+    ix, ids, vecs = filled
+    meta, sections = ix.export_state()
+    old = dict(sections)
+    old["indexed_at"] = old.pop("indexed_after").astype(np.float64) + old["created_at"]
+    old["lang"], old["model"] = old["lang"].astype(np.int32), old["model"].astype(np.int32)
+    back = ShardIndex.from_state(meta, old, ix.options)
+    for pid in (ids[0], ids[3], ids[499]):
+        a, b = ix.lookup(pid), back.lookup(pid)
+        assert (b.indexed_at, b.created_at, b.lang, b.model_version) == (a.indexed_at, a.created_at, a.lang, "m1")
+    assert back.search(vecs[3], 5, SearchFilter(languages=("en",)))[0].tolist() == \
+        ix.search(vecs[3], 5, SearchFilter(languages=("en",)))[0].tolist()
+
+
+def test_past_the_language_tables_size_a_post_is_kept_without_a_language(monkeypatch):
+    from feedret.indexer import shard_index
+
+    monkeypatch.setattr(shard_index._Interned, "LIMIT", 3)  # "", "en", "de"
+    ix = ShardIndex(4)
+    v = np.eye(4, dtype=np.float32)
+    ix.upsert([1, 2, 3], v[:3], created_at=[1.0] * 3, langs=["en", "de", "fr"], indexed_at=1.0,
+              model_versions=["m1"] * 3)
+    assert len(ix) == 3 and ix.lookup(3).lang == ""
+    assert ix.search(v[2], 3, SearchFilter(languages=("fr",)))[0].tolist() == []
+    assert ix.search(v[2], 1)[0].tolist() == [3]
