@@ -27,6 +27,7 @@ The defaults are a smoke run (20,000 vectors, 64 dims) of well under a minute.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import shutil
@@ -53,6 +54,9 @@ CODECS = {
     # An approximate index over int8 codes beside an int8 store: what a 10M-post shard needs
     # for a search in tens of milliseconds on a CPU (an exact scan reads every code).
     "ivf-int8": {"vector_codec": "int8", "index_factory": "IVF1024,SQ8", "nprobe": 32},
+    # Finer lists: at a given share of the corpus scanned, a deep top-k (2,000) is found in
+    # fewer, closer lists. --nprobes sweeps the breadth of both.
+    "ivf4096-int8": {"vector_codec": "int8", "index_factory": "IVF4096,SQ8", "nprobe": 32},
 }
 
 
@@ -67,11 +71,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 20_000])
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--codecs", nargs="+", default=[c for c in CODECS if c != "ivf-int8"], type=codec_name,
+    p.add_argument("--codecs", nargs="+", default=[c for c in CODECS if "ivf" not in c], type=codec_name,
                    help="from " + ", ".join(CODECS) + "; a binary one as NAME:R rescores R x k (default --rescore)")
     p.add_argument("--queries", type=int, default=30)
     p.add_argument("--ks", type=int, nargs="+", default=[100, 2000])
     p.add_argument("--rescore", type=int, default=8, help="binary: candidates rescored per result")
+    p.add_argument("--nprobes", type=int, nargs="+", default=[],
+                   help="IVF codecs: also search at each of these nprobe floors (largest k; the shard widens "
+                        "a floor too low for k, faiss_ann.search_breadth)")
     p.add_argument("--max-float32", type=int, default=3_000_000, help="largest corpus float32 and float16 run at")
     p.add_argument("--clusters", type=int, default=0, help="0: n // 1000 (benchlib.DataSpec)")
     p.add_argument("--cache-dir", type=Path, default=benchlib.CACHE, help="vectors, queries and exact answers")
@@ -163,6 +170,21 @@ def child(spec: dict) -> dict:
             recalls.append(benchlib.recall_at(ids, row, k))
         out["search"][str(k)] = {"p50_ms": 1000 * statistics.median(times), "p99_ms": 1000 * benchlib.pct(times, 99),
                                  "recall": float(np.mean(recalls))}
+    if "index_factory" in changes:
+        k = max(spec["ks"])
+        gt = np.load(spec["truth"][str(k)])
+        out["breadth"] = []
+        for nprobe in spec["nprobes"]:
+            ix.options = dataclasses.replace(options, nprobe=nprobe)
+            times, recalls = [], []
+            for q, row in zip(queries, gt):
+                t = time.perf_counter()
+                ids, _ = ix.search(q, k)
+                times.append(time.perf_counter() - t)
+                recalls.append(benchlib.recall_at(ids, row, k))
+            out["breadth"].append({"nprobe": nprobe, "k": k, "p50_ms": 1000 * statistics.median(times),
+                                   "p99_ms": 1000 * benchlib.pct(times, 99), "recall": float(np.mean(recalls))})
+        ix.options = options
     out["rss_file_after_search_mib"] = proc_mem()["RssFile"] / 2**20
     t = time.perf_counter()
     meta, sections = ix.export_state()
@@ -181,7 +203,8 @@ def child(spec: dict) -> dict:
 
 def run_child(args, codec: str, n: int, paths: dict) -> dict:
     scratch = Path(tempfile.mkdtemp(prefix=f"codec-{codec.replace(':', '-')}-", dir=args.workdir))
-    spec = {"codec": codec, "n": n, "ks": args.ks, "rescore": args.rescore, "scratch": str(scratch), **paths}
+    spec = {"codec": codec, "n": n, "ks": args.ks, "rescore": args.rescore, "nprobes": args.nprobes,
+            "scratch": str(scratch), **paths}
     try:
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
         if proc.returncode:
@@ -207,7 +230,7 @@ def report(args, rows: list[dict], spec: benchlib.DataSpec, command: str, machin
     lines += ["## Memory per post", "",
               "Anonymous resident memory (RssAnon) grown over the empty index, divided by the posts, after "
               "freed memory is handed back to the OS (as a shard does after each snapshot): the codes, the "
-              "per-post attributes (id, times, language, model, flags: 34 bytes), the id map (23-45 bytes) "
+              "per-post attributes (id, times, language, model, flags: 26 bytes), the id map (16-32 bytes) "
               "and the rows grown but not filled yet (a store grows by a quarter past 1M rows).", "",
               "| codec | " + " | ".join(f"{n:,}" for n in sizes) + " | store bytes/post | vs float32 |",
               "|---|" + "---:|" * (len(sizes) + 2)]
@@ -244,6 +267,16 @@ def report(args, rows: list[dict], spec: benchlib.DataSpec, command: str, machin
                 s = r["search"][str(k)] if r else None
                 cells.append(f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f}, {s['recall']:.3f}" if s else "–")
             lines.append(f"| {codec} | " + " | ".join(cells) + " |")
+    swept = [r for r in rows if r.get("breadth")]
+    if swept:
+        lines += ["", "## IVF breadth: p50 / p99 ms, recall against exact float32, by nprobe", "",
+                  "The configured nprobe is a floor; the shard widens it to see about 4k candidates "
+                  "(`faiss_ann.search_breadth`).", "",
+                  "| codec | n | k | " + " | ".join(f"nprobe {b['nprobe']}" for b in swept[0]["breadth"]) + " |",
+                  "|---|---:|---:|" + "---:|" * len(swept[0]["breadth"])]
+        for r in sorted(swept, key=lambda r: (args.codecs.index(r["codec"]), r["n"])):
+            lines.append(f"| {r['codec']} | {r['n']:,} | {r['breadth'][0]['k']:,} | " + " | ".join(
+                f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f}, {b['recall']:.3f}" for b in r["breadth"]) + " |")
     lines += ["", "## Ingest (posts/s applied), snapshot (bytes/post, write s), restore s", "",
               "| codec | n | ingest posts/s | snapshot bytes/post | snapshot write s | restore s | RssFile MiB after searches |",
               "|---|---:|---:|---:|---:|---:|---:|"]

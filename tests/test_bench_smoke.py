@@ -327,3 +327,19 @@ def test_width_codec_smoke(tmp_path):
     assert {(r["width"], r["codec"]) for r in rows} >= {(128, "float32"), (16, "binary")}
     full = next(r for r in rows if r["width"] == 128 and r["codec"] == "float16")
     assert full["bytes_per_post"] == 256 and 0 <= full["all_recall@100"] <= 1
+
+
+@pytest.mark.bench
+def test_codec_growth_sweeps_ivf_breadth(tmp_path):
+    out, raw = tmp_path / "codecs.md", tmp_path / "raw.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec_growth.py"), "--sizes", "50000",
+                           "--dim", "16", "--queries", "5", "--ks", "100", "--codecs", "int8", "ivf-int8",
+                           "--nprobes", "4", "256", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                           "--json", str(raw)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by = {r["codec"]: r for r in json.loads(raw.read_text())["rows"]}
+    assert "breadth" not in by["int8"]  # an exact store has no breadth to sweep
+    narrow, wide = by["ivf-int8"]["breadth"]
+    assert (narrow["nprobe"], wide["nprobe"]) == (4, 256) and wide["recall"] >= narrow["recall"]
+    assert wide["recall"] > 0.9  # a quarter of the 1,024 lists: nearly exact
+    assert "## IVF breadth" in out.read_text()
