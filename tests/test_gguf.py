@@ -126,3 +126,18 @@ def test_bad_sources_say_what_is_wrong(tmp_path):
     with pytest.raises(GGUFError, match="cannot load"):
         convert_gguf(junk, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_gguf_command_converts_or_says_in_one_line_why_not(source, tmp_path):
+    from click.testing import CliRunner
+
+    from feedret.clients.cli import cli
+
+    _, path = source
+    ok = CliRunner().invoke(cli, ["convert-gguf", str(path), "--out", str(tmp_path / "m")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "m" / "model.safetensors").is_file() and "feedret eval --model" in ok.output
+    for bad in (str(tmp_path / "missing.gguf"), "llama-3"):
+        res = CliRunner().invoke(cli, ["convert-gguf", bad, "--out", str(tmp_path / "x")])
+        assert res.exit_code == 1 and "Traceback" not in res.output
+        assert res.output.strip().startswith("Error:") and len(res.output.strip().splitlines()) == 1
