@@ -136,7 +136,7 @@ class IdMap:
         live = self._vals >= 0
         keys, values = self._keys[live], self._vals[live]
         size = 1024
-        while size * 3 < max(wanted, 1) * 4 * 2:  # half full at most after a rehash
+        while size < 2 * max(wanted, 1):  # half full at most after a rehash (then 3/4 at most: 16-32 B a post)
             size *= 2
         self._alloc(size)
         self._deleted = 0
