@@ -119,6 +119,18 @@ def truth(vectors: np.ndarray, queries: np.ndarray, n: int, k: int, path: Path) 
     return best_i
 
 
+def timed_searches(ix, queries: np.ndarray, gt: np.ndarray, k: int) -> dict:
+    """One query at a time: p50/p99 ms and mean recall@k against the exact answers `gt`."""
+    times, recalls = [], []
+    for q, row in zip(queries, gt):
+        t = time.perf_counter()
+        ids, _ = ix.search(q, k)
+        times.append(time.perf_counter() - t)
+        recalls.append(benchlib.recall_at(ids, row, k))
+    return {"p50_ms": 1000 * statistics.median(times), "p99_ms": 1000 * benchlib.pct(times, 99),
+            "recall": float(np.mean(recalls))}
+
+
 def child(spec: dict) -> dict:
     """One codec at one size, in its own process (so its memory is its own)."""
     from feedret.indexer import snapshot
@@ -161,29 +173,14 @@ def child(spec: dict) -> dict:
         "ingest_posts_per_s": n / ingest_s, "search": {},
     }
     for k in spec["ks"]:
-        gt = np.load(spec["truth"][str(k)])
-        times, recalls = [], []
-        for q, row in zip(queries, gt):
-            t = time.perf_counter()
-            ids, _ = ix.search(q, k)
-            times.append(time.perf_counter() - t)
-            recalls.append(benchlib.recall_at(ids, row, k))
-        out["search"][str(k)] = {"p50_ms": 1000 * statistics.median(times), "p99_ms": 1000 * benchlib.pct(times, 99),
-                                 "recall": float(np.mean(recalls))}
+        out["search"][str(k)] = timed_searches(ix, queries, np.load(spec["truth"][str(k)]), k)
     if "index_factory" in changes:
         k = max(spec["ks"])
         gt = np.load(spec["truth"][str(k)])
         out["breadth"] = []
         for nprobe in spec["nprobes"]:
             ix.options = dataclasses.replace(options, nprobe=nprobe)
-            times, recalls = [], []
-            for q, row in zip(queries, gt):
-                t = time.perf_counter()
-                ids, _ = ix.search(q, k)
-                times.append(time.perf_counter() - t)
-                recalls.append(benchlib.recall_at(ids, row, k))
-            out["breadth"].append({"nprobe": nprobe, "k": k, "p50_ms": 1000 * statistics.median(times),
-                                   "p99_ms": 1000 * benchlib.pct(times, 99), "recall": float(np.mean(recalls))})
+            out["breadth"].append({"nprobe": nprobe, "k": k, **timed_searches(ix, queries, gt, k)})
         ix.options = options
     out["rss_file_after_search_mib"] = proc_mem()["RssFile"] / 2**20
     t = time.perf_counter()
