@@ -211,6 +211,19 @@ def recall_at(found: np.ndarray | list, truth_row: np.ndarray, k: int) -> float:
     return len(np.intersect1d(np.asarray(found[:k], np.int64), truth_row[:k])) / k
 
 
+def log(msg: str) -> None:
+    """A progress line on stderr (stdout carries the report or a child's JSON)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def stop_processes(procs) -> None:
+    """Terminate server processes a benchmark started, all at once, then wait for each."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(30)
+
+
 def emit(text: str, out=None) -> None:
     """Print a benchmark's markdown report and write it to `out` when given."""
     print(text)

@@ -81,8 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = benchlib.log
 
 
 async def closed_loop(call, queries: np.ndarray, k: int, clients: int, total: int, start: int) -> dict:
@@ -249,10 +248,7 @@ def sweep_index(args, spec: DataSpec, factory: str, vectors, queries, truths: di
 
             asyncio.run(run_all())
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+        benchlib.stop_processes(procs)
         shutil.rmtree(run_dir, ignore_errors=True)
     return {"index": factory, "shard_posts": counts, "cells": cells}
 

@@ -204,8 +204,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = benchlib.log
 
 
 def start(args, *extra: str) -> subprocess.Popen:
@@ -290,10 +289,7 @@ def measure(args, spec: DataSpec) -> dict:
             load_after = benchlib.uptime_load()
             client.close()
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+        benchlib.stop_processes(procs)
         import shutil
 
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -75,8 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = benchlib.log
 
 
 def feedret_factory(kind: str, args) -> str:

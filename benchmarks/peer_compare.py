@@ -111,8 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = benchlib.log
 
 
 def ivf_nlist(factory: str) -> int:

@@ -73,8 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+log = benchlib.log
 
 
 def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -> dict:
