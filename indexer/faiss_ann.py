@@ -9,7 +9,7 @@ ids (HNSW cannot) is probed, not assumed: the caller tombstones where it cannot.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
@@ -149,10 +149,11 @@ def nlist_of(index: faiss.Index) -> int:
     return int(ivf.nlist) if ivf is not None else 0
 
 
-def search_breadth(index: faiss.Index, ntotal: int, k: int, passing: float,
+def search_breadth(index: faiss.Index | int, ntotal: int, k: int, passing: float,
                    nprobe: int, ef_search: int) -> tuple[int, int]:
     """(nprobe, efSearch) for a top-k search of `index`, holding `ntotal` vectors, where a
-    fraction `passing` of them pass the filter.
+    fraction `passing` of them pass the filter. `index` may be given as its IVF list count
+    (0: not an IVF), which the caller knows once per built index.
 
     The configured `nprobe` and `ef_search` are floors. IVF probes enough lists to see
     about 4k candidates (k=2,000 of 1M posts in 4,096 lists needs 33 lists, not 16);
@@ -161,7 +162,7 @@ def search_breadth(index: faiss.Index, ntotal: int, k: int, passing: float,
     does not give (measured: IVF recall@100 0.53 -> 0.96, HNSW 0.22 -> 0.80).
     """
     scale = min(1.0 / max(passing, 1e-9), 20.0)
-    nlist = nlist_of(index)
+    nlist = index if isinstance(index, int) else nlist_of(index)
     if nlist:
         nprobe = max(nprobe, int(np.ceil(4 * k * nlist / max(ntotal, 1))))
     return int(np.ceil(nprobe * scale)), int(np.ceil(max(ef_search, k) * scale))
@@ -324,6 +325,14 @@ class Ann:
     removable: bool
     hashtable: bool  # IVF direct map: removal wants an IDSelectorArray
     mirror: Mirror | None = None
+    # Fixed for the life of the built index, and each cost a walk through faiss's SWIG
+    # wrappers (~30 us a query together, a tenth of an IVF shard's search): its list
+    # count, and the unfiltered search parameters per (nprobe, efSearch).
+    nlist: int = field(init=False, repr=False, compare=False)
+    _plain_params: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.nlist = nlist_of(self.index)
 
     @property
     def ntotal(self) -> int:
@@ -367,9 +376,19 @@ class Ann:
         """Top k of every query among the entries `mask` allows, on the CPU index, in one faiss
         call: (B, k) scores and slots, -1 slots where fewer were found. faiss spreads a batch's
         queries over its threads and IVF assigns them to lists in one product."""
-        keep: list = []
-        sel = None if mask is None else bitmap_selector(mask, keep)
-        params = search_params(self.index, sel, nprobe, max(ef_search, k), keep)
+        ef_search = max(ef_search, k)
+        if mask is None:
+            cached = self._plain_params.get((nprobe, ef_search))
+            if cached is None:
+                # Read-only during a search, so concurrent searches share them; what they point
+                # to is kept beside them. A handful of breadths recur (about one per k asked).
+                cached = (search_params(self.index, None, nprobe, ef_search, keep := []), keep)
+                if len(self._plain_params) < 64:
+                    self._plain_params[(nprobe, ef_search)] = cached
+            params = cached[0]
+        else:
+            keep = []
+            params = search_params(self.index, bitmap_selector(mask, keep), nprobe, ef_search, keep)
         scores, slots = self.index.search(np.ascontiguousarray(queries, np.float32), k, params=params)
         return scores.astype(np.float32, copy=False), slots
 

@@ -974,7 +974,7 @@ class ShardIndex:
     def search_breadth(self, ann: Ann, k: int, passing: float) -> tuple[int, int]:
         """(nprobe, efSearch) for a top-k search where a fraction `passing` of posts pass the
         filter: the configured values as floors, widened as `faiss_ann.search_breadth` says."""
-        return faiss_ann.search_breadth(ann.index, ann.ntotal, k, passing, self.options.nprobe, self.options.ef_search)
+        return faiss_ann.search_breadth(ann.nlist, ann.ntotal, k, passing, self.options.nprobe, self.options.ef_search)
 
     def _ann_search(
         self, ann: Ann, query: np.ndarray, plan: _Plan,
