@@ -82,3 +82,24 @@ class Throttle:
             self._tokens -= 1
             held, self._held = self._held, 0
             return held
+
+
+class bound:
+    """`with bound(request_id=..., ...)`: keys bound to every log line of the block, then
+    set back to what they were, as structlog.contextvars.bound_contextvars does.
+
+    That one copies the whole context on entry to find the old values, and unbinds and
+    binds again on exit; the tokens of ContextVar.set do the same for a fraction of the
+    cost. It runs once or twice per RPC in every server (rpc_scope, a batch's requests).
+    """
+
+    __slots__ = ("_kw", "_tokens")
+
+    def __init__(self, **kw: object) -> None:
+        self._kw = kw
+
+    def __enter__(self) -> None:
+        self._tokens = structlog.contextvars.bind_contextvars(**self._kw)
+
+    def __exit__(self, *exc: object) -> None:
+        structlog.contextvars.reset_contextvars(**self._tokens)

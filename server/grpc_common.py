@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 import uuid
@@ -18,7 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from feedret import members
 from feedret.config import GrpcSecurityConfig, MemberLimits
 from feedret.grpc_client import MESSAGE_SIZE_OPTIONS
-from feedret.logging import Throttle
+from feedret.logging import Throttle, bound
+from feedret.server.grpc_handlers import HandlerCache
 from feedret.server.grpc_metrics import GrpcMetricsInterceptor
 from feedret.server.grpc_auth import BearerAuthInterceptor, TokenFile
 from feedret.server.grpc_security import server_credentials
@@ -88,11 +90,18 @@ class DecodeGuard(grpc.ServerInterceptor):
     feedret's); health's Watch stream and reflection keep grpc's own handling.
     """
 
+    def __init__(self) -> None:
+        self._handlers = HandlerCache(self._guard)
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler
-        decode, behavior, method = handler.request_deserializer, handler.unary_unary, handler_call_details.method
+        return self._handlers.get(handler_call_details.method, handler)
+
+    @staticmethod
+    def _guard(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        decode, behavior = handler.request_deserializer, handler.unary_unary
 
         def deserialize(data: bytes):
             try:
@@ -131,6 +140,7 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
         self._lock = threading.Lock()
         self._active = 0
         self._log = Throttle(1.0)  # a flood must not flood the logs too
+        self._handlers = HandlerCache(self._limited)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -138,6 +148,9 @@ class ConcurrencyLimit(grpc.ServerInterceptor):
         # feedret's methods are all unary; health's Watch stream and reflection pass.
         if handler is None or handler.unary_unary is None or not method.startswith(self._prefixes):
             return handler
+        return self._handlers.get(method, handler)
+
+    def _limited(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behavior = handler.unary_unary
 
         def limited(request, context):
@@ -260,22 +273,39 @@ def serving(
         server.stop(grace=STOP_GRACE_S).wait()
 
 
-@contextlib.contextmanager
-def rpc_scope(context: grpc.ServicerContext, method: str, request_id: str = "") -> Iterator[str]:
-    """Binds the request id to every log line; maps failures to gRPC status codes.
+def rpc_scope(context: grpc.ServicerContext, method: str, request_id: str = "") -> "_RpcScope":
+    """`with rpc_scope(context, method, request_id) as rid`: binds the request id (a new
+    one when the caller sent none) to every log line; maps failures to gRPC status codes.
 
     InvalidRequest -> INVALID_ARGUMENT. Anything unexpected -> INTERNAL with the
     error logged: a bad request never takes the server down.
     """
-    rid = request_id or uuid.uuid4().hex[:16]
-    started = time.perf_counter()
-    with structlog.contextvars.bound_contextvars(request_id=rid, method=method):
+    return _RpcScope(context, method, request_id)
+
+
+class _RpcScope:
+    # A class, not a generator context manager: it wraps every call of every server.
+    __slots__ = ("_context", "_method", "_rid", "_started", "_bound")
+
+    def __init__(self, context: grpc.ServicerContext, method: str, request_id: str) -> None:
+        self._context, self._method = context, method
+        self._rid = request_id or uuid.uuid4().hex[:16]
+
+    def __enter__(self) -> str:
+        self._started = time.perf_counter()
+        self._bound = bound(request_id=self._rid, method=self._method)
+        self._bound.__enter__()
+        return self._rid
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
         try:
-            yield rid
-        except Exception as exc:  # noqa: BLE001 - the server must outlive any one request
-            context.abort(*failure_status(exc, method))
+            if isinstance(exc, Exception):  # the server must outlive any one request
+                self._context.abort(*failure_status(exc, self._method))  # grpc's raises
+                return True
+            return False
         finally:
-            log.debug("rpc_done", ms=round((time.perf_counter() - started) * 1000, 3))
+            log.debug("rpc_done", ms=round((time.perf_counter() - self._started) * 1000, 3))
+            self._bound.__exit__()
 
 
 def failure_status(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
@@ -307,6 +337,10 @@ def check_k(k: int, max_k: int) -> int:
     return k
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+
 def query_vector(values: Sequence[float], dimension: int, full_dimension: int = 0) -> np.ndarray:
     """Validate a query vector's width and values; returns float32.
 
@@ -320,18 +354,19 @@ def query_vector(values: Sequence[float], dimension: int, full_dimension: int = 
     if dimension and vec.size != dimension and vec.size != full_dimension:
         also = f" (or the model's full {full_dimension}, truncated)" if full_dimension > dimension else ""
         raise InvalidRequest(f"query vector has {vec.size} dimensions, the index serves {dimension}{also}")
-    if not np.all(np.isfinite(vec)):
-        raise InvalidRequest("query vector contains NaN or infinite values")
     # The part the index scores with: a zero one (or one whose float32 norm underflows)
     # ranks every post the same, an arbitrary answer nobody would notice; one too large
-    # overflows float32 scores.
+    # overflows float32 scores. One sum of squares, in float64 (it cannot overflow there),
+    # answers all three and finds NaN and inf too: two numpy calls on every query of every
+    # shard, not six. The float32 limits are those np.linalg.norm would meet in float32.
     served = vec[:dimension] if dimension and vec.size > dimension else vec
-    with np.errstate(over="ignore"):  # an overflow is the finding, reported below
-        norm = np.linalg.norm(served)
-    if norm == 0:
+    square = float(np.square(served, dtype=np.float64).sum())
+    if not math.isfinite(square) or (served.size < vec.size and not np.isfinite(vec).all()):
+        raise InvalidRequest("query vector contains NaN or infinite values")
+    if square < _FLOAT32_TINY:
         what = f"its first {dimension} dimensions are" if served.size < vec.size else "it is"
         raise InvalidRequest(f"query vector has no direction: {what} all zeros, or too small for float32")
-    if not np.isfinite(norm):
+    if square > _FLOAT32_MAX:
         raise InvalidRequest("query vector is too large: its norm overflows float32")
     return vec
 

@@ -22,6 +22,7 @@ import structlog
 from feedret.server import root_metrics
 from feedret.config import GrpcSecurityConfig, RootConfig
 from feedret.grpc_client import MAX_MESSAGE_BYTES
+from feedret.logging import bound
 from feedret.merge import ShardHits, merge_topk, shard_depth
 from feedret.microbatch import MicroBatcher, NotStarted
 from feedret.routing import shard_of
@@ -292,7 +293,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
             results: list[pb.RetrieveResponse | Exception | None] = [None] * n
 
             def query(i: int) -> _Query | Exception:
-                with structlog.contextvars.bound_contextvars(request_id=rids[i], method="RetrieveBatch"):
+                with bound(request_id=rids[i], method="RetrieveBatch"):
                     try:
                         return self._query(routing, request.requests[i], rids[i], deadline)
                     except Exception as exc:  # noqa: BLE001 - one request's failure is its own
@@ -319,7 +320,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                         results[i] = answer
 
             def single(i: int) -> pb.RetrieveResponse | Exception:
-                with structlog.contextvars.bound_contextvars(request_id=rids[i], method="RetrieveBatch"):
+                with bound(request_id=rids[i], method="RetrieveBatch"):
                     try:
                         return self._route(routing, queries[i], deadline)
                     except Exception as exc:  # noqa: BLE001
@@ -332,7 +333,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                 if isinstance(answer, pb.RetrieveResponse):
                     out.results.add(code=0, response=answer)
                 else:
-                    with structlog.contextvars.bound_contextvars(request_id=rid, method="RetrieveBatch"):
+                    with bound(request_id=rid, method="RetrieveBatch"):
                         code, message = failure_status(answer, "Retrieve")
                     out.results.add(code=code.value[0], message=message)
             return out
@@ -403,7 +404,7 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
                                           for j, vec, depth in ready])
         shards = list(range(len(fleet)))
         for (j, vec, depth), outcomes in zip(ready, searched):
-            with structlog.contextvars.bound_contextvars(request_id=queries[j].rid):
+            with bound(request_id=queries[j].rid):
                 try:
                     if isinstance(outcomes, Exception):
                         raise outcomes
@@ -468,7 +469,10 @@ class RootServicer(pb_grpc.RetrievalServiceServicer, pb_grpc.IndexAdminServicer)
         fill_candidates(resp.candidates, merged.post_ids, merged.scores, merged.shards)
         root_metrics.observe_retrieve(len(merged.post_ids), failed)
         root_metrics.ROOT_FLEET_REPLIES.labels(fleet=fleet.name, model_version=model_version).inc()
-        log.info(
+        # Every answer is counted (feedret_root_*, grpc_server_*); a line for each would cost
+        # the root more than its merge at thousands of queries a second. A partial one, which
+        # someone may need to trace, is logged at info with its request id.
+        (log.info if failed else log.debug)(
             "retrieved",
             query=which,
             k=request.k,

@@ -96,3 +96,23 @@ def test_a_zero_query_is_refused_saying_why(root):
         stub.Retrieve(pb.RetrieveRequest(k=10, vector=pb.QueryVector(values=[0.0] * DIM)), timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "no direction" in err.value.details()
+
+
+@pytest.mark.parametrize("values, dimension, says", [
+    ([float("nan"), 1.0, 1.0, 1.0], 0, "NaN or infinite"),
+    ([1.0, 1.0, 1.0, float("inf")], 2, "NaN or infinite"),  # outside the served prefix, still refused
+    ([0.0] * 4, 0, "it is all zeros"),
+    ([0.0, 0.0, 1.0, 1.0], 2, "its first 2 dimensions are all zeros"),
+    ([1e-23] * 4, 0, "too small for float32"),  # each square underflows float32
+    ([1e30, 1.0, 1.0, 1.0], 0, "too large"),
+    ([1.0, 1.0, 1e30, 1e30], 2, None),  # large, but past the prefix the index scores with
+    ([1e19, 1e19, 0.0, 0.0], 0, None),  # a norm of 1.4e19 still fits float32
+])
+def test_query_vector_checks_say_what_is_wrong(values, dimension, says):
+    from feedret.server.grpc_common import InvalidRequest, query_vector
+
+    if says is None:
+        assert query_vector(values, dimension, 4 if dimension else 0).tolist() == pytest.approx(values)
+        return
+    with pytest.raises(InvalidRequest, match=says):
+        query_vector(values, dimension, 4 if dimension else 0)
