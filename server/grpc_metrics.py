@@ -16,6 +16,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from feedret.metrics import LATENCY_BUCKETS
+from feedret.server.grpc_handlers import HandlerCache
 
 _GRPC_LABELS = ["grpc_type", "grpc_service", "grpc_method"]
 GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _GRPC_LABELS)
@@ -52,11 +53,18 @@ def _final_code(context: grpc.ServicerContext, failed: bool) -> str:
 class GrpcMetricsInterceptor(grpc.ServerInterceptor):
     """Counts every RPC when it starts and when it ends (by status code) and times it."""
 
+    def __init__(self) -> None:
+        self._handlers = HandlerCache(self._counted)
+
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
         handler = continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: grpc answers UNIMPLEMENTED itself
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        return self._handlers.get(handler_call_details.method, handler)
+
+    @staticmethod
+    def _counted(full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, _, method = full_method.lstrip("/").rpartition("/")
         labels = (_rpc_type(handler), service, method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
