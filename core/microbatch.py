@@ -89,7 +89,8 @@ class MicroBatcher(Generic[T, R]):
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._queue.append((item, future, taken))
-            self._cond.notify()
+            if not self._taken:  # else the batch in flight notifies when it ends (_finished)
+                self._cond.notify()
         return future
 
     def call(self, item: T, timeout: float | None = None, start_within: float | None = None,
@@ -149,7 +150,8 @@ class MicroBatcher(Generic[T, R]):
                 self._mean_batch_s = took
             self._batch_started = None
             self._taken = 0
-            self._cond.notify()  # the worker, if items queued behind an inline run
+            if self._queue:  # items queued behind this run: the worker's turn. Otherwise it
+                self._cond.notify()  # would wake for nothing, once per query at low load
 
     def _wait_taken(self, taken: threading.Event, start_within: float, stalled_after: float | None) -> bool:
         """Whether a batch took the item before `start_within`, or before the batch in flight stalled."""
