@@ -2,20 +2,22 @@
 
 A restored shard's arrays are sized exactly: the vector store (which doubles when
 full, at any time, not only after a restart) and, for HNSW, faiss's own graph and
-vector arrays. The first new post makes them grow, which copies every row. This
+vector arrays; its id map starts up to 3/4 full and doubles (a rehash of every
+entry) once it passes that. The first new post makes them grow, which copies every row. This
 script builds a `ShardIndex` of N posts once, snapshots it (`export_state`), and
 for each system restores it (`from_state`, as a restarting shard does), runs
 searches back to back on one thread and inserts one post on another. It reports
 the searches' latency during that insert and how long the insert took:
 
-- feedret: the store grows beside the searches (`ShardIndex._make_room`: the copy
-  under a long read lock, a pointer swap under the write lock), and a restored
+- feedret: the store and the id map grow beside the searches (`ShardIndex._make_room`:
+  the copies under a long read lock, a pointer swap under the write lock), and a restored
   faiss index gets headroom at load (`faiss_ann.reserve_headroom`);
 - baseline: both switched off, as before they existed: the growth happens under
   the write lock and every search waits for the copy.
 
     python benchmarks/growth_stall.py --n 524288 --dim 256 --out benchmarks/results/growth_stall.md
     python benchmarks/growth_stall.py --n 200000 --dim 256 --factory HNSW32
+    python benchmarks/growth_stall.py --n 6291456 --dim 16   # the id map at 3/4 of 8M buckets doubles too
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def measure(args, state, feedret: bool) -> dict:
     assert ix._store.capacity == args.n, "a restored store is sized exactly"
     with benchlib.searching_back_to_back(ix, queries, args.k) as latencies:  # (start, seconds)
         time.sleep(0.5)  # steady state first
-        before = ix._store.capacity
+        before, buckets = ix._store.capacity, ix._slot_of.buckets
         new = np.random.default_rng(1).normal(size=(1, args.dim)).astype(np.float32)
         t0 = time.perf_counter()
         ix.upsert([10**9], new, created_at=[2.0], langs=["en"], indexed_at=2.0, model_versions=["bench"])
@@ -100,6 +102,7 @@ def measure(args, state, feedret: bool) -> dict:
         "during_max_ms": max(during) * 1e3 if during else 0.0,
         "during_n": len(during),
         "rows": (before, ix._store.capacity),
+        "id_map_buckets": (buckets, ix._slot_of.buckets),
     }
 
 
@@ -118,7 +121,7 @@ def main(argv=None) -> None:
     base, ours = results.values()
     ratio = base["during_max_ms"] / max(ours["during_max_ms"], 1e-9)
     lines = [
-        "# Searches while the vector store grows",
+        "# Searches while the vector store (and the id map) grow",
         "",
         "```",
         command,
@@ -128,7 +131,9 @@ def main(argv=None) -> None:
         f"- {args.n:,} posts × {args.dim} dims, "
         f"{'torch backend, exact search' if args.backend == 'torch' else args.factory + ' (faiss)'} at k={args.k}, "
         "restored from a snapshot; one search thread back to back; one insert makes the store grow "
-        f"({base['rows'][0]:,} → {base['rows'][1]:,} rows)",
+        f"({base['rows'][0]:,} → {base['rows'][1]:,} rows)"
+        + (f" and the id map double ({base['id_map_buckets'][0]:,} → {base['id_map_buckets'][1]:,} buckets)"
+           if base["id_map_buckets"][1] != base["id_map_buckets"][0] else ""),
         "",
         "| | insert that grows the store, s | search p50 before, ms | longest search during the growth, ms | "
         "searches answered during it |",

@@ -59,3 +59,19 @@ def test_a_map_grown_batch_by_batch_stays_between_three_eighths_and_three_quarte
         m.insert_many(np.arange(start, start + 2_000, dtype=np.int64) * 31, np.arange(start, start + 2_000))
         if len(m) >= 20_000:
             assert 16 <= m.nbytes / len(m) <= 32, (len(m), m.nbytes / len(m))
+
+
+def test_a_grown_copy_holds_every_entry_and_takes_the_promised_keys_without_a_rehash():
+    m = IdMap()
+    keys = np.arange(0, 3000 * 7, 7, dtype=np.int64)
+    m.insert_many(keys, np.arange(3000))
+    m.pop_many(keys[:500])  # deleted buckets are not carried over
+    before = (m.buckets, m.items())
+    bigger = m.grown(5000)
+    assert (m.buckets, len(m)) == (before[0], 2500)  # the original is only read
+    assert np.array_equal(m.get_many(keys[500:]), np.arange(500, 3000))
+    assert len(bigger) == 2500 and np.array_equal(bigger.get_many(keys), np.r_[np.full(500, -1), np.arange(500, 3000)])
+    assert not bigger.needs_room(5000)
+    size = bigger.buckets
+    bigger.insert_many(np.arange(10**6, 10**6 + 5000), np.arange(5000))
+    assert bigger.buckets == size and len(bigger) == 7500
