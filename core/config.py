@@ -245,8 +245,10 @@ class IndexSettings(_Settings):
     binary_rescore: int = Field(default=8, ge=1)
     rescore_dir: str = ""
     # binary: how the sign bits are searched before rescoring: asymmetric (the float query
-    # against each post's signs) or hamming (popcounts of the query's own sign bits: faster,
-    # lower recall at the same binary_rescore).
+    # against each post's signs), hamming (popcounts of the query's own sign bits: faster,
+    # lower recall at the same binary_rescore) or rabitq (RaBitQ codes, 8 bytes a post more:
+    # asymmetric's ranking at a sixth of its scan time, so a binary_rescore of 32-64 is
+    # affordable; the faiss backend's).
     binary_search: str = "asymmetric"
 
     @field_validator("index_backend")
@@ -264,8 +266,10 @@ class IndexSettings(_Settings):
             raise ValueError(f"unknown vector_codec {self.vector_codec!r}; one of {', '.join(VECTOR_CODECS)}")
         if self.rescore_dir and self.index_backend == "torch":
             raise ValueError("rescore_dir (binary rescored from disk) is the faiss backend's, not the torch backend's")
-        if self.binary_search not in ("asymmetric", "hamming"):
-            raise ValueError(f"unknown binary_search {self.binary_search!r}; one of asymmetric, hamming")
+        if self.binary_search not in ("asymmetric", "hamming", "rabitq"):
+            raise ValueError(f"unknown binary_search {self.binary_search!r}; one of asymmetric, hamming, rabitq")
+        if self.binary_search == "rabitq" and self.index_backend == "torch":
+            raise ValueError("binary_search rabitq is the faiss backend's; the torch backend searches sign bits")
         if self.rescore_dir and self.vector_codec != "binary":
             raise ValueError("rescore_dir is where binary codes are rescored from: set vector_codec binary")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.index_device):

@@ -10,7 +10,8 @@ instead of float32 rows, with nothing float32 beside them: a post costs its code
   first `train_size` vectors of the stream (a shard stages them as float32 until
   then, `Staged`, and converts in one step); later values outside it are clipped.
 - `binary`: one sign bit a dimension, searched over the mask (the float query
-  against the signs, or Hamming distance between sign bits), then the `rescore`
+  against the signs, Hamming distance between sign bits, or RaBitQ codes: the bits
+  and two floats, scored with an 8-bit query by popcounts), then the `rescore`
   × k nearest rescored by inner product from a compact full-precision store:
   int8 in memory (1/8 + 1 byte a dimension) or float32 memory-mapped from disk
   (with `rescore_dir`: 1/8 byte a dimension in memory; the page cache holds what
@@ -37,7 +38,7 @@ import numpy as np
 from feedret.indexer.stores import FaissFlatStore, TorchStore, _grown, bitmap_selector
 
 CODECS = ("float32", "float16", "int8", "binary")
-BINARY_SEARCHES = ("asymmetric", "hamming")
+BINARY_SEARCHES = ("asymmetric", "hamming", "rabitq")
 
 
 def _rescored(queries: np.ndarray, near: np.ndarray, k: int,
@@ -88,6 +89,11 @@ class _Coded:
         return self._codes.rows[:n].copy()
 
     def load_codes(self, codes: np.ndarray) -> None:
+        if codes.ndim != 2 or codes.shape[1] != self._codes.code_size:
+            # Another code's snapshot (binary_search changed to or from rabitq): the shard
+            # replays its partition instead, as for another codec.
+            raise ValueError(f"the snapshot's codes are {codes.shape[-1]} bytes a post, this store's "
+                             f"{self._codes.code_size}")
         self.reserve(len(codes))
         self._codes.rows[: len(codes)] = codes
 
@@ -239,6 +245,11 @@ class BinaryStore(_Coded):
     scalar quantizer, QT_1bit_eden, whose codes are exactly these bits); "hamming" compares the
     query's own sign bits (`faiss.IndexBinaryFlat`, popcounts: faster, coarser). Measured on
     random 256-d vectors, 8 × k rescored: recall@2,000 0.93 asymmetric, 0.76 Hamming.
+    "rabitq" keeps RaBitQ codes (`faiss.IndexRaBitQ`: the same sign bits, around a centre at the
+    origin, plus two floats a post) and scores a query quantized to 8 bits with popcounts: the
+    ranking of "asymmetric" at a sixth of its scan time, so a deep rescore is affordable (1M
+    clustered 256-d vectors, k = 2,000: recall 0.741 at 8 × k, 0.948 at 32 × k, 0.989 at 64 × k;
+    the scan 10-25 ms on 2 threads against 74-86 ms). 8 bytes a post more than the bits.
     """
 
     def __init__(self, dimension: int, full, rescore: int, search: str = "asymmetric") -> None:
@@ -248,6 +259,13 @@ class BinaryStore(_Coded):
         if search == "hamming":
             self.index = faiss.IndexBinaryFlat(((dimension + 7) // 8) * 8)
             vector = self.index.xb
+        elif search == "rabitq":
+            self.index = faiss.IndexRaBitQ(dimension, faiss.METRIC_INNER_PRODUCT)
+            # Its training is the centre codes are taken around: the origin, from a symmetric
+            # sample, so a code depends on its vector alone (as a sign bit does), not on the data.
+            sample = np.random.default_rng(0).normal(size=(256, dimension)).astype(np.float32)
+            self.index.train(np.concatenate([sample, -sample]))
+            vector = self.index.codes
         else:
             self.index = faiss.IndexScalarQuantizer(dimension, faiss.ScalarQuantizer.QT_1bit_eden,
                                                     faiss.METRIC_INNER_PRODUCT)
@@ -289,7 +307,11 @@ class BinaryStore(_Coded):
         return bigger
 
     def write(self, slots: np.ndarray, vectors: np.ndarray) -> None:
-        self._codes.rows[slots] = self._bits(vectors)
+        if self.search_kind == "rabitq":
+            codes = self.index.sa_encode(np.ascontiguousarray(vectors, np.float32).reshape(-1, self.dimension))
+        else:
+            codes = self._bits(vectors)
+        self._codes.rows[slots] = codes
         self.full.write(slots, vectors)
 
     def read(self, slots: np.ndarray) -> np.ndarray:
@@ -319,7 +341,12 @@ class BinaryStore(_Coded):
         if k < 1:
             return _rescored(queries, np.empty((len(queries), 0), np.int64), k, self.full.score)
         keep: list = []
-        params = faiss.SearchParameters(sel=bitmap_selector(mask, keep))
+        if self.search_kind == "rabitq":
+            params = faiss.RaBitQSearchParameters()
+            params.qb = 8  # query bits: at 4, recall fell ~0.005 for no measurable speed
+            params.sel = bitmap_selector(mask, keep)
+        else:
+            params = faiss.SearchParameters(sel=bitmap_selector(mask, keep))
         probe = self._bits(queries) if self.search_kind == "hamming" else queries
         _, near = self.index.search(probe, min(k * self.rescore, n), params=params)
         return _rescored(queries, near, k, self.full.score)

@@ -257,6 +257,8 @@ class ShardIndex:
         if opts.backend == "torch":
             if opts.rescore_dir:
                 raise IndexConfigError("rescore_dir (binary rescored from disk) is the faiss backend's")
+            if opts.vector_codec == "binary" and opts.binary_search == "rabitq":
+                raise IndexConfigError("binary_search rabitq is the faiss backend's; the torch backend searches sign bits")
             if not self.exact_only:
                 raise IndexConfigError(
                     f"the torch backend is exact brute force: index factory must be Flat, not {opts.index_factory!r}"

@@ -57,6 +57,9 @@ CODECS = {
     "int8": (IndexOptions(vector_codec="int8", codec_train_size=2000), D),
     "binary": (IndexOptions(vector_codec="binary", codec_train_size=2000), D // 8 + D),
     "binary-hamming": (IndexOptions(vector_codec="binary", binary_search="hamming", codec_train_size=2000), D // 8 + D),
+    # RaBitQ: the sign bits and two floats a post (faiss.IndexRaBitQ), rescored from int8.
+    "binary-rabitq": (IndexOptions(vector_codec="binary", binary_search="rabitq", codec_train_size=2000),
+                      D // 8 + 8 + D),
     "torch-float16": (IndexOptions(backend="torch", device="cpu", vector_codec="float16"), 2 * D),
     "torch-int8": (IndexOptions(backend="torch", device="cpu", vector_codec="int8", codec_train_size=2000), D),
     "torch-binary": (IndexOptions(backend="torch", device="cpu", vector_codec="binary", codec_train_size=2000),
@@ -81,7 +84,7 @@ def test_a_post_costs_its_codes_and_recall_stays_near_exact(codec, corpus, tmp_p
     # No float32 copy beside the codes: faiss holds exactly the codes.
     assert faiss_bytes(ix._store) == info.store_bytes
     exact = filled(IndexOptions(), vecs)
-    least = {"float32": 1.0, "float16": 0.999, "int8": 0.98, "binary": 0.9, "binary-hamming": 0.8}[
+    least = {"float32": 1.0, "float16": 0.999, "int8": 0.98, "binary": 0.9, "binary-hamming": 0.8, "binary-rabitq": 0.9}[
         codec.removeprefix("torch-")]
     for k in (100, 2000):
         recall = np.mean([len(set(ix.search(q, k)[0].tolist()) & set(exact.search(q, k)[0].tolist())) / k
@@ -105,7 +108,8 @@ def test_binary_rescored_from_disk_keeps_only_its_bits_in_memory(corpus, tmp_pat
     assert list(tmp_path.iterdir()) == []  # the file is unlinked: nothing is left behind
 
 
-@pytest.mark.parametrize("codec", ["float16", "int8", "binary", "torch-float16", "torch-int8", "torch-binary"])
+@pytest.mark.parametrize("codec", ["float16", "int8", "binary", "binary-rabitq", "torch-float16", "torch-int8",
+                                   "torch-binary"])
 def test_k_up_to_ten_thousand_comes_back_best_first_with_filters(codec, corpus):
     vecs, queries = corpus
     ix = filled(CODECS[codec][0], vecs)
@@ -139,6 +143,7 @@ def test_an_int8_shard_holds_float32_until_its_ranges_are_learned():
     ({"vector_codec": "binary", "rescore_dir": "/tmp/x", "index_backend": "torch"}, "faiss backend's"),
     ({"rescore_dir": "/tmp/x"}, "set vector_codec binary"),
     ({"vector_codec": "binary", "binary_search": "cosine"}, "unknown binary_search"),
+    ({"vector_codec": "binary", "binary_search": "rabitq", "index_backend": "torch"}, "rabitq is the faiss backend's"),
 ])
 def test_a_codec_configuration_that_cannot_work_is_refused_with_the_reason(settings, message):
     with pytest.raises(pydantic.ValidationError, match=message):
@@ -148,6 +153,7 @@ def test_a_codec_configuration_that_cannot_work_is_refused_with_the_reason(setti
 @pytest.mark.parametrize("options, message", [
     (IndexOptions(vector_codec="int4"), "unknown vector codec"),
     (IndexOptions(vector_codec="binary", rescore_dir="/tmp/x", backend="torch", device="cpu"), "faiss backend's"),
+    (IndexOptions(vector_codec="binary", binary_search="rabitq", backend="torch", device="cpu"), "rabitq is the faiss"),
 ])
 def test_an_index_refuses_a_codec_it_cannot_keep(options, message):
     with pytest.raises(IndexConfigError, match=message):

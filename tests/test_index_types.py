@@ -37,6 +37,7 @@ KINDS = {
     "binary": IndexOptions(vector_codec="binary", codec_train_size=500),
     "binary-disk": IndexOptions(vector_codec="binary", rescore_dir=tempfile.mkdtemp(prefix="feedret-test-")),
     "binary-hamming": IndexOptions(vector_codec="binary", binary_search="hamming", codec_train_size=500),
+    "binary-rabitq": IndexOptions(vector_codec="binary", binary_search="rabitq", codec_train_size=500),
     "ivf-int8": IndexOptions(index_factory="IVF16,Flat", train_size=1000, vector_codec="int8", codec_train_size=500),
     "torch-fp16": IndexOptions(backend="torch", device="cpu", torch_chunk_rows=700, vector_codec="float16"),
     "torch-int8": IndexOptions(backend="torch", device="cpu", torch_chunk_rows=700, vector_codec="int8",
@@ -51,9 +52,9 @@ KINDS = {
 # 32 sign bits say little of a random 32-d vector: binary codes are for wide vectors, and
 # test_codecs checks their recall at 256 dimensions.
 RECALL = {"flat": 1.0, "torch": 1.0, "ivf-pq": 0.2, "pca-ivf": 0.2, "fp16": 0.95, "int8": 0.8, "binary": 0.25,
-          "binary-disk": 0.25, "binary-hamming": 0.25, "torch-fp16": 0.95, "torch-int8": 0.8, "torch-binary": 0.25}
+          "binary-disk": 0.25, "binary-hamming": 0.25, "binary-rabitq": 0.25, "torch-fp16": 0.95, "torch-int8": 0.8, "torch-binary": 0.25}
 # How far a stored vector read back (Lookup) may be from the one written: a codec keeps codes.
-VECTOR_ATOL = {"fp16": 1e-3, "int8": 0.02, "binary": 0.02, "binary-hamming": 0.02, "ivf-int8": 0.02,
+VECTOR_ATOL = {"fp16": 1e-3, "int8": 0.02, "binary": 0.02, "binary-hamming": 0.02, "binary-rabitq": 0.02, "ivf-int8": 0.02,
                "torch-fp16": 1e-3, "torch-int8": 0.02, "torch-binary": 0.02}
 
 

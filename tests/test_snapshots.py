@@ -30,7 +30,8 @@ def round_trip(ix: ShardIndex, tmp_path, options=None) -> ShardIndex:
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf-flat", "ivf-buffering", "hnsw", "torch",
-                                  "fp16", "int8", "binary", "binary-disk", "ivf-int8", "torch-int8", "torch-binary"])
+                                  "fp16", "int8", "binary", "binary-disk", "binary-rabitq", "ivf-int8", "torch-int8",
+                                  "torch-binary"])
 def test_a_restored_index_answers_like_the_original_and_keeps_working(kind, tmp_path):
     rng = np.random.default_rng(4)
     opts = replace(KINDS["ivf-flat" if kind == "ivf-buffering" else kind], background=False)
@@ -351,6 +352,10 @@ def test_a_codec_snapshot_restores_its_codes_and_a_float32_one_converts(tmp_path
     assert as_int8.search(vecs[3], 1)[0].tolist() == [3]
     with pytest.raises(IndexConfigError, match="int8 codes"):
         round_trip(as_int8, tmp_path / "b", IndexOptions(vector_codec="binary"))
+    # Sign bits and RaBitQ codes are both "binary", of different widths: refused either way.
+    as_bits = round_trip(f32, tmp_path / "d", IndexOptions(vector_codec="binary", codec_train_size=1000))
+    with pytest.raises(IndexConfigError, match="bytes a post"):
+        round_trip(as_bits, tmp_path / "e", IndexOptions(vector_codec="binary", binary_search="rabitq"))
     # Fewer vectors than the codec trains on: the snapshot holds float32 rows, restored staged,
     # and the store is encoded once enough have arrived.
     staged = ShardIndex(D, options=IndexOptions(vector_codec="int8", codec_train_size=1000))
