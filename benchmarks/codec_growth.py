@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-# name -> IndexOptions changes; "binary-disk" gets its rescore_dir in the child.
+# name -> IndexOptions changes; a "-disk" one gets its rescore_dir in the child.
 CODECS = {
     "float32": {},
     "float16": {"vector_codec": "float16"},
@@ -51,6 +51,9 @@ CODECS = {
     "binary": {"vector_codec": "binary"},
     "binary-hamming": {"vector_codec": "binary", "binary_search": "hamming"},
     "binary-disk": {"vector_codec": "binary"},
+    # RaBitQ codes (8 bytes a post more than the bits): a scan fast enough for a deep rescore (:32, :64).
+    "binary-rabitq": {"vector_codec": "binary", "binary_search": "rabitq"},
+    "binary-rabitq-disk": {"vector_codec": "binary", "binary_search": "rabitq"},
     # An approximate index over int8 codes beside an int8 store: what a 10M-post shard needs
     # for a search in tens of milliseconds on a CPU (an exact scan reads every code).
     "ivf-int8": {"vector_codec": "int8", "index_factory": "IVF1024,SQ8", "nprobe": 32},
@@ -143,7 +146,7 @@ def child(spec: dict) -> dict:
     scratch = Path(spec["scratch"])
     name, _, rescore = spec["codec"].partition(":")
     changes = dict(CODECS[name])
-    if name == "binary-disk":
+    if name.endswith("-disk"):
         changes["rescore_dir"] = str(scratch / "rescore")
     options = IndexOptions(**changes, binary_rescore=int(rescore or spec["rescore"]), background=False)
     ix = ShardIndex(dim, options=options)
