@@ -93,6 +93,7 @@ class EmbeddingConsumer:
             max_in_flight_requests_per_connection=1,
             retries=5,
             client_id="feedret-consumer",
+            metrics_enabled=False,  # kafka-python's own sensors: never read, feedret exports its own
         )
         partitions = self._producer.partitions_for(k.vectors_topic)
         if partitions is None:
@@ -113,6 +114,7 @@ class EmbeddingConsumer:
             max_poll_records=self.config.batch_max_size,
             fetch_max_wait_ms=k.fetch_max_wait_ms,
             client_id="feedret-consumer",
+            metrics_enabled=False,
         )
         self._lag = PartitionLag(self._consumer, self.config.lag_refresh_ms / 1000)
         self._consumer.subscribe([k.posts_topic], listener=_ForgetRevokedLag(self._lag))

