@@ -44,11 +44,18 @@ def _same_call(item: _Pending) -> tuple[int, int]:
 
 
 class SearchBatcher:
-    """Coalesces concurrent searches into batched ones. Thread-safe; one worker thread."""
+    """Coalesces concurrent searches into batched ones. Thread-safe; one worker thread.
 
-    def __init__(self, max_batch: int = 32, name: str = "search-batcher") -> None:
+    A lone search (nothing queued or in flight) runs on the caller's thread, as the root's
+    coalescer does: handing it to the worker and back cost a lone query 1-2 ms here
+    (benchmarks/shard_batching.py, 1 client: 0.68-0.84x the QPS of no batcher). Searches
+    arriving meanwhile queue behind it and run together. A search running inline is not cut
+    short by `timeout` (a search bounds itself); a queued one still is.
+    """
+
+    def __init__(self, max_batch: int = 32, name: str = "search-batcher", inline: bool = True) -> None:
         self._batcher: MicroBatcher[_Pending, tuple[np.ndarray, np.ndarray]] = MicroBatcher(
-            _search, max_batch, name, group=_same_call
+            _search, max_batch, name, group=_same_call, inline=inline
         )
 
     @property
