@@ -921,12 +921,14 @@ class ShardIndex:
         """
         if not (len(queries) == len(ks) == len(filts)):
             raise ValueError(f"{len(queries)} queries, {len(ks)} ks and {len(filts)} filters")
+        if len(queries) == 1:
+            # A batch of one (a lone query through the shard's batcher): the single-query path,
+            # without the batch's masks and padding (0.6-0.8 ms of a 3 ms torch search here).
+            return [self.search(queries[0], ks[0], filts[0])]
         if not isinstance(self._store, TorchStore):
             if self.batches_searches:
                 return self._search_batch_on_gpu(queries, ks, filts)
-            if len(queries) > 1:
-                return self._search_batch_cpu(queries, ks, filts)
-            return [self.search(q, k, f) for q, k, f in zip(queries, ks, filts)]
+            return self._search_batch_cpu(queries, ks, filts)
         queries = self.prepare(queries)
         with self._lock.read():
             live = len(self._slot_of)
