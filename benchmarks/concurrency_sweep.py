@@ -229,7 +229,7 @@ def sweep_index(args, spec: DataSpec, factory: str, vectors, queries, truths: di
 
                 calls = {"feedret": call_feedret, **{name: call_bare(name) for name in bare_calls}}
                 for k in args.k:
-                    nprobe, ef = faiss_ann.search_breadth(raw, spec.n, k, 1.0, args.nprobe, args.ef_search)
+                    nprobe, ef = faiss_ann.search_breadth(faiss_ann.nlist_of(raw), spec.n, k, 1.0, args.nprobe, args.ef_search)
                     params, _keep = benchlib.faiss_params(raw, nprobe, ef)
                     for name, call in calls.items():  # warm-up: channels, caches, the shards' first batches
                         await closed_loop(call, queries, k, 4, 16, 0)

@@ -261,7 +261,7 @@ def measure(args, spec: DataSpec) -> dict:
             floor_threads = grpc.insecure_channel(f"127.0.0.1:{threads_port}", options=OPTIONS).unary_unary(METHOD)
             floor_asyncio = grpc.insecure_channel(f"127.0.0.1:{asyncio_port}", options=OPTIONS).unary_unary(METHOD)
             hop = grpc.insecure_channel(shard_addrs[0], options=OPTIONS).unary_unary(METHOD)
-            nprobe, ef = faiss_ann.search_breadth(raw, spec.n, args.k, 1.0, args.nprobe, args.ef_search)
+            nprobe, ef = faiss_ann.search_breadth(faiss_ann.nlist_of(raw), spec.n, args.k, 1.0, args.nprobe, args.ef_search)
             params, _keep = benchlib.faiss_params(raw, nprobe, ef)
 
             def raw_faiss(q, k):

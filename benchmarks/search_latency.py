@@ -141,8 +141,8 @@ def measure_index(args, spec: DataSpec, vectors, queries, truth, factory: str) -
             # its own posts and the depth the root asks of it (shard_depth: its share of k), so
             # together the shards probe about what the single index does, at about its recall.
             depth = shard_depth(k, args.shards, RootConfig().shard_depth_sigmas)
-            nprobe, ef = faiss_ann.search_breadth(raw, spec.n, k, 1.0, args.nprobe, args.ef_search)
-            shard_nprobe, shard_ef = faiss_ann.search_breadth(raw, counts[0], depth, 1.0, args.nprobe, args.ef_search)
+            nprobe, ef = faiss_ann.search_breadth(faiss_ann.nlist_of(raw), spec.n, k, 1.0, args.nprobe, args.ef_search)
+            shard_nprobe, shard_ef = faiss_ann.search_breadth(faiss_ann.nlist_of(raw), counts[0], depth, 1.0, args.nprobe, args.ef_search)
             params, keep = benchlib.faiss_params(raw, nprobe, ef)
 
             def raw_faiss(q, k, params=params):

@@ -294,6 +294,12 @@ class BinaryStore(_Coded):
         v = np.asarray(vectors, np.float32).reshape(-1, self.dimension)
         return np.packbits(v > 0, axis=1, bitorder="little")
 
+    def _encode(self, vectors: np.ndarray) -> np.ndarray:
+        """Each vector's code row: its sign bits, or its RaBitQ code (the bits and two floats)."""
+        if self.search_kind == "rabitq":
+            return self.index.sa_encode(np.ascontiguousarray(vectors, np.float32).reshape(-1, self.dimension))
+        return self._bits(vectors)
+
     def reserve(self, n: int) -> None:
         if n > self.capacity:
             self._codes.resize(_grown(self.capacity, n))
@@ -307,11 +313,7 @@ class BinaryStore(_Coded):
         return bigger
 
     def write(self, slots: np.ndarray, vectors: np.ndarray) -> None:
-        if self.search_kind == "rabitq":
-            codes = self.index.sa_encode(np.ascontiguousarray(vectors, np.float32).reshape(-1, self.dimension))
-        else:
-            codes = self._bits(vectors)
-        self._codes.rows[slots] = codes
+        self._codes.rows[slots] = self._encode(vectors)
         self.full.write(slots, vectors)
 
     def read(self, slots: np.ndarray) -> np.ndarray:

@@ -149,11 +149,11 @@ def nlist_of(index: faiss.Index) -> int:
     return int(ivf.nlist) if ivf is not None else 0
 
 
-def search_breadth(index: faiss.Index | int, ntotal: int, k: int, passing: float,
+def search_breadth(nlist: int, ntotal: int, k: int, passing: float,
                    nprobe: int, ef_search: int) -> tuple[int, int]:
-    """(nprobe, efSearch) for a top-k search of `index`, holding `ntotal` vectors, where a
-    fraction `passing` of them pass the filter. `index` may be given as its IVF list count
-    (0: not an IVF), which the caller knows once per built index.
+    """(nprobe, efSearch) for a top-k search of an index of `nlist` IVF lists (0: not an
+    IVF; `nlist_of`, which a built `Ann` keeps) holding `ntotal` vectors, where a fraction
+    `passing` of them pass the filter.
 
     The configured `nprobe` and `ef_search` are floors. IVF probes enough lists to see
     about 4k candidates (k=2,000 of 1M posts in 4,096 lists needs 33 lists, not 16);
@@ -162,7 +162,6 @@ def search_breadth(index: faiss.Index | int, ntotal: int, k: int, passing: float
     does not give (measured: IVF recall@100 0.53 -> 0.96, HNSW 0.22 -> 0.80).
     """
     scale = min(1.0 / max(passing, 1e-9), 20.0)
-    nlist = index if isinstance(index, int) else nlist_of(index)
     if nlist:
         nprobe = max(nprobe, int(np.ceil(4 * k * nlist / max(ntotal, 1))))
     return int(np.ceil(nprobe * scale)), int(np.ceil(max(ef_search, k) * scale))
